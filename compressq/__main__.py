@@ -1,0 +1,3 @@
+from compressq.cli import main
+
+main()

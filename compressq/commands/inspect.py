@@ -1,0 +1,21 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from compressq import render
+from compressq.graph import load_model
+from compressq.summary import summarize
+
+
+def inspect(
+    model: Path = typer.Argument(..., help="ONNX model file."),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON on stdout, nothing else."),
+) -> None:
+    """Summarise a model: inputs/outputs, operators, parameters, sparsity and quantization state."""
+    summary = summarize(load_model(model), model)
+    if as_json:
+        render.print_json(summary)
+    else:
+        render.render_summary(summary)

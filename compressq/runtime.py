@@ -1,0 +1,112 @@
+"""onnxruntime sessions: providers, threads, intermediate outputs and the optimizer's view of a graph."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import onnx
+import onnxruntime as ort
+
+from compressq.errors import ModelError, ProviderError
+from compressq.graph import EXTERNAL_DATA_THRESHOLD
+
+PROVIDER_NAMES = {
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "tensorrt": "TensorrtExecutionProvider",
+    "dml": "DmlExecutionProvider",
+}
+
+_ORT_STATE = ort.capi.onnxruntime_pybind11_state
+ORT_ERRORS: tuple[type[Exception], ...] = tuple(
+    getattr(_ORT_STATE, name) for name in
+    ("Fail", "InvalidGraph", "InvalidArgument", "InvalidProtobuf", "NotImplemented", "NoSuchFile",
+     "RuntimeException", "EPFail") if hasattr(_ORT_STATE, name))
+
+ort.set_default_logger_severity(3)  # onnxruntime's own warnings would drown our one-line messages
+
+
+def provider_chain(provider: str) -> list[str]:
+    """onnxruntime providers for a user-facing name, with CPU as the fallback for unsupported ops."""
+    key = provider.lower()
+    if key not in PROVIDER_NAMES:
+        raise ProviderError(f"unknown provider '{provider}'", hint=f"use one of: {', '.join(PROVIDER_NAMES)}")
+    name = PROVIDER_NAMES[key]
+    available = ort.get_available_providers()
+    if name not in available:
+        hint = ("install onnxruntime-gpu (pip uninstall -y onnxruntime && pip install 'compressq[gpu]') "
+                "on a machine with an NVIDIA GPU") if key == "cuda" else f"available: {', '.join(available)}"
+        raise ProviderError(f"{name} is not available in this onnxruntime build", hint=hint)
+    return [name] if name == "CPUExecutionProvider" else [name, "CPUExecutionProvider"]
+
+
+def session_options(threads: int | None = None, optimized_path: str | None = None,
+                    level: ort.GraphOptimizationLevel = ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+                    ) -> ort.SessionOptions:
+    options = ort.SessionOptions()
+    options.graph_optimization_level = level
+    options.log_severity_level = 3
+    if threads:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    if optimized_path:
+        options.optimized_model_filepath = optimized_path
+    return options
+
+
+def create_session(model: onnx.ModelProto | str | os.PathLike, provider: str = "cpu",
+                   threads: int | None = None, *, optimized_path: str | None = None,
+                   level: ort.GraphOptimizationLevel = ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+                   ) -> ort.InferenceSession:
+    """An InferenceSession for a ModelProto or a path; models over 2 GB are staged on disk first."""
+    providers = provider_chain(provider)
+    options = session_options(threads, optimized_path, level)
+    try:
+        if isinstance(model, onnx.ModelProto):
+            if model.ByteSize() > EXTERNAL_DATA_THRESHOLD:
+                return _session_via_disk(model, options, providers)
+            return ort.InferenceSession(model.SerializeToString(), options, providers=providers)
+        return ort.InferenceSession(str(model), options, providers=providers)
+    except ORT_ERRORS as exc:
+        raise ModelError(f"onnxruntime cannot load the model: {str(exc).splitlines()[0][:300]}",
+                         hint="the graph may use an op or opset this onnxruntime version lacks") from exc
+
+
+def _session_via_disk(model: onnx.ModelProto, options: ort.SessionOptions,
+                      providers: list[str]) -> ort.InferenceSession:
+    with tempfile.TemporaryDirectory(prefix="compressq-session-") as folder:
+        path = Path(folder) / "model.onnx"
+        onnx.save_model(model, str(path), save_as_external_data=True, location="model.onnx.data")
+        return ort.InferenceSession(str(path), options, providers=providers)
+
+
+def with_outputs(model: onnx.ModelProto, names: Iterable[str]) -> onnx.ModelProto:
+    """A copy of `model` that also returns the named intermediate tensors (no copy of weights is kept
+    by the caller: the session owns the serialized graph)."""
+    exposed = onnx.ModelProto()
+    exposed.CopyFrom(model)
+    present = {o.name for o in exposed.graph.output}
+    for name in names:
+        if name not in present:
+            exposed.graph.output.append(onnx.ValueInfoProto(name=name))
+            present.add(name)
+    return exposed
+
+
+def optimized_graph(model: onnx.ModelProto, provider: str = "cpu") -> onnx.ModelProto:
+    """The graph onnxruntime actually runs after its optimizer fused what it could (for `provider`)."""
+    with tempfile.TemporaryDirectory(prefix="compressq-optimized-") as folder:
+        path = os.path.join(folder, "optimized.onnx")
+        create_session(model, provider, threads=1, optimized_path=path)
+        return onnx.load(path)
+
+
+def output_names(session: ort.InferenceSession) -> list[str]:
+    return [o.name for o in session.get_outputs()]
+
+
+def run(session: ort.InferenceSession, feed: dict, outputs: Sequence[str] | None = None) -> list:
+    return session.run(list(outputs) if outputs else None, feed)

@@ -1,0 +1,170 @@
+"""What `compressq inspect` knows about a model, as plain data (rendered by compressq.render)."""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from compressq.graph import GraphIndex, file_size, opset_version, read_stamp, value_type
+
+QUANTIZED_OPS = frozenset({
+    "QLinearConv", "QLinearMatMul", "QLinearAdd", "QLinearMul", "QLinearConcat", "QLinearSigmoid",
+    "QLinearLeakyRelu", "QLinearGlobalAveragePool", "QLinearAveragePool", "QLinearSoftmax", "QGemm",
+    "QAttention", "ConvInteger", "MatMulInteger", "DynamicQuantizeMatMul", "MatMulIntegerToFloat",
+    "MatMulNBits", "DynamicQuantizeLinear", "QOrderedMatMul", "GatherBlockQuantized",
+})
+LOW_BIT_TYPES = {
+    onnx.TensorProto.INT8: "int8", onnx.TensorProto.UINT8: "uint8",
+    onnx.TensorProto.INT4: "int4", onnx.TensorProto.UINT4: "uint4",
+}
+WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    dtype: str
+    shape: list
+
+
+@dataclass(frozen=True)
+class InitializerInfo:
+    name: str
+    dtype: str
+    shape: list[int]
+    parameters: int
+    bytes: int
+    zero_fraction: float
+
+
+@dataclass(frozen=True)
+class DtypeTotals:
+    parameters: int
+    bytes: int
+
+
+@dataclass(frozen=True)
+class QuantizationState:
+    quantize_linear: int
+    dequantize_linear: int
+    low_bit_initializers: dict[str, int]
+    quantized_ops: dict[str, int]
+
+    @property
+    def is_quantized(self) -> bool:
+        return bool(self.quantize_linear or self.dequantize_linear or self.quantized_ops
+                    or self.low_bit_initializers)
+
+
+@dataclass
+class ModelSummary:
+    path: str
+    file_bytes: int
+    ir_version: int
+    opset: int
+    opsets: dict[str, int]
+    producer: str
+    inputs: list[TensorInfo]
+    outputs: list[TensorInfo]
+    node_count: int
+    op_histogram: dict[str, int]
+    parameters: int
+    parameter_bytes: int
+    by_dtype: dict[str, DtypeTotals]
+    zero_fraction: float
+    initializers: list[InitializerInfo]
+    quantization: QuantizationState
+    compressq: dict[str, str] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["quantization"]["is_quantized"] = self.quantization.is_quantized
+        return data
+
+
+def summarize(model: onnx.ModelProto, path: str | os.PathLike) -> ModelSummary:
+    index = GraphIndex(model.graph)
+    nodes = list(all_nodes(model.graph))
+    initializers = [_initializer_info(t) for t in model.graph.initializer]
+    parameters = sum(i.parameters for i in initializers)
+    zeros = sum(round(i.zero_fraction * i.parameters) for i in initializers)
+    return ModelSummary(
+        path=str(path),
+        file_bytes=file_size(Path(path)),
+        ir_version=model.ir_version,
+        opset=opset_version(model),
+        opsets={entry.domain or "ai.onnx": entry.version for entry in model.opset_import},
+        producer=" ".join(p for p in (model.producer_name, model.producer_version) if p),
+        inputs=[_tensor_info(v) for v in model.graph.input if v.name in index.graph_inputs],
+        outputs=[_tensor_info(v) for v in model.graph.output],
+        node_count=len(nodes),
+        op_histogram=dict(Counter(n.op_type for n in nodes).most_common()),
+        parameters=parameters,
+        parameter_bytes=sum(i.bytes for i in initializers),
+        by_dtype=_totals_by_dtype(initializers),
+        zero_fraction=zeros / parameters if parameters else 0.0,
+        initializers=initializers,
+        quantization=_quantization_state(nodes, model.graph.initializer),
+        compressq=read_stamp(model),
+    )
+
+
+def all_nodes(graph: onnx.GraphProto):
+    """Nodes of a graph and of every subgraph inside it (If/Loop/Scan bodies)."""
+    for node in graph.node:
+        yield node
+        for attribute in node.attribute:
+            if attribute.HasField("g"):
+                yield from all_nodes(attribute.g)
+            for subgraph in attribute.graphs:
+                yield from all_nodes(subgraph)
+
+
+def _tensor_info(value: onnx.ValueInfoProto) -> TensorInfo:
+    kind = value_type(value)
+    dtype = onnx.helper.tensor_dtype_to_string(kind.elem_type).replace("TensorProto.", "").lower() \
+        if kind.elem_type else "unknown"
+    shape = ["?" if d is None else d for d in kind.shape] if kind.shape is not None else []
+    return TensorInfo(value.name, dtype, shape)
+
+
+def dtype_name(elem_type: int) -> str:
+    return onnx.helper.tensor_dtype_to_string(elem_type).replace("TensorProto.", "").lower()
+
+
+def _initializer_info(tensor: onnx.TensorProto) -> InitializerInfo:
+    values = numpy_helper.to_array(tensor)
+    count = int(values.size)
+    bits = 4 if tensor.data_type in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4) else None
+    nbytes = (count + 1) // 2 if bits == 4 else count * values.dtype.itemsize
+    zeros = int(np.count_nonzero(values == 0)) if count and values.dtype != object else 0
+    return InitializerInfo(
+        name=tensor.name, dtype=dtype_name(tensor.data_type), shape=list(tensor.dims),
+        parameters=count, bytes=int(nbytes), zero_fraction=zeros / count if count else 0.0,
+    )
+
+
+def _totals_by_dtype(initializers: list[InitializerInfo]) -> dict[str, DtypeTotals]:
+    totals: dict[str, list[int]] = {}
+    for info in initializers:
+        entry = totals.setdefault(info.dtype, [0, 0])
+        entry[0] += info.parameters
+        entry[1] += info.bytes
+    return {dtype: DtypeTotals(p, b) for dtype, (p, b) in sorted(totals.items(), key=lambda kv: -kv[1][1])}
+
+
+def _quantization_state(nodes: list[onnx.NodeProto], initializers) -> QuantizationState:
+    ops = Counter(n.op_type for n in nodes)
+    low_bit = Counter(LOW_BIT_TYPES[t.data_type] for t in initializers if t.data_type in LOW_BIT_TYPES)
+    return QuantizationState(
+        quantize_linear=ops.get("QuantizeLinear", 0),
+        dequantize_linear=ops.get("DequantizeLinear", 0),
+        low_bit_initializers=dict(low_bit),
+        quantized_ops={op: n for op, n in sorted(ops.items()) if op in QUANTIZED_OPS},
+    )
