@@ -71,8 +71,10 @@ def options(
 
 def _register_commands() -> None:
     from compressq.commands.inspect import inspect
+    from compressq.commands.quantize import quantize
+    from compressq.commands.report import report
 
-    for command in (inspect,):
+    for command in (inspect, quantize, report):
         app.command()(reports_errors(command))
 
 

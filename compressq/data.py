@@ -88,17 +88,36 @@ class Dataset:
                          ) -> Iterator[tuple[dict[str, np.ndarray], np.ndarray | None]]:
         batch_size = self._effective_batch_size(batch_size)
         remaining = self.num_samples if limit is None else min(limit, self.num_samples)
+        keys = [spec.name for spec in self.inputs] + ([self.labels_key] if self.labels_key else [])
+        # Batches span shard boundaries: samples left at a shard's end start the next batch.
+        pieces: list[dict[str, np.ndarray]] = []
+        pending = 0
         for shard in self.shards:
             if remaining <= 0:
-                return
+                break
             arrays = shard.load()
             take = min(shard.num_samples, remaining)
-            for start in range(0, take, batch_size):
-                stop = min(start + batch_size, take)
-                feed = {spec.name: _as_input(arrays[spec.name][start:stop], spec) for spec in self.inputs}
-                labels = arrays[self.labels_key][start:stop] if self.labels_key else None
-                yield feed, labels
+            start = 0
+            while start < take:
+                stop = min(start + batch_size - pending, take)
+                pieces.append({key: arrays[key][start:stop] for key in keys})
+                pending += stop - start
+                start = stop
+                if pending == batch_size:
+                    yield self._assemble(pieces)
+                    pieces, pending = [], 0
+            # Copy the carried-over tail so this shard's arrays can be freed.
+            pieces = [{key: np.array(part) for key, part in piece.items()} for piece in pieces]
             remaining -= take
+        if pieces:
+            yield self._assemble(pieces)
+
+    def _assemble(self, pieces: list[dict[str, np.ndarray]]) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
+        def joined(key: str) -> np.ndarray:
+            return pieces[0][key] if len(pieces) == 1 else np.concatenate([p[key] for p in pieces])
+
+        feed = {spec.name: _as_input(joined(spec.name), spec) for spec in self.inputs}
+        return feed, joined(self.labels_key) if self.labels_key else None
 
     def labels(self, limit: int | None = None) -> np.ndarray | None:
         if not self.labels_key:
@@ -233,6 +252,10 @@ def _check_dtypes(dataset: Dataset) -> None:
 def _labels_key(dataset: Dataset, labels_key: str | None, require_labels: bool) -> str | None:
     shapes = dataset.shards[0].shapes
     if labels_key and labels_key in shapes:
+        unlabelled = [s.source for s in dataset.shards if labels_key not in s.shapes]
+        if unlabelled:
+            raise DataError(f"{unlabelled[0]} has no labels array '{labels_key}' (other shards have one)",
+                            hint="every shard needs the same arrays")
         return labels_key
     if require_labels:
         found = ", ".join(sorted(shapes))

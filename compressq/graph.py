@@ -180,7 +180,10 @@ def save_model(
         staged = staging / target.name
         data_name = f"{target.name}.data"
         if needs_external:
-            onnx.save_model(model, str(staged), save_as_external_data=True, all_tensors_to_one_file=True,
+            # onnx.save_model moves the weights out of the proto it is given: hand it a copy, not the caller's.
+            detached = onnx.ModelProto()
+            detached.CopyFrom(model)
+            onnx.save_model(detached, str(staged), save_as_external_data=True, all_tensors_to_one_file=True,
                             location=data_name, size_threshold=1024)
             os.replace(staging / data_name, folder / data_name)
         else:

@@ -1,0 +1,103 @@
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from enum import Enum
+from pathlib import Path
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from compressq import render
+from compressq.errors import EXIT_GATE_FAILED, OutputError
+from compressq.evaluate.render import print_table, render_text, table_console, write_atomically
+from compressq.evaluate.report import GateLimits, Report, ReportConfig, StartTask, build_report
+
+
+class ReportFormat(str, Enum):
+    table = "table"
+    json = "json"
+    markdown = "markdown"
+    html = "html"
+
+
+def report(
+    baseline: Path = typer.Argument(..., help="The reference ONNX model (usually the float original)."),
+    candidates: list[Path] = typer.Argument(None, help="Compressed models to compare with the baseline."),
+    data: Path = typer.Option(None, "--data", help="Evaluation data: .npz or folder keyed by input name. "
+                              "Without it, inputs are synthetic and the report says so next to every figure."),
+    labels: str = typer.Option(None, "--labels", help="Array in --data with the true class labels "
+                               "[default: 'labels' when present]."),
+    provider: list[str] = typer.Option(["cpu"], "--provider", help="Execution provider to time on: cpu or "
+                                       "cuda; repeat to time on several. Accuracy runs on the first."),
+    threads: int = typer.Option(1, "--threads", min=0, help="Intra-op threads per session; 1 gives stable, "
+                                "comparable numbers, 0 lets onnxruntime use every core."),
+    runs: int = typer.Option(20, "--runs", min=1, help="Timed runs per model (interleaved A B A B)."),
+    warmup: int = typer.Option(3, "--warmup", min=0, help="Untimed runs per model before timing."),
+    batch_size: int = typer.Option(1, "--batch-size", min=1, help="Batch that latency and throughput are "
+                                   "measured at."),
+    samples: int = typer.Option(None, "--samples", min=1, help="Evaluate on at most this many samples "
+                                "[default: all of --data, 64 synthetic]."),
+    per_layer: bool = typer.Option(False, "--per-layer", help="Also compare every intermediate tensor the "
+                                   "models share by name, worst first."),
+    output_format: ReportFormat = typer.Option(ReportFormat.table, "--format", help="table, json, markdown or html."),
+    output: Path = typer.Option(None, "--output", "-o", help="Write the report to this file (atomically) "
+                                "instead of stdout."),
+    max_accuracy_drop: float = typer.Option(None, "--max-accuracy-drop", help="Gate: top-1 accuracy may drop by "
+                                            "at most this many points (needs labels)."),
+    min_agreement: float = typer.Option(None, "--min-agreement", help="Gate: share of samples (0-1) whose "
+                                        "top-1 class matches the baseline's."),
+    min_cosine: float = typer.Option(None, "--min-cosine", help="Gate: cosine similarity of every output "
+                                     "with the baseline's."),
+    min_speedup: float = typer.Option(None, "--min-speedup", help="Gate: baseline median / candidate median, "
+                                      "on every provider."),
+    max_size_ratio: float = typer.Option(None, "--max-size-ratio", help="Gate: candidate file bytes / "
+                                         "baseline file bytes."),
+) -> None:
+    """Measure size, accuracy and latency of compressed models against a baseline; fail CI on a gate."""
+    config = ReportConfig(
+        baseline=baseline, candidates=tuple(candidates or ()), data=data, labels_key=labels or "labels",
+        require_labels=labels is not None, providers=tuple(provider), threads=threads or None, runs=runs,
+        warmup=warmup, batch_size=batch_size, samples=samples, per_layer=per_layer,
+        gates=GateLimits(max_accuracy_drop, min_agreement, min_cosine, min_speedup, max_size_ratio),
+    )
+    if output is not None:
+        _refuse_to_replace_models(output, config)
+    with _progress_bars() as start_task:
+        result = build_report(config, start_task)
+    _emit(result, output_format.value, output)
+    for gate in result.failed_gates:
+        typer.echo(gate.failure_line(), err=True)
+    if not result.passed:
+        raise typer.Exit(EXIT_GATE_FAILED)
+
+
+def _emit(result: Report, output_format: str, output: Path | None) -> None:
+    if output is not None:
+        write_atomically(output, render_text(result, output_format))
+        render.stderr.print(f"wrote {output_format} report to {output}", highlight=False)
+    elif output_format == "table":
+        print_table(result, table_console(render.stdout))
+    else:
+        typer.echo(render_text(result, output_format), nl=False)
+
+
+def _refuse_to_replace_models(output: Path, config: ReportConfig) -> None:
+    for model in (config.baseline, *config.candidates):
+        if output.resolve() == model.resolve():
+            raise OutputError(f"refusing to overwrite the model {model} with the report",
+                              hint="pass another --output path")
+
+
+@contextlib.contextmanager
+def _progress_bars() -> Iterator[StartTask]:
+    """Progress on stderr, only when a person watches it (CI logs and pipes get none)."""
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                        console=render.stderr, transient=True, disable=not render.stderr.is_terminal)
+
+    def start_task(description: str, total: int):
+        task = progress.add_task(description, total=total)
+        return lambda steps: progress.advance(task, steps)
+
+    with progress:
+        yield start_task

@@ -1,0 +1,87 @@
+"""Per-layer error: which intermediate tensor of a candidate drifts furthest from the baseline's.
+
+Tensors are matched by name. Quantizers and pruners in compressq (and onnxruntime's) keep the names of
+the float tensors they leave in place; the tensors they add (DequantizeLinear outputs, integer
+accumulators) get new names and so are never matched by accident.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+
+from compressq.evaluate.metrics import OutputAgreement
+from compressq.graph import tensor_types
+
+FLOAT_TYPES = frozenset({onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE,
+                         onnx.TensorProto.BFLOAT16})
+
+
+@dataclass
+class LayerComparison:
+    tensor: str
+    op_type: str  # the baseline node that produces the tensor
+    cosine: float
+    sqnr_db: float
+    max_abs_error: float
+
+
+def produced_tensors(model: onnx.ModelProto) -> dict[str, str]:
+    """Tensor name -> op type of the node that produces it (top-level graph only)."""
+    return {name: node.op_type for node in model.graph.node for name in node.output if name}
+
+
+def matched_tensors(baseline: onnx.ModelProto, candidate: onnx.ModelProto) -> list[str]:
+    """Intermediate float tensors that both graphs compute under the same name (baseline order)."""
+    in_candidate = produced_tensors(candidate)
+    outputs = {o.name for o in baseline.graph.output}
+    types = tensor_types(baseline)
+    matched = []
+    for name in produced_tensors(baseline):
+        if name in outputs or name not in in_candidate:
+            continue
+        known = types.get(name)
+        if known is not None and known.elem_type and known.elem_type not in FLOAT_TYPES:
+            continue  # integer tensors (shapes, indices) are exact or meaningless to compare
+        matched.append(name)
+    return matched
+
+
+class LayerErrors:
+    """Streams batches of intermediate tensors and keeps per-tensor running sums only."""
+
+    def __init__(self, names: list[str], op_types: dict[str, str]) -> None:
+        self.op_types = op_types
+        self.reducers = {name: OutputAgreement(classes=False) for name in names}
+        self.skipped: set[str] = set()  # shapes differ (a pruned layer) or not floats at run time
+
+    def update(self, baseline_values: dict[str, np.ndarray], candidate_values: dict[str, np.ndarray]) -> None:
+        for name, reducer in self.reducers.items():
+            if name in self.skipped:
+                continue
+            reference, test = baseline_values.get(name), candidate_values.get(name)
+            if not _comparable(reference, test):
+                self.skipped.add(name)
+                continue
+            reducer.update(reference, test)
+
+    def results(self) -> list[LayerComparison]:
+        """Worst first: lowest SQNR, then lowest cosine."""
+        rows = []
+        for name, reducer in self.reducers.items():
+            if name in self.skipped or reducer.samples == 0:
+                continue
+            summary = reducer.result()
+            rows.append(LayerComparison(name, self.op_types.get(name, "?"), summary.cosine, summary.sqnr_db,
+                                        summary.max_abs_error))
+        return sorted(rows, key=lambda row: (row.sqnr_db, row.cosine))
+
+
+def _comparable(reference: np.ndarray | None, test: np.ndarray | None) -> bool:
+    if reference is None or test is None:
+        return False
+    reference, test = np.asarray(reference), np.asarray(test)
+    return (reference.shape == test.shape and np.issubdtype(reference.dtype, np.floating)
+            and np.issubdtype(test.dtype, np.floating))

@@ -1,0 +1,101 @@
+"""Pure numpy: which weights go.
+
+A mask is a boolean array shaped like the weight: True keeps the weight, False prunes it. Scores rank
+weights (higher = more important): magnitudes, or seeded random numbers as a baseline. Thresholds are
+exact counts, not value cut-offs, so ties never make the achieved sparsity drift from the request.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import numpy as np
+
+
+def magnitude_scores(weight: np.ndarray) -> np.ndarray:
+    return np.abs(weight.astype(np.float64))
+
+
+def random_scores(shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
+    return rng.random(shape)
+
+
+def weight_scores(weight: np.ndarray, criterion: str, rng: np.random.Generator) -> np.ndarray:
+    """Scores for `criterion` ("magnitude" or "random"); `rng` is only drawn from for "random"."""
+    if criterion == "random":
+        return random_scores(weight.shape, rng)
+    return magnitude_scores(weight)
+
+
+def pruned_count(size: int, sparsity: float) -> int:
+    """How many of `size` weights go at `sparsity` (rounded half up, so 2.5 -> 3)."""
+    return min(size, int(math.floor(size * sparsity + 0.5)))
+
+
+def lowest_scores_mask(scores: np.ndarray, prune: int) -> np.ndarray:
+    """Keep everything except the `prune` lowest scores (ties broken by position)."""
+    keep = np.ones(scores.size, dtype=bool)
+    order = np.argsort(scores, axis=None, kind="stable")
+    keep[order[:prune]] = False
+    return keep.reshape(scores.shape)
+
+
+def local_mask(scores: np.ndarray, sparsity: float) -> np.ndarray:
+    """One layer pruned to `sparsity` on its own."""
+    return lowest_scores_mask(scores, pruned_count(scores.size, sparsity))
+
+
+def global_masks(scores: Mapping[str, np.ndarray], sparsity: float) -> dict[str, np.ndarray]:
+    """One threshold across all layers: the lowest scores of the union go, wherever they live."""
+    names = list(scores)
+    flat = np.concatenate([scores[name].ravel() for name in names]) if names else np.zeros(0)
+    keep = lowest_scores_mask(flat, pruned_count(flat.size, sparsity))
+    masks, start = {}, 0
+    for name in names:
+        size = scores[name].size
+        masks[name] = keep[start:start + size].reshape(scores[name].shape)
+        start += size
+    return masks
+
+
+def global_threshold(scores: Mapping[str, np.ndarray], sparsity: float) -> float:
+    """The score at which `global_masks` cuts (the highest score that is pruned), for reporting."""
+    flat = np.concatenate([s.ravel() for s in scores.values()])
+    prune = pruned_count(flat.size, sparsity)
+    return float(np.sort(flat)[prune - 1]) if prune else float("-inf")
+
+
+def n_m_mask(scores: np.ndarray, n: int, m: int, axis: int) -> np.ndarray:
+    """Keep the `n` highest scores in every group of `m` consecutive weights along `axis`.
+
+    `axis` is the reduction (input) dimension, as sparse tensor cores expect: for a Conv weight
+    [out, in, kh, kw] the groups run along `in` at each (out, kh, kw) position. A trailing partial
+    group of r < m weights keeps min(n, r) of them.
+    """
+    moved = np.moveaxis(scores, axis, -1)
+    length = moved.shape[-1]
+    padding = (-length) % m
+    padded = np.pad(moved, [(0, 0)] * (moved.ndim - 1) + [(0, padding)], constant_values=-np.inf)
+    groups = padded.reshape(*moved.shape[:-1], -1, m)
+    ranks = np.argsort(np.argsort(-groups, axis=-1, kind="stable"), axis=-1, kind="stable")
+    keep = (ranks < n).reshape(*moved.shape[:-1], -1)[..., :length]
+    return np.moveaxis(keep, -1, axis)
+
+
+def channel_l2_norms(weight: np.ndarray, axis: int) -> np.ndarray:
+    """L2 norm of every slice of `weight` along `axis` (one value per output channel)."""
+    moved = np.moveaxis(weight.astype(np.float64), axis, 0)
+    return np.sqrt(np.square(moved.reshape(moved.shape[0], -1)).sum(axis=1))
+
+
+def channels_to_keep(scores: np.ndarray, sparsity: float) -> np.ndarray:
+    """Sorted indices of the channels that stay: the lowest-scoring ones go, at least one stays."""
+    channels = scores.shape[0]
+    remove = min(pruned_count(channels, sparsity), channels - 1)
+    order = np.argsort(scores, kind="stable")
+    return np.sort(order[remove:])
+
+
+def zero_fraction(weight: np.ndarray) -> float:
+    return float(np.count_nonzero(weight == 0) / weight.size) if weight.size else 0.0

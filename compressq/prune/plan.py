@@ -1,0 +1,130 @@
+"""Which layers get pruned, and why the others stay dense. The plan is data: cheap to compute, easy to test.
+
+A weighted layer is a Conv, ConvTranspose, Gemm or MatMul whose weight (input 1) is a float initializer.
+Layers stay dense when the user excludes them, when they are the first or last weighted layer (by
+default: they are the most sensitive), or when they hold fewer parameters than `min_parameters`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from fnmatch import fnmatchcase
+
+import numpy as np
+import onnx
+
+from compressq.graph import GraphIndex, node_attributes
+from compressq.prune.config import PruneConfig
+
+WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+
+
+@dataclass(frozen=True)
+class WeightedLayer:
+    node: str
+    op_type: str
+    weight: str
+    shape: tuple[int, ...]
+    input_axis: int  # the reduction dimension of the weight: N:M groups run along it
+    output_axis: int  # output channels (filters / neurons)
+
+    @property
+    def parameters(self) -> int:
+        return int(np.prod(self.shape))
+
+
+@dataclass(frozen=True)
+class DenseLayer:
+    node: str
+    op_type: str
+    weight: str
+    parameters: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class PrunePlan:
+    layers: tuple[WeightedLayer, ...]
+    dense: tuple[DenseLayer, ...]
+
+    def layer(self, node: str) -> WeightedLayer | None:
+        return next((layer for layer in self.layers if layer.node == node), None)
+
+    @property
+    def parameters(self) -> int:
+        return sum(layer.parameters for layer in self.layers)
+
+
+def weight_axes(node: onnx.NodeProto, weight_rank: int) -> tuple[int, int] | None:
+    """(input axis, output axis) of a weighted node's weight, or None when it has no such layout."""
+    attributes = node_attributes(node)
+    if node.op_type == "Conv":
+        return 1, 0
+    if node.op_type == "ConvTranspose":
+        return 0, 1
+    if node.op_type == "Gemm":
+        return (1, 0) if attributes.get("transB", 0) else (0, 1)
+    if node.op_type == "MatMul" and weight_rank >= 2:
+        return weight_rank - 2, weight_rank - 1
+    return None
+
+
+def plan_pruning(model: onnx.ModelProto, config: PruneConfig) -> PrunePlan:
+    """Every weighted layer, sorted into pruned and dense (with the reason), in graph order."""
+    index = GraphIndex(model.graph)
+    candidates: list[WeightedLayer] = []
+    dense: list[DenseLayer] = []
+    for node in model.graph.node:
+        if node.op_type not in WEIGHTED_OPS or len(node.input) < 2 or not index.is_constant(node.input[1]):
+            continue
+        layer_or_reason = _weighted_layer(node, index)
+        if isinstance(layer_or_reason, str):
+            dense.append(DenseLayer(node.name, node.op_type, node.input[1], _size(index, node.input[1]),
+                                    layer_or_reason))
+        else:
+            candidates.append(layer_or_reason)
+    pruned = []
+    for position, layer in enumerate(candidates):
+        reason = _dense_reason(layer, position, len(candidates), config)
+        if reason:
+            dense.append(DenseLayer(layer.node, layer.op_type, layer.weight, layer.parameters, reason))
+        else:
+            pruned.append(layer)
+    order = {node.name: i for i, node in enumerate(model.graph.node)}
+    dense.sort(key=lambda d: order[d.node])
+    return PrunePlan(tuple(pruned), tuple(dense))
+
+
+def _weighted_layer(node: onnx.NodeProto, index: GraphIndex) -> WeightedLayer | str:
+    weight_name = node.input[1]
+    if weight_name not in index.initializers:
+        return "weight is computed by a Constant node, not stored as an initializer"
+    tensor = index.initializers[weight_name]
+    dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
+    if not np.issubdtype(dtype, np.floating):
+        return f"weight is {np.dtype(dtype).name} (already quantized)"
+    users = len(index.consumers.get(weight_name, []))
+    if users > 1:
+        return f"weight is shared by {users} nodes"
+    axes = weight_axes(node, len(tensor.dims))
+    if axes is None:
+        return "weight is 1-D"
+    return WeightedLayer(node.name, node.op_type, weight_name, tuple(tensor.dims), *axes)
+
+
+def _dense_reason(layer: WeightedLayer, position: int, count: int, config: PruneConfig) -> str | None:
+    for pattern in config.exclude:
+        if any(fnmatchcase(text, pattern) for text in (layer.node, layer.op_type, layer.weight)):
+            return f"excluded by --exclude '{pattern}'"
+    if config.keep_first and position == 0:
+        return "first weighted layer (pass --prune-first to prune it)"
+    if config.keep_last and position == count - 1:
+        return "last weighted layer (pass --prune-last to prune it)"
+    if layer.parameters < config.min_parameters:
+        return f"tiny: {layer.parameters} parameters < --min-params {config.min_parameters}"
+    return None
+
+
+def _size(index: GraphIndex, name: str) -> int:
+    value = index.constant(name)
+    return int(value.size) if value is not None else 0

@@ -1,0 +1,1 @@
+"""int8 quantization: static QDQ (calibrated), dynamic, and weight-only modes."""

@@ -1,0 +1,104 @@
+"""One entry point for every quantization mode, returning the model and a summary as plain data."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import onnx
+
+from compressq.data import Dataset
+from compressq.errors import UsageError
+from compressq.quantize.config import QuantizeConfig
+from compressq.quantize.dynamic import quantize_dynamic
+from compressq.quantize.plan import Skipped
+from compressq.quantize.static import quantize_static
+
+MODES = ("static", "dynamic", "weight-only")
+METHODS = ("minmax", "percentile", "entropy", "mse")
+
+
+@dataclass
+class QuantizeSummary:
+    mode: str
+    method: str | None
+    quantized_nodes: list[str]
+    float_nodes: list[dict]                  # {"node", "op_type", "reason"}
+    calibration_samples: int = 0
+    calibration_synthetic: bool = False
+    activation_pairs: int = 0
+    activations_absorbed: int = 0
+    integer_kernels: dict[str, int] = field(default_factory=dict)
+    non_finite_tensors: dict[str, str] = field(default_factory=dict)
+    speedup: float | None = None             # input median / output median, 1 thread, measured
+    speed_steps: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class QuantizeResult:
+    model: onnx.ModelProto
+    summary: QuantizeSummary
+
+
+def quantize_model(model: onnx.ModelProto, dataset: Dataset | None, config: QuantizeConfig,
+                   progress: Callable[[str, int, int], None] | None = None) -> QuantizeResult:
+    """Quantize `model` (not modified) as `config` says; static mode needs `dataset`."""
+    started = time.perf_counter()
+    if config.mode not in MODES:
+        raise UsageError(f"unknown mode '{config.mode}'", hint=f"use one of: {', '.join(MODES)}")
+    if config.mode == "static":
+        if dataset is None:
+            raise UsageError("static quantization needs calibration data",
+                             hint="pass --calibration-data DATA, or --mode dynamic")
+        result = _static(model, dataset, config, progress)
+    elif config.mode == "dynamic":
+        result = _dynamic(model, config)
+    else:
+        result = _weight_only(model, dataset, config)
+    result.summary.seconds = time.perf_counter() - started
+    return result
+
+
+def _skipped(entries: list[Skipped]) -> list[dict]:
+    return [{"node": s.node, "op_type": s.op_type, "reason": s.reason} for s in entries]
+
+
+def _static(model, dataset: Dataset, config: QuantizeConfig, progress) -> QuantizeResult:
+    outcome = quantize_static(model, dataset, config, progress)
+    summary = QuantizeSummary(
+        mode="static", method=config.method, quantized_nodes=sorted(outcome.plan.compute),
+        float_nodes=_skipped(outcome.float_reasons),
+        calibration_samples=min(dataset.num_samples, config.samples or dataset.num_samples),
+        calibration_synthetic=dataset.synthetic,
+        activation_pairs=outcome.stats.activation_pairs, activations_absorbed=outcome.stats.activations_absorbed,
+        integer_kernels=outcome.fusion.integer_kernels if outcome.fusion else {},
+        non_finite_tensors=outcome.non_finite_tensors, speedup=outcome.speedup,
+        speed_steps=outcome.fallback_steps, notes=[*dataset.notes, *outcome.notes],
+    )
+    return QuantizeResult(outcome.model, summary)
+
+
+def _dynamic(model, config: QuantizeConfig) -> QuantizeResult:
+    outcome = quantize_dynamic(model, tuple(config.exclude), config.per_channel)
+    summary = QuantizeSummary(mode="dynamic", method=None, quantized_nodes=outcome.quantized,
+                              float_nodes=_skipped(outcome.skipped))
+    return QuantizeResult(outcome.model, summary)
+
+
+def _weight_only(model, dataset: Dataset | None, config: QuantizeConfig) -> QuantizeResult:
+    from compressq.quantize.weight_only import quantize_weights_only
+
+    quantized, outcome = quantize_weights_only(model, bits=config.bits, block_size=config.block_size,
+                                               exclude=tuple(config.exclude))
+    summary = QuantizeSummary(mode="weight-only", method=None,
+                              quantized_nodes=[layer.node for layer in outcome.layers],
+                              float_nodes=[{"node": n, "op_type": "MatMul", "reason": r}
+                                           for n, r in outcome.skipped.items()],
+                              notes=[f"{config.bits}-bit weights, blocks of {config.block_size}"])
+    return QuantizeResult(quantized, summary)

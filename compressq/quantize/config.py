@@ -1,0 +1,25 @@
+"""Options of `compressq quantize`, as one frozen value built by the CLI and passed down whole."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+
+@dataclass(frozen=True)
+class QuantizeConfig:
+    mode: str = "static"              # static | dynamic | weight-only
+    method: str = "minmax"            # minmax | percentile | entropy | mse
+    percentile: float = 99.999
+    per_channel: bool = True
+    activations: str = "uint8"        # uint8 (asymmetric) | int8 (symmetric)
+    exclude: tuple[str, ...] = ()     # glob patterns on node names or op types
+    samples: int | None = None        # calibration samples to use (None: all)
+    batch_size: int = 32
+    provider: str = "cpu"
+    speed_check: bool = True          # time the output against the input and undo what costs time
+    quantize_depthwise: bool = False  # decided by measurement: see compressq/quantize/plan.py
+    bits: int = 8                     # weight-only mode: 4 or 8
+    block_size: int = 32              # weight-only mode
+
+    def to_dict(self) -> dict:
+        return asdict(self)

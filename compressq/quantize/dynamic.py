@@ -1,0 +1,95 @@
+"""Dynamic quantization: int8 weights, activations quantized at run time (no calibration data needed).
+
+MatMul and Gemm with constant weights become onnxruntime's DynamicQuantizeMatMul, which quantizes its
+input per call and runs an integer GEMM. Convolutions stay float: onnxruntime's dynamic ConvInteger path
+is slower than its float convolutions on CPU.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from compressq.graph import GraphIndex, NameGenerator, node_attributes, remove_unused, toposort
+from compressq.quantize import scheme
+from compressq.quantize.plan import Skipped, matches
+
+MICROSOFT_DOMAIN = "com.microsoft"
+
+
+@dataclass
+class DynamicResult:
+    model: onnx.ModelProto
+    quantized: list[str] = field(default_factory=list)
+    skipped: list[Skipped] = field(default_factory=list)
+
+
+def quantize_dynamic(model: onnx.ModelProto, exclude: tuple[str, ...] = (), per_channel: bool = True) -> DynamicResult:
+    result = onnx.ModelProto()
+    result.CopyFrom(model)
+    graph = result.graph
+    index = GraphIndex(graph)
+    names = NameGenerator(graph)
+    outcome = DynamicResult(result)
+    replacements: dict[int, onnx.NodeProto] = {}
+    for position, node in enumerate(graph.node):
+        if node.op_type not in ("MatMul", "Gemm"):
+            if node.op_type in ("Conv", "ConvTranspose"):
+                outcome.skipped.append(Skipped(node.name, node.op_type, "dynamic mode keeps convolutions float "
+                                               "(pass --calibration-data for static int8)"))
+            continue
+        weight, reason = _weight_matrix(node, index, exclude)
+        if reason:
+            outcome.skipped.append(Skipped(node.name, node.op_type, reason))
+            continue
+        replacements[position] = _dynamic_matmul(node, weight, _bias(node, index), names, graph, per_channel)
+        outcome.quantized.append(node.name)
+    for position, replacement in replacements.items():
+        graph.node[position].CopyFrom(replacement)
+    if replacements and not any(o.domain == MICROSOFT_DOMAIN for o in result.opset_import):
+        result.opset_import.append(helper.make_opsetid(MICROSOFT_DOMAIN, 1))
+    toposort(graph)
+    remove_unused(graph)
+    return outcome
+
+
+def _weight_matrix(node: onnx.NodeProto, index: GraphIndex, exclude) -> tuple[np.ndarray | None, str | None]:
+    """The weight as [K, N], or a reason why this node stays float."""
+    if matches(node, exclude):
+        return None, "excluded by --exclude"
+    weight = index.constant(node.input[1]) if len(node.input) > 1 else None
+    if weight is None or weight.dtype != np.float32 or weight.ndim != 2:
+        return None, "weight is not a constant 2-D float32 tensor"
+    if node.op_type == "Gemm":
+        attributes = node_attributes(node)
+        if attributes.get("transA", 0) or attributes.get("alpha", 1.0) != 1.0 or attributes.get("beta", 1.0) != 1.0:
+            return None, "Gemm with transA/alpha/beta has no dynamic integer kernel"
+        if attributes.get("transB", 0):
+            weight = weight.T
+    return np.ascontiguousarray(weight), None
+
+
+def _bias(node: onnx.NodeProto, index: GraphIndex) -> np.ndarray | None:
+    if node.op_type != "Gemm" or len(node.input) < 3 or not node.input[2]:
+        return None
+    bias = index.constant(node.input[2])
+    return bias if bias is not None and bias.ndim == 1 else None
+
+
+def _dynamic_matmul(node, weight: np.ndarray, bias, names: NameGenerator, graph, per_channel: bool):
+    params = scheme.weight_params(weight, 1 if per_channel else None)
+    prefix = node.input[1]
+    tensors = {
+        names(f"{prefix}_quantized"): scheme.quantize(weight, params),
+        names(f"{prefix}_scale"): params.scale.astype(np.float32),
+        names(f"{prefix}_zero_point"): params.zero_point,
+    }
+    if bias is not None:
+        tensors[names(f"{prefix}_bias")] = bias.astype(np.float32)
+    graph.initializer.extend(numpy_helper.from_array(v, k) for k, v in tensors.items())
+    inputs = [node.input[0], *tensors]
+    return helper.make_node("DynamicQuantizeMatMul", inputs, list(node.output), name=node.name,
+                            domain=MICROSOFT_DOMAIN)

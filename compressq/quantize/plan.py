@@ -1,0 +1,288 @@
+"""Which nodes and tensors get quantized, decided before any calibration runs (NNCF's "what" step).
+
+The plan aims at graphs that onnxruntime's QDQ fusion turns into integer kernels, and nothing else:
+  * compute nodes (Conv, Gemm, MatMul with a constant weight) get int8 weights and a quantized input;
+  * a Relu/Clip(0, x) right after a quantized node is absorbed: the uint8 output range starting at zero
+    already clamps negatives, so the activation node disappears;
+  * data-movement ops (MaxPool, Reshape, Flatten, ...) between quantized nodes share the scale of their
+    input, so onnxruntime drops the DequantizeLinear/QuantizeLinear pair around them and they run on int8;
+  * Add, Concat and average pools between quantized nodes get their own output scale (QLinearAdd, ...);
+  * everything else stays float, with a reason recorded for the summary.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field
+
+import onnx
+
+from compressq.graph import GraphIndex, node_attributes
+
+COMPUTE_OPS = ("Conv", "Gemm", "MatMul")
+SHARED_SCALE_OPS = frozenset({
+    "MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Identity", "Resize",
+    "SpaceToDepth", "DepthToSpace",
+})
+OWN_SCALE_OPS = frozenset({"Add", "Concat", "GlobalAveragePool", "AveragePool"})
+ABSORBABLE_ACTIVATIONS = frozenset({"Relu", "Clip"})
+FLOAT_TYPES = (onnx.TensorProto.FLOAT,)
+
+
+@dataclass(frozen=True)
+class ComputeNode:
+    name: str
+    op_type: str
+    activation: str           # the float input that gets QuantizeLinear/DequantizeLinear
+    weight: str               # constant float weight -> int8 initializer + DequantizeLinear
+    weight_axis: int | None   # output-channel axis for per-channel scales (None: per-tensor)
+    bias: str | None          # constant bias -> int32 initializer + DequantizeLinear
+    output: str               # the tensor the node writes
+    depthwise: bool = False
+    weight_size: int = 0
+
+
+@dataclass(frozen=True)
+class Absorbed:
+    """A Relu/Clip folded into the quantization of its producer's output."""
+
+    node: str
+    output: str
+
+
+@dataclass(frozen=True)
+class Skipped:
+    node: str
+    op_type: str
+    reason: str
+
+
+@dataclass
+class QuantPlan:
+    compute: dict[str, ComputeNode] = field(default_factory=dict)
+    quantized_tensors: set[str] = field(default_factory=set)
+    # tensor -> the tensor whose scale/zero point it shares (itself for group roots)
+    param_source: dict[str, str] = field(default_factory=dict)
+    # compute/own-scale node output -> absorbed activation node (its output is the quantized tensor)
+    absorbed: dict[str, Absorbed] = field(default_factory=dict)
+    own_scale_nodes: set[str] = field(default_factory=set)
+    shared_scale_nodes: set[str] = field(default_factory=set)
+    # tensors whose producer becomes an integer kernel: consumers read the dequantized value by its name
+    produced_quantized: set[str] = field(default_factory=set)
+    skipped: list[Skipped] = field(default_factory=list)
+
+    def range_tensors(self) -> set[str]:
+        """Tensors whose calibrated range fixes a scale (group roots only)."""
+        return {self.param_source[t] for t in self.quantized_tensors}
+
+
+def name_nodes(graph: onnx.GraphProto) -> None:
+    """Give every node a unique name so plans, exclusions and reports can refer to it (in place)."""
+    seen: set[str] = set()
+    for position, node in enumerate(graph.node):
+        if not node.name or node.name in seen:
+            base = node.name or f"{node.op_type}_{position}"
+            candidate, counter = base, 1
+            while candidate in seen:
+                candidate, counter = f"{base}_{counter}", counter + 1
+            node.name = candidate
+        seen.add(node.name)
+
+
+def matches(node: onnx.NodeProto, patterns: tuple[str, ...]) -> bool:
+    return any(fnmatch.fnmatchcase(node.name, p) or fnmatch.fnmatchcase(node.op_type, p) for p in patterns)
+
+
+def build_plan(
+    model: onnx.ModelProto,
+    *,
+    exclude: tuple[str, ...] = (),
+    keep_float: dict[str, str] | None = None,
+    absorb_activations: bool = True,
+    quantize_depthwise: bool = False,
+) -> QuantPlan:
+    """`keep_float` maps node names to the reason they must stay float (from earlier measurements)."""
+    graph = model.graph
+    index = GraphIndex(graph)
+    keep_float = keep_float or {}
+    plan = QuantPlan()
+    already_quantized = _nodes_touching_qdq(index)
+    for node in graph.node:
+        if node.op_type not in COMPUTE_OPS:
+            continue
+        reason = _why_float(node, index, exclude, keep_float, already_quantized, quantize_depthwise)
+        if reason:
+            plan.skipped.append(Skipped(node.name, node.op_type, reason))
+        else:
+            plan.compute[node.name] = _compute_node(node, index)
+    _plan_tensors(plan, graph, index, exclude, keep_float, already_quantized, absorb_activations)
+    return plan
+
+
+def _nodes_touching_qdq(index: GraphIndex) -> set[str]:
+    """Nodes already inside a QDQ group (quantization-aware training, an earlier run): kept as they are."""
+    touched = set()
+    for node in index.graph.node:
+        from_dq = any(index.producer.get(i) is not None and index.producer[i].op_type == "DequantizeLinear"
+                      for i in node.input)
+        to_q = any(c.op_type == "QuantizeLinear" for o in node.output for c in index.consumers.get(o, []))
+        if from_dq or to_q or node.op_type in ("QuantizeLinear", "DequantizeLinear"):
+            touched.add(node.name)
+    return touched
+
+
+def _why_float(node, index: GraphIndex, exclude, keep_float, already_quantized, quantize_depthwise) -> str | None:
+    if node.name in keep_float:
+        return keep_float[node.name]
+    if matches(node, exclude):
+        return "excluded by --exclude"
+    if node.name in already_quantized:
+        return "already quantized (existing QuantizeLinear/DequantizeLinear kept as is)"
+    if len(node.input) < 2 or not index.is_constant(node.input[1]):
+        return "weight is not a constant (activation x activation products stay float)"
+    weight = index.initializers.get(node.input[1])
+    if weight is None or weight.data_type not in FLOAT_TYPES:
+        return "weight is not a float32 initializer"
+    attributes = node_attributes(node)
+    if node.op_type == "MatMul" and len(weight.dims) != 2:
+        return "batched MatMul weight (onnxruntime's integer MatMul needs a 2-D weight)"
+    if node.op_type == "Gemm" and (attributes.get("transA", 0) or attributes.get("alpha", 1.0) != 1.0
+                                   or attributes.get("beta", 1.0) != 1.0):
+        return "Gemm with transA/alpha/beta has no integer kernel"
+    if node.op_type == "Conv" and _is_depthwise(node, weight) and not quantize_depthwise:
+        return "depthwise convolution: onnxruntime's int8 depthwise kernel is slower than float on CPU"
+    return None
+
+
+def _is_depthwise(node: onnx.NodeProto, weight: onnx.TensorProto) -> bool:
+    group = node_attributes(node).get("group", 1)
+    return group > 1 and weight.dims[1] == 1
+
+
+def _weight_axis(node: onnx.NodeProto, weight: onnx.TensorProto) -> int:
+    if node.op_type == "Conv":
+        return 0
+    if node.op_type == "Gemm":
+        return 0 if node_attributes(node).get("transB", 0) else 1
+    return 1  # MatMul weight [K, N]: one scale per output column
+
+
+def _compute_node(node: onnx.NodeProto, index: GraphIndex) -> ComputeNode:
+    weight = index.initializers[node.input[1]]
+    bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
+    if bias is not None and (bias not in index.initializers or len(index.initializers[bias].dims) != 1):
+        bias = None if node.op_type == "Conv" else bias
+    depthwise = node.op_type == "Conv" and _is_depthwise(node, weight)
+    size = 1
+    for dim in weight.dims:
+        size *= dim
+    return ComputeNode(node.name, node.op_type, node.input[0], node.input[1], _weight_axis(node, weight),
+                       bias, node.output[0], depthwise, size)
+
+
+def _absorbable(node: onnx.NodeProto, index: GraphIndex) -> bool:
+    if node.op_type == "Relu":
+        return True
+    if node.op_type != "Clip":
+        return False
+    low = index.constant(node.input[1]) if len(node.input) > 1 and node.input[1] else None
+    if low is None:
+        low = node_attributes(node).get("min")
+    return low is not None and float(low) == 0.0
+
+
+def _plan_tensors(plan: QuantPlan, graph, index: GraphIndex, exclude, keep_float, already_quantized,
+                  absorb_activations: bool) -> None:
+    produced_int = _integer_producers(plan, graph, index, exclude, keep_float, already_quantized,
+                                      absorb_activations)
+    wanted = _wanted_tensors(plan, graph, index, produced_int)
+    for compute in plan.compute.values():
+        final = _final_tensor(plan, compute.output)
+        if compute.op_type == "Conv" or final in wanted:
+            plan.quantized_tensors.add(final)
+            plan.produced_quantized.add(final)
+        plan.quantized_tensors.add(compute.activation)
+    for node in graph.node:
+        if node.name in plan.own_scale_nodes and _final_tensor(plan, node.output[0]) in wanted:
+            plan.quantized_tensors.update(i for i in node.input if not index.is_constant(i))
+            plan.quantized_tensors.add(_final_tensor(plan, node.output[0]))
+            plan.produced_quantized.add(_final_tensor(plan, node.output[0]))
+        elif node.name in plan.own_scale_nodes:
+            plan.own_scale_nodes.discard(node.name)
+            _forget_absorbed(plan, node.output[0])
+    _drop_unused_absorptions(plan)
+    _share_scales(plan, graph, index, wanted)
+
+
+def _final_tensor(plan: QuantPlan, tensor: str) -> str:
+    absorbed = plan.absorbed.get(tensor)
+    return absorbed.output if absorbed is not None else tensor
+
+
+def _forget_absorbed(plan: QuantPlan, tensor: str) -> None:
+    plan.absorbed.pop(tensor, None)
+
+
+def _drop_unused_absorptions(plan: QuantPlan) -> None:
+    for tensor in list(plan.absorbed):
+        if _final_tensor(plan, tensor) not in plan.quantized_tensors:
+            plan.absorbed.pop(tensor)
+
+
+def _integer_producers(plan, graph, index: GraphIndex, exclude, keep_float, already_quantized,
+                       absorb_activations: bool) -> set[str]:
+    """Tensors that can exist as int8 after fusion (forward pass in graph order)."""
+    produced: set[str] = set()
+    for node in graph.node:
+        if node.name in plan.compute or (
+                node.op_type in OWN_SCALE_OPS and _all_inputs_int(node, index, produced)
+                and not matches(node, exclude) and node.name not in keep_float
+                and node.name not in already_quantized):
+            if node.name not in plan.compute:
+                plan.own_scale_nodes.add(node.name)
+            produced.add(_absorb_activation(plan, node, index, absorb_activations))
+        elif node.op_type in SHARED_SCALE_OPS and node.input and node.input[0] in produced \
+                and not matches(node, exclude):
+            produced.add(node.output[0])
+    return produced
+
+
+def _all_inputs_int(node, index: GraphIndex, produced: set[str]) -> bool:
+    # A constant operand (a bias Add after MatMul) would need its own quantized copy: leave those float.
+    inputs = [i for i in node.input if i]
+    return bool(inputs) and all(i in produced and not index.is_constant(i) for i in inputs)
+
+
+def _absorb_activation(plan: QuantPlan, node, index: GraphIndex, absorb_activations: bool) -> str:
+    output = node.output[0]
+    follower = index.single_consumer(output)
+    if absorb_activations and follower is not None and _absorbable(follower, index):
+        plan.absorbed[output] = Absorbed(follower.name, follower.output[0])
+        return follower.output[0]
+    return output
+
+
+def _wanted_tensors(plan, graph, index: GraphIndex, produced_int: set[str]) -> set[str]:
+    """Tensors some integer kernel wants as int8 input (backward pass in reverse graph order)."""
+    wanted = {c.activation for c in plan.compute.values()}
+    for node in reversed(list(graph.node)):
+        outputs_wanted = _final_tensor(plan, node.output[0]) in wanted if node.output else False
+        if node.name in plan.own_scale_nodes and outputs_wanted:
+            wanted.update(i for i in node.input if not index.is_constant(i))
+        elif node.op_type in SHARED_SCALE_OPS and outputs_wanted and node.input[0] in produced_int:
+            wanted.add(node.input[0])
+    return wanted
+
+
+def _share_scales(plan: QuantPlan, graph, index: GraphIndex, wanted: set[str]) -> None:
+    for tensor in plan.quantized_tensors:
+        plan.param_source[tensor] = tensor
+    for node in graph.node:  # graph order: a chain's source is resolved before its followers
+        if node.op_type not in SHARED_SCALE_OPS or not node.input:
+            continue
+        source, output = node.input[0], node.output[0]
+        if source in plan.produced_quantized and output in wanted:
+            plan.quantized_tensors.add(output)
+            plan.produced_quantized.add(output)
+            plan.param_source[output] = plan.param_source.get(source, source)
+            plan.shared_scale_nodes.add(node.name)

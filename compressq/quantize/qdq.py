@@ -1,0 +1,189 @@
+"""Graph rewriting: a plan plus activation ranges in, a QuantizeLinear/DequantizeLinear graph out.
+
+Weights become int8 initializers read through DequantizeLinear (no float copy is kept), biases int32 with
+scale = input scale x weight scale, and every planned activation tensor gets one QuantizeLinear ->
+DequantizeLinear pair shared by all its consumers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from compressq.calibration import TensorRange
+from compressq.graph import GraphIndex, NameGenerator, remove_unused, toposort
+from compressq.quantize import scheme
+from compressq.quantize.plan import ComputeNode, QuantPlan
+
+
+@dataclass
+class RewriteStats:
+    weights_quantized: int = 0
+    biases_quantized: int = 0
+    biases_left_float: int = 0
+    activation_pairs: int = 0
+    activations_absorbed: int = 0
+
+
+class _Rewriter:
+    def __init__(self, model: onnx.ModelProto, plan: QuantPlan, ranges: dict[str, TensorRange], signed: bool,
+                 per_channel: bool):
+        self.model = model
+        self.graph = model.graph
+        self.plan = plan
+        self.ranges = ranges
+        self.signed = signed
+        self.per_channel = per_channel
+        self.index = GraphIndex(self.graph)
+        self.names = NameGenerator(self.graph)
+        self.nodes_by_name = {n.name: n for n in self.graph.node}
+        self.new_nodes: list[onnx.NodeProto] = []
+        self.new_initializers: list[onnx.TensorProto] = []
+        self.dequantized_weights: dict[str, tuple[str, scheme.QuantParams]] = {}
+        self.param_names: dict[str, tuple[str, str]] = {}
+        self.stats = RewriteStats()
+
+    def activation_params(self, tensor: str) -> scheme.QuantParams:
+        tensor_range = self.ranges[self.plan.param_source[tensor]]
+        return scheme.activation_params(tensor_range.low, tensor_range.high, self.signed)
+
+    def rewrite(self) -> RewriteStats:
+        for compute in self.plan.compute.values():
+            self._quantize_weights(compute)
+        for tensor in sorted(self.plan.quantized_tensors):
+            self._insert_pair(tensor)
+        self._remove_absorbed()
+        self._drop_replaced_initializers()
+        self.graph.node.extend(self.new_nodes)
+        self.graph.initializer.extend(self.new_initializers)
+        toposort(self.graph)
+        remove_unused(self.graph)
+        return self.stats
+
+    # -- weights and biases -------------------------------------------------------------------------
+
+    def _quantize_weights(self, compute: ComputeNode) -> None:
+        node = self.nodes_by_name[compute.name]
+        dequantized, weight_params = self._dequantized_weight(compute)
+        node.input[1] = dequantized
+        if compute.bias is None:
+            return
+        bias_values = self.index.constant(compute.bias)
+        input_scale = self.activation_params(compute.activation).scale
+        params = scheme.bias_params(input_scale, weight_params.scale)
+        if bias_values is None or bias_values.ndim != 1 or params.scale.size not in (1, bias_values.size):
+            self.stats.biases_left_float += 1
+            return
+        quantized = scheme.quantize_bias(bias_values, params)
+        if quantized is None:
+            self.stats.biases_left_float += 1
+            return
+        node.input[2] = self._dequantize_constant(compute.bias, quantized, params)
+        self.stats.biases_quantized += 1
+
+    def _dequantized_weight(self, compute: ComputeNode) -> tuple[str, scheme.QuantParams]:
+        if compute.weight in self.dequantized_weights:  # tied weights: one int8 copy
+            return self.dequantized_weights[compute.weight]
+        weight = self.index.constant(compute.weight)
+        axis = compute.weight_axis if self.per_channel else None
+        params = scheme.weight_params(weight, axis)
+        name = self._dequantize_constant(compute.weight, scheme.quantize(weight, params), params)
+        self.dequantized_weights[compute.weight] = (name, params)
+        self.stats.weights_quantized += 1
+        return name, params
+
+    def _dequantize_constant(self, source: str, values: np.ndarray, params: scheme.QuantParams) -> str:
+        quantized_name = self.names(f"{source}_quantized")
+        scale_name = self.names(f"{source}_scale")
+        zero_name = self.names(f"{source}_zero_point")
+        self.new_initializers += [
+            numpy_helper.from_array(values, quantized_name),
+            numpy_helper.from_array(params.scale.astype(np.float32), scale_name),
+            numpy_helper.from_array(params.zero_point, zero_name),
+        ]
+        output = self.names(f"{source}_dequantized")
+        attributes = {"axis": params.axis} if params.axis is not None and params.scale.ndim else {}
+        self.new_nodes.append(helper.make_node("DequantizeLinear", [quantized_name, scale_name, zero_name],
+                                               [output], name=self.names(f"{source}_DequantizeLinear"),
+                                               **attributes))
+        return output
+
+    # -- activations --------------------------------------------------------------------------------
+
+    def _scale_and_zero_point(self, tensor: str) -> tuple[str, str]:
+        source = self.plan.param_source[tensor]
+        if source not in self.param_names:
+            params = self.activation_params(tensor)
+            scale_name, zero_name = self.names(f"{source}_scale"), self.names(f"{source}_zero_point")
+            self.new_initializers += [numpy_helper.from_array(params.scale, scale_name),
+                                      numpy_helper.from_array(params.zero_point, zero_name)]
+            self.param_names[source] = (scale_name, zero_name)
+        return self.param_names[source]
+
+    def _insert_pair(self, tensor: str) -> None:
+        scale_name, zero_name = self._scale_and_zero_point(tensor)
+        quantized = self.names(f"{tensor}_quantized")
+        if tensor in self.plan.produced_quantized:
+            # The producer becomes an integer kernel: it writes a renamed float tensor, and the original
+            # name carries the dequantized value, so every consumer and graph output stays wired.
+            float_name = self.names(f"{tensor}_float")
+            self._rename_producer_output(tensor, float_name)
+            quantize_input, dequantized = float_name, tensor
+        else:
+            dequantized = self.names(f"{tensor}_dequantized")
+            quantize_input = tensor
+            self._redirect_quantized_consumers(tensor, dequantized)
+        self.new_nodes += [
+            helper.make_node("QuantizeLinear", [quantize_input, scale_name, zero_name], [quantized],
+                             name=self.names(f"{tensor}_QuantizeLinear")),
+            helper.make_node("DequantizeLinear", [quantized, scale_name, zero_name], [dequantized],
+                             name=self.names(f"{tensor}_DequantizeLinear")),
+        ]
+        self.stats.activation_pairs += 1
+
+    def _rename_producer_output(self, tensor: str, new_name: str) -> None:
+        absorbed_from = next((out for out, act in self.plan.absorbed.items() if act.output == tensor), None)
+        producer_output = absorbed_from if absorbed_from is not None else tensor
+        producer = self.index.producer[producer_output]
+        for position, name in enumerate(producer.output):
+            if name == producer_output:
+                producer.output[position] = new_name
+
+    def _redirect_quantized_consumers(self, tensor: str, dequantized: str) -> None:
+        for consumer in self.index.consumers.get(tensor, []):
+            if not self._reads_quantized(consumer, tensor):
+                continue
+            for position, name in enumerate(consumer.input):
+                if name == tensor:
+                    consumer.input[position] = dequantized
+
+    def _reads_quantized(self, node: onnx.NodeProto, tensor: str) -> bool:
+        compute = self.plan.compute.get(node.name)
+        if compute is not None:
+            return compute.activation == tensor
+        return node.name in self.plan.own_scale_nodes or node.name in self.plan.shared_scale_nodes
+
+    def _remove_absorbed(self) -> None:
+        absorbed = {a.node for a in self.plan.absorbed.values()}
+        kept = [n for n in self.graph.node if n.name not in absorbed]
+        self.stats.activations_absorbed = len(self.graph.node) - len(kept)
+        del self.graph.node[:]
+        self.graph.node.extend(kept)
+
+    def _drop_replaced_initializers(self) -> None:
+        still_used = {name for node in [*self.graph.node, *self.new_nodes] for name in node.input}
+        kept = [t for t in self.graph.initializer if t.name in still_used]
+        del self.graph.initializer[:]
+        self.graph.initializer.extend(kept)
+
+
+def rewrite_qdq(model: onnx.ModelProto, plan: QuantPlan, ranges: dict[str, TensorRange], *,
+                signed_activations: bool = False, per_channel: bool = True) -> tuple[onnx.ModelProto, RewriteStats]:
+    """A new model with the plan applied; `model` is not modified."""
+    result = onnx.ModelProto()
+    result.CopyFrom(model)
+    stats = _Rewriter(result, plan, ranges, signed_activations, per_channel).rewrite()
+    return result, stats

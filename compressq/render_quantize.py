@@ -1,0 +1,62 @@
+"""Terminal view of a quantization summary."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rich.markup import escape
+from rich.table import Table
+
+from compressq.quantize.api import QuantizeSummary
+from compressq.render import human_bytes, stderr, stdout
+
+FLOAT_ROWS_SHOWN = 20
+
+
+def render_quantize_summary(summary: QuantizeSummary, output: Path, input_bytes: int, output_bytes: int) -> None:
+    ratio = output_bytes / input_bytes if input_bytes else 1.0
+    method = f", {summary.method} calibration on {summary.calibration_samples} samples" if summary.method else ""
+    stdout.print(f"[bold]{escape(str(output))}[/]: {summary.mode} int8{method}, "
+                 f"{len(summary.quantized_nodes)} nodes quantized, {len(summary.float_nodes)} kept float, "
+                 f"{summary.seconds:.1f} s", highlight=False)
+    stdout.print(f"size: {human_bytes(input_bytes)} -> {human_bytes(output_bytes)} ({ratio:.2f}x)", highlight=False)
+    if summary.integer_kernels:
+        kernels = ", ".join(f"{n} {op}" for op, n in summary.integer_kernels.items())
+        stdout.print(f"onnxruntime runs: {kernels}", highlight=False)
+    if summary.speedup is not None:
+        stdout.print(f"measured speedup vs input: {summary.speedup:.2f}x (batch 1, 1 thread, interleaved runs)",
+                     highlight=False)
+    for step in summary.speed_steps:
+        stdout.print(f"  speed fallback: {escape(step)}", highlight=False)
+    for tensor, why in summary.non_finite_tensors.items():
+        stdout.print(f"  kept float: tensor '{escape(tensor)}' has {why}", highlight=False)
+    if summary.float_nodes:
+        stdout.print(_float_table(summary.float_nodes))
+    for note in summary.notes:
+        stdout.print(f"note: {escape(note)}", highlight=False)
+    _warn(summary, ratio, output_bytes - input_bytes)
+
+
+def _float_table(float_nodes: list[dict]) -> Table:
+    shown = float_nodes[:FLOAT_ROWS_SHOWN]
+    more = len(float_nodes) - len(shown)
+    table = Table(title="Kept in float" + (f" (first {len(shown)}; {more} more in --json)" if more else ""),
+                  title_justify="left")
+    for column in ("node", "op", "why"):
+        table.add_column(column)
+    for entry in shown:
+        table.add_row(escape(entry["node"]), entry["op_type"], escape(entry["reason"]))
+    return table
+
+
+def _warn(summary: QuantizeSummary, size_ratio: float, growth: int) -> None:
+    if summary.speedup is not None and summary.speedup < 1.0:
+        stderr.print(f"[bold yellow]WARNING:[/] the output runs slower than the input ({summary.speedup:.2f}x) "
+                     "even after returning the costly parts to float", highlight=False)
+    if summary.mode == "static" and not summary.quantized_nodes:
+        stderr.print("[bold yellow]WARNING:[/] nothing was quantized: int8 made no part of this model faster "
+                     "on this machine; the output is the cleaned float model", highlight=False)
+    if size_ratio > 1.0:
+        stderr.print(f"[bold yellow]WARNING:[/] the output is larger than the input by {growth} bytes "
+                     f"({size_ratio:.3f}x)",
+                     highlight=False)

@@ -1,0 +1,1 @@
+"""Sample ONNX models for compressq: trained digit classifiers and random-weight generators."""
