@@ -325,12 +325,12 @@ def _captcha_ocr_sample(rng: np.random.Generator) -> dict[str, np.ndarray]:
     height, width = CAPTCHA_OCR_SHAPE
     image = _background(rng, height, width, 1, busy=False)
     left = int(rng.integers(2, 16))
-    for ch in rng.choice(list(ALPHABET), int(rng.integers(4, 7))):
-        scale = int(rng.integers(5, 8))
+    for ch in rng.choice(list(ALPHABET), int(rng.integers(4, 6))):
+        scale = int(rng.integers(4, 7))
         mask = text_mask(str(ch), scale, rng)
         top = int(rng.integers(0, max(1, height - mask.shape[0])))
         _paste(image, mask, top, left, rng.uniform(0, 90, 1))
-        left += mask.shape[1] - int(rng.integers(2 * scale, 4 * scale))
+        left += mask.shape[1] - int(rng.integers(3 * scale, 5 * scale))
     for _ in range(int(rng.integers(1, 4))):  # interference lines
         x0, x1 = sorted(rng.integers(0, width, 2))
         y0, y1 = rng.integers(0, height, 2)

@@ -360,6 +360,12 @@ def render_text(report: Report, output_format: str) -> str:
     return views[output_format](report)
 
 
+def _umask() -> int:
+    current = os.umask(0)
+    os.umask(current)
+    return current
+
+
 def write_atomically(path: Path, text: str) -> None:
     """Write to a temporary file next to `path`, then rename: readers never see half a report."""
     folder = path.parent if str(path.parent) else Path(".")
@@ -371,6 +377,7 @@ def write_atomically(path: Path, text: str) -> None:
     try:
         with os.fdopen(handle, "w", encoding="utf-8") as stream:
             stream.write(text)
+        os.chmod(temporary, 0o666 & ~_umask())  # mkstemp makes 0600; a report is as readable as any file
         os.replace(temporary, path)
     except OSError as exc:
         raise OutputError(f"cannot write {path}: {exc.strerror or exc}", hint="check permissions and free space") \

@@ -398,7 +398,7 @@ class _Evaluation:
     """Running sums for every model: top-k hits, per-output agreement, per-layer errors."""
 
     def __init__(self, baseline: _Model, candidates: list[_Model], data_kind: str,
-                 layer_names: dict[str, list[str]]) -> None:
+                 layer_names: dict[str, dict[str, str]]) -> None:
         self.data_kind = data_kind
         self.output_names = [o.name for o in baseline.proto.graph.output]
         self.topk = {model.name: TopKCounter() for model in [baseline, *candidates]}
@@ -461,10 +461,11 @@ def _evaluate(baseline: _Model, candidates: list[_Model], dataset: Dataset, conf
               start_task: StartTask | None) -> _Evaluation:
     layer_names = {c.name: matched_tensors(baseline.proto, c.proto) for c in candidates} if config.per_layer else {}
     evaluation = _Evaluation(baseline, candidates, SYNTHETIC if dataset.synthetic else REAL, layer_names)
-    exposed_by_baseline = sorted({name for names in layer_names.values() for name in names})
+    exposed_by_baseline = sorted({name for matches in layer_names.values() for name in matches})
     sessions = {baseline.name: _accuracy_session(baseline.proto, exposed_by_baseline, config)}
     for candidate in candidates:
-        sessions[candidate.name] = _accuracy_session(candidate.proto, layer_names.get(candidate.name, []), config)
+        exposed = list(layer_names.get(candidate.name, {}).values())
+        sessions[candidate.name] = _accuracy_session(candidate.proto, exposed, config)
     total = min(dataset.num_samples, config.samples) if config.samples else dataset.num_samples
     advance = start_task("evaluating", total) if start_task else None
     for feed, labels in dataset.labelled_batches(EVAL_BATCH, config.samples):

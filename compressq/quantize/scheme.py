@@ -15,6 +15,8 @@ UINT8_RANGE = (0, 255)
 WEIGHT_QMAX = 127
 INT32_LIMIT = 2**31 - 1
 _TINY = np.float32(1e-12)
+# A range narrower than this (a constant or dead activation) still needs a positive float32 scale.
+MIN_SCALE = 1e-12
 
 
 @dataclass(frozen=True)
@@ -38,10 +40,9 @@ def activation_params(low: float, high: float, signed: bool) -> QuantParams:
     low, high = min(float(low), 0.0), max(float(high), 0.0)
     if signed:
         bound = max(abs(low), abs(high))
-        scale = bound / 127.0 if bound > 0 else 1.0
+        scale = max(bound / 127.0, MIN_SCALE)
         return QuantParams(np.array(scale, np.float32), np.array(0, np.int8))
-    span = high - low
-    scale = span / 255.0 if span > 0 else 1.0
+    scale = max((high - low) / 255.0, MIN_SCALE)
     zero_point = int(np.clip(round(-low / scale), 0, 255))
     return QuantParams(np.array(scale, np.float32), np.array(zero_point, np.uint8))
 

@@ -1,0 +1,63 @@
+"""Interleaved timing: call order, pairing of feeds, statistics. No assertion depends on real time."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from compressq.evaluate.latency import LatencyStats, speedup, time_interleaved
+
+
+class RecordingSession:
+    """Stands in for an InferenceSession: records who ran, on which feed."""
+
+    def __init__(self, name: str, log: list):
+        self.name = name
+        self.log = log
+
+    def run(self, output_names, input_feed):
+        self.log.append((self.name, input_feed["id"]))
+        return []
+
+
+def test_sessions_take_turns_on_the_same_feed():
+    log: list = []
+    sessions = {name: RecordingSession(name, log) for name in ("A", "B", "C")}
+    feeds = [{"id": 0}, {"id": 1}]
+    stats = time_interleaved(sessions, feeds, runs=5, warmup=2)
+    warmup, timed = log[:6], log[6:]
+    assert [name for name, _ in warmup] == ["A", "B", "C"] * 2
+    assert [name for name, _ in timed] == ["A", "B", "C"] * 5
+    turns = [timed[i:i + 3] for i in range(0, len(timed), 3)]
+    assert [{feed for _, feed in turn} for turn in turns] == [{0}, {1}, {0}, {1}, {0}]
+    assert {name: len(s.samples_ms) for name, s in stats.items()} == {"A": 5, "B": 5, "C": 5}
+
+
+def test_progress_is_reported_once_per_turn():
+    steps: list[int] = []
+    time_interleaved({"A": RecordingSession("A", [])}, [{"id": 0}], runs=4, warmup=0, progress=steps.append)
+    assert steps == [1, 1, 1, 1]
+
+
+def test_no_feeds_is_an_error_and_no_sessions_is_nothing():
+    with pytest.raises(ValueError):
+        time_interleaved({"A": RecordingSession("A", [])}, [], runs=1)
+    assert time_interleaved({}, [{"id": 0}]) == {}
+
+
+def test_stats_match_numpy():
+    samples = [5.0, 1.0, 3.0, 2.0, 4.0, 10.0]
+    stats = LatencyStats.from_samples(samples)
+    assert stats.median_ms == np.median(samples)
+    assert stats.p90_ms == pytest.approx(np.percentile(samples, 90))
+    assert stats.mean_ms == pytest.approx(np.mean(samples))
+    assert stats.throughput(8) == pytest.approx(8 * 1000 / np.median(samples))
+
+
+def test_speedup_is_the_median_ratio_with_the_paired_spread():
+    baseline = LatencyStats.from_samples([4.0, 4.0, 8.0, 4.0])
+    candidate = LatencyStats.from_samples([2.0, 1.0, 4.0, 2.0])
+    result = speedup(baseline, candidate)
+    assert result.ratio == pytest.approx(4.0 / 2.0)
+    paired = np.array([2.0, 4.0, 2.0, 2.0])
+    assert (result.ratio_q1, result.ratio_q3) == pytest.approx(tuple(np.percentile(paired, [25, 75])))

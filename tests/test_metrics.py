@@ -1,0 +1,117 @@
+"""Metrics against plain numpy references, and the streaming reducers against the one-shot metrics."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from compressq.evaluate import metrics
+
+seeds = st.integers(min_value=0, max_value=2**31 - 1)
+
+
+def random_logits(seed: int, samples: int = 40, classes: int = 7) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    # distinct values per row: argmax and top-k are then unambiguous for the references too
+    logits = np.stack([rng.permutation(classes) for _ in range(samples)]).astype(np.float32) + rng.random((samples, 1))
+    return logits, rng.integers(0, classes, size=samples)
+
+
+@settings(max_examples=40, deadline=None)
+@given(seeds)
+def test_top1_accuracy_matches_numpy(seed):
+    logits, labels = random_logits(seed)
+    assert metrics.top1_accuracy(logits, labels) == pytest.approx(np.mean(np.argmax(logits, axis=1) == labels))
+
+
+@settings(max_examples=40, deadline=None)
+@given(seeds, st.integers(min_value=1, max_value=7))
+def test_top_k_accuracy_matches_sorting(seed, k):
+    logits, labels = random_logits(seed)
+    best_k = np.argsort(-logits, axis=1)[:, :k]
+    expected = np.mean([label in row for label, row in zip(labels, best_k)])
+    assert metrics.top_k_accuracy(logits, labels, k) == pytest.approx(expected)
+
+
+def test_top_k_beyond_the_number_of_classes_counts_everything():
+    logits, labels = random_logits(3, classes=3)
+    assert metrics.top_k_accuracy(logits, labels, 5) == 1.0
+
+
+@settings(max_examples=40, deadline=None)
+@given(seeds)
+def test_top1_agreement_on_class_scores(seed):
+    a, _ = random_logits(seed)
+    b, _ = random_logits(seed + 1)
+    assert metrics.top1_agreement(a, b) == pytest.approx(np.mean(a.argmax(1) == b.argmax(1)))
+    assert metrics.top1_agreement(a, a) == 1.0
+
+
+def test_sequence_agreement_needs_every_position_to_match():
+    a = np.zeros((2, 3, 4), dtype=np.float32)
+    a[:, :, 1] = 1.0  # every position predicts class 1
+    b = a.copy()
+    b[0, 2, 3] = 5.0  # sample 0 changes its last position only
+    assert metrics.top1_agreement(a, b) == 0.5
+
+
+@settings(max_examples=40, deadline=None)
+@given(seeds)
+def test_cosine_sqnr_and_max_error_match_formulas(seed):
+    rng = np.random.default_rng(seed)
+    reference = rng.standard_normal((8, 5))
+    test = reference + rng.standard_normal((8, 5)) * 0.1
+    x, y = reference.ravel(), test.ravel()
+    assert metrics.cosine_similarity(reference, test) == pytest.approx(x @ y / np.linalg.norm(x) / np.linalg.norm(y))
+    assert metrics.sqnr_db(reference, test) == pytest.approx(10 * np.log10(np.sum(x**2) / np.sum((x - y) ** 2)))
+    assert metrics.max_abs_error(reference, test) == pytest.approx(np.max(np.abs(x - y)))
+
+
+def test_identical_outputs_are_capped_not_infinite():
+    values = np.arange(6, dtype=np.float32)
+    assert metrics.sqnr_db(values, values) == metrics.SQNR_CAP_DB
+    assert metrics.cosine_similarity(values, values) == pytest.approx(1.0)
+    assert metrics.cosine_similarity(np.zeros(3), np.zeros(3)) == 1.0
+    assert metrics.max_abs_error(values, values) == 0.0
+
+
+@settings(max_examples=25, deadline=None)
+@given(seeds, st.integers(min_value=1, max_value=13))
+def test_streaming_agreement_equals_one_shot(seed, batch):
+    rng = np.random.default_rng(seed)
+    reference = rng.standard_normal((30, 6)).astype(np.float32)
+    test = reference + rng.standard_normal((30, 6)).astype(np.float32) * 0.3
+    reducer = metrics.OutputAgreement()
+    for start in range(0, 30, batch):
+        reducer.update(reference[start:start + batch], test[start:start + batch])
+    result = reducer.result()
+    assert result.samples == 30
+    assert result.cosine == pytest.approx(metrics.cosine_similarity(reference, test), abs=1e-9)
+    assert result.sqnr_db == pytest.approx(metrics.sqnr_db(reference, test), abs=1e-6)
+    assert result.max_abs_error == pytest.approx(metrics.max_abs_error(reference, test))
+    assert result.top1_agreement == pytest.approx(metrics.top1_agreement(reference, test))
+
+
+def test_non_class_outputs_report_no_agreement():
+    reducer = metrics.OutputAgreement()
+    reducer.update(np.ones((4, 1)), np.ones((4, 1)))  # one score per sample: a regression head
+    assert reducer.result().top1_agreement is None
+    layer = metrics.OutputAgreement(classes=False)
+    layer.update(np.ones((4, 3)), np.ones((4, 3)))
+    assert layer.result().top1_agreement is None
+
+
+def test_streaming_top_k_equals_one_shot():
+    logits, labels = random_logits(11, samples=50)
+    counter = metrics.TopKCounter((1, 5))
+    for start in range(0, 50, 7):
+        counter.update(logits[start:start + 7], labels[start:start + 7])
+    assert counter.accuracy(1) == pytest.approx(metrics.top1_accuracy(logits, labels))
+    assert counter.accuracy(5) == pytest.approx(metrics.top_k_accuracy(logits, labels, 5))
+
+
+def test_mismatched_shapes_are_refused():
+    with pytest.raises(ValueError, match="shapes differ"):
+        metrics.OutputAgreement().update(np.ones((2, 3)), np.ones((2, 4)))
