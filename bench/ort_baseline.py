@@ -335,6 +335,55 @@ def _qualified(node: onnx.NodeProto) -> str:
 
 def profile_by_op(path: Path, feeds: list[dict], runs: int = 10) -> dict[str, float]:
     """ms per inference spent in each op type (ORT's profiler, 1 thread, after 2 warm-up runs)."""
+    per_op: dict[str, float] = defaultdict(float)
+    for _, op_name, ms, _ in _node_events(path, feeds, runs):
+        per_op[op_name] += ms
+    return dict(sorted(per_op.items(), key=lambda kv: -kv[1]))
+
+
+CONV_KERNELS = {"Conv", "FusedConv", "QLinearConv", "ConvInteger", "NhwcQLinearConv", "NhwcFusedConv"}
+
+
+def conv_profile(path: Path, feeds: list[dict], runs: int = 10) -> dict[str, dict]:
+    """ms per inference of every convolution, grouped by configuration: 'dw3x3 s1 c128 @28x28' or
+    'conv1x1 s1 64->128 @56x56'. Configurations come from the optimized graph (group, kernel, weight) and
+    the profiler's shapes, so the fp32 and quantized graphs can be compared configuration by configuration."""
+    graph = optimized_graph(onnx.load(str(path))).graph
+    nodes = {node.name: node for node in graph.node}
+    weights = {t.name: list(t.dims) for t in graph.initializer}
+    groups: dict[str, dict] = defaultdict(lambda: {"ms": 0.0, "count": 0, "kernels": set()})
+    for name, op_name, duration_ms, output_shape in _node_events(path, feeds, runs):
+        node = nodes.get(name)
+        if node is None or op_name not in CONV_KERNELS:
+            continue
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        weight = weights.get(node.input[3] if op_name == "QLinearConv" else node.input[1])
+        if not weight or len(weight) != 4:
+            continue
+        cout, cin_per_group, kh, _ = weight
+        group = int(attrs.get("group", 1))
+        strides = attrs.get("strides", [1, 1])
+        channels_last = output_shape and output_shape[-1] == cout and output_shape[1] != cout
+        spatial = output_shape[1:3] if channels_last else output_shape[2:4]
+        # fp32 NCHWc kernels pad channels to blocks of 16 (sometimes 8): round both graphs the same way
+        if group > 1 and group == cout and cin_per_group == 1:
+            key = f"dw{kh}x{kh} s{strides[0]} c{_block(cout)} @{spatial[0]}x{spatial[1]}"
+        else:
+            prefix = f"group{group} " if group > 1 else ""
+            key = (f"{prefix}conv{kh}x{kh} s{strides[0]} {_block(cin_per_group * group)}->{_block(cout)} "
+                   f"@{spatial[0]}x{spatial[1]}")
+        groups[key]["ms"] += duration_ms
+        groups[key]["count"] += 1
+        groups[key]["kernels"].add(f"{node.domain.split('.')[-1] + '.' if node.domain else ''}{op_name}")
+    return {k: {"ms": v["ms"], "count": v["count"], "kernels": sorted(v["kernels"])} for k, v in groups.items()}
+
+
+def _block(channels: int) -> int:
+    return channels if channels < 4 else -(-channels // 16) * 16
+
+
+def _node_events(path: Path, feeds: list[dict], runs: int) -> list[tuple[str, str, float, list[int]]]:
+    """(node name, op, ms per inference, output shape) for every node, averaged over `runs` after warm-up."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
     options.inter_op_num_threads = 1
@@ -347,17 +396,23 @@ def profile_by_op(path: Path, feeds: list[dict], runs: int = 10) -> dict[str, fl
             session.run(None, feeds[i % len(feeds)])
         with open(session.end_profiling()) as handle:
             events = json.load(handle)
-    per_op: dict[str, float] = defaultdict(float)
     per_run: list[list[dict]] = []
     for event in events:
         if event.get("cat") == "Session" and event.get("name") == "model_run":
             per_run.append([])
         elif event.get("cat") == "Node" and event.get("name", "").endswith("_kernel_time") and per_run:
             per_run[-1].append(event)
-    for run_events in per_run[2:]:
-        for event in run_events:
-            per_op[event["args"].get("op_name", "?")] += event["dur"] / 1000.0 / max(1, len(per_run) - 2)
-    return dict(sorted(per_op.items(), key=lambda kv: -kv[1]))
+    # model_run events are written when a run ends, after its node events: attribute nodes to the run they
+    # precede, and drop the first two (warm-up) runs
+    timed = [e for run in per_run[2:] for e in run] if len(per_run) > 2 else []
+    totals: dict[str, list] = {}
+    for event in timed:
+        name = event["name"][: -len("_kernel_time")]
+        shapes = event["args"].get("output_type_shape") or [{}]
+        shape = next(iter(shapes[0].values()), []) if shapes[0] else []
+        entry = totals.setdefault(name, [event["args"].get("op_name", "?"), 0.0, shape])
+        entry[1] += event["dur"] / 1000.0 / max(1, len(per_run) - 2)
+    return [(name, op, ms, shape) for name, (op, ms, shape) in totals.items()]
 
 
 @dataclass
@@ -373,6 +428,8 @@ class SubjectResult:
     census: dict = field(default_factory=dict)
     profile_fp32: dict = field(default_factory=dict)
     profile_ort: dict = field(default_factory=dict)
+    conv_fp32: dict = field(default_factory=dict)
+    conv_ort: dict = field(default_factory=dict)
 
 
 def measure(subject: Subject, methods: Sequence[str], runs: int, profile_runs: int) -> SubjectResult:
@@ -415,6 +472,8 @@ def measure(subject: Subject, methods: Sequence[str], runs: int, profile_runs: i
     if profile_runs:
         result.profile_fp32 = profile_by_op(subject.path, timing_feeds, profile_runs)
         result.profile_ort = profile_by_op(quantized, timing_feeds, profile_runs)
+        result.conv_fp32 = conv_profile(subject.path, timing_feeds, profile_runs)
+        result.conv_ort = conv_profile(quantized, timing_feeds, profile_runs)
     return result
 
 

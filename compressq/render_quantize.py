@@ -24,7 +24,8 @@ def render_quantize_summary(summary: QuantizeSummary, output: Path, input_bytes:
         kernels = ", ".join(f"{n} {op}" for op, n in summary.integer_kernels.items())
         stdout.print(f"onnxruntime runs: {kernels}", highlight=False)
     if summary.speedup is not None:
-        stdout.print(f"measured speedup vs input: {summary.speedup:.2f}x (batch 1, 1 thread, interleaved runs)",
+        stdout.print(f"measured speedup vs input: {summary.speedup:.2f}x "
+                     f"(batch {summary.latency_batch}, 1 thread, interleaved runs)",
                      highlight=False)
     for step in summary.speed_steps:
         stdout.print(f"  speed fallback: {escape(step)}", highlight=False)

@@ -171,12 +171,15 @@ def test_synthetic_inputs_are_named_as_such(scaled, output_format):
     result = invoke(CNN, scaled, "--format", output_format, *FAST)
     assert result.exit_code == 0, result.output
     assert "synthetic inputs" in result.stdout
-    assert "real data" not in result.stdout
     if output_format == "json":
         report = json.loads(result.stdout)
         assert report["data"]["kind"] == "synthetic inputs" and report["data"]["synthetic"] is True
         assert all(o["data"] == "synthetic inputs" for o in report["candidates"][0]["outputs"])
         assert report["baseline"]["accuracy"] is None
+    else:
+        assert "real data" not in result.stdout
+        agreement_rows = [line for line in result.stdout.splitlines() if "logits" in line]
+        assert agreement_rows and all("synthetic inputs" in row for row in agreement_rows)
 
 
 @pytest.mark.parametrize("output_format", ["table", "markdown", "json"])

@@ -32,13 +32,15 @@ def quantize(
     provider: str = typer.Option("cpu", "--provider", help="Execution provider the output is checked on: cpu | cuda."),
     speed_check: bool = typer.Option(True, "--speed-check/--no-speed-check",
                                      help="Time the output against the input and undo quantization that costs time."),
+    latency_batch: int = typer.Option(1, "--latency-batch", min=1,
+                                      help="Batch size the speed check times at (use your serving batch)."),
     bits: int = typer.Option(4, "--bits", help="Weight-only mode: 4 or 8 bits."),
     block_size: int = typer.Option(32, "--block-size", help="Weight-only mode: weights per scale (32, 64, 128)."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON on stdout, nothing else."),
 ) -> None:
     """Quantize a model to int8 (static QDQ with calibration data, else dynamic), never slower or bigger."""
     config = _config(mode, calibration_data, method, percentile, per_channel, activations, exclude, samples,
-                     batch_size, provider, speed_check, bits, block_size)
+                     batch_size, provider, speed_check, latency_batch, bits, block_size)
     target = output or default_output_path(model, "int8" if config.mode != "weight-only" else f"int{bits}")
     source = load_model(model)
     dataset = load_dataset(calibration_data, source) if calibration_data else None
@@ -57,7 +59,7 @@ def quantize(
 
 
 def _config(mode, calibration_data, method, percentile, per_channel, activations, exclude, samples, batch_size,
-            provider, speed_check, bits, block_size) -> QuantizeConfig:
+            provider, speed_check, latency_batch, bits, block_size) -> QuantizeConfig:
     chosen = mode or ("static" if calibration_data else "dynamic")
     if chosen not in MODES:
         raise UsageError(f"unknown --mode '{chosen}'", hint=f"use one of: {', '.join(MODES)}")
@@ -73,4 +75,5 @@ def _config(mode, calibration_data, method, percentile, per_channel, activations
     provider_chain(provider)  # fail before any work when the provider is missing
     return QuantizeConfig(mode=chosen, method=method, percentile=percentile, per_channel=per_channel,
                           activations=activations, exclude=tuple(exclude), samples=samples, batch_size=batch_size,
-                          provider=provider, speed_check=speed_check, bits=bits, block_size=block_size)
+                          provider=provider, speed_check=speed_check, latency_batch=latency_batch, bits=bits,
+                          block_size=block_size)

@@ -69,7 +69,8 @@ def data_kind_note(report: Report) -> str:
     data = report.data
     if data.synthetic:
         return (f"Data: {SYNTHETIC} ({data.samples} random samples). Agreement figures below are measured on "
-                f"{SYNTHETIC}: they show how far outputs moved, not accuracy on real data. Pass --data for that.")
+                f"{SYNTHETIC}: they show how far outputs moved on random inputs, not accuracy. "
+                "Pass --data with your evaluation set to measure accuracy.")
     labels = f", labels '{data.labels}'" if data.labels else ", no labels (accuracy not measured)"
     return f"Data: {data.source}, {data.samples} samples{labels} (real data)."
 

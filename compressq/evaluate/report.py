@@ -415,6 +415,7 @@ class _Evaluation:
             self._update_accuracy(outputs, labels)
         for candidate, reducers in self.agreements.items():
             for name, reducer in reducers.items():
+                _check_same_shape(candidate, name, reference[name], outputs[candidate][name])
                 reducer.update(reference[name], outputs[candidate][name])
             if candidate in self.layer_errors:
                 self.layer_errors[candidate].update(reference, outputs[candidate])
@@ -442,6 +443,13 @@ class _Evaluation:
             rows.append(OutputComparison(name, self.data_kind, result.samples, result.top1_agreement,
                                          result.cosine, result.sqnr_db, result.max_abs_error))
         return rows
+
+
+def _check_same_shape(candidate: str, output: str, reference: np.ndarray, test: np.ndarray) -> None:
+    if np.shape(reference) != np.shape(test):
+        raise ModelError(f"{candidate} output '{output}' has shape {list(np.shape(test))}, the baseline's "
+                         f"{list(np.shape(reference))}", hint="outputs are compared element by element; "
+                         "compare models with the same output shapes")
 
 
 def _scores_for_labels(values: dict[str, np.ndarray], output_names: list[str], labels: np.ndarray) -> str:

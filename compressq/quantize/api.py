@@ -32,6 +32,7 @@ class QuantizeSummary:
     integer_kernels: dict[str, int] = field(default_factory=dict)
     non_finite_tensors: dict[str, str] = field(default_factory=dict)
     speedup: float | None = None             # input median / output median, 1 thread, measured
+    latency_batch: int = 1
     speed_steps: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
@@ -78,7 +79,7 @@ def _static(model, dataset: Dataset, config: QuantizeConfig, progress) -> Quanti
         calibration_synthetic=dataset.synthetic,
         activation_pairs=outcome.stats.activation_pairs, activations_absorbed=outcome.stats.activations_absorbed,
         integer_kernels=outcome.fusion.integer_kernels if outcome.fusion else {},
-        non_finite_tensors=outcome.non_finite_tensors, speedup=outcome.speedup,
+        non_finite_tensors=outcome.non_finite_tensors, speedup=outcome.speedup, latency_batch=config.latency_batch,
         speed_steps=outcome.fallback_steps, notes=[*dataset.notes, *outcome.notes],
     )
     return QuantizeResult(outcome.model, summary)

@@ -17,6 +17,7 @@ class QuantizeConfig:
     batch_size: int = 32
     provider: str = "cpu"
     speed_check: bool = True          # time the output against the input and undo what costs time
+    latency_batch: int = 1            # batch size the speed check times at (the user's serving batch)
     quantize_depthwise: bool = False  # decided by measurement: see compressq/quantize/plan.py
     bits: int = 8                     # weight-only mode: 4 or 8
     block_size: int = 32              # weight-only mode

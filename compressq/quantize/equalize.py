@@ -60,7 +60,8 @@ def _fold_one_batchnorm(graph: onnx.GraphProto, index: GraphIndex, names: NameGe
     gamma, beta, mean, variance = (p.astype(np.float64) for p in params)
     factor = gamma / np.sqrt(variance + node_attributes(bn).get("epsilon", 1e-5))
     shift = beta - mean * factor
-    folded = (_fold_into_conv if producer.op_type == "Conv" else _fold_into_gemm)(producer, index, weight, factor, shift)
+    fold = _fold_into_conv if producer.op_type == "Conv" else _fold_into_gemm
+    folded = fold(producer, index, weight, factor, shift)
     if folded is None:
         return False
     new_weight, new_bias = folded
@@ -276,8 +277,6 @@ def _find_pair(first: _Layer, index: GraphIndex, rewrite_bounded_clips: bool) ->
         equivariant, clip_max = _activation_clip_max(following, index)
         if not equivariant:
             return f"{following.op_type} '{following.name}' does not commute with per-channel scaling"
-        if clip_max is not None and not rewrite_bounded_clips:
-            return f"Clip '{following.name}' has a max bound (rewrite_bounded_clips=False)"
         activation, tensor = following, following.output[0]
         following = index.single_consumer(tensor)
     if following is None:
@@ -287,6 +286,8 @@ def _find_pair(first: _Layer, index: GraphIndex, rewrite_bounded_clips: bool) ->
         return None
     if second.family != first.family or second.in_channels != first.out_channels:
         return f"'{second.node.name}' does not read the {first.out_channels} channels of '{first.node.name}' one by one"
+    if clip_max is not None and not rewrite_bounded_clips:
+        return f"Clip '{activation.name}' has a max bound (rewrite_bounded_clips=False)"
     return _Pair(first, second, activation, bias_slot, clip_max)
 
 

@@ -28,7 +28,7 @@ from compressq.runtime import create_session
 
 QDQ_MIN_OPSET = 13  # per-channel QuantizeLinear/DequantizeLinear (the axis attribute)
 SPEED_CHECK_RUNS = 15
-SPEED_CHECK_SAMPLES = 4
+SPEED_CHECK_BATCHES = 4
 SMALL_LAYER_WEIGHTS = 4096  # below this, a layer's int8 gain rarely pays for its Q/DQ work on CPU
 
 
@@ -131,7 +131,8 @@ def _return_unfused_to_float(current: _Attempt, attempt, config: QuantizeConfig)
 
 
 def _speed_feeds(dataset: Dataset, config: QuantizeConfig) -> list[dict]:
-    return list(dataset.batches(1, SPEED_CHECK_SAMPLES))
+    batch = config.latency_batch
+    return list(dataset.batches(batch, batch * SPEED_CHECK_BATCHES))
 
 
 def measure_speedup(baseline: onnx.ModelProto, candidate: onnx.ModelProto, feeds: list[dict], provider: str,

@@ -1,0 +1,297 @@
+"""`compressq prune`: unstructured, N:M and channel pruning, with an optional least-squares refit.
+
+    result = prune_model(model, PruneConfig(sparsity=0.5), dataset=None, progress=None)
+    result.model      the pruned ModelProto (the input model is not modified)
+    result.summary    what was pruned, per layer and overall, what stayed dense and why, refit errors
+
+The plan (plan.py) picks the layers, masks.py picks the weights, structured.py rewrites the graph for
+channel pruning, refit.py reconstructs the kept weights against the dense model as teacher.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import onnx
+
+from compressq.data import Dataset
+from compressq.graph import GraphIndex, NameGenerator, check_model
+from compressq.prune.config import PruneConfig
+from compressq.prune.masks import global_masks, local_mask, n_m_mask, weight_scores, zero_fraction
+from compressq.prune.plan import DenseLayer, PrunePlan, plan_pruning
+from compressq.prune.refit import RefitRecord, RefitSettings, RefitTarget, refit_layers
+from compressq.prune.structured import (
+    ChannelGroup,
+    choose_channels,
+    remove_channels,
+    replace_constant_input,
+    trace_channel_groups,
+)
+
+__all__ = ["PruneConfig", "PruneResult", "PruneSummary", "LayerResult", "plan_pruning", "prune_model"]
+
+Progress = Callable[[int], None]
+
+
+@dataclass(frozen=True)
+class LayerResult:
+    node: str
+    op_type: str
+    weight: str
+    shape_before: tuple[int, ...]
+    shape_after: tuple[int, ...]
+    sparsity: float  # zero weights (unstructured, N:M) or removed output channels (channel)
+    channels_before: int | None = None
+    channels_after: int | None = None
+    note: str = ""
+
+
+@dataclass
+class PruneSummary:
+    pattern: str
+    criterion: str
+    scope: str
+    requested_sparsity: float
+    achieved_sparsity: float  # over the pruned layers, in the pattern's unit (weights or channels)
+    layers: list[LayerResult]
+    dense_layers: list[DenseLayer]
+    parameters_before: int
+    parameters_after: int
+    nonzero_before: int
+    nonzero_after: int
+    refit: list[RefitRecord] = field(default_factory=list)
+    calibration: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        for record in data["refit"]:
+            for key in ("error_before", "error_after"):
+                record[key] = None if np.isnan(record[key]) else round(record[key], 6)
+        return data
+
+
+@dataclass
+class PruneResult:
+    model: onnx.ModelProto
+    summary: PruneSummary
+
+
+def prune_model(model: onnx.ModelProto, config: PruneConfig, dataset: Dataset | None = None,
+                progress: Progress | None = None) -> PruneResult:
+    """Prune a copy of `model` as `config` says; with `dataset`, refit against the dense model."""
+    teacher = _named_copy(model)
+    plan = plan_pruning(teacher, config)
+    pruned = _named_copy(teacher)
+    if config.structured:
+        layers, dense, targets, notes = _prune_channels(pruned, plan, config)
+        pruned = _replace_graph(pruned, layers.pop())
+    else:
+        layers, dense, targets, notes = _prune_weights(pruned, plan, config, progress)
+    if not layers:
+        _refuse_nothing_to_prune(plan, dense)
+    records = []
+    if dataset is not None:
+        settings = RefitSettings(config.calibration_samples, config.batch_size, config.refit_ridge, seed=config.seed)
+        records = refit_layers(pruned, teacher, targets, dataset, settings, progress)
+        notes += [f"'{r.node}' {r.note}" for r in records if r.note]
+    check_model(pruned)
+    summary = _summary(teacher, pruned, config, layers, dense, records, dataset, notes)
+    return PruneResult(pruned, summary)
+
+
+def _named_copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy whose nodes all have unique names (layers are reported and matched by name)."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    names = NameGenerator(copy.graph)
+    seen: set[str] = set()
+    for position, node in enumerate(copy.graph.node):
+        if not node.name or node.name in seen:
+            node.name = names(f"{node.op_type}_{position}")
+        seen.add(node.name)
+    return copy
+
+
+def _replace_graph(target: onnx.ModelProto, source: onnx.ModelProto) -> onnx.ModelProto:
+    target.graph.CopyFrom(source.graph)
+    return target
+
+
+def _refuse_nothing_to_prune(plan: PrunePlan, dense: list[DenseLayer]) -> None:
+    from compressq.errors import UsageError
+
+    reasons = "; ".join(f"{d.node or d.weight}: {d.reason}" for d in dense[:4])
+    raise UsageError(f"nothing to prune: all {len(dense)} weighted layers stay dense ({reasons})",
+                     hint="lower --min-params, pass --prune-first/--prune-last, or loosen --exclude")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Unstructured and N:M
+
+
+def weight_masks(weights: dict[str, np.ndarray], input_axes: dict[str, int],
+                 config: PruneConfig) -> dict[str, np.ndarray]:
+    """Keep-masks for every layer's weight: per layer, global, or N:M along each layer's input axis."""
+    rng = np.random.default_rng(config.seed)
+    scores = {name: weight_scores(weight, config.criterion, rng) for name, weight in weights.items()}
+    if config.n_m:
+        n, m = config.n_m
+        return {name: n_m_mask(score, n, m, input_axes[name]) for name, score in scores.items()}
+    if config.scope == "global":
+        return global_masks(scores, config.sparsity)
+    return {name: local_mask(score, config.sparsity) for name, score in scores.items()}
+
+
+def _prune_weights(model: onnx.ModelProto, plan: PrunePlan, config: PruneConfig, progress: Progress | None):
+    index = GraphIndex(model.graph)
+    nodes = {node.name: node for node in model.graph.node}
+    weights = {layer.node: index.constant(layer.weight) for layer in plan.layers}
+    masks = weight_masks(weights, {layer.node: layer.input_axis for layer in plan.layers}, config)
+    layers = []
+    for layer in plan.layers:
+        pruned = np.where(masks[layer.node], weights[layer.node], 0).astype(weights[layer.node].dtype)
+        replace_constant_input(model.graph, nodes[layer.node], 1, pruned)
+        layers.append(LayerResult(layer.node, layer.op_type, layer.weight, layer.shape, layer.shape,
+                                  zero_fraction(pruned)))
+        if progress:
+            progress(1)
+    targets = [RefitTarget(layer.node) for layer in plan.layers]
+    return layers, list(plan.dense), targets, []
+
+
+# ---------------------------------------------------------------------------------------------------
+# Channels
+
+
+def _prune_channels(model: onnx.ModelProto, plan: PrunePlan, config: PruneConfig):
+    """Returns (layer results + [the rewritten model] as the last item, dense layers, refit targets, notes)."""
+    dense_reasons = {d.node: d.reason for d in plan.dense}
+    groups = trace_channel_groups(model, {layer.node: None for layer in plan.layers} | dense_reasons)
+    kept = choose_channels(model, groups, config.sparsity, config.criterion, config.seed)
+    rewritten = remove_channels(model, groups, kept)
+    layers = _channel_results(model, rewritten, groups, kept)
+    dense = list(plan.dense) + _blocked_layers(plan, groups, kept, config)
+    notes = _granularity_notes(groups, kept, config)
+    return layers + [rewritten], dense, _channel_refit_targets(model, groups, kept), notes
+
+
+def _channel_results(before: onnx.ModelProto, after: onnx.ModelProto, groups: list[ChannelGroup],
+                     kept: dict[int, np.ndarray]) -> list:
+    shapes_before = _weight_shapes(before)
+    shapes_after = _weight_shapes(after)
+    order = {node.name: i for i, node in enumerate(before.graph.node)}
+    results = []
+    for position, keep in kept.items():
+        group = groups[position]
+        removed = 1 - len(keep) / group.channels
+        joined = f"pruned together with {len(group.producer_nodes) - 1} more" if len(group.producer_nodes) > 1 else ""
+        for name in group.producer_nodes:
+            results.append(_channel_result(name, shapes_before, shapes_after, group, keep, removed, joined))
+        for name in group.followers:
+            results.append(_channel_result(name, shapes_before, shapes_after, group, keep, removed,
+                                           "depthwise: follows its input's channels"))
+    return sorted(results, key=lambda r: order[r.node])
+
+
+def _channel_result(name, shapes_before, shapes_after, group, keep, removed, note) -> LayerResult:
+    op_type, weight, shape = shapes_before[name]
+    return LayerResult(name, op_type, weight, shape, shapes_after[name][2], removed, group.channels, len(keep), note)
+
+
+def _weight_shapes(model: onnx.ModelProto) -> dict[str, tuple[str, str, tuple[int, ...]]]:
+    index = GraphIndex(model.graph)
+    shapes = {}
+    for node in model.graph.node:
+        if node.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul") and len(node.input) > 1:
+            value = index.constant(node.input[1])
+            if value is not None:
+                shapes[node.name] = (node.op_type, node.input[1], tuple(value.shape))
+    return shapes
+
+
+def _blocked_layers(plan: PrunePlan, groups: list[ChannelGroup], kept: dict[int, np.ndarray],
+                    config: PruneConfig) -> list[DenseLayer]:
+    producing = {name: position for position, g in enumerate(groups) for name in g.producer_nodes}
+    dense = []
+    for layer in plan.layers:
+        position = producing.get(layer.node)
+        if position is None or position in kept:
+            continue
+        group = groups[position]
+        reason = group.blocked[0] if group.blocked else \
+            f"{group.channels} channels: removing {config.sparsity:.0%} rounds to none"
+        dense.append(DenseLayer(layer.node, layer.op_type, layer.weight, layer.parameters, reason))
+    return dense
+
+
+def _channel_refit_targets(model: onnx.ModelProto, groups: list[ChannelGroup],
+                           kept: dict[int, np.ndarray]) -> list[RefitTarget]:
+    """Every layer whose output or input channels shrank, in graph order (depthwise followers excluded:
+    their surviving channels compute exactly what they did)."""
+    kept_outputs: dict[str, tuple[int, ...] | None] = {}
+    for position, keep in kept.items():
+        for name in groups[position].consumers:
+            kept_outputs.setdefault(name, None)
+    for position, keep in kept.items():
+        for name in groups[position].producer_nodes:
+            kept_outputs[name] = tuple(int(i) for i in keep)
+    return [RefitTarget(node.name, kept_outputs[node.name]) for node in model.graph.node if node.name in kept_outputs]
+
+
+def _granularity_notes(groups: list[ChannelGroup], kept: dict[int, np.ndarray], config: PruneConfig) -> list[str]:
+    notes = []
+    for position, keep in kept.items():
+        group = groups[position]
+        achieved = 1 - len(keep) / group.channels
+        if abs(achieved - config.sparsity) > 0.01:
+            notes.append(f"{', '.join(group.producer_nodes)}: {group.channels} channels, so "
+                         f"{config.sparsity:.0%} rounds to {group.channels - len(keep)} removed ({achieved:.1%})")
+    return notes
+
+
+# ---------------------------------------------------------------------------------------------------
+# Summary
+
+
+def _summary(teacher: onnx.ModelProto, pruned: onnx.ModelProto, config: PruneConfig, layers: list[LayerResult],
+             dense: list[DenseLayer], records: list[RefitRecord], dataset: Dataset | None,
+             notes: list[str]) -> PruneSummary:
+    before, after = _parameter_counts(teacher), _parameter_counts(pruned)
+    return PruneSummary(
+        pattern=config.pattern, criterion=config.criterion, scope=config.scope,
+        requested_sparsity=config.sparsity, achieved_sparsity=_achieved(layers, config),
+        layers=layers, dense_layers=dense,
+        parameters_before=before[0], parameters_after=after[0], nonzero_before=before[1], nonzero_after=after[1],
+        refit=records, calibration=_calibration_text(dataset), notes=notes,
+    )
+
+
+def _achieved(layers: list[LayerResult], config: PruneConfig) -> float:
+    if config.structured:
+        producers = [r for r in layers if not r.note.startswith("depthwise")]
+        total = sum(r.channels_before for r in producers)
+        return 1 - sum(r.channels_after for r in producers) / total if total else 0.0
+    sizes = [int(np.prod(r.shape_before)) for r in layers]
+    return sum(r.sparsity * n for r, n in zip(layers, sizes)) / sum(sizes) if sizes else 0.0
+
+
+def _parameter_counts(model: onnx.ModelProto) -> tuple[int, int]:
+    from onnx import numpy_helper
+
+    total = nonzero = 0
+    for tensor in model.graph.initializer:
+        value = numpy_helper.to_array(tensor)
+        if value.dtype.kind == "f":
+            total += value.size
+            nonzero += int(np.count_nonzero(value))
+    return total, nonzero
+
+
+def _calibration_text(dataset: Dataset | None) -> str | None:
+    if dataset is None:
+        return None
+    kind = "synthetic" if dataset.synthetic else "calibration"
+    return f"{dataset.source} ({dataset.num_samples} {kind} samples)"

@@ -1,0 +1,347 @@
+"""Least-squares reconstruction against the dense teacher: layer-by-layer distillation without labels.
+
+For every refit layer, in graph order:
+  X = the layer's input in the *pruned* model as refit so far (earlier layers are already refit), so each
+      layer also absorbs the error that reaches it from upstream instead of letting errors compound;
+  Y = the same layer's output in the *dense* model on the same calibration batch.
+The kept weights (and the bias) of every output channel become the least-squares solution of X w ~ y,
+restricted to the sparsity pattern: pruned weights stay exactly zero. X^T X and X^T Y are accumulated
+batch by batch (Conv inputs as im2col patches with spatial positions subsampled), so memory depends on
+the layer's size, never on the number of samples. A ridge term pulls towards the pruned weights, so a
+layer cannot wander off to fit calibration noise; it also guarantees the calibration error never grows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from numpy.lib.stride_tricks import sliding_window_view
+
+from compressq.data import Dataset
+from compressq.graph import GraphIndex, node_attributes
+from compressq.prune.structured import replace_constant_input
+from compressq.runtime import create_session, with_outputs
+
+
+@dataclass(frozen=True)
+class RefitTarget:
+    node: str
+    kept_outputs: tuple[int, ...] | None = None  # the dense node's output channels that survive (None: all)
+
+
+@dataclass(frozen=True)
+class RefitRecord:
+    node: str
+    rows: int  # input rows (samples x positions) the fit saw
+    error_before: float  # relative output error vs the dense teacher on calibration data
+    error_after: float
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class RefitSettings:
+    samples: int = 256
+    batch_size: int = 32
+    ridge: float = 0.05  # relative to the mean diagonal of X^T X
+    rows_per_batch: int = 4096
+    seed: int = 0
+
+
+class NotRefittable(Exception):
+    """This layer's shape of computation is not handled by refit; it keeps its pruned weights."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# Normal equations
+
+
+class NormalEquations:
+    """Streaming X^T X, X^T Y and sum(Y^2) for one group of outputs."""
+
+    def __init__(self, features: int, outputs: int):
+        self.gram = np.zeros((features, features))
+        self.cross = np.zeros((features, outputs))
+        self.target_energy = np.zeros(outputs)
+        self.rows = 0
+
+    def update(self, inputs: np.ndarray, targets: np.ndarray) -> None:
+        inputs = inputs.astype(np.float64, copy=False)
+        targets = targets.astype(np.float64, copy=False)
+        self.gram += inputs.T @ inputs
+        self.cross += inputs.T @ targets
+        self.target_energy += np.square(targets).sum(axis=0)
+        self.rows += inputs.shape[0]
+
+    def squared_error(self, weights: np.ndarray) -> float:
+        """sum ||X w_o - y_o||^2 over outputs o, from the accumulated statistics alone."""
+        quadratic = np.sum(weights * (weights @ self.gram))
+        return float(quadratic - 2 * np.sum(weights * self.cross.T) + self.target_energy.sum())
+
+    def solve(self, weights: np.ndarray, always_free: np.ndarray, ridge: float) -> np.ndarray:
+        """Refit rows of `weights` [outputs, features]: zeros stay zero except `always_free` columns."""
+        keep = (weights != 0) | always_free[None, :]
+        fitted = np.zeros_like(weights, dtype=np.float64)
+        patterns, inverse = np.unique(keep, axis=0, return_inverse=True)
+        for pattern_id, pattern in enumerate(patterns):
+            outputs = np.flatnonzero(inverse.ravel() == pattern_id)
+            columns = np.flatnonzero(pattern)
+            if columns.size:
+                fitted[np.ix_(outputs, columns)] = self._solve_block(weights, outputs, columns, ridge)
+        return fitted
+
+    def _solve_block(self, weights: np.ndarray, outputs: np.ndarray, columns: np.ndarray,
+                     ridge: float) -> np.ndarray:
+        gram = self.gram[np.ix_(columns, columns)]
+        strength = ridge * max(float(np.mean(np.diag(gram))), 1e-12)
+        prior = weights[np.ix_(outputs, columns)].astype(np.float64)
+        rhs = self.cross[np.ix_(columns, outputs)] + strength * prior.T
+        system = gram + strength * np.eye(columns.size)
+        try:
+            return np.linalg.solve(system, rhs).T
+        except np.linalg.LinAlgError:
+            return np.linalg.lstsq(system, rhs, rcond=None)[0].T
+
+
+# ---------------------------------------------------------------------------------------------------
+# Layers seen as matrices
+
+
+class LinearView:
+    """A weighted node as per-group matrices [outputs, inputs (+1 bias column)] acting on input rows."""
+
+    input_name: str
+    target_name: str  # the tensor matched against the teacher (MatMul: its bias Add when there is one)
+    output_axis: int
+    has_bias: bool
+
+    def matrices(self) -> list[np.ndarray]:
+        raise NotImplementedError
+
+    def rows(self, x: np.ndarray, y: np.ndarray, rng: np.random.Generator,
+             limit: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        raise NotImplementedError
+
+    def store(self, matrices: list[np.ndarray]) -> None:
+        raise NotImplementedError
+
+    def always_free(self, features: int) -> np.ndarray:
+        free = np.zeros(features, dtype=bool)
+        if self.has_bias:
+            free[-1] = True
+        return free
+
+
+def _with_ones(rows: np.ndarray, has_bias: bool) -> np.ndarray:
+    return np.hstack([rows, np.ones((rows.shape[0], 1), rows.dtype)]) if has_bias else rows
+
+
+def _sample(count: int, rng: np.random.Generator, limit: int) -> np.ndarray:
+    return np.sort(rng.choice(count, size=limit, replace=False)) if count > limit else np.arange(count)
+
+
+class ConvView(LinearView):
+    def __init__(self, graph: onnx.GraphProto, node: onnx.NodeProto):
+        index = GraphIndex(graph)
+        self.graph, self.node = graph, node
+        self.weight = index.constant(node.input[1])
+        if self.weight.ndim != 4:
+            raise NotRefittable("only 2-D convolutions are refit")
+        self.bias = index.constant(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+        self.has_bias = self.bias is not None
+        attributes = node_attributes(node)
+        self.groups = attributes.get("group", 1)
+        self.strides = attributes.get("strides", [1, 1])
+        self.dilations = attributes.get("dilations", [1, 1])
+        self.pads = attributes.get("pads", [0, 0, 0, 0])
+        self.auto_pad = attributes.get("auto_pad", b"NOTSET")
+        self.auto_pad = self.auto_pad.decode() if isinstance(self.auto_pad, bytes) else self.auto_pad
+        self.input_name, self.target_name, self.output_axis = node.input[0], node.output[0], 1
+
+    def matrices(self) -> list[np.ndarray]:
+        out_per_group = self.weight.shape[0] // self.groups
+        result = []
+        for g in range(self.groups):
+            part = slice(g * out_per_group, (g + 1) * out_per_group)
+            matrix = self.weight[part].reshape(out_per_group, -1).astype(np.float64)
+            if self.has_bias:
+                matrix = np.hstack([matrix, self.bias[part, None]])
+            result.append(matrix)
+        return result
+
+    def rows(self, x, y, rng, limit):
+        windows = self._windows(x)
+        if windows.shape[2:4] != y.shape[2:4]:
+            raise NotRefittable("could not reproduce the convolution's output positions")
+        batch, _, height, width = y.shape
+        chosen = _sample(batch * height * width, rng, limit)
+        n, rest = np.divmod(chosen, height * width)
+        i, j = np.divmod(rest, width)
+        patches = windows[n, :, i, j]  # [rows, C, kh, kw]
+        targets = y[n, :, i, j]  # [rows, out]
+        in_per_group = self.weight.shape[1]
+        out_per_group = self.weight.shape[0] // self.groups
+        return [(_with_ones(patches[:, g * in_per_group:(g + 1) * in_per_group].reshape(len(chosen), -1),
+                            self.has_bias),
+                 targets[:, g * out_per_group:(g + 1) * out_per_group]) for g in range(self.groups)]
+
+    def _windows(self, x: np.ndarray) -> np.ndarray:
+        kernel = self.weight.shape[2:]
+        extent = [(k - 1) * d + 1 for k, d in zip(kernel, self.dilations)]
+        pads = self._pads(x.shape[2:], extent)
+        padded = np.pad(x, ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])))
+        windows = sliding_window_view(padded, tuple(extent), axis=(2, 3))
+        (sh, sw), (dh, dw) = self.strides, self.dilations
+        return windows[:, :, ::sh, ::sw, ::dh, ::dw]
+
+    def _pads(self, size: tuple[int, ...], extent: list[int]) -> list[int]:
+        if self.auto_pad in ("NOTSET", ""):
+            return list(self.pads)
+        if self.auto_pad == "VALID":
+            return [0, 0, 0, 0]
+        totals = [max((-(-s // st) - 1) * st + e - s, 0) for s, st, e in zip(size, self.strides, extent)]
+        small = [t // 2 for t in totals]
+        large = [t - t // 2 for t in totals]
+        return small + large if self.auto_pad == "SAME_UPPER" else large + small
+
+    def store(self, matrices):
+        out_per_group = self.weight.shape[0] // self.groups
+        columns = int(np.prod(self.weight.shape[1:]))
+        weight = np.concatenate([m[:, :columns] for m in matrices]).reshape(self.weight.shape)
+        replace_constant_input(self.graph, self.node, 1, weight.astype(self.weight.dtype))
+        if self.has_bias:
+            bias = np.concatenate([m[:, columns] for m in matrices]).reshape(self.groups * out_per_group)
+            replace_constant_input(self.graph, self.node, 2, bias.astype(self.bias.dtype))
+
+
+class DenseView(LinearView):
+    """Gemm, or MatMul with a 2-D constant weight (plus the Add of a constant bias that follows it)."""
+
+    def __init__(self, graph: onnx.GraphProto, node: onnx.NodeProto):
+        index = GraphIndex(graph)
+        self.graph, self.node, self.index = graph, node, index
+        self.raw_weight = index.constant(node.input[1])
+        if self.raw_weight.ndim != 2:
+            raise NotRefittable("only 2-D weights are refit")
+        attributes = node_attributes(node)
+        self.alpha = float(attributes.get("alpha", 1.0)) if node.op_type == "Gemm" else 1.0
+        self.beta = float(attributes.get("beta", 1.0)) if node.op_type == "Gemm" else 1.0
+        self.trans_a = bool(attributes.get("transA", 0)) if node.op_type == "Gemm" else False
+        self.trans_b = bool(attributes.get("transB", 0)) if node.op_type == "Gemm" else False
+        self.input_name, self.target_name, self.output_axis = node.input[0], node.output[0], -1
+        self.bias_owner, self.bias_position = self._find_bias()
+        self.has_bias = self.bias_owner is not None
+
+    def _find_bias(self) -> tuple[onnx.NodeProto | None, int]:
+        node = self.node
+        if node.op_type == "Gemm":
+            if len(node.input) > 2 and node.input[2] and self.beta != 0:
+                return (node, 2) if self.index.is_constant(node.input[2]) else (None, 0)
+            return None, 0
+        follower = self.index.single_consumer(node.output[0])
+        if follower is None or follower.op_type != "Add":
+            return None, 0
+        other = 1 - list(follower.input).index(node.output[0])
+        value = self.index.constant(follower.input[other])
+        if value is None or value.shape[-1:] != (self.raw_weight.shape[1],) or value.size != value.shape[-1]:
+            return None, 0
+        self.target_name = follower.output[0]
+        return follower, other
+
+    def _bias_value(self) -> np.ndarray:
+        value = self.index.constant(self.bias_owner.input[self.bias_position]).astype(np.float64)
+        outputs = self.raw_weight.shape[0 if self.trans_b else 1]
+        return np.broadcast_to(value.reshape(-1) * self.beta, (outputs,))
+
+    def matrices(self):
+        weight = self.raw_weight if self.trans_b else self.raw_weight.T
+        matrix = self.alpha * weight.astype(np.float64)
+        if self.has_bias:
+            matrix = np.hstack([matrix, self._bias_value()[:, None]])
+        return [matrix]
+
+    def rows(self, x, y, rng, limit):
+        x = x.T if self.trans_a else x
+        inputs = x.reshape(-1, x.shape[-1])
+        targets = y.reshape(-1, y.shape[-1])
+        chosen = _sample(inputs.shape[0], rng, limit)
+        return [(_with_ones(inputs[chosen], self.has_bias), targets[chosen])]
+
+    def store(self, matrices):
+        matrix = matrices[0]
+        features = self.raw_weight.shape[1 if self.trans_b else 0]
+        weight = matrix[:, :features] / self.alpha
+        weight = weight if self.trans_b else weight.T
+        replace_constant_input(self.graph, self.node, 1, weight.astype(self.raw_weight.dtype))
+        if self.has_bias:
+            old = self.index.constant(self.bias_owner.input[self.bias_position])
+            bias = matrix[:, features] / self.beta
+            bias = bias.reshape(old.shape) if old.size == bias.size else bias
+            replace_constant_input(self.graph, self.bias_owner, self.bias_position, bias.astype(old.dtype))
+
+
+def linear_view(graph: onnx.GraphProto, node_name: str) -> LinearView:
+    node = next(n for n in graph.node if n.name == node_name)
+    if node.op_type == "Conv":
+        return ConvView(graph, node)
+    if node.op_type in ("Gemm", "MatMul"):
+        return DenseView(graph, node)
+    raise NotRefittable(f"{node.op_type} layers are not refit")
+
+
+# ---------------------------------------------------------------------------------------------------
+# The loop
+
+
+def refit_layers(pruned: onnx.ModelProto, teacher: onnx.ModelProto, targets: Sequence[RefitTarget],
+                 dataset: Dataset, settings: RefitSettings,
+                 progress: Callable[[int], None] | None = None) -> list[RefitRecord]:
+    """Refit `targets` of `pruned` (changed in place) in order; returns what each fit achieved."""
+    target_names = {}
+    for target in targets:
+        try:
+            target_names[target.node] = linear_view(pruned.graph, target.node).target_name
+        except NotRefittable:
+            continue
+    teacher_session = create_session(with_outputs(teacher, sorted(set(target_names.values()))))
+    records = []
+    for target in targets:
+        records.append(_refit_one(pruned, teacher_session, target, dataset, settings))
+        if progress:
+            progress(1)
+    return records
+
+
+def _refit_one(pruned: onnx.ModelProto, teacher_session, target: RefitTarget, dataset: Dataset,
+               settings: RefitSettings) -> RefitRecord:
+    try:
+        view = linear_view(pruned.graph, target.node)
+    except NotRefittable as reason:
+        return RefitRecord(target.node, 0, float("nan"), float("nan"), f"not refit: {reason}")
+    matrices = view.matrices()
+    equations = [NormalEquations(m.shape[1], m.shape[0]) for m in matrices]
+    graph_inputs = {i.name for i in pruned.graph.input}
+    student = None if view.input_name in graph_inputs else create_session(with_outputs(pruned, [view.input_name]))
+    rng = np.random.default_rng(settings.seed)
+    try:
+        for feed in dataset.batches(settings.batch_size, settings.samples):
+            x = feed[view.input_name] if student is None else student.run([view.input_name], feed)[0]
+            y = teacher_session.run([view.target_name], feed)[0]
+            if target.kept_outputs is not None:
+                y = np.take(y, list(target.kept_outputs), axis=view.output_axis)
+            for equation, (inputs, outputs) in zip(equations, view.rows(x, y, rng, settings.rows_per_batch)):
+                equation.update(inputs, outputs)
+    except NotRefittable as reason:
+        return RefitRecord(target.node, 0, float("nan"), float("nan"), f"not refit: {reason}")
+    fitted = [eq.solve(m, view.always_free(m.shape[1]), settings.ridge) for eq, m in zip(equations, matrices)]
+    view.store(fitted)
+    energy = sum(eq.target_energy.sum() for eq in equations) or 1.0
+    before = sum(eq.squared_error(m) for eq, m in zip(equations, matrices))
+    after = sum(eq.squared_error(m) for eq, m in zip(equations, fitted))
+    return RefitRecord(target.node, equations[0].rows, _relative(before, energy), _relative(after, energy))
+
+
+def _relative(squared_error: float, energy: float) -> float:
+    return float(np.sqrt(max(squared_error, 0.0) / energy))
