@@ -584,6 +584,20 @@ def micro_cases() -> list[MicroCase]:
     return cases
 
 
+GLUE_OPS = {"QuantizeLinear", "DequantizeLinear", "Transpose", "ReorderInput", "ReorderOutput"}
+
+
+def _compute_and_glue(path: Path, feeds: list[dict], runs: int) -> tuple[float, float]:
+    """Profiled ms per inference in compute kernels vs in glue (Q/DQ, layout transposes and reorders)."""
+    compute = glue = 0.0
+    for _, op_name, ms, _ in _node_events(path, feeds, runs):
+        if op_name in GLUE_OPS:
+            glue += ms
+        else:
+            compute += ms
+    return compute, glue
+
+
 def micro_bench(runs: int = 30, only: str | None = None) -> list[dict]:
     """fp32 vs ORT quantize_static (minmax, QDQ, per-channel) for each single-op model: latency at
     1 thread, and which kernel ORT's optimizer picked for the quantized graph."""
@@ -603,12 +617,16 @@ def micro_bench(runs: int = 30, only: str | None = None) -> list[dict]:
         ort_quantize_static(fp32, feeds, quantized, "minmax", preprocess=False)
         times = time_models({"fp32": fp32, "qdq": quantized}, feeds[:2], runs=runs)
         census = kernel_census(quantized)
+        kernel_fp32, glue_fp32 = _compute_and_glue(fp32, feeds[:2], runs)
+        kernel_qdq, glue_qdq = _compute_and_glue(quantized, feeds[:2], runs)
         float_ops = sorted({op for op in census["ops"] if op.split(".")[-1] not in INTEGER_KERNELS | QDQ_OPS})
         rows.append({"case": case.name, "family": case.family, "fp32_ms": times["fp32"], "qdq_ms": times["qdq"],
-                     "speedup": times["fp32"] / times["qdq"], "integer": sorted(census["integer_kernels"]),
+                     "speedup": times["fp32"] / times["qdq"], "kernel_fp32_ms": kernel_fp32,
+                     "kernel_qdq_ms": kernel_qdq, "glue_fp32_ms": glue_fp32, "glue_qdq_ms": glue_qdq,
+                     "kernel_speedup": kernel_fp32 / kernel_qdq if kernel_qdq else float("nan"), "integer": sorted(census["integer_kernels"]),
                      "float": float_ops, "q": census["quantize_linear"], "dq": census["dequantize_linear"]})
         print(f"  {rows[-1]['case']:<42} fp32 {times['fp32']:8.3f} ms  qdq {times['qdq']:8.3f} ms  "
-              f"x{rows[-1]['speedup']:.2f}  int={rows[-1]['integer']} float={float_ops} "
+              f"x{rows[-1]['speedup']:.2f} (kernels x{rows[-1]['kernel_speedup']:.2f})  int={rows[-1]['integer']} float={float_ops} "
               f"Q={census['quantize_linear']} DQ={census['dequantize_linear']}", file=sys.stderr)
     return rows
 
@@ -666,9 +684,11 @@ def main(argv: list[str] | None = None) -> int:
         rows = micro_bench(args.runs, args.only)
         if args.json:
             Path(args.json).write_text(json.dumps(rows, indent=1))
-        print("| case | fp32 ms | ORT-QDQ ms | speedup | integer kernels | float ops left |\n|---|---|---|---|---|---|")
+        print("| case | fp32 ms | ORT-QDQ ms | speedup | kernels only: fp32 / int8 ms | kernel speedup | "
+              "integer kernels | float ops left |\n|---|---|---|---|---|---|---|---|")
         for row in rows:
             print(f"| {row['case']} | {row['fp32_ms']:.3f} | {row['qdq_ms']:.3f} | {row['speedup']:.2f}x | "
+                  f"{row['kernel_fp32_ms']:.3f} / {row['kernel_qdq_ms']:.3f} | {row['kernel_speedup']:.2f}x | "
                   f"{', '.join(row['integer'])} | {', '.join(row['float'])} (Q={row['q']}, DQ={row['dq']}) |")
         return 0
     methods = [m for m in args.methods.split(",") if m]

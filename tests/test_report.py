@@ -102,6 +102,8 @@ def test_several_candidates_name_the_one_that_failed(scaled):
     (["--min-cosine", "0.9"], "only one model"),
     ([CNN, "--max-accuracy-drop", "1"], "needs labelled data"),
     ([CNN, "--data", EVAL, "--labels", "nope"], "no labels array 'nope'"),
+    ([CNN, "--data", SAMPLES / "digits_calib.npz", "--max-accuracy-drop", "1"], "has no 'labels' array"),
+    ([CNN, "--provider", "tpu"], "unknown provider"),
     ([CNN, "--format", "yaml"], ""),
 ])
 def test_usage_errors_exit_2(args, message):

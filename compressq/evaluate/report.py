@@ -32,6 +32,9 @@ SYNTHETIC = "synthetic inputs"
 REAL = "real data"
 SYNTHETIC_SAMPLES = 64
 EVAL_BATCH = 64  # accuracy batches; --batch-size is the batch that latency is measured at
+# --per-layer holds every matched intermediate of one batch at once (BERT-base: ~25 MB per tensor at 64
+# samples x 128 tokens): smaller batches keep that bounded.
+PER_LAYER_BATCH = 8
 TIMING_FEEDS = 4  # distinct batches cycled through while timing
 
 INTEGER_WEIGHTED_OPS = frozenset({
@@ -476,7 +479,8 @@ def _evaluate(baseline: _Model, candidates: list[_Model], dataset: Dataset, conf
         sessions[candidate.name] = _accuracy_session(candidate.proto, exposed, config)
     total = min(dataset.num_samples, config.samples) if config.samples else dataset.num_samples
     advance = start_task("evaluating", total) if start_task else None
-    for feed, labels in dataset.labelled_batches(EVAL_BATCH, config.samples):
+    batch_size = PER_LAYER_BATCH if config.per_layer else EVAL_BATCH
+    for feed, labels in dataset.labelled_batches(batch_size, config.samples):
         outputs = {name: _run_named(session, feed) for name, session in sessions.items()}
         evaluation.update(outputs, baseline.name, labels)
         if advance:

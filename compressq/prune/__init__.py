@@ -15,8 +15,10 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import onnx
+from onnx import numpy_helper
 
 from compressq.data import Dataset
+from compressq.errors import UsageError
 from compressq.graph import GraphIndex, NameGenerator, check_model
 from compressq.prune.config import PruneConfig
 from compressq.prune.masks import global_masks, local_mask, n_m_mask, weight_scores, zero_fraction
@@ -79,27 +81,33 @@ class PruneResult:
     summary: PruneSummary
 
 
+@dataclass
+class _Outcome:
+    """What one pruning pass produced, before refit."""
+
+    model: onnx.ModelProto
+    layers: list[LayerResult]
+    dense: list[DenseLayer]
+    refit_targets: list[RefitTarget]
+    notes: list[str] = field(default_factory=list)
+
+
 def prune_model(model: onnx.ModelProto, config: PruneConfig, dataset: Dataset | None = None,
                 progress: Progress | None = None) -> PruneResult:
     """Prune a copy of `model` as `config` says; with `dataset`, refit against the dense model."""
     teacher = _named_copy(model)
     plan = plan_pruning(teacher, config)
-    pruned = _named_copy(teacher)
-    if config.structured:
-        layers, dense, targets, notes = _prune_channels(pruned, plan, config)
-        pruned = _replace_graph(pruned, layers.pop())
-    else:
-        layers, dense, targets, notes = _prune_weights(pruned, plan, config, progress)
-    if not layers:
-        _refuse_nothing_to_prune(plan, dense)
+    prune = _prune_channels if config.structured else _prune_weights
+    outcome = prune(teacher, plan, config, progress)
+    if not outcome.layers:
+        _refuse_nothing_to_prune(outcome.dense)
     records = []
     if dataset is not None:
         settings = RefitSettings(config.calibration_samples, config.batch_size, config.refit_ridge, seed=config.seed)
-        records = refit_layers(pruned, teacher, targets, dataset, settings, progress)
-        notes += [f"'{r.node}' {r.note}" for r in records if r.note]
-    check_model(pruned)
-    summary = _summary(teacher, pruned, config, layers, dense, records, dataset, notes)
-    return PruneResult(pruned, summary)
+        records = refit_layers(outcome.model, teacher, outcome.refit_targets, dataset, settings, progress)
+        outcome.notes += [f"'{r.node}' {r.note}" for r in records if r.note]
+    check_model(outcome.model)
+    return PruneResult(outcome.model, _summary(teacher, outcome, config, records, dataset))
 
 
 def _named_copy(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -115,14 +123,7 @@ def _named_copy(model: onnx.ModelProto) -> onnx.ModelProto:
     return copy
 
 
-def _replace_graph(target: onnx.ModelProto, source: onnx.ModelProto) -> onnx.ModelProto:
-    target.graph.CopyFrom(source.graph)
-    return target
-
-
-def _refuse_nothing_to_prune(plan: PrunePlan, dense: list[DenseLayer]) -> None:
-    from compressq.errors import UsageError
-
+def _refuse_nothing_to_prune(dense: list[DenseLayer]) -> None:
     reasons = "; ".join(f"{d.node or d.weight}: {d.reason}" for d in dense[:4])
     raise UsageError(f"nothing to prune: all {len(dense)} weighted layers stay dense ({reasons})",
                      hint="lower --min-params, pass --prune-first/--prune-last, or loosen --exclude")
@@ -145,7 +146,9 @@ def weight_masks(weights: dict[str, np.ndarray], input_axes: dict[str, int],
     return {name: local_mask(score, config.sparsity) for name, score in scores.items()}
 
 
-def _prune_weights(model: onnx.ModelProto, plan: PrunePlan, config: PruneConfig, progress: Progress | None):
+def _prune_weights(teacher: onnx.ModelProto, plan: PrunePlan, config: PruneConfig,
+                   progress: Progress | None) -> _Outcome:
+    model = _named_copy(teacher)
     index = GraphIndex(model.graph)
     nodes = {node.name: node for node in model.graph.node}
     weights = {layer.node: index.constant(layer.weight) for layer in plan.layers}
@@ -159,23 +162,25 @@ def _prune_weights(model: onnx.ModelProto, plan: PrunePlan, config: PruneConfig,
         if progress:
             progress(1)
     targets = [RefitTarget(layer.node) for layer in plan.layers]
-    return layers, list(plan.dense), targets, []
+    return _Outcome(model, layers, list(plan.dense), targets)
 
 
 # ---------------------------------------------------------------------------------------------------
 # Channels
 
 
-def _prune_channels(model: onnx.ModelProto, plan: PrunePlan, config: PruneConfig):
-    """Returns (layer results + [the rewritten model] as the last item, dense layers, refit targets, notes)."""
+def _prune_channels(model: onnx.ModelProto, plan: PrunePlan, config: PruneConfig,
+                    progress: Progress | None) -> _Outcome:
     dense_reasons = {d.node: d.reason for d in plan.dense}
     groups = trace_channel_groups(model, {layer.node: None for layer in plan.layers} | dense_reasons)
     kept = choose_channels(model, groups, config.sparsity, config.criterion, config.seed)
     rewritten = remove_channels(model, groups, kept)
     layers = _channel_results(model, rewritten, groups, kept)
     dense = list(plan.dense) + _blocked_layers(plan, groups, kept, config)
-    notes = _granularity_notes(groups, kept, config)
-    return layers + [rewritten], dense, _channel_refit_targets(model, groups, kept), notes
+    if progress:
+        progress(len(layers))
+    targets = _channel_refit_targets(model, groups, kept)
+    return _Outcome(rewritten, layers, dense, targets, _granularity_notes(groups, kept, config))
 
 
 def _channel_results(before: onnx.ModelProto, after: onnx.ModelProto, groups: list[ChannelGroup],
@@ -232,7 +237,7 @@ def _channel_refit_targets(model: onnx.ModelProto, groups: list[ChannelGroup],
     """Every layer whose output or input channels shrank, in graph order (depthwise followers excluded:
     their surviving channels compute exactly what they did)."""
     kept_outputs: dict[str, tuple[int, ...] | None] = {}
-    for position, keep in kept.items():
+    for position in kept:
         for name in groups[position].consumers:
             kept_outputs.setdefault(name, None)
     for position, keep in kept.items():
@@ -256,16 +261,15 @@ def _granularity_notes(groups: list[ChannelGroup], kept: dict[int, np.ndarray], 
 # Summary
 
 
-def _summary(teacher: onnx.ModelProto, pruned: onnx.ModelProto, config: PruneConfig, layers: list[LayerResult],
-             dense: list[DenseLayer], records: list[RefitRecord], dataset: Dataset | None,
-             notes: list[str]) -> PruneSummary:
-    before, after = _parameter_counts(teacher), _parameter_counts(pruned)
+def _summary(teacher: onnx.ModelProto, outcome: _Outcome, config: PruneConfig, records: list[RefitRecord],
+             dataset: Dataset | None) -> PruneSummary:
+    before, after = _parameter_counts(teacher), _parameter_counts(outcome.model)
     return PruneSummary(
         pattern=config.pattern, criterion=config.criterion, scope=config.scope,
-        requested_sparsity=config.sparsity, achieved_sparsity=_achieved(layers, config),
-        layers=layers, dense_layers=dense,
+        requested_sparsity=config.sparsity, achieved_sparsity=_achieved(outcome.layers, config),
+        layers=outcome.layers, dense_layers=outcome.dense,
         parameters_before=before[0], parameters_after=after[0], nonzero_before=before[1], nonzero_after=after[1],
-        refit=records, calibration=_calibration_text(dataset), notes=notes,
+        refit=records, calibration=_calibration_text(dataset), notes=outcome.notes,
     )
 
 
@@ -279,8 +283,6 @@ def _achieved(layers: list[LayerResult], config: PruneConfig) -> float:
 
 
 def _parameter_counts(model: onnx.ModelProto) -> tuple[int, int]:
-    from onnx import numpy_helper
-
     total = nonzero = 0
     for tensor in model.graph.initializer:
         value = numpy_helper.to_array(tensor)

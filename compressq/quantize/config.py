@@ -19,6 +19,12 @@ class QuantizeConfig:
     speed_check: bool = True          # time the output against the input and undo what costs time
     latency_batch: int = 1            # batch size the speed check times at (the user's serving batch)
     quantize_depthwise: bool = False  # decided by measurement: see compressq/quantize/plan.py
+    bias_correction: bool = False     # subtract each layer's measured mean output shift from its bias
+    equalize: bool = False            # cross-layer equalization before quantizing (CNNs)
+    smoothquant: float | None = None  # SmoothQuant migration strength alpha (transformers)
+    bias_correction: bool = False     # subtract each layer's measured mean output shift from its bias
+    equalize: bool = False            # cross-layer equalization before quantizing (CNNs)
+    smoothquant: float | None = None  # SmoothQuant migration strength alpha (transformers)
     bits: int = 8                     # weight-only mode: 4 or 8
     block_size: int = 32              # weight-only mode
 

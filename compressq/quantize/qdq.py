@@ -14,8 +14,9 @@ import onnx
 from onnx import helper, numpy_helper
 
 from compressq.calibration import TensorRange
-from compressq.graph import GraphIndex, NameGenerator, remove_unused, toposort
+from compressq.graph import GraphIndex, NameGenerator, node_attributes, remove_unused, toposort
 from compressq.quantize import scheme
+from compressq.quantize.bias_correction import weight_error_shift
 from compressq.quantize.plan import ComputeNode, QuantPlan
 
 
@@ -26,17 +27,19 @@ class RewriteStats:
     biases_left_float: int = 0
     activation_pairs: int = 0
     activations_absorbed: int = 0
+    biases_corrected: int = 0
 
 
 class _Rewriter:
     def __init__(self, model: onnx.ModelProto, plan: QuantPlan, ranges: dict[str, TensorRange], signed: bool,
-                 per_channel: bool):
+                 per_channel: bool, input_means: dict[str, np.ndarray]):
         self.model = model
         self.graph = model.graph
         self.plan = plan
         self.ranges = ranges
         self.signed = signed
         self.per_channel = per_channel
+        self.input_means = input_means
         self.index = GraphIndex(self.graph)
         self.names = NameGenerator(self.graph)
         self.nodes_by_name = {n.name: n for n in self.graph.node}
@@ -72,6 +75,8 @@ class _Rewriter:
         if compute.bias is None:
             return
         bias_values = self.index.constant(compute.bias)
+        if bias_values is not None and compute.name in self.input_means:
+            bias_values = bias_values - self._weight_error_shift(compute, node, weight_params)
         input_scale = self.activation_params(compute.activation).scale
         params = scheme.bias_params(input_scale, weight_params.scale)
         if bias_values is None or bias_values.ndim != 1 or params.scale.size not in (1, bias_values.size):
@@ -83,6 +88,15 @@ class _Rewriter:
             return
         node.input[2] = self._dequantize_constant(compute.bias, quantized, params)
         self.stats.biases_quantized += 1
+
+    def _weight_error_shift(self, compute: ComputeNode, node: onnx.NodeProto,
+                            params: scheme.QuantParams) -> np.ndarray:
+        weight = self.index.constant(compute.weight)
+        restored = scheme.dequantize(scheme.quantize(weight, params), params)
+        group = node_attributes(node).get("group", 1)
+        shift = weight_error_shift(compute, weight, restored, self.input_means[compute.name], group)
+        self.stats.biases_corrected += 1
+        return shift.astype(np.float32)
 
     def _dequantized_weight(self, compute: ComputeNode) -> tuple[str, scheme.QuantParams]:
         if compute.weight in self.dequantized_weights:  # tied weights: one int8 copy
@@ -181,9 +195,14 @@ class _Rewriter:
 
 
 def rewrite_qdq(model: onnx.ModelProto, plan: QuantPlan, ranges: dict[str, TensorRange], *,
-                signed_activations: bool = False, per_channel: bool = True) -> tuple[onnx.ModelProto, RewriteStats]:
-    """A new model with the plan applied; `model` is not modified."""
+                signed_activations: bool = False, per_channel: bool = True,
+                input_means: dict[str, np.ndarray] | None = None) -> tuple[onnx.ModelProto, RewriteStats]:
+    """A new model with the plan applied; `model` is not modified.
+
+    `input_means` (node name -> mean of its float input per channel) turns on bias correction.
+    """
     result = onnx.ModelProto()
     result.CopyFrom(model)
-    stats = _Rewriter(result, plan, ranges, signed_activations, per_channel).rewrite()
+    stats = _Rewriter(result, plan, ranges, signed_activations, per_channel, input_means or {}).rewrite()
     return result, stats
+

@@ -19,6 +19,7 @@ from compressq.calibration import collect_ranges
 from compressq.data import Dataset
 from compressq.evaluate.latency import time_interleaved
 from compressq.graph import check_model, ensure_opset
+from compressq.quantize.bias_correction import input_channel_means
 from compressq.quantize.config import QuantizeConfig
 from compressq.quantize.fusion import FusionReport, inspect_fusion
 from compressq.quantize.plan import QuantPlan, Skipped, build_plan
@@ -77,6 +78,8 @@ def quantize_static(model: onnx.ModelProto, dataset: Dataset, config: QuantizeCo
     steps: list[str] = []
     if config.speed_check and current.plan.compute:
         current = _keep_only_what_is_faster(model, current, attempt, dataset, config, steps, progress)
+    if config.bias_correction and current.plan.compute:
+        _correct_biases(prepared, current, ranges, dataset, config, signed, notes)
     if not current.plan.compute:
         # Nothing paid off: hand back the user's graph untouched rather than our cleaned copy of it.
         current.model = model
@@ -85,6 +88,15 @@ def quantize_static(model: onnx.ModelProto, dataset: Dataset, config: QuantizeCo
     float_reasons = current.plan.skipped
     return StaticResult(current.model, current.plan, current.stats, current.fusion, current.speedup,
                         float_reasons, non_finite, steps, notes)
+
+
+def _correct_biases(prepared, current: _Attempt, ranges, dataset: Dataset, config: QuantizeConfig, signed: bool,
+                    notes: list[str]) -> None:
+    means = input_channel_means(prepared, current.plan, dataset, batch_size=config.batch_size,
+                                samples=config.samples)
+    current.model, current.stats = rewrite_qdq(prepared, current.plan, ranges, signed_activations=signed,
+                                               per_channel=config.per_channel, input_means=means)
+    notes.append(f"bias correction on {current.stats.biases_corrected} layers")
 
 
 def _calibrate(model, plan: QuantPlan, dataset: Dataset, config: QuantizeConfig, progress):

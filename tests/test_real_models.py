@@ -1,0 +1,95 @@
+"""Real pretrained models from PyPI wheels (bench/real_models.py): inspect and quantize them end to end.
+
+Integration tests: they never download. Each model is skipped unless `python -m bench.real_models`
+(or `make integration`) already put it in .bench/models.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+from bench import real_models
+from compressq.graph import file_size, load_model, save_model
+from compressq.runtime import create_session
+
+pytestmark = pytest.mark.integration
+
+MODEL_NAMES = [m.name for m in real_models.MODELS]
+CALIBRATION_SAMPLES = 8
+
+
+@pytest.fixture(params=MODEL_NAMES)
+def real_model(request):
+    path = real_models.present().get(request.param)
+    if path is None:
+        pytest.skip(f"{request.param} is not in {real_models.DEFAULT_DEST} (run `python -m bench.real_models`)")
+    return request.param, path
+
+
+def test_loads_and_runs_on_its_calibration_inputs(real_model):
+    name, path = real_model
+    model = load_model(path)
+    feeds = real_models.calibration_feeds(name, 2)
+    graph_inputs = {v.name for v in model.graph.input} - {t.name for t in model.graph.initializer}
+    assert set(feeds[0]) == graph_inputs
+    session = create_session(path, threads=1)
+    for feed in feeds:
+        output = session.run(None, feed)[0]
+        assert np.all(np.isfinite(output))
+
+
+def test_calibration_inputs_are_deterministic_and_stackable(real_model):
+    name, _ = real_model
+    first, again = real_models.calibration_feeds(name, 3, seed=5), real_models.calibration_feeds(name, 3, seed=5)
+    for a, b in zip(first, again):
+        assert all(np.array_equal(a[k], b[k]) for k in a)
+    stacked = real_models.stack_feeds(first)
+    assert all(array.shape[0] == 3 for array in stacked.values())
+    other = real_models.calibration_feeds(name, 3, seed=6)
+    assert not all(np.array_equal(a[k], b[k]) for a, b in zip(first, other) for k in a)
+
+
+def test_inspect_json_describes_the_model(run_cli, real_model):
+    name, path = real_model
+    result = run_cli("inspect", path, "--json")
+    assert result.exit_code == 0, result.stderr
+    summary = json.loads(result.stdout)
+    model = onnx.load(str(path))
+    assert summary["node_count"] == len(model.graph.node)
+    assert summary["file_bytes"] == path.stat().st_size
+    assert [i["name"] for i in summary["inputs"]] == list(real_models.calibration_feeds(name, 1)[0])
+    # Paddle exports keep their weights in Constant nodes, not initializers: they are still parameters
+    assert summary["parameters"] > 0
+    assert summary["quantization"]["is_quantized"] is False
+
+
+def test_quantized_model_is_not_bigger_and_runs(real_model, tmp_path):
+    quantize = pytest.importorskip("compressq.quantize.api")
+    config_module = pytest.importorskip("compressq.quantize.config")
+    data = pytest.importorskip("compressq.data")
+    if not hasattr(quantize, "quantize_model"):
+        pytest.skip("compressq.quantize.quantize_model does not exist yet")
+    name, path = real_model
+    model = load_model(path)
+    calibration = tmp_path / "calibration.npz"
+    np.savez(calibration, **real_models.stack_feeds(real_models.calibration_feeds(name, CALIBRATION_SAMPLES)))
+    dataset = data.load_dataset(calibration, model)
+    config = config_module.QuantizeConfig(samples=CALIBRATION_SAMPLES, batch_size=1)
+
+    result = quantize.quantize_model(model, dataset, config)
+
+    output_path = tmp_path / f"{name}.int8.onnx"
+    save_model(result.model, output_path, protect=[path])
+    assert file_size(output_path) <= file_size(path)
+    evaluation = real_models.calibration_feeds(name, 4, seed=1)
+    reference = create_session(path, threads=1)
+    quantized = create_session(output_path, threads=1)
+    expected = [reference.run(None, feed)[0] for feed in evaluation]
+    got = [quantized.run(None, feed)[0] for feed in evaluation]
+    assert [g.shape for g in got] == [e.shape for e in expected]
+    assert all(np.all(np.isfinite(g)) for g in got)
+    assert real_models.agreement(name, expected, got)["cosine"] > 0.9
