@@ -138,8 +138,18 @@ def test_unsupported_settings_are_refused(settings_: dict) -> None:
 
 
 def test_calibration_for_an_unknown_tensor_is_refused() -> None:
-    with pytest.raises(DataError, match="feeds no quantizable MatMul"):
+    with pytest.raises(DataError, match="feeds no MatMul"):
         quantize_weights_only(single_matmul(32, 4), calibration={"nope": np.zeros((4, 32))})
+
+
+def test_calibration_of_an_excluded_layer_is_ignored() -> None:
+    _, summary = quantize_weights_only(single_matmul(32, 4), calibration={"x": np.zeros((4, 32))}, exclude=["*"])
+    assert not summary.layers
+
+
+def test_calibration_with_the_wrong_width_is_refused() -> None:
+    with pytest.raises(DataError, match="features"):
+        quantize_weights_only(single_matmul(32, 4), calibration={"x": np.zeros((4, 31))})
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import typer
@@ -34,6 +35,11 @@ def quantize(
                                      help="Time the output against the input and undo quantization that costs time."),
     latency_batch: int = typer.Option(1, "--latency-batch", min=1,
                                       help="Batch size the speed check times at (use your serving batch)."),
+    equalize: bool = typer.Option(False, "--equalize", help="Cross-layer equalization first (depthwise CNNs)."),
+    bias_correction: bool = typer.Option(False, "--bias-correction",
+                                         help="Correct each layer's bias by its measured mean output shift."),
+    smoothquant: float = typer.Option(None, "--smoothquant", min=0.0, max=1.0,
+                                      help="SmoothQuant alpha: move activation outliers into weights (transformers)."),
     bits: int = typer.Option(4, "--bits", help="Weight-only mode: 4 or 8 bits."),
     block_size: int = typer.Option(32, "--block-size", help="Weight-only mode: weights per scale (32, 64, 128)."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON on stdout, nothing else."),
@@ -41,6 +47,10 @@ def quantize(
     """Quantize a model to int8 (static QDQ with calibration data, else dynamic), never slower or bigger."""
     config = _config(mode, calibration_data, method, percentile, per_channel, activations, exclude, samples,
                      batch_size, provider, speed_check, latency_batch, bits, block_size)
+    config = replace(config, equalize=equalize, bias_correction=bias_correction, smoothquant=smoothquant)
+    if (equalize or bias_correction or smoothquant is not None) and config.mode != "static":
+        raise UsageError("--equalize, --bias-correction and --smoothquant apply to static quantization",
+                         hint="pass --calibration-data (and drop --mode dynamic/weight-only)")
     target = output or default_output_path(model, "int8" if config.mode != "weight-only" else f"int{bits}")
     source = load_model(model)
     dataset = load_dataset(calibration_data, source) if calibration_data else None

@@ -20,6 +20,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from compressq.errors import UsageError
 from compressq.graph import GraphIndex, NameGenerator, node_attributes, remove_unused, toposort
 
 HOMOGENEOUS_ACTIVATIONS = ("Relu", "LeakyRelu", "PRelu")
@@ -51,7 +52,10 @@ def _fold_one_batchnorm(graph: onnx.GraphProto, index: GraphIndex, names: NameGe
     if bn.op_type != "BatchNormalization" or node_attributes(bn).get("training_mode", 0) or any(bn.output[1:]):
         return False
     producer = index.producer.get(bn.input[0])
-    if producer is None or producer.op_type not in ("Conv", "Gemm") or index.single_consumer(bn.input[0]) is not bn:
+    only_reader = index.single_consumer(bn.input[0])
+    if producer is None or producer.op_type not in ("Conv", "Gemm") or only_reader is None:
+        return False
+    if only_reader.output[0] != bn.output[0]:  # compared by name: protobuf wrappers need not be identical
         return False
     params = [index.constant(name) for name in bn.input[1:5]]
     weight = index.constant(producer.input[1])
@@ -345,6 +349,8 @@ def equalize(model: onnx.ModelProto, iterations: int = 10, *, rewrite_bounded_cl
              ) -> tuple[onnx.ModelProto, EqualizeSummary]:
     """Cross-layer equalization of Conv->Conv and Gemm/MatMul->Gemm/MatMul pairs; fold BatchNorm first
     (`fold_batchnorm`), a BatchNormalization between two layers stops the pair. Returns a copy."""
+    if iterations < 1:
+        raise UsageError(f"equalization needs at least one sweep, not {iterations}", hint="the default is 10")
     result = onnx.ModelProto()
     result.CopyFrom(model)
     graph = result.graph

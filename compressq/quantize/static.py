@@ -21,10 +21,12 @@ from compressq.evaluate.latency import time_interleaved
 from compressq.graph import check_model, ensure_opset
 from compressq.quantize.bias_correction import input_channel_means
 from compressq.quantize.config import QuantizeConfig
+from compressq.quantize.equalize import equalize, fold_batchnorm
 from compressq.quantize.fusion import FusionReport, inspect_fusion
-from compressq.quantize.plan import QuantPlan, Skipped, build_plan
+from compressq.quantize.plan import QuantPlan, Skipped, build_plan, name_nodes
 from compressq.quantize.prepare import prepare_for_quantization
 from compressq.quantize.qdq import RewriteStats, rewrite_qdq
+from compressq.quantize.smoothquant import collect_channel_absmax, smooth, smoothable_activations
 from compressq.runtime import create_session
 
 QDQ_MIN_OPSET = 13  # per-channel QuantizeLinear/DequantizeLinear (the axis attribute)
@@ -58,6 +60,7 @@ def quantize_static(model: onnx.ModelProto, dataset: Dataset, config: QuantizeCo
                     progress: Callable[[str, int, int], None] | None = None) -> StaticResult:
     """`progress(stage, done, total)` reports calibration samples and checking steps."""
     prepared, notes = prepare_for_quantization(ensure_opset(model, QDQ_MIN_OPSET))
+    prepared = _apply_float_transforms(prepared, dataset, config, notes)
     signed = config.activations == "int8"
     options = dict(exclude=tuple(config.exclude), absorb_activations=not signed,
                    quantize_depthwise=config.quantize_depthwise)
@@ -88,6 +91,22 @@ def quantize_static(model: onnx.ModelProto, dataset: Dataset, config: QuantizeCo
     float_reasons = current.plan.skipped
     return StaticResult(current.model, current.plan, current.stats, current.fusion, current.speedup,
                         float_reasons, non_finite, steps, notes)
+
+
+def _apply_float_transforms(prepared: onnx.ModelProto, dataset: Dataset, config: QuantizeConfig,
+                            notes: list[str]) -> onnx.ModelProto:
+    """Equalization and SmoothQuant: rescalings that leave fp32 outputs unchanged but quantize better."""
+    if config.equalize:
+        prepared, summary = equalize(fold_batchnorm(prepared))
+        notes.append(f"cross-layer equalization on {len(summary.pairs)} layer pairs")
+    if config.smoothquant is not None:
+        activations = smoothable_activations(prepared)
+        absmax = collect_channel_absmax(prepared, dataset, activations, batch_size=config.batch_size,
+                                        limit=config.samples)
+        prepared, summary = smooth(prepared, absmax, alpha=config.smoothquant)
+        notes.append(f"SmoothQuant (alpha {config.smoothquant}) on {len(summary.groups)} activations")
+    name_nodes(prepared.graph)
+    return prepared
 
 
 def _correct_biases(prepared, current: _Attempt, ranges, dataset: Dataset, config: QuantizeConfig, signed: bool,

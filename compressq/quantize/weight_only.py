@@ -27,7 +27,7 @@ not grow with the samples). 1.0 is in the grid, so no block gets worse than roun
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -210,11 +210,13 @@ def quantize_weights_only(
     exclude: Sequence[str] = (),
     *,
     accuracy_level: int | None = None,
+    progress: Callable[[int], None] | None = None,
 ) -> tuple[onnx.ModelProto, WeightOnlySummary]:
     """Rewrite MatMul (and plain Gemm) nodes with a constant 2-D float32 weight into MatMulNBits.
 
     `calibration` maps a MatMul's input tensor name to samples [n, K] of it (refines the scales);
-    `exclude` holds glob patterns on node names or op types. The input model is not modified.
+    `exclude` holds glob patterns on node names or op types; `progress` is called with 1 per layer
+    done. The input model is not modified.
     """
     _check_settings(bits, block_size)
     result = onnx.ModelProto()
@@ -223,7 +225,7 @@ def quantize_weights_only(
     index = GraphIndex(graph)
     summary = WeightOnlySummary(bits, block_size, symmetric)
     candidates = _candidates(graph, index, exclude, summary.skipped)
-    samples = _calibration_samples(calibration or {}, candidates)
+    samples = _calibration_samples(calibration or {}, candidates, _matmul_inputs(graph))
     names = NameGenerator(graph)
     packed_weights: dict[str, tuple[list[str], BlockQuantized]] = {}
     for candidate in candidates:
@@ -239,6 +241,8 @@ def quantize_weights_only(
             candidate.node.name, candidate.weight_name, *candidate.weight_kn.shape,
             _relative_error(candidate.weight_kn, quantized.dequantize()), candidate.node.input[0] in samples))
         _replace_with_matmul_nbits(graph, names, candidate, inputs, quantized, block_size, accuracy_level)
+        if progress is not None:
+            progress(1)
     if summary.layers:
         _import_ms_domain(result)
     remove_unused(graph)
@@ -301,14 +305,21 @@ def _gemm_candidate(node: onnx.NodeProto, index: GraphIndex, weight: np.ndarray)
                       if bias is not None else None)
 
 
-def _calibration_samples(calibration: Mapping[str, np.ndarray],
-                         candidates: list[_Candidate]) -> dict[str, np.ndarray]:
+def _matmul_inputs(graph: onnx.GraphProto) -> set[str]:
+    return {node.input[0] for node in graph.node if node.op_type in ("MatMul", "Gemm")}
+
+
+def _calibration_samples(calibration: Mapping[str, np.ndarray], candidates: list[_Candidate],
+                         matmul_inputs: set[str]) -> dict[str, np.ndarray]:
+    """Samples per quantized MatMul input, as [n, K]; those of excluded or skipped MatMuls are ignored."""
     widths = {c.node.input[0]: c.weight_kn.shape[0] for c in candidates}
     samples = {}
     for name, values in calibration.items():
+        if name not in matmul_inputs:
+            raise DataError(f"calibration samples given for '{name}', which feeds no MatMul or Gemm",
+                            hint=f"MatMul inputs: {', '.join(sorted(matmul_inputs)[:5])}")
         if name not in widths:
-            raise DataError(f"calibration samples given for '{name}', which feeds no quantizable MatMul",
-                            hint=f"MatMul inputs: {', '.join(sorted(widths)[:5])}")
+            continue
         values = np.asarray(values, np.float32)
         if values.shape[-1] != widths[name]:
             raise DataError(f"calibration samples for '{name}' have {values.shape[-1]} features; "
