@@ -44,7 +44,7 @@ def _float_table(float_nodes: list[dict]) -> Table:
     table = Table(title="Kept in float" + (f" (first {len(shown)}; {more} more in --json)" if more else ""),
                   title_justify="left")
     for column in ("node", "op", "why"):
-        table.add_column(column)
+        table.add_column(column, overflow="fold")
     for entry in shown:
         table.add_row(escape(entry["node"]), entry["op_type"], escape(entry["reason"]))
     return table

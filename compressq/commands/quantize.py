@@ -40,6 +40,12 @@ def quantize(
                                          help="Correct each layer's bias by its measured mean output shift."),
     smoothquant: float = typer.Option(None, "--smoothquant", min=0.0, max=1.0,
                                       help="SmoothQuant alpha: move activation outliers into weights (transformers)."),
+    max_drop: float = typer.Option(None, "--max-drop", help="Accuracy target: top-1 drop in points vs fp32 "
+                                   "(needs labels); the most sensitive nodes go back to float until it is met."),
+    min_agreement: float = typer.Option(None, "--min-agreement", min=0.0, max=1.0,
+                                        help="Accuracy target: share of samples whose prediction matches fp32."),
+    eval_data: Path = typer.Option(None, "--eval-data", help="Evaluation data for the accuracy target "
+                                   "[default: the calibration data]."),
     bits: int = typer.Option(4, "--bits", help="Weight-only mode: 4 or 8 bits."),
     block_size: int = typer.Option(32, "--block-size", help="Weight-only mode: weights per scale (32, 64, 128)."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON on stdout, nothing else."),
@@ -47,18 +53,22 @@ def quantize(
     """Quantize a model to int8 (static QDQ with calibration data, else dynamic), never slower or bigger."""
     config = _config(mode, calibration_data, method, percentile, per_channel, activations, exclude, samples,
                      batch_size, provider, speed_check, latency_batch, bits, block_size)
-    config = replace(config, equalize=equalize, bias_correction=bias_correction, smoothquant=smoothquant)
-    if (equalize or bias_correction or smoothquant is not None) and config.mode != "static":
-        raise UsageError("--equalize, --bias-correction and --smoothquant apply to static quantization",
-                         hint="pass --calibration-data (and drop --mode dynamic/weight-only)")
+    config = replace(config, equalize=equalize, bias_correction=bias_correction, smoothquant=smoothquant,
+                     max_drop=max_drop, min_agreement=min_agreement)
+    static_only = equalize or bias_correction or smoothquant is not None or max_drop is not None \
+        or min_agreement is not None or eval_data is not None
+    if static_only and config.mode != "static":
+        raise UsageError("--equalize, --bias-correction, --smoothquant and accuracy targets apply to static "
+                         "quantization", hint="pass --calibration-data (and drop --mode dynamic/weight-only)")
     target = output or default_output_path(model, "int8" if config.mode != "weight-only" else f"int{bits}")
     source = load_model(model)
     dataset = load_dataset(calibration_data, source) if calibration_data else None
+    evaluation = load_dataset(eval_data, source, require_labels=max_drop is not None) if eval_data else None
     if config.mode == "dynamic" and calibration_data is None:
         render.stderr.print("no calibration data: static int8 needs real inputs, so quantizing dynamically "
                             "(int8 weights, activations quantized at run time)", highlight=False)
     with stage_progress() as progress:
-        result = quantize_model(source, dataset, config, progress)
+        result = quantize_model(source, dataset, config, progress, eval_dataset=evaluation)
     stamp(result.model, "quantize", config.to_dict())
     save_model(result.model, target, protect=[model])
     sizes = {"input_bytes": file_size(model), "output_bytes": file_size(target)}

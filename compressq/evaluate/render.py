@@ -108,9 +108,9 @@ def _size_section(report: Report) -> Section:
 
 def _accuracy_section(report: Report) -> Section:
     if report.baseline.accuracy is None:
-        reason = (f"not measured: {SYNTHETIC} carry no labels" if report.data.synthetic
-                  else "not measured: the data has no labels array (name it with --labels)")
-        return Section("Accuracy", note=f"Accuracy {reason}.")
+        reason = (f"{SYNTHETIC} carry no labels" if report.data.synthetic
+                  else "the data has no labels array; name it with --labels")
+        return Section("Accuracy", note=f"not measured ({reason}).")
     accuracy = report.baseline.accuracy
     rows = []
     for model in _models(report):
@@ -162,7 +162,8 @@ def _latency_section(report: Report) -> Section:
                          milliseconds(result.p90_ms), f"{result.throughput_per_s:,.0f}", gain_text])
     settings = report.settings
     note = (f"{settings['runs']} interleaved runs after {settings['warmup']} warm-up runs, "
-            f"{settings['threads'] or 'default'} thread(s); speedup = baseline median / candidate median.")
+            f"{settings['threads'] or 'default'} thread(s)"
+            + ("; speedup = baseline median / candidate median, IQR of the per-turn ratios." if speedups else "."))
     return Section("Latency", ["provider", "model", "batch", "median ms", "p90 ms", "samples/s", "speedup"],
                    rows, note)
 
@@ -206,7 +207,9 @@ def _rich_table(section: Section) -> Table:
 
 
 def _numeric(section: Section, column: int) -> bool:
-    return all(row[column][:1].isdigit() or row[column][:1] in "+-" for row in section.rows)
+    """Right-align a column whose cells are all figures (a 'baseline' or '-' placeholder included)."""
+    cells = [row[column] for row in section.rows if row[column] not in ("baseline", "-")]
+    return bool(cells) and all(cell[:1].isdigit() or cell[:1] in "+-" for cell in cells)
 
 
 def table_text(report: Report) -> str:

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import math
 import zlib
-from collections.abc import Callable, Iterator
+from itertools import islice
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -520,16 +521,9 @@ def _time_all(models: list[_Model], dataset: Dataset, config: ReportConfig,
 
 def _timing_feeds(dataset: Dataset, batch_size: int) -> list[dict]:
     """A few distinct full batches (a short last batch would time a different workload)."""
-    feeds = list(_take(dataset.batches(batch_size, batch_size * TIMING_FEEDS), TIMING_FEEDS))
+    feeds = list(islice(dataset.batches(batch_size, batch_size * TIMING_FEEDS), TIMING_FEEDS))
     full = [feed for feed in feeds if len(next(iter(feed.values()))) == len(next(iter(feeds[0].values())))]
     return full or feeds[:1]
-
-
-def _take(iterator: Iterator, count: int) -> Iterator:
-    for index, item in enumerate(iterator):
-        if index >= count:
-            return
-        yield item
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -32,7 +32,7 @@ from compressq.prune.structured import (
     trace_channel_groups,
 )
 
-__all__ = ["PruneConfig", "PruneResult", "PruneSummary", "LayerResult", "plan_pruning", "prune_model"]
+__all__ = ["LayerResult", "PruneConfig", "PruneResult", "PruneSummary", "plan_pruning", "prune_model", "weight_masks"]
 
 Progress = Callable[[int], None]
 
@@ -173,7 +173,7 @@ def _prune_channels(model: onnx.ModelProto, plan: PrunePlan, config: PruneConfig
                     progress: Progress | None) -> _Outcome:
     dense_reasons = {d.node: d.reason for d in plan.dense}
     groups = trace_channel_groups(model, {layer.node: None for layer in plan.layers} | dense_reasons)
-    kept = choose_channels(model, groups, config.sparsity, config.criterion, config.seed)
+    kept = choose_channels(model, groups, config.sparsity, config.criterion, config.seed, config.channel_multiple)
     rewritten = remove_channels(model, groups, kept)
     layers = _channel_results(model, rewritten, groups, kept)
     dense = list(plan.dense) + _blocked_layers(plan, groups, kept, config)
@@ -247,14 +247,15 @@ def _channel_refit_targets(model: onnx.ModelProto, groups: list[ChannelGroup],
 
 
 def _granularity_notes(groups: list[ChannelGroup], kept: dict[int, np.ndarray], config: PruneConfig) -> list[str]:
-    notes = []
-    for position, keep in kept.items():
-        group = groups[position]
-        achieved = 1 - len(keep) / group.channels
-        if abs(achieved - config.sparsity) > 0.01:
-            notes.append(f"{', '.join(group.producer_nodes)}: {group.channels} channels, so "
-                         f"{config.sparsity:.0%} rounds to {group.channels - len(keep)} removed ({achieved:.1%})")
-    return notes
+    removed = {position: 1 - len(keep) / groups[position].channels for position, keep in kept.items()}
+    if not removed or all(abs(r - config.sparsity) <= 0.01 for r in removed.values()):
+        return []
+    aligned = config.channel_multiple > 1 and all(
+        len(keep) % config.channel_multiple == 0 for position, keep in kept.items()
+        if groups[position].channels % config.channel_multiple == 0)
+    how = (f"kept counts are multiples of {config.channel_multiple} so onnxruntime's blocked kernels apply"
+           if aligned else "a layer loses whole channels only")
+    return [f"per-layer sparsity ranges {min(removed.values()):.1%} to {max(removed.values()):.1%} ({how})"]
 
 
 # ---------------------------------------------------------------------------------------------------

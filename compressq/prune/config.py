@@ -26,6 +26,7 @@ class PruneConfig:
     keep_first: bool = True
     keep_last: bool = True
     min_parameters: int = DEFAULT_MIN_PARAMETERS
+    channel_multiple: int = 8  # channel pattern: kept counts aligned to this (1 = exact counts)
     calibration_samples: int = 256
     batch_size: int = 32
     # Refit: ridge strength relative to the mean diagonal of X^T X, pulling towards the pruned weights.
@@ -45,6 +46,8 @@ class PruneConfig:
                              hint="N:M groups and channels are ranked within each layer; drop --scope global")
         if self.min_parameters < 0 or self.calibration_samples < 1 or self.batch_size < 1:
             raise UsageError("--min-params must be >= 0 and --calibration-samples >= 1")
+        if self.channel_multiple < 1:
+            raise UsageError("--channel-multiple must be >= 1", hint="1 keeps exact channel counts")
 
     def _check_pattern(self) -> None:
         if self.pattern in (UNSTRUCTURED, CHANNEL):

@@ -8,7 +8,7 @@ exact counts, not value cut-offs, so ties never make the achieved sparsity drift
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -89,12 +89,46 @@ def channel_l2_norms(weight: np.ndarray, axis: int) -> np.ndarray:
     return np.sqrt(np.square(moved.reshape(moved.shape[0], -1)).sum(axis=1))
 
 
+def exact_kept_count(channels: int, sparsity: float) -> int:
+    """Channels that stay when `sparsity` of `channels` go (at least one stays)."""
+    return channels - min(pruned_count(channels, sparsity), channels - 1)
+
+
+def kept_channel_counts(channel_counts: Sequence[int], sparsity: float, multiple: int = 1) -> list[int]:
+    """How many channels every group keeps.
+
+    With `multiple` > 1, groups whose width is a multiple of it (and at least twice it) keep a multiple of
+    it too: CPU kernels (onnxruntime's blocked NCHWc convolutions) only run on aligned channel counts.
+    Each group rounds up or down, whichever brings the running total closer to the request (error
+    diffusion). When even so the overall sparsity would end up more than one point off the request
+    (few, narrow groups), every group keeps its exact count instead.
+    """
+    exact = [exact_kept_count(c, sparsity) for c in channel_counts]
+    if multiple <= 1:
+        return exact
+    aligned, removed, target = [], 0, 0.0
+    for channels, exact_count in zip(channel_counts, exact):
+        target += channels * sparsity
+        if channels % multiple or channels < 2 * multiple:
+            aligned.append(exact_count)
+        else:
+            low = (channels - exact_count) // multiple * multiple
+            options = sorted({channels - min(r, channels - multiple) for r in (low, low + multiple)})
+            aligned.append(min(options, key=lambda keep: abs(removed + channels - keep - target)))
+        removed += channels - aligned[-1]
+    total = sum(channel_counts)
+    return aligned if total and abs(removed / total - sparsity) <= 0.01 else exact
+
+
+def strongest_channels(scores: np.ndarray, keep: int) -> np.ndarray:
+    """Sorted indices of the `keep` highest-scoring channels."""
+    order = np.argsort(scores, kind="stable")
+    return np.sort(order[scores.shape[0] - keep:])
+
+
 def channels_to_keep(scores: np.ndarray, sparsity: float) -> np.ndarray:
     """Sorted indices of the channels that stay: the lowest-scoring ones go, at least one stays."""
-    channels = scores.shape[0]
-    remove = min(pruned_count(channels, sparsity), channels - 1)
-    order = np.argsort(scores, kind="stable")
-    return np.sort(order[remove:])
+    return strongest_channels(scores, exact_kept_count(scores.shape[0], sparsity))
 
 
 def zero_fraction(weight: np.ndarray) -> float:

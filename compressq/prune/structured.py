@@ -28,7 +28,7 @@ import onnx
 from onnx import numpy_helper
 
 from compressq.graph import GraphIndex, NameGenerator, node_attributes, remove_unused, tensor_types
-from compressq.prune.masks import channel_l2_norms, channels_to_keep
+from compressq.prune.masks import channel_l2_norms, kept_channel_counts, strongest_channels
 
 ELEMENTWISE_UNARY_OPS = frozenset({
     "Relu", "LeakyRelu", "Clip", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Elu", "Selu", "Celu",
@@ -435,16 +435,16 @@ def channel_scores(model: onnx.ModelProto, group: ChannelGroup, criterion: str,
 
 
 def choose_channels(model: onnx.ModelProto, groups: list[ChannelGroup], sparsity: float, criterion: str,
-                    seed: int) -> dict[int, np.ndarray]:
-    """Kept channel indices for every prunable group (by position in `groups`) that loses any."""
+                    seed: int, multiple: int = 1) -> dict[int, np.ndarray]:
+    """Kept channel indices for every prunable group (by position in `groups`) that loses any;
+    see masks.kept_channel_counts for how `multiple` aligns the counts."""
+    prunable = [position for position, group in enumerate(groups) if group.prunable]
+    counts = kept_channel_counts([groups[p].channels for p in prunable], sparsity, multiple)
     kept = {}
-    for position, group in enumerate(groups):
-        if not group.prunable:
-            continue
-        rng = np.random.default_rng([seed, position])
-        keep = channels_to_keep(channel_scores(model, group, criterion, rng), sparsity)
-        if len(keep) < group.channels:
-            kept[position] = keep
+    for position, keep_count in zip(prunable, counts):
+        if keep_count < groups[position].channels:
+            rng = np.random.default_rng([seed, position])
+            kept[position] = strongest_channels(channel_scores(model, groups[position], criterion, rng), keep_count)
     return kept
 
 

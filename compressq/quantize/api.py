@@ -10,10 +10,17 @@ import onnx
 
 from compressq.data import Dataset
 from compressq.errors import UsageError
+from compressq.quantize.accuracy import (
+    AccuracyFallback,
+    AccuracyProbe,
+    AccuracyTarget,
+    NodeSensitivity,
+    node_sensitivity,
+)
 from compressq.quantize.config import QuantizeConfig
 from compressq.quantize.dynamic import quantize_dynamic
 from compressq.quantize.plan import Skipped
-from compressq.quantize.static import quantize_static
+from compressq.quantize.static import StaticQuantizer, quantize_static
 
 MODES = ("static", "dynamic", "weight-only")
 METHODS = ("minmax", "percentile", "entropy", "mse")
@@ -34,6 +41,8 @@ class QuantizeSummary:
     speedup: float | None = None             # input median / output median, 1 thread, measured
     latency_batch: int = 1
     speed_steps: list[str] = field(default_factory=list)
+    accuracy: dict | None = None             # figures against fp32 on the evaluation data (with a target)
+    returned_to_float: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
 
@@ -48,8 +57,12 @@ class QuantizeResult:
 
 
 def quantize_model(model: onnx.ModelProto, dataset: Dataset | None, config: QuantizeConfig,
-                   progress: Callable[[str, int, int], None] | None = None) -> QuantizeResult:
-    """Quantize `model` (not modified) as `config` says; static mode needs `dataset`."""
+                   progress: Callable[[str, int, int], None] | None = None,
+                   eval_dataset: Dataset | None = None) -> QuantizeResult:
+    """Quantize `model` (not modified) as `config` says; static mode needs `dataset`.
+
+    With an accuracy target in `config`, `eval_dataset` (default: `dataset`) is what it is measured on.
+    """
     started = time.perf_counter()
     if config.mode not in MODES:
         raise UsageError(f"unknown mode '{config.mode}'", hint=f"use one of: {', '.join(MODES)}")
@@ -57,7 +70,7 @@ def quantize_model(model: onnx.ModelProto, dataset: Dataset | None, config: Quan
         if dataset is None:
             raise UsageError("static quantization needs calibration data",
                              hint="pass --calibration-data DATA, or --mode dynamic")
-        result = _static(model, dataset, config, progress)
+        result = _static(model, dataset, config, progress, eval_dataset or dataset)
     elif config.mode == "dynamic":
         result = _dynamic(model, config)
     else:
@@ -70,8 +83,14 @@ def _skipped(entries: list[Skipped]) -> list[dict]:
     return [{"node": s.node, "op_type": s.op_type, "reason": s.reason} for s in entries]
 
 
-def _static(model, dataset: Dataset, config: QuantizeConfig, progress) -> QuantizeResult:
-    outcome = quantize_static(model, dataset, config, progress)
+def _static(model, dataset: Dataset, config: QuantizeConfig, progress, eval_dataset: Dataset) -> QuantizeResult:
+    fallback = None
+    if config.max_drop is not None or config.min_agreement is not None:
+        target = AccuracyTarget(config.max_drop, config.min_agreement)
+        probe = AccuracyProbe(model, eval_dataset)
+        target.check(probe)  # before calibration: a target that cannot be measured is a usage error
+        fallback = AccuracyFallback(target, probe, progress)
+    outcome = quantize_static(model, dataset, config, progress, fallback)
     summary = QuantizeSummary(
         mode="static", method=config.method, quantized_nodes=sorted(outcome.plan.compute),
         float_nodes=_skipped(outcome.float_reasons),
@@ -81,6 +100,8 @@ def _static(model, dataset: Dataset, config: QuantizeConfig, progress) -> Quanti
         integer_kernels=outcome.fusion.integer_kernels if outcome.fusion else {},
         non_finite_tensors=outcome.non_finite_tensors, speedup=outcome.speedup, latency_batch=config.latency_batch,
         speed_steps=outcome.fallback_steps, notes=[*dataset.notes, *outcome.notes],
+        accuracy=fallback.final_figures.to_dict() if fallback and fallback.final_figures else None,
+        returned_to_float=fallback.returned_to_float or [] if fallback else [],
     )
     return QuantizeResult(outcome.model, summary)
 
@@ -103,3 +124,11 @@ def _weight_only(model, dataset: Dataset | None, config: QuantizeConfig) -> Quan
                                            for n, r in outcome.skipped.items()],
                               notes=[f"{config.bits}-bit weights, blocks of {config.block_size}"])
     return QuantizeResult(quantized, summary)
+
+
+def analyze_sensitivity(model: onnx.ModelProto, dataset: Dataset, eval_dataset: Dataset, config: QuantizeConfig,
+                        progress: Callable[[str, int, int], None] | None = None) -> list[NodeSensitivity]:
+    """Each quantizable node quantized alone, measured against fp32 on `eval_dataset`; worst first."""
+    quantizer = StaticQuantizer(model, dataset, config, progress)
+    probe = AccuracyProbe(model, eval_dataset)
+    return node_sensitivity(quantizer, probe, quantizer.base_keep_float, progress)

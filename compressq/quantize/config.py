@@ -25,6 +25,8 @@ class QuantizeConfig:
     bias_correction: bool = False     # subtract each layer's measured mean output shift from its bias
     equalize: bool = False            # cross-layer equalization before quantizing (CNNs)
     smoothquant: float | None = None  # SmoothQuant migration strength alpha (transformers)
+    max_drop: float | None = None     # accuracy target: top-1 drop in points on evaluation data
+    min_agreement: float | None = None  # accuracy target: share of samples whose prediction matches fp32
     bits: int = 8                     # weight-only mode: 4 or 8
     block_size: int = 32              # weight-only mode
 

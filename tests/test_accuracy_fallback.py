@@ -1,0 +1,99 @@
+"""Sensitivity analysis and the accuracy-driven fallback, on a model with one fragile layer."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from compressq.data import load_dataset
+from compressq.errors import TargetNotMet
+from compressq.quantize.api import analyze_sensitivity, quantize_model
+from compressq.quantize.config import QuantizeConfig
+from tests.conftest import SAMPLES
+
+CONFIG = QuantizeConfig(speed_check=False, per_channel=False)
+
+
+def _fragile_mlp() -> onnx.ModelProto:
+    """fc2's weight has one huge entry, so per-tensor int8 flattens all its other weights to zero."""
+    rng = np.random.default_rng(0)
+    w1 = rng.normal(size=(16, 32)).astype(np.float32) * 0.3
+    w2 = rng.normal(size=(32, 32)).astype(np.float32) * 0.3
+    w2[0, 0] = 500.0
+    w3 = rng.normal(size=(32, 10)).astype(np.float32) * 0.3
+    nodes = [
+        helper.make_node("MatMul", ["x", "w1"], ["h1"], name="fc1"),
+        helper.make_node("Tanh", ["h1"], ["a1"], name="act1"),
+        helper.make_node("MatMul", ["a1", "w2"], ["h2"], name="fc2"),
+        helper.make_node("Tanh", ["h2"], ["a2"], name="act2"),
+        helper.make_node("MatMul", ["a2", "w3"], ["logits"], name="fc3"),
+    ]
+    graph = helper.make_graph(
+        nodes, "fragile", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 16])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 10])],
+        [numpy_helper.from_array(w, n) for w, n in ((w1, "w1"), (w2, "w2"), (w3, "w3"))])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+@pytest.fixture
+def fragile(tmp_path):
+    model = _fragile_mlp()
+    rng = np.random.default_rng(1)
+    np.savez(tmp_path / "data.npz", x=rng.normal(size=(256, 16)).astype(np.float32))
+    path = tmp_path / "fragile.onnx"
+    onnx.save(model, str(path))
+    return model, load_dataset(tmp_path / "data.npz", model), path, tmp_path / "data.npz"
+
+
+def test_sensitivity_ranks_the_fragile_layer_worst(fragile):
+    model, data, _, _ = fragile
+    ranking = analyze_sensitivity(model, data, data, CONFIG)
+    assert [r.node for r in ranking][0] == "fc2"
+    assert ranking[0].figures.min_cosine < ranking[-1].figures.min_cosine
+    assert {r.node for r in ranking} == {"fc1", "fc2", "fc3"}
+
+
+def test_fallback_returns_the_most_sensitive_node_and_meets_the_target(fragile):
+    model, data, _, _ = fragile
+    plain = quantize_model(model, data, CONFIG)
+    assert "fc2" in plain.summary.quantized_nodes
+    result = quantize_model(model, data, QuantizeConfig(speed_check=False, per_channel=False, min_agreement=0.97))
+    assert result.summary.returned_to_float[0] == "fc2"
+    assert result.summary.accuracy["agreement"] >= 0.97
+    assert "fc2" not in result.summary.quantized_nodes and result.summary.quantized_nodes
+    assert any("returned to float" in f["reason"] for f in result.summary.float_nodes if f["node"] == "fc2")
+
+
+def test_impossible_target_fails_with_target_not_met(fragile):
+    model, data, _, _ = fragile
+    with pytest.raises(TargetNotMet):
+        quantize_model(model, data, QuantizeConfig(speed_check=False, per_channel=False, min_agreement=1.01))
+
+
+def test_max_drop_without_labels_is_a_clear_error(run_cli, fragile, tmp_path):
+    _, _, path, data = fragile
+    result = run_cli("quantize", path, "-d", data, "--max-drop", "0.5", "-o", tmp_path / "o.onnx")
+    assert result.exit_code == 2 and "labels" in result.stderr
+
+
+def test_cli_target_missed_exits_1_and_writes_nothing(run_cli, fragile, tmp_path):
+    _, _, path, data = fragile
+    result = run_cli("quantize", path, "-d", data, "--min-agreement", "1.0", "--per-tensor", "--no-speed-check",
+                     "-o", tmp_path / "o.onnx", "--json")
+    # Agreement 1.0 is reachable (everything float at worst), so this must pass, not fail.
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["accuracy"]["agreement"] == 1.0
+
+
+def test_cli_sensitivity_json_on_a_sample_model(run_cli):
+    result = run_cli("sensitivity", SAMPLES / "digits_cnn.onnx", "-d", SAMPLES / "digits_calib.npz",
+                     "--data", SAMPLES / "digits_eval.npz", "--json")
+    assert result.exit_code == 0, result.stderr
+    rows = json.loads(result.stdout)["nodes"]
+    assert len(rows) == 4 and {"node", "agreement", "min_cosine", "drop_points"} <= set(rows[0])
+    cosines = [r["agreement"] for r in rows]
+    assert cosines == sorted(cosines)
