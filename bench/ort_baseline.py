@@ -142,19 +142,29 @@ class ProcessRun:
     error: str | None = None
 
 
-def run_fresh(target: str, arguments: dict, timeout: float = 1800) -> ProcessRun:
-    """Call MODULE:FUNCTION(**arguments) in a fresh Python process; its own time and peak memory."""
+RSS_LIMIT_BYTES = 8 * 2**30  # the machine has 24 GiB shared with others: stop a calibration that hoards
+
+
+def run_fresh(target: str, arguments: dict, timeout: float = 1800,
+              rss_limit: int = RSS_LIMIT_BYTES) -> ProcessRun:
+    """Call MODULE:FUNCTION(**arguments) in a fresh Python process; its own time and peak memory.
+    A child whose resident memory passes `rss_limit` is killed and reported as such."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
     command = [sys.executable, "-m", "bench.rss_runner", target, json.dumps(arguments)]
     with tempfile.TemporaryFile() as stdout, tempfile.TemporaryFile() as stderr:
         started = time.perf_counter()
         child = subprocess.Popen(command, stdout=stdout, stderr=stderr, env=env, cwd=os.getcwd())
         try:
-            _, status, usage = _wait4(child, timeout)
+            _, status, usage = _wait4(child, timeout, rss_limit)
         except subprocess.TimeoutExpired:
             child.kill()
             child.wait()
             return ProcessRun(float("nan"), 0, time.perf_counter() - started, error=f"timed out after {timeout} s")
+        except MemoryError:
+            child.kill()
+            child.wait()
+            return ProcessRun(float("nan"), rss_limit, time.perf_counter() - started,
+                              error=f"killed: resident memory passed {rss_limit / 2**30:.0f} GiB")
         process_seconds = time.perf_counter() - started
         stdout.seek(0)
         stderr.seek(0)
@@ -168,7 +178,7 @@ def run_fresh(target: str, arguments: dict, timeout: float = 1800) -> ProcessRun
                           report.get("result"))
 
 
-def _wait4(child: subprocess.Popen, timeout: float):
+def _wait4(child: subprocess.Popen, timeout: float, rss_limit: int):
     """os.wait4 gives the rusage of this one child (RUSAGE_CHILDREN would mix all children so far)."""
     deadline = time.monotonic() + timeout
     while True:
@@ -178,7 +188,20 @@ def _wait4(child: subprocess.Popen, timeout: float):
             return pid, child.returncode, usage
         if time.monotonic() > deadline:
             raise subprocess.TimeoutExpired(child.args, timeout)
+        if _resident_bytes(child.pid) > rss_limit:
+            raise MemoryError
         time.sleep(0.02)
+
+
+def _resident_bytes(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            for line in status:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
 
 
 def peak_rss_of(fn_module_path: str, args: dict, timeout: float = 1800) -> tuple[float, int]:
@@ -231,14 +254,16 @@ def subjects(names: Sequence[str], calib_samples: int, eval_samples: int) -> lis
                 print(f"skipping {name}: not in .bench/models (run python -m bench.real_models)", file=sys.stderr)
                 continue
             big = name in ("ocr_det", "captcha_det")
-            calib = real_models.calibration_feeds(name, calib_samples // 2 if big else calib_samples, seed=0)
+            calib = real_models.calibration_feeds(name, calib_samples // 4 if big else calib_samples, seed=0)
             evaluation = real_models.calibration_feeds(name, eval_samples // 2 if big else eval_samples, seed=1)
             kind = "real" if name == "magika" else "rendered"
             chosen.append(Subject(name, found[name], calib, evaluation, kind,
                                   lambda r, t, n=name: real_models.agreement(n, r, t)))
         elif name in ("digits_cnn", "digits_mobilenet"):
-            with np.load(REPO / "sample_models/digits_calib.npz") as c, np.load(REPO / "sample_models/digits_eval.npz") as e:
-                calib, evaluation, labels = {"input": c["input"]}, {"input": e["input"]}, e["labels"]
+            with np.load(REPO / "sample_models/digits_calib.npz") as c:
+                calib = {"input": c["input"]}
+            with np.load(REPO / "sample_models/digits_eval.npz") as e:
+                evaluation, labels = {"input": e["input"]}, e["labels"]
             chosen.append(Subject(name, REPO / f"sample_models/{name}.onnx", _split(calib, 32), _split(evaluation, 60),
                                   "trained-sample", _generic_agreement, labels, "batch 60 (eval), 32 (calib)"))
         elif name in ("resnet18", "bert2"):
@@ -501,7 +526,8 @@ def _conv_case(cin: int, cout: int, size: int, kernel: int, group: int = 1, stri
     rng = np.random.default_rng(seed)
     weight = rng.normal(0, np.sqrt(2.0 / (cin // group * kernel * kernel)), (cout, cin // group, kernel, kernel))
     bias = rng.normal(0, 0.1, cout)
-    inits = [numpy_helper.from_array(weight.astype(np.float32), "w"), numpy_helper.from_array(bias.astype(np.float32), "b")]
+    inits = [numpy_helper.from_array(weight.astype(np.float32), "w"),
+             numpy_helper.from_array(bias.astype(np.float32), "b")]
     nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c"], group=group, kernel_shape=[kernel, kernel],
                               strides=[stride, stride], pads=[kernel // 2] * 4)]
     last = "c"
@@ -514,7 +540,8 @@ def _conv_case(cin: int, cout: int, size: int, kernel: int, group: int = 1, stri
     elif act == "paddle_hardswish":  # paddle2onnx: x * clip(x + 3, 0, 6) / 6
         inits += [numpy_helper.from_array(np.array(v, np.float32), n) for n, v in
                   (("three", 3.0), ("zero", 0.0), ("six", 6.0))]
-        nodes += [helper.make_node("Add", ["c", "three"], ["a"]), helper.make_node("Clip", ["a", "zero", "six"], ["cl"]),
+        nodes += [helper.make_node("Add", ["c", "three"], ["a"]),
+                  helper.make_node("Clip", ["a", "zero", "six"], ["cl"]),
                   helper.make_node("Mul", ["c", "cl"], ["m"]), helper.make_node("Div", ["m", "six"], ["y"])]
     elif act == "hardsigmoid_mul":  # paddle's SE gate / hardswish: x * HardSigmoid(x)
         nodes += [helper.make_node("HardSigmoid", ["c"], ["h"], alpha=0.2, beta=0.5),
@@ -561,7 +588,8 @@ def micro_cases() -> list[MicroCase]:
     for cin, cout, size, k in ((16, 16, 112, 1), (64, 64, 56, 1), (128, 128, 28, 1), (256, 256, 14, 1),
                                (512, 512, 7, 1), (16, 16, 112, 3), (64, 64, 56, 3), (128, 128, 28, 3),
                                (256, 256, 14, 3), (512, 512, 7, 3), (3, 32, 224, 3), (8, 16, 56, 3)):
-        cases.append(MicroCase(f"conv {k}x{k} {cin}->{cout} @{size}", "conv", lambda a=(cin, cout, size, k): _conv_case(*a)))
+        cases.append(MicroCase(f"conv {k}x{k} {cin}->{cout} @{size}", "conv",
+                               lambda a=(cin, cout, size, k): _conv_case(*a)))
     for channels, size, k in ((16, 112, 3), (64, 56, 3), (128, 28, 3), (256, 14, 3), (512, 7, 3), (128, 28, 5),
                               (480, 14, 5)):
         cases.append(MicroCase(f"depthwise {k}x{k} {channels} @{size}", "depthwise",
@@ -573,10 +601,9 @@ def micro_cases() -> list[MicroCase]:
                                lambda a=act: _conv_case(64, 64, 56, 3, act=a)))
         cases.append(MicroCase(f"depthwise 3x3 128 @28 + {act}", "depthwise+act",
                                lambda a=act: _conv_case(128, 128, 28, 3, group=128, act=a)))
-    for op in ("Relu", "Sigmoid", "HardSwish", "HardSigmoid", "Add", "GlobalAveragePool+Mul", "Resize", "MaxPool"):
-        if op == "MaxPool":
-            continue
-        cases.append(MicroCase(f"1x1 -> {op} -> 1x1, 128 @28", "between convs", lambda o=op: _pointwise_case(o, 128, 28)))
+    for op in ("Relu", "Sigmoid", "HardSwish", "HardSigmoid", "Add", "GlobalAveragePool+Mul", "Resize"):
+        cases.append(MicroCase(f"1x1 -> {op} -> 1x1, 128 @28", "between convs",
+                               lambda o=op: _pointwise_case(o, 128, 28)))
     for rows, inner, cols in ((128, 768, 768), (128, 768, 3072), (128, 3072, 768), (1, 768, 768), (1, 512, 1000),
                               (40, 120, 6625)):
         cases.append(MicroCase(f"matmul {rows}x{inner} @ {inner}x{cols}", "matmul",
@@ -620,14 +647,16 @@ def micro_bench(runs: int = 30, only: str | None = None) -> list[dict]:
         kernel_fp32, glue_fp32 = _compute_and_glue(fp32, feeds[:2], runs)
         kernel_qdq, glue_qdq = _compute_and_glue(quantized, feeds[:2], runs)
         float_ops = sorted({op for op in census["ops"] if op.split(".")[-1] not in INTEGER_KERNELS | QDQ_OPS})
-        rows.append({"case": case.name, "family": case.family, "fp32_ms": times["fp32"], "qdq_ms": times["qdq"],
-                     "speedup": times["fp32"] / times["qdq"], "kernel_fp32_ms": kernel_fp32,
-                     "kernel_qdq_ms": kernel_qdq, "glue_fp32_ms": glue_fp32, "glue_qdq_ms": glue_qdq,
-                     "kernel_speedup": kernel_fp32 / kernel_qdq if kernel_qdq else float("nan"), "integer": sorted(census["integer_kernels"]),
-                     "float": float_ops, "q": census["quantize_linear"], "dq": census["dequantize_linear"]})
-        print(f"  {rows[-1]['case']:<42} fp32 {times['fp32']:8.3f} ms  qdq {times['qdq']:8.3f} ms  "
-              f"x{rows[-1]['speedup']:.2f} (kernels x{rows[-1]['kernel_speedup']:.2f})  int={rows[-1]['integer']} float={float_ops} "
-              f"Q={census['quantize_linear']} DQ={census['dequantize_linear']}", file=sys.stderr)
+        row = {"case": case.name, "family": case.family, "fp32_ms": times["fp32"], "qdq_ms": times["qdq"],
+               "speedup": times["fp32"] / times["qdq"], "kernel_fp32_ms": kernel_fp32, "kernel_qdq_ms": kernel_qdq,
+               "glue_fp32_ms": glue_fp32, "glue_qdq_ms": glue_qdq,
+               "kernel_speedup": kernel_fp32 / kernel_qdq if kernel_qdq else float("nan"),
+               "integer": sorted(census["integer_kernels"]), "float": float_ops,
+               "q": census["quantize_linear"], "dq": census["dequantize_linear"]}
+        rows.append(row)
+        print(f"  {case.name:<42} fp32 {row['fp32_ms']:8.3f} ms  qdq {row['qdq_ms']:8.3f} ms  x{row['speedup']:.2f} "
+              f"(kernels x{row['kernel_speedup']:.2f})  int={row['integer']} float={float_ops} "
+              f"Q={row['q']} DQ={row['dq']}", file=sys.stderr)
     return rows
 
 
@@ -655,6 +684,43 @@ def markdown(results: list[SubjectResult]) -> str:
     return "\n".join(lines)
 
 
+def conv_category(key: str) -> str:
+    """Coarse class of a conv_profile key: depthwise kxk, group, stem (kxk on <= 4 channels), 1x1 or
+    dense kxk, split at 64 input channels."""
+    kind = key.split()[0]
+    if kind.startswith("dw"):
+        return f"depthwise {kind[2:]}"
+    if key.startswith("group"):
+        return "group conv"
+    kernel = kind[len("conv"):]
+    cin = int(key.split()[2].split("->")[0])
+    if cin <= 4 and kernel != "1x1":
+        return "stem conv (cin <= 4)"
+    name = "pointwise 1x1" if kernel == "1x1" else f"dense {kernel}"
+    return f"{name} (cin {'< 64' if cin < 64 else '>= 64'})"
+
+
+def conv_categories(result: SubjectResult) -> dict[str, dict]:
+    """fp32 vs int8 ms per inference summed over every conv of one category."""
+    totals: dict[str, dict] = defaultdict(lambda: {"fp32_ms": 0.0, "int8_ms": 0.0, "convs": 0})
+    for key, entry in result.conv_fp32.items():
+        totals[conv_category(key)]["fp32_ms"] += entry["ms"]
+        totals[conv_category(key)]["convs"] += entry["count"]
+    for key, entry in result.conv_ort.items():
+        totals[conv_category(key)]["int8_ms"] += entry["ms"]
+    return dict(sorted(totals.items()))
+
+
+def conv_markdown(results: list[SubjectResult]) -> str:
+    lines = ["| model | conv category | convs | fp32 ms | ORT int8 ms | int8 speedup |", "|---|---|---|---|---|---|"]
+    for result in results:
+        for category, entry in conv_categories(result).items():
+            speed = entry["fp32_ms"] / entry["int8_ms"] if entry["int8_ms"] else float("nan")
+            lines.append(f"| {result.name} | {category} | {entry['convs']} | {entry['fp32_ms']:.3f} | "
+                         f"{entry['int8_ms']:.3f} | {speed:.2f}x |")
+    return "\n".join(lines)
+
+
 def _f(value: float | None) -> str:
     return "" if value is None else f"{value:.2f}"
 
@@ -667,8 +733,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("subjects", nargs="*", default=list(ALL_SUBJECTS))
     parser.add_argument("--methods", default=",".join(METHODS))
-    parser.add_argument("--calib", type=int, default=32, help="calibration samples (halved for detectors, "
-                                                               "quartered for the generated models)")
+    parser.add_argument("--calib", type=int, default=32, help="calibration samples (a quarter for detectors "
+                                                               "and for the generated models)")
     parser.add_argument("--eval", type=int, default=32, dest="eval_samples")
     parser.add_argument("--runs", type=int, default=20, help="interleaved timing turns")
     parser.add_argument("--profile-runs", type=int, default=10)
@@ -699,6 +765,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.json:
             Path(args.json).write_text(json.dumps([asdict(r) for r in results], indent=1, default=_round))
     print(markdown(results))
+    print()
+    print(conv_markdown(results))
     return 0
 
 

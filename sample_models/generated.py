@@ -430,11 +430,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("kind", choices=sorted(GENERATORS))
     parser.add_argument("output", help="path of the .onnx file to write")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--inputs", metavar="NPZ", help="also write random inputs (random weights, random data: "
+                        "for latency work only)")
+    parser.add_argument("--samples", type=int, default=16, help="samples in --inputs")
     args = parser.parse_args(argv)
     model = GENERATORS[args.kind](seed=args.seed)
     onnx.checker.check_model(model)
     onnx.save(model, args.output)
     print(f"wrote {args.output}")
+    if args.inputs:
+        np.savez(args.inputs, **make_inputs(model, batch=args.samples, seed=args.seed))
+        print(f"wrote {args.inputs}")
 
 
 if __name__ == "__main__":

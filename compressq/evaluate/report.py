@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import math
 import zlib
-from itertools import islice
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from itertools import islice
 from pathlib import Path
 
 import numpy as np

@@ -1,0 +1,271 @@
+"""`compressq prune`: the plan, unstructured and N:M pruning, refit, the CLI, and prune -> quantize."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from compressq.data import load_dataset, synthetic_dataset
+from compressq.errors import UsageError
+from compressq.graph import GraphIndex, read_stamp
+from compressq.prune import PruneConfig, prune_model
+from compressq.prune.plan import plan_pruning
+from compressq.runtime import create_session
+from tests.conftest import SAMPLES, make_model
+
+CNN_LAYERS = ("/features/features.0/features.0.0/Conv", "/features/features.1/features.1.0/Conv",
+              "/classifier/classifier.1/Gemm", "/classifier/classifier.4/Gemm")
+
+
+@pytest.fixture(scope="module")
+def cnn() -> onnx.ModelProto:
+    return onnx.load(str(SAMPLES / "digits_cnn.onnx"))
+
+
+@pytest.fixture(scope="module")
+def cnn_calibration(cnn):
+    return load_dataset(SAMPLES / "digits_calib.npz", cnn)
+
+
+@pytest.fixture(scope="module")
+def cnn_eval() -> dict[str, np.ndarray]:
+    return dict(np.load(SAMPLES / "digits_eval.npz"))
+
+
+def logits(model: onnx.ModelProto, inputs: np.ndarray) -> np.ndarray:
+    return create_session(model).run(None, {"input": inputs})[0]
+
+
+def weight_of(model: onnx.ModelProto, node_name: str) -> np.ndarray:
+    node = next(n for n in model.graph.node if n.name == node_name)
+    return GraphIndex(model.graph).constant(node.input[1])
+
+
+# ---------------------------------------------------------------------------------------------------
+# The plan
+
+
+def test_plan_keeps_first_last_and_tiny_layers_dense(cnn):
+    plan = plan_pruning(cnn, PruneConfig(sparsity=0.5))
+    assert [layer.node for layer in plan.layers] == list(CNN_LAYERS[1:3])
+    reasons = {d.node: d.reason for d in plan.dense}
+    assert reasons[CNN_LAYERS[0]].startswith("first") and reasons[CNN_LAYERS[3]].startswith("last")
+    everything = plan_pruning(cnn, PruneConfig(sparsity=0.5, keep_first=False, keep_last=False))
+    assert [d.reason.split(":")[0] for d in everything.dense] == ["tiny", "tiny"]  # 144 and 640 parameters
+    assert len(plan_pruning(cnn, PruneConfig(0.5, keep_first=False, keep_last=False, min_parameters=0)).layers) == 4
+
+
+@pytest.mark.parametrize(("pattern", "dense"), [("Gemm", CNN_LAYERS[2]), ("/features/*", CNN_LAYERS[1]),
+                                                ("onnx::Conv_32", CNN_LAYERS[1])])
+def test_plan_exclude_matches_node_names_op_types_and_weight_names(cnn, pattern, dense):
+    plan = plan_pruning(cnn, PruneConfig(sparsity=0.5, exclude=(pattern,)))
+    assert dense not in [layer.node for layer in plan.layers]
+    assert f"--exclude '{pattern}'" in {d.node: d.reason for d in plan.dense}[dense]
+
+
+def test_plan_records_each_weight_layout():
+    rng = np.random.default_rng(0)
+    shapes = {"w_conv": (4, 2, 3, 3), "w_gemm_t": (5, 16), "w_gemm": (16, 5), "w_matmul": (5, 6),
+              "w_deconv": (6, 3, 2, 2)}
+    nodes = [helper.make_node("Conv", ["x", "w_conv"], ["c"], name="conv"),
+             helper.make_node("Flatten", ["c"], ["f"], name="flatten"),
+             helper.make_node("Gemm", ["f", "w_gemm_t"], ["g1"], name="gemm_t", transB=1),
+             helper.make_node("Gemm", ["f", "w_gemm"], ["g2"], name="gemm"),
+             helper.make_node("MatMul", ["g1", "w_matmul"], ["m"], name="matmul"),
+             helper.make_node("Reshape", ["m", "shape"], ["r"], name="reshape"),
+             helper.make_node("ConvTranspose", ["r", "w_deconv"], ["y"], name="deconv")]
+    initializers = [numpy_helper.from_array(rng.standard_normal(s).astype(np.float32), n) for n, s in shapes.items()]
+    initializers.append(numpy_helper.from_array(np.array([1, 6, 1, 1], np.int64), "shape"))
+    model = make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 4, 4])],
+                       [helper.make_tensor_value_info("y", TensorProto.FLOAT, None),
+                        helper.make_tensor_value_info("g2", TensorProto.FLOAT, None)], initializers)
+    plan = plan_pruning(model, PruneConfig(0.5, keep_first=False, keep_last=False, min_parameters=0))
+    axes = {layer.node: (layer.input_axis, layer.output_axis) for layer in plan.layers}
+    assert axes == {"conv": (1, 0), "gemm_t": (1, 0), "gemm": (0, 1), "matmul": (0, 1), "deconv": (0, 1)}
+
+
+def test_plan_leaves_shared_and_quantized_weights_dense():
+    weight = numpy_helper.from_array(np.ones((4, 4), np.float32), "w")
+    int_weight = numpy_helper.from_array(np.ones((4, 4), np.int8), "q")
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["a"], name="first"),
+             helper.make_node("MatMul", ["a", "w"], ["b"], name="second"),
+             helper.make_node("MatMulInteger", ["b_int", "q"], ["c"], name="integer")]
+    model = make_model(nodes[:2], [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+                       [helper.make_tensor_value_info("b", TensorProto.FLOAT, [1, 4])], [weight, int_weight])
+    model.graph.node.append(helper.make_node("MatMul", ["b", "q"], ["c"], name="integer_weight"))
+    plan = plan_pruning(model, PruneConfig(0.5, keep_first=False, keep_last=False, min_parameters=0))
+    reasons = {d.node: d.reason for d in plan.dense}
+    assert reasons["first"] == reasons["second"] == "weight is shared by 2 nodes"
+    assert "int8" in reasons["integer_weight"] and not plan.layers
+
+
+# ---------------------------------------------------------------------------------------------------
+# Unstructured and N:M
+
+
+@pytest.mark.parametrize("scope", ["local", "global"])
+def test_unstructured_sparsity_matches_the_request_within_a_point(cnn, scope):
+    result = prune_model(cnn, PruneConfig(sparsity=0.7, scope=scope))
+    pruned = [weight_of(result.model, name) for name in CNN_LAYERS[1:3]]
+    overall = sum(np.count_nonzero(w == 0) for w in pruned) / sum(w.size for w in pruned)
+    assert abs(overall - 0.7) <= 0.01 and abs(result.summary.achieved_sparsity - overall) < 1e-9
+    per_layer = [layer.sparsity for layer in result.summary.layers]
+    if scope == "local":
+        assert all(abs(s - 0.7) <= 0.01 for s in per_layer)
+    else:
+        assert max(per_layer) - min(per_layer) > 0.05  # one threshold: the layers end up different
+    np.testing.assert_array_equal(weight_of(result.model, CNN_LAYERS[0]), weight_of(cnn, CNN_LAYERS[0]))
+
+
+def test_prune_model_does_not_touch_its_input(cnn):
+    before = cnn.SerializeToString()
+    prune_model(cnn, PruneConfig(sparsity=0.5))
+    assert cnn.SerializeToString() == before
+
+
+def test_2_of_4_on_the_transformer_keeps_two_of_every_four_along_the_input_dimension():
+    model = onnx.load(str(SAMPLES / "digits_transformer.onnx"))
+    result = prune_model(model, PruneConfig.from_options(None, "2:4"))
+    assert result.summary.requested_sparsity == 0.5 and result.summary.layers
+    for layer in result.summary.layers:
+        weight = weight_of(result.model, layer.node)  # MatMul weights are [in, out]
+        groups = (weight != 0).reshape(weight.shape[0] // 4, 4, weight.shape[1])
+        assert np.all(groups.sum(axis=1) == 2), layer.node
+
+
+def test_random_criterion_is_seeded(cnn):
+    def zeros(seed):
+        model = prune_model(cnn, PruneConfig(sparsity=0.5, criterion="random", seed=seed)).model
+        return weight_of(model, CNN_LAYERS[2]) == 0
+
+    assert np.array_equal(zeros(1), zeros(1)) and not np.array_equal(zeros(1), zeros(2))
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    (dict(sparsity=1.5), "between 0 and 1"),
+    (dict(sparsity=0.3, pattern="2:4"), "exactly 50%"),
+    (dict(sparsity=0.5, pattern="3:2"), "unknown --pattern"),
+    (dict(sparsity=0.5, pattern="channel", scope="global"), "--scope global"),
+    (dict(sparsity=0.5, criterion="taylor"), "--criterion"),
+])
+def test_config_rejects_contradictions(options, message):
+    with pytest.raises(UsageError, match=message):
+        PruneConfig(**options)
+
+
+def test_nothing_to_prune_is_an_error_not_a_silent_copy(cnn):
+    with pytest.raises(UsageError, match="nothing to prune"):
+        prune_model(cnn, PruneConfig(sparsity=0.5, exclude=("Conv", "Gemm")))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Refit
+
+
+def relative_error(got: np.ndarray, reference: np.ndarray) -> float:
+    return float(np.linalg.norm(got - reference) / np.linalg.norm(reference))
+
+
+def test_refit_reduces_output_error_on_held_out_data_and_keeps_the_zeros(cnn, cnn_calibration, cnn_eval):
+    config = PruneConfig(sparsity=0.8)
+    plain = prune_model(cnn, config)
+    refit = prune_model(cnn, config, cnn_calibration)
+    dense = logits(cnn, cnn_eval["input"])
+    assert relative_error(logits(refit.model, cnn_eval["input"]), dense) < \
+        0.6 * relative_error(logits(plain.model, cnn_eval["input"]), dense)
+    for name in CNN_LAYERS[1:3]:
+        np.testing.assert_array_equal(weight_of(refit.model, name) == 0, weight_of(plain.model, name) == 0)
+    assert [r.node for r in refit.summary.refit] == list(CNN_LAYERS[1:3])
+    assert all(r.error_after < r.error_before for r in refit.summary.refit)
+
+
+def test_channel_refit_reconstructs_the_next_layers(cnn, cnn_calibration, cnn_eval):
+    config = PruneConfig(sparsity=0.3, pattern="channel")
+    plain = prune_model(cnn, config)
+    refit = prune_model(cnn, config, cnn_calibration)
+    assert [r.node for r in refit.summary.refit] == list(CNN_LAYERS[1:])  # conv2, fc1 and the last layer
+    dense = logits(cnn, cnn_eval["input"])
+    assert relative_error(logits(refit.model, cnn_eval["input"]), dense) < \
+        0.6 * relative_error(logits(plain.model, cnn_eval["input"]), dense)
+
+
+def test_refit_keeps_the_2_of_4_pattern_of_a_matmul_with_its_bias_add():
+    rng = np.random.default_rng(0)
+    w1, b1, w2 = rng.standard_normal((8, 16)), rng.standard_normal(16), rng.standard_normal((16, 4))
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["m1"], name="fc1"),
+             helper.make_node("Add", ["b1", "m1"], ["a1"], name="fc1.bias"),
+             helper.make_node("Tanh", ["a1"], ["t"], name="tanh"),
+             helper.make_node("MatMul", ["t", "w2"], ["y"], name="fc2")]
+    initializers = [numpy_helper.from_array(v.astype(np.float32), n) for n, v in (("w1", w1), ("b1", b1), ("w2", w2))]
+    model = make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 8])],
+                       [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])], initializers)
+    dataset = synthetic_dataset(model, samples=64, seed=0)
+    config = PruneConfig(sparsity=0.5, pattern="2:4", keep_last=True, min_parameters=0, keep_first=False)
+    result = prune_model(model, config, dataset)
+    weight = weight_of(result.model, "fc1")
+    assert np.all((weight != 0).reshape(2, 4, 16).sum(axis=1) == 2)
+    bias = GraphIndex(result.model.graph).constant("b1")
+    assert not np.allclose(bias, b1)  # the bias took part in the fit
+    record = result.summary.refit[0]
+    assert record.node == "fc1" and record.error_after < record.error_before
+
+
+# ---------------------------------------------------------------------------------------------------
+# CLI
+
+
+def test_cli_writes_the_default_output_and_leaves_the_input_alone(run_cli, tmp_path):
+    source = tmp_path / "digits_cnn.onnx"
+    source.write_bytes((SAMPLES / "digits_cnn.onnx").read_bytes())
+    digest = hashlib.sha256(source.read_bytes()).hexdigest()
+    result = run_cli("prune", source, "--sparsity", "0.5", "--calibration-data", SAMPLES / "digits_calib.npz")
+    assert result.exit_code == 0, result.stderr
+    output = tmp_path / "digits_cnn.pruned.onnx"
+    assert output.exists() and hashlib.sha256(source.read_bytes()).hexdigest() == digest
+    assert "Left dense" in result.stdout and "last weighted layer" in result.stdout
+    stamp = read_stamp(onnx.load(str(output)))
+    assert stamp["command"] == "prune" and json.loads(stamp["settings"])["sparsity"] == 0.5
+
+
+def test_cli_json_is_the_only_thing_on_stdout(run_cli, tmp_path):
+    output = tmp_path / "out.onnx"
+    result = run_cli("prune", SAMPLES / "digits_cnn.onnx", "--pattern", "channel", "-s", "0.3", "-o", output, "--json")
+    assert result.exit_code == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["output"] == str(output) and summary["output_bytes"] < summary["input_bytes"]
+    assert {layer["node"] for layer in summary["layers"]} == set(CNN_LAYERS[1:3])
+    assert all(d["reason"] for d in summary["dense_layers"])
+
+
+def test_cli_refuses_to_overwrite_its_input_and_bad_options(run_cli, tmp_path):
+    source = tmp_path / "m.onnx"
+    source.write_bytes((SAMPLES / "digits_cnn.onnx").read_bytes())
+    assert run_cli("prune", source, "-s", "0.5", "-o", source).exit_code == 2
+    result = run_cli("prune", source, "--pattern", "2:4", "-s", "0.3")
+    assert result.exit_code == 2 and "2:4" in result.stderr and not result.stdout
+
+
+# ---------------------------------------------------------------------------------------------------
+# Pairs with quantize
+
+
+def test_prune_then_quantize_keeps_every_pruned_zero_exactly_zero(cnn, cnn_calibration):
+    from compressq.quantize.api import quantize_model
+    from compressq.quantize.config import QuantizeConfig
+    from compressq.summary import summarize
+
+    pruned = prune_model(cnn, PruneConfig(sparsity=0.5)).model
+    quantized = quantize_model(pruned, cnn_calibration, QuantizeConfig(speed_check=False)).model
+    int8 = [numpy_helper.to_array(t) for t in quantized.graph.initializer if t.data_type == TensorProto.INT8]
+    for name in CNN_LAYERS[1:3]:
+        zeros = weight_of(pruned, name) == 0
+        matches = [q for q in int8 if q.shape == zeros.shape and np.all(q[zeros] == 0)]
+        assert matches, f"no int8 weight keeps the zeros of {name}"
+    summary = summarize(quantized, SAMPLES / "digits_cnn.onnx")
+    sparse = [i for i in summary.initializers if i.dtype == "int8" and i.parameters > 1000]
+    assert sparse and all(i.zero_fraction >= 0.5 for i in sparse)
