@@ -108,7 +108,7 @@ def _ort_quantize(model_path: Path, feeds: list[dict], out_path: Path, method: s
             ort_quantize_static(model_path, feeds, out_path, method)
         return None
     except Exception as exc:  # ORT raises anything from deep inside; the table says what
-        return f"{type(exc).__name__}: {str(exc).splitlines()[0][:100] if str(exc) else ''}"
+        return f"{type(exc).__name__}: {str(exc).splitlines()[0][:60] if str(exc) else ''}"
 
 
 def _save_like_cli(result, path: Path) -> Path:
@@ -222,17 +222,17 @@ def _sample_models(table) -> None:
         default_what = (f"{len(summary.quantized_nodes)} nodes int8" if summary.quantized_nodes
                         else "0 nodes int8: output = input")
         table.add(SECTION, f"{name}: {what}; compressq default (speed-checked, {default_what})",
-                  round(score["cq default"], 2), best_ort_text, bar_text, meets(score["cq default"]))
+                  f"{score['cq default']:.2f}", best_ort_text, bar_text, meets(score["cq default"]))
         table.add(SECTION, f"{name}: {what}; compressq forced int8 (minmax, {forced_nodes} nodes)",
-                  round(score["cq forced minmax"], 2), best_ort_text, bar_text, meets(score["cq forced minmax"]))
-        table.add(SECTION, f"{name}: {what}, by method (forced int8 | ORT QDQ)",
+                  f"{score['cq forced minmax']:.2f}", best_ort_text, bar_text, meets(score["cq forced minmax"]))
+        table.add(SECTION, f"{name}: {what}, by method (compressq forced int8 vs ORT QDQ)",
                   " · ".join(f"{m} {score[f'cq forced {m}']:.2f}" for m in CQ_METHODS),
                   " · ".join([f"{m} {score[f'ort {m}']:.2f}" for m in ort_done]
                              + [f"{m} failed ({e})" for m, e in ort_errors.items()]))
         if best_ort:
             table.add(SECTION, f"{name}: top-1 accuracy %, compressq forced int8 (minmax) >= ORT best "
                       f"({best_ort}); 540 test images",
-                      round(accuracy["cq forced minmax"] * 100, 2), round(accuracy[f"ort {best_ort}"] * 100, 2),
+                      f"{accuracy['cq forced minmax'] * 100:.2f}", f"{accuracy[f'ort {best_ort}'] * 100:.2f}",
                       ">= ORT best", accuracy["cq forced minmax"] >= accuracy[f"ort {best_ort}"] - 1e-9)
 
         # Latency at batch 1 (the speed check's own setting): every output against fp32, interleaved.
@@ -245,19 +245,19 @@ def _sample_models(table) -> None:
         ort_text = _ratio_text(times["ort"]) if "ort" in times else "ORT failed"
         note = _slower_note(ort_ratio) if ort_ratio else ""
         table.add(SECTION, f"{name}: latency fp32/output, batch 1, 1 thread (fp32 {times['fp32']['ms']:.3f} ms); "
-                  f"compressq default | ORT minmax{note}", _ratio_text(times["cq default"]), ort_text,
+                  f"compressq default vs ORT minmax{note}", _ratio_text(times["cq default"]), ort_text,
                   f">= {1 - NOISE_MARGIN:g} (never slower)", _not_slower(times["cq default"]["speedup"].ratio))
         forced_ratio = times["cq forced"]["speedup"].ratio
-        table.add(SECTION, f"{name}: latency fp32/output, batch 1; compressq forced int8 | ORT minmax"
+        table.add(SECTION, f"{name}: latency fp32/output, batch 1; compressq forced int8 vs ORT minmax"
                   f"{_slower_note(forced_ratio, 'forced int8')}", _ratio_text(times["cq forced"]), ort_text)
 
         # File sizes.
         ort_size = round(_size_ratio(outputs["ort minmax"], path), 3) if "ort minmax" in outputs else "ORT failed"
         default_ratio = _size_ratio(outputs["cq default"], path)
-        table.add(SECTION, f"{name}: file size output/fp32; compressq default | ORT minmax", round(default_ratio, 3),
+        table.add(SECTION, f"{name}: file size output/fp32; compressq default vs ORT minmax", round(default_ratio, 3),
                   ort_size, "< 1.0 where quantized", default_ratio < 1.0 if summary.quantized_nodes else None)
         forced_ratio = _size_ratio(outputs["cq forced minmax"], path)
-        table.add(SECTION, f"{name}: file size output/fp32; compressq forced int8 | ORT minmax",
+        table.add(SECTION, f"{name}: file size output/fp32; compressq forced int8 vs ORT minmax",
                   round(forced_ratio, 3), ort_size, "< 1.0 where quantized", forced_ratio < 1.0)
         log(f"{name}: {time.perf_counter() - started:.1f} s")
 
@@ -321,7 +321,7 @@ def _generated_models(table) -> None:
         cq_speedup = times["cq"]["speedup"]
         ort_text = _ratio_text(times["ort"]) if "ort" in times else f"ORT failed: {error}"
         table.add(SECTION, f"{label}: speedup fp32/output, 1 thread (fp32 {times['fp32']['ms']:.1f} ms); "
-                  f"compressq default ({len(default.summary.quantized_nodes)} nodes int8) | ORT minmax",
+                  f"compressq default ({len(default.summary.quantized_nodes)} nodes int8) vs ORT minmax",
                   _ratio_text(times["cq"]), ort_text, ">= 2x", cq_speedup.ratio >= 2.0)
         if "ort" in times:
             versus = _latency({"ort": ort_path, "cq": cq_path}, timing_feeds, runs=runs)["cq"]["speedup"]
@@ -331,7 +331,7 @@ def _generated_models(table) -> None:
                       f">= {1 - NOISE_MARGIN:g} (no slower, {NOISE_MARGIN:.0%} noise)", _not_slower(versus.ratio))
         ort_size = round(_size_ratio(ort_path, path), 3) if not error else "ORT failed"
         size = _size_ratio(cq_path, path)
-        table.add(SECTION, f"{name}: file size output/fp32; compressq default | ORT minmax", round(size, 3), ort_size,
+        table.add(SECTION, f"{name}: file size output/fp32; compressq default vs ORT minmax", round(size, 3), ort_size,
                   "< 1.0 where quantized", size < 1.0 if default.summary.quantized_nodes else None)
         log(f"{name}: {time.perf_counter() - started:.1f} s")
 
@@ -355,7 +355,7 @@ def _fresh_pair(name: str, path: Path, npz: Path, title: str, samples: int, tabl
         table.add(SECTION, f"{label}: calibrate + rewrite", f"error: {cq.error}" if cq.error else "ok",
                   f"error: {ort.error}" if ort.error else "ok", "both run", False)
         return {"cq": cq, "ort": ort}
-    table.add(SECTION, f"{label}: calibrate + rewrite wall time, s (compressq --no-speed-check | ORT incl. "
+    table.add(SECTION, f"{label}: calibrate + rewrite wall time, s (compressq --no-speed-check vs ORT incl. "
               "quant_pre_process)", round(cq.seconds, 2), round(ort.seconds, 2), "<= ORT", cq.seconds <= ort.seconds)
     table.add(SECTION, f"{label}: peak RSS, MB (whole process)", round(cq.peak_rss_bytes / 2**20),
               round(ort.peak_rss_bytes / 2**20), "< ORT", cq.peak_rss_bytes < ort.peak_rss_bytes)
@@ -462,17 +462,19 @@ def _real_models(table) -> None:
         ort_failed = f"ORT failed: {error}"
         nodes = len(result.summary.quantized_nodes)
         ort_note = _slower_note(times["ort"]["speedup"].ratio) if "ort" in times else ""
+        if "ort" in times and times["cq"]["ms"] > times["ort"]["ms"] * (1 + NOISE_MARGIN):
+            ort_note += f"; compressq output is {times['cq']['ms'] / times['ort']['ms']:.2f}x slower than ORT's"
         table.add(SECTION, f"{label}: latency fp32/output, batch 1, 1 thread (fp32 {times['fp32']['ms']:.1f} ms); "
-                  f"compressq default ({nodes} nodes int8) | ORT minmax{ort_note}",
+                  f"compressq default ({nodes} nodes int8) vs ORT minmax{ort_note}",
                   _ratio_text(times["cq"]), _ratio_text(times["ort"]) if "ort" in times else ort_failed,
                   f">= {1 - NOISE_MARGIN:g} (never slower)", _not_slower(times["cq"]["speedup"].ratio))
         size = _size_ratio(cq_path, path)
-        table.add(SECTION, f"{name}: file size output/fp32; compressq default | ORT minmax", round(size, 3),
+        table.add(SECTION, f"{name}: file size output/fp32; compressq default vs ORT minmax", round(size, 3),
                   round(_size_ratio(ort_path, path), 3) if not error else ort_failed,
                   "< 1.0 where quantized", size < 1.0 if nodes else None)
-        table.add(SECTION, f"{name}: {key} with fp32 ({eval_count} {kind}, other seed) | cosine; compressq | ORT",
-                  f"{agreements['cq'][key]:.4f} | {agreements['cq']['cosine']:.4f}",
-                  f"{agreements['ort'][key]:.4f} | {agreements['ort']['cosine']:.4f}" if not error else ort_failed)
+        table.add(SECTION, f"{name}: {key} with fp32 ({eval_count} {kind}, other seed) / cosine; compressq vs ORT",
+                  f"{agreements['cq'][key]:.4f} / {agreements['cq']['cosine']:.4f}",
+                  f"{agreements['ort'][key]:.4f} / {agreements['ort']['cosine']:.4f}" if not error else ort_failed)
         log(f"{name}: {time.perf_counter() - started:.1f} s")
 
 

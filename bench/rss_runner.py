@@ -2,7 +2,8 @@
 
     python -m bench.rss_runner MODULE:FUNCTION '{"keyword": "arguments as JSON"}'
 
-The last line on stdout is JSON: {"seconds": ..., "peak_rss_bytes": ..., "result": ...}. The time covers
+The last line on stdout is JSON: {"seconds": ..., "peak_rss_bytes": ..., "result": ...} (or {"error": ...,
+"peak_rss_bytes": ...} and exit status 1 when the function raised). The time covers
 the call only (not the interpreter start or the imports); the peak RSS (VmHWM) covers the whole process,
 imports included, so compare it only with another measurement taken the same way.
 """
@@ -35,7 +36,15 @@ def main(argv: list[str]) -> int:
     module_name, function_name = target.split(":")
     function = getattr(importlib.import_module(module_name), function_name)
     started = time.perf_counter()
-    result = function(**arguments)
+    try:
+        result = function(**arguments)
+    except Exception as exc:  # still report the memory it reached, then fail
+        import traceback
+
+        traceback.print_exc()
+        error = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+        print(json.dumps({"error": error, "peak_rss_bytes": peak_rss_bytes()}))
+        return 1
     seconds = time.perf_counter() - started
     print(json.dumps({"seconds": seconds, "peak_rss_bytes": peak_rss_bytes(), "result": result}, default=str))
     return 0

@@ -91,7 +91,7 @@ class ModelSummary:
 def summarize(model: onnx.ModelProto, path: str | os.PathLike) -> ModelSummary:
     index = GraphIndex(model.graph)
     nodes = list(all_nodes(model.graph))
-    initializers = [_initializer_info(t) for t in model.graph.initializer]
+    initializers = [_initializer_info(t) for t in stored_tensors(model.graph)]
     parameters = sum(i.parameters for i in initializers)
     zeros = sum(round(i.zero_fraction * i.parameters) for i in initializers)
     return ModelSummary(
@@ -110,9 +110,31 @@ def summarize(model: onnx.ModelProto, path: str | os.PathLike) -> ModelSummary:
         by_dtype=_totals_by_dtype(initializers),
         zero_fraction=zeros / parameters if parameters else 0.0,
         initializers=initializers,
-        quantization=_quantization_state(nodes, model.graph.initializer),
+        quantization=_quantization_state(nodes, stored_tensors(model.graph)),
         compressq=read_stamp(model),
     )
+
+
+def stored_tensors(graph: onnx.GraphProto) -> list[onnx.TensorProto]:
+    """Initializers plus weight-like Constant values: some exporters (paddle2onnx) keep every weight there.
+
+    Weight-like = floating point with more than one element; scalar bounds and shape constants are not
+    parameters.
+    """
+    float_types = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16,
+                   onnx.TensorProto.DOUBLE}
+    tensors = list(graph.initializer)
+    for node in graph.node:
+        if node.op_type != "Constant":
+            continue
+        for attribute in node.attribute:
+            if attribute.name == "value" and attribute.t.data_type in float_types and \
+                    int(np.prod(attribute.t.dims)) > 1:
+                tensor = onnx.TensorProto()
+                tensor.CopyFrom(attribute.t)
+                tensor.name = node.output[0]
+                tensors.append(tensor)
+    return tensors
 
 
 def all_nodes(graph: onnx.GraphProto):

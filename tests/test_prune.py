@@ -269,3 +269,37 @@ def test_prune_then_quantize_keeps_every_pruned_zero_exactly_zero(cnn, cnn_calib
     summary = summarize(quantized, SAMPLES / "digits_cnn.onnx")
     sparse = [i for i in summary.initializers if i.dtype == "int8" and i.parameters > 1000]
     assert sparse and all(i.zero_fraction >= 0.5 for i in sparse)
+
+
+@pytest.mark.parametrize("attributes", [
+    dict(pads=[1, 1, 1, 1]),
+    dict(strides=[2, 2], dilations=[2, 2], pads=[0, 1, 2, 1]),
+    dict(auto_pad="SAME_UPPER", strides=[2, 2]),
+    dict(auto_pad="SAME_LOWER", strides=[2, 1], group=2),
+    dict(auto_pad="VALID", group=4),
+])
+def test_conv_rows_reproduce_the_convolution(attributes):
+    """im2col rows times the weight matrix give onnxruntime's Conv output at the sampled positions."""
+    from compressq.prune.refit import ConvView
+
+    rng = np.random.default_rng(5)
+    group = attributes.get("group", 1)
+    weight = rng.standard_normal((8, 4 // group, 3, 3)).astype(np.float32)
+    bias = rng.standard_normal(8).astype(np.float32)
+    node = helper.make_node("Conv", ["x", "w", "b"], ["y"], name="conv", **attributes)
+    model = make_model([node], [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4, 7, 6])],
+                       [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                       [numpy_helper.from_array(weight, "w"), numpy_helper.from_array(bias, "b")])
+    x = rng.standard_normal((2, 4, 7, 6)).astype(np.float32)
+    y = create_session(model).run(None, {"x": x})[0]
+    view = ConvView(model.graph, model.graph.node[0])
+    rows = view.rows(x, y, np.random.default_rng(0), limit=20)
+    for matrix, (inputs, targets) in zip(view.matrices(), rows):
+        np.testing.assert_allclose(inputs @ matrix.T, targets, rtol=1e-4, atol=1e-4)
+
+
+def test_n_m_leaves_layers_without_whole_groups_dense(cnn):
+    plan = plan_pruning(cnn, PruneConfig(0.5, pattern="2:4", keep_first=False, min_parameters=0))
+    reasons = {d.node: d.reason for d in plan.dense}
+    assert "input dimension 1 is not a multiple of 4" in reasons[CNN_LAYERS[0]]  # a 1-channel input
+    assert CNN_LAYERS[1] in [layer.node for layer in plan.layers]

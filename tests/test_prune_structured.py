@@ -223,3 +223,36 @@ def test_channel_pruning_never_modifies_the_input_model():
     before = model.SerializeToString()
     prune_model(model, PruneConfig(sparsity=0.5, pattern="channel", **EVERYTHING))
     assert model.SerializeToString() == before
+
+
+def test_convtranspose_gemm_without_transb_and_batchnorm_on_features_match_the_reference():
+    """Conv -> ConvTranspose -> Relu -> Flatten -> Gemm(transB=0) -> BatchNorm -> Relu -> MatMul."""
+    rng = np.random.default_rng(4)
+    arrays = {"wc": (6, 2, 3, 3), "wt": (6, 8, 2, 2), "bt": (8,), "wg": (8 * 64, 12), "bg": (12,),
+              "scale": (12,), "shift": (12,), "mean": (12,), "wm": (12, 3)}
+    initializers = [numpy_helper.from_array(rng.standard_normal(s).astype(np.float32), n) for n, s in arrays.items()]
+    initializers.append(numpy_helper.from_array(rng.uniform(0.5, 1.5, 12).astype(np.float32), "var"))
+    nodes = [helper.make_node("Conv", ["x", "wc"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+             helper.make_node("ConvTranspose", ["c", "wt", "bt"], ["t"], name="deconv", strides=[2, 2]),
+             helper.make_node("Relu", ["t"], ["r"], name="relu"),
+             helper.make_node("Flatten", ["r"], ["f"], name="flatten"),
+             helper.make_node("Gemm", ["f", "wg", "bg"], ["g"], name="gemm"),
+             helper.make_node("BatchNormalization", ["g", "scale", "shift", "mean", "var"], ["n"], name="bn"),
+             helper.make_node("Relu", ["n"], ["h"], name="relu2"),
+             helper.make_node("MatMul", ["h", "wm"], ["y"], name="head")]
+    model = make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 2, 4, 4])],
+                       [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 3])], initializers)
+    feeds = {"x": rng.standard_normal((3, 2, 4, 4)).astype(np.float32)}
+    pruned = assert_valid_and_equivalent(model, PruneConfig(sparsity=0.5, **EVERYTHING), feeds)
+    shapes = {t.name: tuple(t.dims) for t in pruned.graph.initializer}
+    assert shapes["wc"] == (3, 2, 3, 3) and shapes["wt"] == (3, 4, 2, 2) and shapes["wg"] == (4 * 64, 6)
+    assert shapes["var"] == (6,) and shapes["wm"] == (6, 3)
+
+
+@pytest.mark.parametrize("pattern", ["unstructured", "channel"])
+def test_every_weighted_layer_is_reported_once_as_pruned_or_dense(pattern):
+    model = onnx.load(str(SAMPLES / "digits_mobilenet.onnx"))
+    summary = prune_model(model, PruneConfig(sparsity=0.3, pattern=pattern, min_parameters=0)).summary
+    reported = [layer.node for layer in summary.layers] + [d.node for d in summary.dense_layers]
+    weighted = [n.name for n in model.graph.node if n.op_type in ("Conv", "Gemm")]
+    assert sorted(reported) == sorted(weighted)

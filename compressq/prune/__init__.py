@@ -176,7 +176,8 @@ def _prune_channels(model: onnx.ModelProto, plan: PrunePlan, config: PruneConfig
     kept = choose_channels(model, groups, config.sparsity, config.criterion, config.seed, config.channel_multiple)
     rewritten = remove_channels(model, groups, kept)
     layers = _channel_results(model, rewritten, groups, kept)
-    dense = list(plan.dense) + _blocked_layers(plan, groups, kept, config)
+    order = {node.name: i for i, node in enumerate(model.graph.node)}
+    dense = sorted([*plan.dense, *_blocked_layers(plan, groups, kept, config)], key=lambda d: order[d.node])
     if progress:
         progress(len(layers))
     targets = _channel_refit_targets(model, groups, kept)
@@ -219,17 +220,26 @@ def _weight_shapes(model: onnx.ModelProto) -> dict[str, tuple[str, str, tuple[in
 
 def _blocked_layers(plan: PrunePlan, groups: list[ChannelGroup], kept: dict[int, np.ndarray],
                     config: PruneConfig) -> list[DenseLayer]:
+    """Planned layers whose channels all stay, with the reason."""
     producing = {name: position for position, g in enumerate(groups) for name in g.producer_nodes}
+    following = {name: position for position, g in enumerate(groups) for name in g.followers}
     dense = []
     for layer in plan.layers:
-        position = producing.get(layer.node)
-        if position is None or position in kept:
+        position = producing.get(layer.node, following.get(layer.node))
+        if position in kept:
             continue
-        group = groups[position]
-        reason = group.blocked[0] if group.blocked else \
-            f"{group.channels} channels: removing {config.sparsity:.0%} rounds to none"
+        reason = _why_channels_stay(groups[position], config) if position is not None else \
+            "channel pruning cannot shrink this layer's outputs (grouped convolution or a weight of rank > 2)"
+        if layer.node in following:
+            reason = f"depthwise: follows its input's channels, which stay ({reason})"
         dense.append(DenseLayer(layer.node, layer.op_type, layer.weight, layer.parameters, reason))
     return dense
+
+
+def _why_channels_stay(group: ChannelGroup, config: PruneConfig) -> str:
+    if group.blocked:
+        return group.blocked[0]
+    return f"{group.channels} channels: removing {config.sparsity:.0%} of them rounds to none"
 
 
 def _channel_refit_targets(model: onnx.ModelProto, groups: list[ChannelGroup],

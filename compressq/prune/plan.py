@@ -122,6 +122,9 @@ def _dense_reason(layer: WeightedLayer, position: int, count: int, config: Prune
         return "last weighted layer (pass --prune-last to prune it)"
     if layer.parameters < config.min_parameters:
         return f"tiny: {layer.parameters} parameters < --min-params {config.min_parameters}"
+    if config.n_m and layer.shape[layer.input_axis] % config.n_m[1]:
+        return (f"input dimension {layer.shape[layer.input_axis]} is not a multiple of {config.n_m[1]} "
+                f"({config.pattern} needs whole groups)")
     return None
 
 
