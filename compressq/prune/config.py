@@ -30,7 +30,7 @@ class PruneConfig:
     calibration_samples: int = 256
     batch_size: int = 32
     # Refit: ridge strength relative to the mean diagonal of X^T X, pulling towards the pruned weights.
-    refit_ridge: float = 0.05
+    refit_ridge: float = 0.01
 
     def __post_init__(self) -> None:
         self._check_pattern()

@@ -49,7 +49,7 @@ class RefitRecord:
 class RefitSettings:
     samples: int = 256
     batch_size: int = 32
-    ridge: float = 0.05  # relative to the mean diagonal of X^T X
+    ridge: float = 0.01  # relative to the mean diagonal of X^T X
     rows_per_batch: int = 4096
     seed: int = 0
 
