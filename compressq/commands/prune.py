@@ -102,7 +102,7 @@ def _layers_table(summary: PruneSummary) -> Table:
     refit = {record.node: record for record in summary.refit}
     table = Table(title=f"Pruned layers ({len(summary.layers)})", title_justify="left")
     for column in ("layer", "op", "weight shape", "sparsity", "refit error (before -> after)", "note"):
-        table.add_column(column, justify="right" if column == "sparsity" else "left")
+        table.add_column(column, justify="right" if column == "sparsity" else "left", overflow="fold")
     for layer in summary.layers:
         shape = render.shape_text(list(layer.shape_after))
         if layer.shape_after != layer.shape_before:
@@ -116,7 +116,7 @@ def _layers_table(summary: PruneSummary) -> Table:
 def _dense_table(summary: PruneSummary) -> Table:
     table = Table(title=f"Left dense ({len(summary.dense_layers)})", title_justify="left")
     for column in ("layer", "op", "parameters", "why"):
-        table.add_column(column, justify="right" if column == "parameters" else "left")
+        table.add_column(column, justify="right" if column == "parameters" else "left", overflow="fold")
     for layer in summary.dense_layers:
         table.add_row(escape(layer.node), layer.op_type, f"{layer.parameters:,}", escape(layer.reason))
     return table
