@@ -16,7 +16,7 @@ FLOAT_ROWS_SHOWN = 20
 def render_quantize_summary(summary: QuantizeSummary, output: Path, input_bytes: int, output_bytes: int) -> None:
     ratio = output_bytes / input_bytes if input_bytes else 1.0
     method = f", {summary.method} calibration on {summary.calibration_samples} samples" if summary.method else ""
-    stdout.print(f"[bold]{escape(str(output))}[/]: {summary.mode} int8{method}, "
+    stdout.print(f"[bold]{escape(str(output))}[/]: {summary.mode} int{summary.weight_bits}{method}, "
                  f"{len(summary.quantized_nodes)} nodes quantized, {len(summary.float_nodes)} kept float, "
                  f"{summary.seconds:.1f} s", highlight=False)
     stdout.print(f"size: {human_bytes(input_bytes)} -> {human_bytes(output_bytes)} ({ratio:.2f}x)", highlight=False)
@@ -52,11 +52,15 @@ def _float_table(float_nodes: list[dict]) -> Table:
 
 def _warn(summary: QuantizeSummary, size_ratio: float, growth: int) -> None:
     if summary.speedup is not None and summary.speedup < 1.0:
-        stderr.print(f"[bold yellow]WARNING:[/] the output runs slower than the input ({summary.speedup:.2f}x) "
-                     "even after returning the costly parts to float", highlight=False)
-    if summary.mode == "static" and not summary.quantized_nodes:
+        after = " even after returning the costly parts to float" if summary.mode == "static" else ""
+        stderr.print(f"[bold yellow]WARNING:[/] the output runs slower than the input ({summary.speedup:.2f}x)"
+                     f"{after}", highlight=False)
+    if summary.speedup is not None and summary.speedup < 1.0 and summary.mode != "static":
+        stderr.print("  (dynamic and weight-only outputs are not returned to float automatically; "
+                     "try static quantization with --calibration-data, or keep the input)", highlight=False)
+    if summary.mode != "weight-only" and not summary.quantized_nodes:
         stderr.print("[bold yellow]WARNING:[/] nothing was quantized: int8 made no part of this model faster "
-                     "on this machine; the output is the cleaned float model", highlight=False)
+                     "on this machine; the output is the input model", highlight=False)
     if size_ratio > 1.0:
         stderr.print(f"[bold yellow]WARNING:[/] the output is larger than the input by {growth} bytes "
                      f"({size_ratio:.3f}x)",

@@ -266,7 +266,7 @@ def test_existing_qdq_is_not_quantized_twice(forced_int8, tmp_path):
 
 def test_dynamic_mode_uses_integer_matmuls_and_stays_close():
     model = _load("digits_transformer.onnx")
-    result = quantize_model(model, None, QuantizeConfig(mode="dynamic"))
+    result = quantize_model(model, None, QuantizeConfig(mode="dynamic", speed_check=False))
     assert sum(n.op_type == "DynamicQuantizeMatMul" for n in result.model.graph.node) == len(
         result.summary.quantized_nodes) > 0
     reference, _ = _eval_outputs(model, SAMPLES / "digits_seq_eval.npz")
@@ -341,3 +341,25 @@ def test_cli_refuses_to_overwrite_its_input(run_cli, tmp_path):
     result = run_cli("quantize", model, "-o", model)
     assert result.exit_code == 2 and "overwrite" in result.stderr
     assert _digest(model) == _digest(SAMPLES / "digits_transformer.onnx")
+
+
+def test_dynamic_mode_that_runs_slower_hands_back_the_input(monkeypatch):
+    import compressq.quantize.api as api
+
+    monkeypatch.setattr(api, "measure_speedup", lambda *args, **kwargs: 0.5)
+    model = _load("digits_transformer.onnx")
+    result = quantize_model(model, None, QuantizeConfig(mode="dynamic"))
+    assert result.model is model
+    assert not result.summary.quantized_nodes and result.summary.speedup == 1.0
+    assert any("slower" in f["reason"] for f in result.summary.float_nodes)
+
+
+def test_weight_only_mode_with_calibration_refines_every_layer():
+    model = _load("digits_transformer.onnx")
+    data = load_dataset(SAMPLES / "digits_seq_calib.npz", model)
+    result = quantize_model(model, data, QuantizeConfig(mode="weight-only", bits=4, speed_check=False))
+    assert sum(n.op_type == "MatMulNBits" for n in result.model.graph.node) == len(result.summary.quantized_nodes)
+    assert any("refined" in note for note in result.summary.notes)
+    reference, _ = _eval_outputs(model, SAMPLES / "digits_seq_eval.npz")
+    quantized, _ = _eval_outputs(result.model, SAMPLES / "digits_seq_eval.npz")
+    assert (reference.argmax(1) == quantized.argmax(1)).mean() >= 0.97

@@ -6,10 +6,12 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
+import numpy as np
 import onnx
 
-from compressq.data import Dataset
+from compressq.data import Dataset, synthetic_dataset
 from compressq.errors import UsageError
+from compressq.graph import GraphIndex
 from compressq.quantize.accuracy import (
     AccuracyFallback,
     AccuracyProbe,
@@ -20,7 +22,8 @@ from compressq.quantize.accuracy import (
 from compressq.quantize.config import QuantizeConfig
 from compressq.quantize.dynamic import quantize_dynamic
 from compressq.quantize.plan import Skipped
-from compressq.quantize.static import StaticQuantizer, quantize_static
+from compressq.quantize.static import StaticQuantizer, measure_speedup, quantize_static
+from compressq.runtime import create_session, with_outputs
 
 MODES = ("static", "dynamic", "weight-only")
 METHODS = ("minmax", "percentile", "entropy", "mse")
@@ -40,6 +43,7 @@ class QuantizeSummary:
     non_finite_tensors: dict[str, str] = field(default_factory=dict)
     speedup: float | None = None             # input median / output median, 1 thread, measured
     latency_batch: int = 1
+    weight_bits: int = 8
     speed_steps: list[str] = field(default_factory=list)
     accuracy: dict | None = None             # figures against fp32 on the evaluation data (with a target)
     returned_to_float: list[str] = field(default_factory=list)
@@ -75,6 +79,13 @@ def quantize_model(model: onnx.ModelProto, dataset: Dataset | None, config: Quan
         result = _dynamic(model, config)
     else:
         result = _weight_only(model, dataset, config)
+    if config.mode != "static" and config.speed_check and result.summary.quantized_nodes:
+        timing_data = dataset if dataset is not None else synthetic_dataset(model, samples=8)
+        feeds = list(timing_data.batches(config.latency_batch, config.latency_batch * 4))
+        result.summary.speedup = measure_speedup(model, result.model, feeds, config.provider)
+        result.summary.latency_batch = config.latency_batch
+        if config.mode == "dynamic" and result.summary.speedup < 1.0:
+            result = _undo_slower_dynamic(model, result)
     result.summary.seconds = time.perf_counter() - started
     return result
 
@@ -113,16 +124,33 @@ def _dynamic(model, config: QuantizeConfig) -> QuantizeResult:
     return QuantizeResult(outcome.model, summary)
 
 
+def _undo_slower_dynamic(model: onnx.ModelProto, result: QuantizeResult) -> QuantizeResult:
+    """Dynamic int8 that runs slower is not worth having: hand back the input, and say why."""
+    summary = result.summary
+    reason = f"dynamic int8 made the model slower ({summary.speedup:.2f}x, measured)"
+    summary.float_nodes = [{"node": n, "op_type": "MatMul/Gemm", "reason": reason} for n in summary.quantized_nodes] \
+        + summary.float_nodes
+    summary.speed_steps.append(f"everything kept float: speedup {summary.speedup:.2f}x -> 1.00x")
+    summary.notes.append("no node was quantized; the output is the input model")
+    summary.quantized_nodes = []
+    summary.speedup = 1.0
+    return QuantizeResult(model, summary)
+
+
 def _weight_only(model, dataset: Dataset | None, config: QuantizeConfig) -> QuantizeResult:
     from compressq.quantize.weight_only import quantize_weights_only
 
+    calibration = matmul_input_samples(model, dataset, config) if dataset is not None else None
     quantized, outcome = quantize_weights_only(model, bits=config.bits, block_size=config.block_size,
-                                               exclude=tuple(config.exclude))
-    summary = QuantizeSummary(mode="weight-only", method=None,
+                                               exclude=tuple(config.exclude), calibration=calibration)
+    refined = sum(layer.refined for layer in outcome.layers)
+    summary = QuantizeSummary(mode="weight-only", method=None, weight_bits=config.bits,
                               quantized_nodes=[layer.node for layer in outcome.layers],
                               float_nodes=[{"node": n, "op_type": "MatMul", "reason": r}
                                            for n, r in outcome.skipped.items()],
-                              notes=[f"{config.bits}-bit weights, blocks of {config.block_size}"])
+                              notes=[f"{config.bits}-bit weights, blocks of {config.block_size}",
+                                     f"scales refined against calibration data on {refined} layers"
+                                     if calibration else "round-to-nearest scales (no calibration data)"])
     return QuantizeResult(quantized, summary)
 
 
@@ -132,3 +160,26 @@ def analyze_sensitivity(model: onnx.ModelProto, dataset: Dataset, eval_dataset: 
     quantizer = StaticQuantizer(model, dataset, config, progress)
     probe = AccuracyProbe(model, eval_dataset)
     return node_sensitivity(quantizer, probe, quantizer.base_keep_float, progress)
+
+
+WEIGHT_ONLY_ROWS = 4096  # rows of X per MatMul input: enough for a stable Gram matrix, bounded memory
+
+
+def matmul_input_samples(model: onnx.ModelProto, dataset: Dataset, config: QuantizeConfig) -> dict[str, np.ndarray]:
+    """Rows [n, K] of every constant-weight MatMul/Gemm input, at most WEIGHT_ONLY_ROWS each (reservoir)."""
+    index = GraphIndex(model.graph)
+    names = sorted({n.input[0] for n in model.graph.node
+                    if n.op_type in ("MatMul", "Gemm") and len(n.input) > 1 and index.is_constant(n.input[1])})
+    if not names:
+        return {}
+    session = create_session(with_outputs(model, names))
+    rng = np.random.default_rng(0)
+    kept: dict[str, np.ndarray] = {}
+    for feed in dataset.batches(config.batch_size, config.samples):
+        for name, values in zip(names, session.run(names, feed)):
+            rows = values.reshape(-1, values.shape[-1])
+            pool = rows if name not in kept else np.concatenate([kept[name], rows])
+            if len(pool) > WEIGHT_ONLY_ROWS:
+                pool = pool[rng.choice(len(pool), WEIGHT_ONLY_ROWS, replace=False)]
+            kept[name] = pool
+    return kept
