@@ -32,7 +32,7 @@ def main(argv: list[str]) -> int:
         console.rule(f"bench: {section}")
         module.run(table)
         console.print(f"{section} took {time.perf_counter() - started:.0f} s")
-    table.render(Console())
+    table.render(Console(width=220))
     markdown_path = Path(".bench/results.md")
     markdown_path.parent.mkdir(exist_ok=True)
     markdown_path.write_text(table.markdown() + "\n")

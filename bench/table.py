@@ -50,6 +50,10 @@ class Table:
 
     def markdown(self) -> str:
         lines = ["| section | metric | compressq | reference | bar | verdict |", "|---|---|---|---|---|---|"]
-        lines += [f"| {r.section} | {r.metric} | {r.compressq} | {r.reference} | {r.bar} | {r.verdict} |"
-                  for r in self.rows]
+        lines += ["| " + " | ".join(_cell(v) for v in (r.section, r.metric, r.compressq, r.reference, r.bar,
+                                                      r.verdict)) + " |" for r in self.rows]
         return "\n".join(lines)
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|")
