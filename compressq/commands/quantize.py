@@ -29,7 +29,7 @@ def quantize(
     activations: str = typer.Option("uint8", "--activations", help="uint8 (asymmetric) | int8 (symmetric)."),
     exclude: list[str] = typer.Option([], "--exclude", help="Node name or op type glob to keep float (repeatable)."),
     samples: int = typer.Option(None, "--samples", min=1, help="Calibration samples to use [default: all]."),
-    batch_size: int = typer.Option(32, "--batch-size", min=1, help="Calibration batch size."),
+    batch_size: int = typer.Option(8, "--batch-size", min=1, help="Calibration batch size (memory grows with it)."),
     provider: str = typer.Option("cpu", "--provider", help="Execution provider the output is checked on: cpu | cuda."),
     speed_check: bool = typer.Option(True, "--speed-check/--no-speed-check",
                                      help="Time the output against the input and undo quantization that costs time."),

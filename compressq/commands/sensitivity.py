@@ -21,7 +21,7 @@ def sensitivity(
     method: str = typer.Option("minmax", "--method", help=f"Calibration: {' | '.join(METHODS)}."),
     per_channel: bool = typer.Option(True, "--per-channel/--per-tensor", help="Weight scales per output channel."),
     activations: str = typer.Option("uint8", "--activations", help="uint8 (asymmetric) | int8 (symmetric)."),
-    batch_size: int = typer.Option(32, "--batch-size", min=1, help="Calibration batch size."),
+    batch_size: int = typer.Option(8, "--batch-size", min=1, help="Calibration batch size."),
     as_json: bool = typer.Option(False, "--json", help="Print the table as JSON on stdout, nothing else."),
 ) -> None:
     """Quantize each node alone and rank them by the error they cause against fp32, worst first."""

@@ -14,11 +14,11 @@ class QuantizeConfig:
     activations: str = "uint8"        # uint8 (asymmetric) | int8 (symmetric)
     exclude: tuple[str, ...] = ()     # glob patterns on node names or op types
     samples: int | None = None        # calibration samples to use (None: all)
-    batch_size: int = 32
+    batch_size: int = 8
     provider: str = "cpu"
     speed_check: bool = True          # time the output against the input and undo what costs time
     latency_batch: int = 1            # batch size the speed check times at (the user's serving batch)
-    quantize_depthwise: bool = False  # decided by measurement: see compressq/quantize/plan.py
+    quantize_depthwise: bool = True   # the speed check returns them to float where they cost time
     bias_correction: bool = False     # subtract each layer's measured mean output shift from its bias
     equalize: bool = False            # cross-layer equalization before quantizing (CNNs)
     smoothquant: float | None = None  # SmoothQuant migration strength alpha (transformers)

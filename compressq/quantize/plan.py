@@ -15,6 +15,7 @@ from __future__ import annotations
 import fnmatch
 from dataclasses import dataclass, field
 
+import numpy as np
 import onnx
 
 from compressq.graph import GraphIndex, node_attributes
@@ -24,8 +25,11 @@ SHARED_SCALE_OPS = frozenset({
     "MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Identity", "Resize",
     "SpaceToDepth", "DepthToSpace",
 })
-OWN_SCALE_OPS = frozenset({"Add", "Concat", "GlobalAveragePool", "AveragePool"})
+# Ops with an integer kernel in onnxruntime (QLinearAdd, QLinearMul, QLinearConcat, QLinearSigmoid,
+# QLinearLeakyRelu, QLinearGlobalAveragePool, QLinearAveragePool) that take their own output scale.
+OWN_SCALE_OPS = frozenset({"Add", "Mul", "Concat", "GlobalAveragePool", "AveragePool", "Sigmoid", "LeakyRelu"})
 ABSORBABLE_ACTIVATIONS = frozenset({"Relu", "Clip"})
+CONSTANT_OPERAND_OPS = frozenset({"Add", "Mul"})  # QLinearAdd/QLinearMul take a quantized constant too
 FLOAT_TYPES = (onnx.TensorProto.FLOAT,)
 
 
@@ -99,7 +103,7 @@ def build_plan(
     exclude: tuple[str, ...] = (),
     keep_float: dict[str, str] | None = None,
     absorb_activations: bool = True,
-    quantize_depthwise: bool = False,
+    quantize_depthwise: bool = True,
 ) -> QuantPlan:
     """`keep_float` maps node names to the reason they must stay float (from earlier measurements)."""
     graph = model.graph
@@ -150,7 +154,7 @@ def _why_float(node, index: GraphIndex, exclude, keep_float, already_quantized, 
                                    or attributes.get("beta", 1.0) != 1.0):
         return "Gemm with transA/alpha/beta has no integer kernel"
     if node.op_type == "Conv" and _is_depthwise(node, weight) and not quantize_depthwise:
-        return "depthwise convolution: onnxruntime's int8 depthwise kernel is slower than float on CPU"
+        return "depthwise convolution kept float"
     return None
 
 
@@ -248,9 +252,19 @@ def _integer_producers(plan, graph, index: GraphIndex, exclude, keep_float, alre
 
 
 def _all_inputs_int(node, index: GraphIndex, produced: set[str]) -> bool:
-    # A constant operand (a bias Add after MatMul) would need its own quantized copy: leave those float.
+    """Every data input exists as int8; Add/Mul may also take one float constant (quantized on its own)."""
     inputs = [i for i in node.input if i]
-    return bool(inputs) and all(i in produced and not index.is_constant(i) for i in inputs)
+    constants = [i for i in inputs if index.is_constant(i)]
+    data = [i for i in inputs if i not in constants]
+    if constants and (node.op_type not in CONSTANT_OPERAND_OPS or len(constants) > 1
+                      or not _float_constant(index, constants[0])):
+        return False
+    return bool(data) and all(i in produced for i in data)
+
+
+def _float_constant(index: GraphIndex, name: str) -> bool:
+    value = index.constant(name)
+    return value is not None and value.dtype == np.float32 and value.size > 0 and bool(np.isfinite(value).all())
 
 
 def _absorb_activation(plan: QuantPlan, node, index: GraphIndex, absorb_activations: bool) -> str:

@@ -11,10 +11,12 @@ from __future__ import annotations
 import os
 import tempfile
 
+import numpy as np
 import onnx
 import onnxruntime as ort
+from onnx import numpy_helper
 
-from compressq.graph import EXTERNAL_DATA_THRESHOLD
+from compressq.graph import EXTERNAL_DATA_THRESHOLD, GraphIndex, NameGenerator
 from compressq.quantize.plan import name_nodes
 from compressq.runtime import create_session
 
@@ -31,8 +33,26 @@ def prepare_for_quantization(model: onnx.ModelProto) -> tuple[onnx.ModelProto, l
     # onnxruntime drops metadata and may bump nothing else; keep what the user's model recorded.
     del prepared.metadata_props[:]
     prepared.metadata_props.extend(model.metadata_props)
+    _divisions_as_multiplications(prepared.graph)
     name_nodes(prepared.graph)
     return prepared, notes
+
+
+def _divisions_as_multiplications(graph: onnx.GraphProto) -> None:
+    """x / c -> x * (1/c) for float constants c, so that the division can run as onnxruntime's QLinearMul
+    (HardSwish exports divide by 6). The result differs from the division by at most one float rounding."""
+    index = GraphIndex(graph)
+    names = NameGenerator(graph)
+    for node in graph.node:
+        if node.op_type != "Div" or len(node.input) != 2:
+            continue
+        divisor = index.constant(node.input[1])
+        if divisor is None or divisor.dtype != np.float32 or not np.all(np.isfinite(divisor)) or np.any(divisor == 0):
+            continue
+        reciprocal = names(f"{node.input[1]}_reciprocal")
+        graph.initializer.append(numpy_helper.from_array((1.0 / divisor).astype(np.float32), reciprocal))
+        node.op_type = "Mul"
+        node.input[1] = reciprocal
 
 
 def _basic_optimized(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -58,6 +58,7 @@ class _Rewriter:
             self._quantize_weights(compute)
         for tensor in sorted(self.plan.quantized_tensors):
             self._insert_pair(tensor)
+        self._quantize_constant_operands()
         self._remove_absorbed()
         self._drop_replaced_initializers()
         self.graph.node.extend(self.new_nodes)
@@ -75,6 +76,9 @@ class _Rewriter:
         if compute.bias is None:
             return
         bias_values = self.index.constant(compute.bias)
+        if bias_values is not None and compute.op_type == "Gemm" and bias_values.ndim == 2 \
+                and bias_values.shape[0] == 1:
+            bias_values = bias_values.reshape(-1)  # C of shape [1, N] broadcasts exactly like [N]
         if bias_values is not None and compute.name in self.input_means:
             bias_values = bias_values - self._weight_error_shift(compute, node, weight_params)
         input_scale = self.activation_params(compute.activation).scale
@@ -179,6 +183,18 @@ class _Rewriter:
         if compute is not None:
             return compute.activation == tensor
         return node.name in self.plan.own_scale_nodes or node.name in self.plan.shared_scale_nodes
+
+    def _quantize_constant_operands(self) -> None:
+        """A float constant of a quantized Add/Mul becomes int8 (uint8) + DequantizeLinear, own scale."""
+        for node in self.graph.node:
+            if node.name not in self.plan.own_scale_nodes:
+                continue
+            for position, name in enumerate(node.input):
+                value = self.index.constant(name) if name else None
+                if value is None or value.dtype != np.float32:
+                    continue
+                params = scheme.activation_params(float(value.min()), float(value.max()), self.signed)
+                node.input[position] = self._dequantize_constant(name, scheme.quantize(value, params), params)
 
     def _remove_absorbed(self) -> None:
         absorbed = {a.node for a in self.plan.absorbed.values()}
