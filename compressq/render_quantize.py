@@ -11,6 +11,8 @@ from compressq.quantize.api import QuantizeSummary
 from compressq.render import human_bytes, stderr, stdout
 
 FLOAT_ROWS_SHOWN = 20
+ACCURACY_WARNING_AGREEMENT = 0.99
+ACCURACY_WARNING_COSINE = 0.99
 
 
 def render_quantize_summary(summary: QuantizeSummary, output: Path, input_bytes: int, output_bytes: int) -> None:
@@ -27,6 +29,9 @@ def render_quantize_summary(summary: QuantizeSummary, output: Path, input_bytes:
         stdout.print(f"measured speedup vs input: {summary.speedup:.2f}x "
                      f"(batch {summary.latency_batch}, 1 thread, interleaved runs)",
                      highlight=False)
+    if summary.accuracy:
+        stdout.print(f"vs fp32 on {escape(summary.accuracy_data or 'data')}: {_accuracy_text(summary.accuracy)}",
+                     highlight=False)
     for step in summary.speed_steps:
         stdout.print(f"  speed fallback: {escape(step)}", highlight=False)
     for tensor, why in summary.non_finite_tensors.items():
@@ -36,6 +41,17 @@ def render_quantize_summary(summary: QuantizeSummary, output: Path, input_bytes:
     for note in summary.notes:
         stdout.print(f"note: {escape(note)}", highlight=False)
     _warn(summary, ratio, output_bytes - input_bytes)
+
+
+def _accuracy_text(figures: dict) -> str:
+    parts = []
+    if figures.get("agreement") is not None:
+        parts.append(f"top-1 agreement {figures['agreement']:.2%}")
+    if figures.get("drop_points") is not None:
+        parts.append(f"top-1 drop {figures['drop_points']:.2f} points")
+    parts.append(f"min cosine {figures['min_cosine']:.5f}")
+    parts.append(f"min SQNR {figures['min_sqnr_db']:.1f} dB")
+    return ", ".join(parts)
 
 
 def _float_table(float_nodes: list[dict]) -> Table:
@@ -61,6 +77,13 @@ def _warn(summary: QuantizeSummary, size_ratio: float, growth: int) -> None:
     if summary.mode != "weight-only" and not summary.quantized_nodes:
         stderr.print("[bold yellow]WARNING:[/] nothing was quantized: int8 made no part of this model faster "
                      "on this machine; the output is the input model", highlight=False)
+    figures = summary.accuracy
+    if figures and not summary.returned_to_float and (
+            (figures.get("agreement") is not None and figures["agreement"] < ACCURACY_WARNING_AGREEMENT)
+            or figures["min_cosine"] < ACCURACY_WARNING_COSINE):
+        stderr.print(f"[bold yellow]WARNING:[/] int8 changed this model's outputs ({_accuracy_text(figures)}); "
+                     "pass --min-agreement or --max-drop (with --eval-data) to return the most sensitive "
+                     "nodes to float", highlight=False)
     if size_ratio > 1.0:
         stderr.print(f"[bold yellow]WARNING:[/] the output is larger than the input by {growth} bytes "
                      f"({size_ratio:.3f}x)",

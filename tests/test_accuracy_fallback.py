@@ -97,3 +97,15 @@ def test_cli_sensitivity_json_on_a_sample_model(run_cli):
     assert len(rows) == 4 and {"node", "agreement", "min_cosine", "drop_points"} <= set(rows[0])
     cosines = [r["agreement"] for r in rows]
     assert cosines == sorted(cosines)
+
+
+def test_without_a_target_the_accuracy_cost_is_still_measured_and_warned(run_cli, fragile, tmp_path):
+    _, _, path, data = fragile
+    result = run_cli("quantize", path, "-d", data, "--per-tensor", "--no-speed-check", "-o", tmp_path / "o.onnx")
+    assert result.exit_code == 0, result.stderr
+    assert "vs fp32 on calibration data" in result.stdout
+    assert "WARNING: int8 changed this model's outputs" in result.stderr
+    as_json = run_cli("quantize", path, "-d", data, "--per-tensor", "--no-speed-check", "-o", tmp_path / "p.onnx",
+                      "--json")
+    summary = json.loads(as_json.stdout)
+    assert summary["accuracy"]["agreement"] < 0.99 and summary["accuracy_data"].startswith("calibration data")

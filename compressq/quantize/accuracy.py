@@ -43,11 +43,12 @@ class Figures:
 class AccuracyProbe:
     """fp32 outputs of an evaluation set, and the figures of any candidate against them."""
 
-    def __init__(self, reference: onnx.ModelProto, dataset: Dataset):
+    def __init__(self, reference: onnx.ModelProto, dataset: Dataset, limit: int | None = None):
         self.dataset = dataset
         session = create_session(reference)
-        self.feeds_and_outputs = [(feed, session.run(None, feed)) for feed in dataset.batches(EVAL_BATCH)]
-        self.labels = dataset.labels()
+        self.feeds_and_outputs = [(feed, session.run(None, feed)) for feed in dataset.batches(EVAL_BATCH, limit)]
+        self.samples = sum(next(iter(feed.values())).shape[0] for feed, _ in self.feeds_and_outputs)
+        self.labels = dataset.labels(limit)
         self.reference_accuracy = self._accuracy([outputs for _, outputs in self.feeds_and_outputs])
 
     def measure(self, candidate: onnx.ModelProto) -> Figures:

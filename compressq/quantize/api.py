@@ -26,6 +26,7 @@ from compressq.quantize.static import StaticQuantizer, measure_speedup, quantize
 from compressq.runtime import create_session, with_outputs
 
 MODES = ("static", "dynamic", "weight-only")
+SELF_CHECK_SAMPLES = 128
 METHODS = ("minmax", "percentile", "entropy", "mse")
 
 
@@ -45,7 +46,8 @@ class QuantizeSummary:
     latency_batch: int = 1
     weight_bits: int = 8
     speed_steps: list[str] = field(default_factory=list)
-    accuracy: dict | None = None             # figures against fp32 on the evaluation data (with a target)
+    accuracy: dict | None = None             # figures against fp32 (see accuracy_data for which samples)
+    accuracy_data: str | None = None
     returned_to_float: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
@@ -111,9 +113,16 @@ def _static(model, dataset: Dataset, config: QuantizeConfig, progress, eval_data
         integer_kernels=outcome.fusion.integer_kernels if outcome.fusion else {},
         non_finite_tensors=outcome.non_finite_tensors, speedup=outcome.speedup, latency_batch=config.latency_batch,
         speed_steps=outcome.fallback_steps, notes=[*dataset.notes, *outcome.notes],
-        accuracy=fallback.final_figures.to_dict() if fallback and fallback.final_figures else None,
         returned_to_float=fallback.returned_to_float or [] if fallback else [],
     )
+    if fallback and fallback.final_figures:
+        summary.accuracy = fallback.final_figures.to_dict()
+        summary.accuracy_data = f"evaluation data ({fallback.probe.samples} samples)"
+    elif outcome.plan.compute:
+        # No target given: still say what int8 cost, measured on calibration samples (never silently worse).
+        probe = AccuracyProbe(model, dataset, limit=SELF_CHECK_SAMPLES)
+        summary.accuracy = probe.measure(outcome.model).to_dict()
+        summary.accuracy_data = f"calibration data ({probe.samples} samples; pass --eval-data for held-out)"
     return QuantizeResult(outcome.model, summary)
 
 
