@@ -44,6 +44,7 @@ class ComputeNode:
     output: str               # the tensor the node writes
     depthwise: bool = False
     weight_size: int = 0
+    reduction_size: int = 0   # inputs summed per output value: Cin/group x kh x kw, or K
 
 
 @dataclass(frozen=True)
@@ -180,8 +181,10 @@ def _compute_node(node: onnx.NodeProto, index: GraphIndex) -> ComputeNode:
     size = 1
     for dim in weight.dims:
         size *= dim
-    return ComputeNode(node.name, node.op_type, node.input[0], node.input[1], _weight_axis(node, weight),
-                       bias, node.output[0], depthwise, size)
+    axis = _weight_axis(node, weight)
+    reduction = size // weight.dims[axis] if weight.dims[axis] else 0
+    return ComputeNode(node.name, node.op_type, node.input[0], node.input[1], axis, bias, node.output[0],
+                       depthwise, size, reduction)
 
 
 def _absorbable(node: onnx.NodeProto, index: GraphIndex) -> bool:

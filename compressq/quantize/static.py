@@ -39,7 +39,10 @@ CLOSE_CALL = 0.1  # speedups within 10 % of 1.0 are re-measured with four times 
 # Without it, a model at 1.00x flips between int8 and float from one run to the next.
 NOISE_TOLERANCE = 0.02
 FASTER_ENOUGH = 1.0 - NOISE_TOLERANCE
-SMALL_LAYER_WEIGHTS = 4096  # below this, a layer's int8 gain rarely pays for its Q/DQ work on CPU
+# Below these, a layer's int8 gain rarely pays for its Q/DQ work on CPU (bench/FINDINGS.md: stem convs on
+# 1-3 input channels run at 0.33-0.56x of float as int8).
+SMALL_LAYER_WEIGHTS = 4096
+SMALL_REDUCTION = 64
 NON_FINITE_REASON = ("its input/output carries non-finite or sentinel values (e.g. an additive attention "
                      "mask); 8 bits cannot hold them")
 
@@ -224,6 +227,7 @@ def _fallback_stages(plan: QuantPlan):
                                                          for n in plan.own_scale_nodes})
     yield ("small layers kept float", {name: "too small for int8 to pay off (measured: the model was slower)"
                                        for name, compute in plan.compute.items()
-                                       if compute.weight_size < SMALL_LAYER_WEIGHTS})
+                                       if compute.weight_size < SMALL_LAYER_WEIGHTS
+                                       or compute.reduction_size < SMALL_REDUCTION})
     yield ("everything kept float", {name: "no int8 variant was faster than float (measured)"
                                      for name in plan.compute})
