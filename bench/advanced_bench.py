@@ -121,8 +121,50 @@ def _int4_rows(table: Table, folder: Path) -> None:
               round(measure_speedup(model, result.model, feeds, "cpu", runs=10), 2))
 
 
+def _text_recognizer_rows(table: Table, folder: Path) -> None:
+    """PP-OCRv4's text recognizer: plain int8 (ours and onnxruntime's) changes most decoded lines."""
+    from bench import real_models
+
+    path = real_models.fetch(names=["ocr_rec"], log=lambda message: None).get("ocr_rec")
+    if path is None:
+        table.add(SECTION, "ocr_rec --min-agreement 0.9: skipped (model could not be fetched)", None)
+        return
+    model = onnx.load(str(path))
+    for name, seed, samples in (("calib", 0, 16), ("select", 2, 32), ("test", 1, 32)):
+        np.savez(folder / f"rec_{name}.npz", **real_models.stack_feeds(real_models.calibration_feeds(
+            "ocr_rec", samples, seed=seed)))
+    calibration = load_dataset(folder / "rec_calib.npz", model)
+    selection = load_dataset(folder / "rec_select.npz", model)  # the fallback decides on these ...
+    test = load_dataset(folder / "rec_test.npz", model)  # ... and is judged on these, never seen before
+    reference, _ = _outputs_per_sample(model, test)
+
+    def sequence_agreement(candidate) -> float:
+        outputs, _ = _outputs_per_sample(candidate, test)
+        return float(np.mean([np.array_equal(a.argmax(-1), b.argmax(-1)) for a, b in zip(reference, outputs)]))
+
+    plain = quantize_model(model, calibration, QuantizeConfig(batch_size=1))
+    target = quantize_model(model, calibration, QuantizeConfig(batch_size=1, min_agreement=0.9),
+                            eval_dataset=selection)
+    ort = _ort_model(path, calibration, folder)
+    table.add(SECTION, "ocr_rec (PP-OCRv4): identical decoded lines vs fp32, plain compressq | onnxruntime MinMax",
+              round(sequence_agreement(plain.model), 3), round(sequence_agreement(ort), 3))
+    agreement = sequence_agreement(target.model)
+    table.add(SECTION, "ocr_rec --min-agreement 0.9: identical lines on unseen inputs | nodes back to float",
+              round(agreement, 3), len(target.summary.returned_to_float), ">= 0.85 on unseen inputs",
+              agreement >= 0.85)
+    table.add(SECTION, "ocr_rec --min-agreement 0.9: speedup vs fp32 (batch 1, 1 thread) | plain int8",
+              round(target.summary.speedup, 2), round(plain.summary.speedup, 2), ">= 1.0 (still faster)",
+              target.summary.speedup >= 1.0)
+
+
+def _outputs_per_sample(model, dataset) -> tuple[list[np.ndarray], None]:
+    session = create_session(model)
+    return [session.run(None, feed)[0] for feed in dataset.batches(1)], None
+
+
 def run(table: Table) -> None:
     with tempfile.TemporaryDirectory(prefix="compressq-bench-") as folder:
         _mobilenet_rows(table, Path(folder))
         _transformer_rows(table)
         _int4_rows(table, Path(folder))
+        _text_recognizer_rows(table, Path(folder))

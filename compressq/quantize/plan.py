@@ -266,8 +266,11 @@ def _all_inputs_int(node, index: GraphIndex, produced: set[str]) -> bool:
 
 
 def _float_constant(index: GraphIndex, name: str) -> bool:
+    """A finite float scalar (or a tensor of one repeated value): 8 bits represent it exactly, whereas a
+    per-channel vector (a decomposed LayerNorm's gamma) would lose precision in a single scale."""
     value = index.constant(name)
-    return value is not None and value.dtype == np.float32 and value.size > 0 and bool(np.isfinite(value).all())
+    return (value is not None and value.dtype == np.float32 and value.size > 0
+            and bool(np.isfinite(value).all()) and bool(np.all(value == value.flat[0])))
 
 
 def _absorb_activation(plan: QuantPlan, node, index: GraphIndex, absorb_activations: bool) -> str:

@@ -84,6 +84,7 @@ class StaticQuantizer:
         self.config = config
         self.progress = progress
         self.prepared, self.notes = prepare_for_quantization(ensure_opset(model, QDQ_MIN_OPSET))
+        self.smoothing_muls: list[str] = []
         self.prepared = self._apply_float_transforms(self.prepared)
         self.signed = config.activations == "int8"
         self.plan_options = dict(exclude=tuple(config.exclude), absorb_activations=not self.signed,
@@ -92,6 +93,8 @@ class StaticQuantizer:
         self.ranges = self._calibrate(widest)
         self.non_finite = {t: r.describe() for t, r in self.ranges.items() if not r.finite}
         self.base_keep_float = _nodes_needing(self.prepared, widest, set(self.non_finite), NON_FINITE_REASON)
+        # Quantizing SmoothQuant's own scaling Mul would put back the outliers it moved into the weights.
+        self.base_keep_float.update(dict.fromkeys(self.smoothing_muls, "SmoothQuant scaling stays float"))
 
     # -- building blocks ----------------------------------------------------------------------------
 
@@ -151,6 +154,7 @@ class StaticQuantizer:
             absmax = collect_channel_absmax(prepared, self.dataset, smoothable_activations(prepared),
                                             batch_size=self.config.batch_size, limit=self.config.samples)
             prepared, summary = smooth(prepared, absmax, alpha=self.config.smoothquant)
+            self.smoothing_muls = list(summary.inserted_muls)
             self.notes.append(f"SmoothQuant (alpha {self.config.smoothquant}) on {len(summary.groups)} activations")
         name_nodes(prepared.graph)
         return prepared
