@@ -21,6 +21,7 @@ from compressq.quantize.accuracy import (
 )
 from compressq.quantize.config import QuantizeConfig
 from compressq.quantize.dynamic import quantize_dynamic
+from compressq.quantize.embedding import quantize_embeddings
 from compressq.quantize.plan import Skipped
 from compressq.quantize.static import StaticQuantizer, measure_speedup, quantize_static
 from compressq.runtime import create_session, with_outputs
@@ -128,9 +129,12 @@ def _static(model, dataset: Dataset, config: QuantizeConfig, progress, eval_data
 
 def _dynamic(model, config: QuantizeConfig) -> QuantizeResult:
     outcome = quantize_dynamic(model, tuple(config.exclude), config.per_channel)
+    quantized, embeddings = quantize_embeddings(outcome.model)
     summary = QuantizeSummary(mode="dynamic", method=None, quantized_nodes=outcome.quantized,
                               float_nodes=_skipped(outcome.skipped))
-    return QuantizeResult(outcome.model, summary)
+    if embeddings.tables:
+        summary.notes.append(f"{len(embeddings.tables)} embedding tables to uint8 (GatherBlockQuantized)")
+    return QuantizeResult(quantized, summary)
 
 
 def _undo_slower_dynamic(model: onnx.ModelProto, result: QuantizeResult) -> QuantizeResult:

@@ -23,6 +23,7 @@ from compressq.evaluate.latency import time_interleaved
 from compressq.graph import check_model, ensure_opset
 from compressq.quantize.bias_correction import input_channel_means
 from compressq.quantize.config import QuantizeConfig
+from compressq.quantize.embedding import quantize_embeddings
 from compressq.quantize.equalize import equalize, fold_batchnorm
 from compressq.quantize.fusion import FusionReport, inspect_fusion
 from compressq.quantize.plan import QuantPlan, Skipped, build_plan, name_nodes
@@ -86,6 +87,10 @@ class StaticQuantizer:
         self.prepared, self.notes = prepare_for_quantization(ensure_opset(model, QDQ_MIN_OPSET))
         self.smoothing_muls: list[str] = []
         self.prepared = self._apply_float_transforms(self.prepared)
+        self.prepared, embeddings = quantize_embeddings(self.prepared)
+        if embeddings.tables:
+            self.notes.append(f"{len(embeddings.tables)} embedding tables to uint8 (GatherBlockQuantized): "
+                              f"{embeddings.float_bytes / 2**20:.1f} -> {embeddings.quantized_bytes / 2**20:.1f} MiB")
         self.signed = config.activations == "int8"
         self.plan_options = dict(exclude=tuple(config.exclude), absorb_activations=not self.signed,
                                  quantize_depthwise=config.quantize_depthwise)
