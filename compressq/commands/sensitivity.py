@@ -40,7 +40,8 @@ def sensitivity(
         render.stderr.print("note: measured on the calibration data; pass --data for held-out samples")
     table = Table(title="Sensitivity: each node quantized alone, worst first", title_justify="left")
     for column in ("node", "op", "agreement", "top-1 drop", "min cosine", "min SQNR dB"):
-        table.add_column(column, justify="left" if column in ("node", "op") else "right", overflow="fold")
+        table.add_column(column, justify="left" if column in ("node", "op") else "right", overflow="fold",
+                         min_width=30 if column == "node" else None)
     for row in rows:
         agreement = "n/a" if row["agreement"] is None else f"{row['agreement']:.2%}"
         drop = "n/a" if row["drop_points"] is None else f"{row['drop_points']:.2f}"

@@ -54,7 +54,8 @@ class QuantizeSummary:
     seconds: float = 0.0
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {"quantized_node_count": len(self.quantized_nodes), "float_node_count": len(self.float_nodes),
+                **asdict(self)}
 
 
 @dataclass
