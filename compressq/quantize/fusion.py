@@ -48,13 +48,3 @@ def inspect_fusion(model: onnx.ModelProto, provider: str = "cpu") -> FusionRepor
 def _reads_dequantized(node: onnx.NodeProto, index: GraphIndex) -> bool:
     producers = (index.producer.get(name) for name in node.input if name)
     return any(p is not None and p.op_type == "DequantizeLinear" for p in producers)
-
-
-def original_node_name(optimized_name: str, candidates: set[str]) -> str | None:
-    """onnxruntime keeps a node's name when it only adds an activation (Conv -> FusedConv); map back."""
-    if optimized_name in candidates:
-        return optimized_name
-    for name in candidates:
-        if optimized_name.startswith(name):
-            return name
-    return None

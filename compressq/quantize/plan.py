@@ -76,9 +76,6 @@ class QuantPlan:
     produced_quantized: set[str] = field(default_factory=set)
     skipped: list[Skipped] = field(default_factory=list)
 
-    def range_tensors(self) -> set[str]:
-        """Tensors whose calibrated range fixes a scale (group roots only)."""
-        return {self.param_source[t] for t in self.quantized_tensors}
 
 
 def name_nodes(graph: onnx.GraphProto) -> None:
@@ -216,7 +213,7 @@ def _plan_tensors(plan: QuantPlan, graph, index: GraphIndex, exclude, keep_float
             plan.produced_quantized.add(_final_tensor(plan, node.output[0]))
         elif node.name in plan.own_scale_nodes:
             plan.own_scale_nodes.discard(node.name)
-            _forget_absorbed(plan, node.output[0])
+            plan.absorbed.pop(node.output[0], None)
     _drop_unused_absorptions(plan)
     _share_scales(plan, graph, index, wanted)
 
@@ -224,10 +221,6 @@ def _plan_tensors(plan: QuantPlan, graph, index: GraphIndex, exclude, keep_float
 def _final_tensor(plan: QuantPlan, tensor: str) -> str:
     absorbed = plan.absorbed.get(tensor)
     return absorbed.output if absorbed is not None else tensor
-
-
-def _forget_absorbed(plan: QuantPlan, tensor: str) -> None:
-    plan.absorbed.pop(tensor, None)
 
 
 def _drop_unused_absorptions(plan: QuantPlan) -> None:
