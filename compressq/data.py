@@ -292,4 +292,5 @@ def _synthetic_array(spec: InputSpec, samples: int, rng: np.random.Generator) ->
         return rng.standard_normal(shape).astype(spec.dtype)
     if spec.dtype == np.bool_:
         return np.ones(shape, dtype=bool)
-    return rng.integers(0, 100, size=shape).astype(spec.dtype)
+    # 0 and 1 are valid in any lookup table (token types have two rows, vocabularies more).
+    return rng.integers(0, 2, size=shape).astype(spec.dtype)

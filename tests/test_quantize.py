@@ -406,3 +406,18 @@ def test_silu_and_exported_hardswish_run_on_integer_kernels(tmp_path):
     quantized = create_session(result.model).run(None, feed)[0]
     cosine = float((reference * quantized).sum() / np.linalg.norm(reference) / np.linalg.norm(quantized))
     assert cosine > 0.99
+
+
+def test_dynamic_mode_without_data_times_models_with_small_lookup_tables():
+    """Synthetic ids must stay inside every table (token types have two rows), or the speed check crashes."""
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("Gather", ["types", "ids"], ["embedded"], name="token_types"),
+             helper.make_node("MatMul", ["embedded", "w"], ["y"], name="proj")]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("ids", TensorProto.INT64, ["batch", "seq"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "seq", 256])],
+        [numpy_helper.from_array(rng.normal(size=(2, 256)).astype(np.float32), "types"),
+         numpy_helper.from_array(rng.normal(size=(256, 256)).astype(np.float32), "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    result = quantize_model(model, None, QuantizeConfig(mode="dynamic"))
+    assert result.summary.speedup is not None

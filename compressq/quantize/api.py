@@ -24,7 +24,7 @@ from compressq.quantize.dynamic import quantize_dynamic
 from compressq.quantize.embedding import quantize_embeddings
 from compressq.quantize.plan import Skipped
 from compressq.quantize.static import StaticQuantizer, measure_speedup, quantize_static
-from compressq.runtime import create_session, with_outputs
+from compressq.runtime import ORT_ERRORS, create_session, with_outputs
 
 MODES = ("static", "dynamic", "weight-only")
 SELF_CHECK_SAMPLES = 128
@@ -86,10 +86,15 @@ def quantize_model(model: onnx.ModelProto, dataset: Dataset | None, config: Quan
     if config.mode != "static" and config.speed_check and result.summary.quantized_nodes:
         timing_data = dataset if dataset is not None else synthetic_dataset(model, samples=8)
         feeds = list(timing_data.batches(config.latency_batch, config.latency_batch * 4))
-        result.summary.speedup = measure_speedup(model, result.model, feeds, config.provider)
-        result.summary.latency_batch = config.latency_batch
-        if config.mode == "dynamic" and result.summary.speedup < 1.0:
-            result = _undo_slower_dynamic(model, result)
+        try:
+            result.summary.speedup = measure_speedup(model, result.model, feeds, config.provider)
+        except ORT_ERRORS as exc:  # synthetic inputs the model rejects: report, do not guess
+            result.summary.notes.append(f"speed not checked: the model rejected synthetic inputs "
+                                        f"({str(exc).splitlines()[0][:120]}); pass --calibration-data")
+        else:
+            result.summary.latency_batch = config.latency_batch
+            if config.mode == "dynamic" and result.summary.speedup < 1.0:
+                result = _undo_slower_dynamic(model, result)
     result.summary.seconds = time.perf_counter() - started
     return result
 
