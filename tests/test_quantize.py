@@ -21,6 +21,7 @@ from compressq.quantize.api import quantize_model
 from compressq.quantize.config import QuantizeConfig
 from compressq.quantize.fusion import inspect_fusion
 from compressq.quantize.plan import build_plan, name_nodes
+from compressq.quantize.static import FASTER_ENOUGH
 from compressq.runtime import create_session
 from tests.conftest import SAMPLES
 
@@ -280,7 +281,7 @@ def test_speed_check_never_leaves_a_slower_model_on_a_tiny_cnn():
     result = quantize_model(model, load_dataset(SAMPLES / "digits_calib.npz", model), QuantizeConfig())
     assert result.summary.speedup is not None
     if result.summary.quantized_nodes:
-        assert result.summary.speedup >= 1.0
+        assert result.summary.speedup >= FASTER_ENOUGH  # "equal within noise" keeps int8 for its size
     else:
         assert result.model is model  # nothing paid off: the user's graph comes back unchanged
         assert result.summary.speed_steps
