@@ -165,15 +165,8 @@ def save_model(
 
     `protect` lists input files that must never be replaced (the output path may not be one of them).
     """
-    target = Path(path)
-    _refuse_to_replace_inputs(target, protect)
-    if target.exists() and not overwrite:
-        raise OutputError(f"{target} already exists", hint="pass another -o path or remove the file")
-    if target.is_dir():
-        raise OutputError(f"{target} is a directory", hint="pass a file path such as model.int8.onnx")
-    folder = target.parent if str(target.parent) else Path(".")
-    if not folder.exists():
-        raise OutputError(f"output folder {folder} does not exist", hint="create it first")
+    target = check_output_path(path, protect, overwrite=overwrite)
+    folder = target.parent
     needs_external = model.ByteSize() > EXTERNAL_DATA_THRESHOLD
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=folder))
     try:
@@ -194,6 +187,20 @@ def save_model(
                           hint="check free disk space and permissions") from exc
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def check_output_path(path: str | os.PathLike, protect: Iterable[str | os.PathLike] = (), *,
+                      overwrite: bool = True) -> Path:
+    """Refuse an output path before any work is done on it (commands call this first, save_model again)."""
+    target = Path(path)
+    _refuse_to_replace_inputs(target, protect)
+    if target.exists() and not overwrite:
+        raise OutputError(f"{target} already exists", hint="pass another -o path or remove the file")
+    if target.is_dir():
+        raise OutputError(f"{target} is a directory", hint="pass a file path such as model.int8.onnx")
+    if not target.parent.exists():
+        raise OutputError(f"output folder {target.parent} does not exist", hint="create it first")
     return target
 
 

@@ -422,3 +422,15 @@ def test_dynamic_mode_without_data_times_models_with_small_lookup_tables():
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
     result = quantize_model(model, None, QuantizeConfig(mode="dynamic"))
     assert result.summary.speedup is not None
+
+
+def test_cli_refuses_an_output_folder_that_does_not_exist_before_calibrating(run_cli, tmp_path, monkeypatch):
+    import compressq.commands.quantize as command
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("quantization ran although the output could never be written")
+
+    monkeypatch.setattr(command, "quantize_model", must_not_run)
+    result = run_cli("quantize", SAMPLES / "digits_cnn.onnx", "-d", SAMPLES / "digits_calib.npz",
+                     "-o", tmp_path / "missing" / "out.onnx")
+    assert result.exit_code == 2 and "does not exist" in result.stderr

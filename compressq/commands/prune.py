@@ -9,7 +9,7 @@ from rich.table import Table
 
 from compressq import render
 from compressq.data import load_dataset
-from compressq.graph import default_output_path, file_size, load_model, save_model, stamp
+from compressq.graph import check_output_path, default_output_path, file_size, load_model, save_model, stamp
 from compressq.prune import PruneConfig, PruneSummary, prune_model
 from compressq.prune.config import DEFAULT_MIN_PARAMETERS
 
@@ -46,6 +46,7 @@ def prune(
         calibration_samples=calibration_samples, channel_multiple=channel_multiple)
     source = load_model(model)
     target = output or default_output_path(model, "pruned")
+    check_output_path(target, protect=[model])
     dataset = load_dataset(calibration_data, source) if calibration_data else None
     if dataset is not None:
         for note in dataset.notes:

@@ -9,7 +9,7 @@ from compressq import render
 from compressq.commands.progress import stage_progress
 from compressq.data import load_dataset
 from compressq.errors import UsageError
-from compressq.graph import default_output_path, file_size, load_model, save_model, stamp
+from compressq.graph import check_output_path, default_output_path, file_size, load_model, save_model, stamp
 from compressq.quantize.api import METHODS, MODES, quantize_model
 from compressq.quantize.config import QuantizeConfig
 from compressq.render_quantize import render_quantize_summary
@@ -61,6 +61,7 @@ def quantize(
         raise UsageError("--equalize, --bias-correction, --smoothquant and accuracy targets apply to static "
                          "quantization", hint="pass --calibration-data (and drop --mode dynamic/weight-only)")
     target = output or default_output_path(model, "int8" if config.mode != "weight-only" else f"int{bits}")
+    check_output_path(target, protect=[model])
     source = load_model(model)
     dataset = load_dataset(calibration_data, source) if calibration_data else None
     evaluation = load_dataset(eval_data, source, require_labels=max_drop is not None) if eval_data else None
