@@ -26,7 +26,6 @@ not grow with the samples). 1.0 is in the grid, so no block gets worse than roun
 
 from __future__ import annotations
 
-import fnmatch
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -36,6 +35,7 @@ from onnx import helper, numpy_helper
 
 from compressq.errors import DataError, UsageError
 from compressq.graph import GraphIndex, NameGenerator, node_attributes, remove_unused, toposort
+from compressq.quantize.plan import matches
 
 MS_DOMAIN = "com.microsoft"
 SUPPORTED_BITS = (4, 8)
@@ -258,17 +258,13 @@ def _check_settings(bits: int, block_size: int) -> None:
                          hint="use 32, 64 or 128")
 
 
-def _excluded(node: onnx.NodeProto, patterns: Sequence[str]) -> bool:
-    return any(fnmatch.fnmatchcase(node.name, p) or fnmatch.fnmatchcase(node.op_type, p) for p in patterns)
-
-
 def _candidates(graph: onnx.GraphProto, index: GraphIndex, exclude: Sequence[str],
                 skipped: dict[str, str]) -> list[_Candidate]:
     found = []
     for node in graph.node:
         if node.domain not in ("", "ai.onnx") or node.op_type not in ("MatMul", "Gemm"):
             continue
-        if _excluded(node, exclude):
+        if matches(node, tuple(exclude)):
             skipped[node.name] = "excluded"
             continue
         candidate_or_reason = _as_candidate(node, index)
