@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from pathlib import Path
 
 import onnx
@@ -102,11 +102,3 @@ def optimized_graph(model: onnx.ModelProto, provider: str = "cpu") -> onnx.Model
         path = os.path.join(folder, "optimized.onnx")
         create_session(model, provider, threads=1, optimized_path=path)
         return onnx.load(path)
-
-
-def output_names(session: ort.InferenceSession) -> list[str]:
-    return [o.name for o in session.get_outputs()]
-
-
-def run(session: ort.InferenceSession, feed: dict, outputs: Sequence[str] | None = None) -> list:
-    return session.run(list(outputs) if outputs else None, feed)

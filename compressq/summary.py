@@ -23,7 +23,6 @@ LOW_BIT_TYPES = {
     onnx.TensorProto.INT8: "int8", onnx.TensorProto.UINT8: "uint8",
     onnx.TensorProto.INT4: "int4", onnx.TensorProto.UINT4: "uint4",
 }
-WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
 
 @dataclass(frozen=True)
