@@ -45,8 +45,11 @@ def provider_chain(provider: str) -> list[str]:
 
 def session_options(threads: int | None = None, optimized_path: str | None = None,
                     level: ort.GraphOptimizationLevel = ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-                    ) -> ort.SessionOptions:
+                    spinning: bool = True) -> ort.SessionOptions:
     options = ort.SessionOptions()
+    if not spinning:  # idle pool threads sleep instead of burning CPU: process CPU time then counts work only
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.add_session_config_entry("session.inter_op.allow_spinning", "0")
     options.graph_optimization_level = level
     options.log_severity_level = 3
     if threads:
@@ -60,10 +63,10 @@ def session_options(threads: int | None = None, optimized_path: str | None = Non
 def create_session(model: onnx.ModelProto | str | os.PathLike, provider: str = "cpu",
                    threads: int | None = None, *, optimized_path: str | None = None,
                    level: ort.GraphOptimizationLevel = ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-                   ) -> ort.InferenceSession:
+                   spinning: bool = True) -> ort.InferenceSession:
     """An InferenceSession for a ModelProto or a path; models over 2 GB are staged on disk first."""
     providers = provider_chain(provider)
-    options = session_options(threads, optimized_path, level)
+    options = session_options(threads, optimized_path, level, spinning)
     try:
         if isinstance(model, onnx.ModelProto):
             if model.ByteSize() > EXTERNAL_DATA_THRESHOLD:
