@@ -18,7 +18,7 @@ from bench.table import Table
 from compressq.data import load_dataset, synthetic_dataset
 from compressq.quantize.api import quantize_model
 from compressq.quantize.config import QuantizeConfig
-from compressq.quantize.static import measure_speedup
+from compressq.measure.speed import measure_speedup
 from compressq.runtime import create_session
 from sample_models.generated import bert_model
 
@@ -118,7 +118,7 @@ def _int4_rows(table: Table, folder: Path) -> None:
               ">= 0.99 and onnxruntime runs it", cosine >= 0.99)
     feeds = list(data.batches(1, 4))
     table.add(SECTION, "BERT-base 2 layers int4: speedup vs fp32 (batch 1, 1 thread)",
-              round(measure_speedup(model, result.model, feeds, "cpu", runs=10), 2))
+              round(measure_speedup(model, result.model, feeds, "cpu", runs=10).ratio, 2))
 
 
 def _text_recognizer_rows(table: Table, folder: Path) -> None:

@@ -70,8 +70,10 @@ def test_fallback_returns_the_most_sensitive_node_and_meets_the_target(fragile):
 
 def test_impossible_target_fails_with_target_not_met(fragile):
     model, data, _, _ = fragile
+    config = QuantizeConfig(speed_check=False, per_channel=False, min_agreement=1.0)
+    object.__setattr__(config, "min_agreement", 1.01)  # past validation: the guard inside must still hold
     with pytest.raises(TargetNotMet):
-        quantize_model(model, data, QuantizeConfig(speed_check=False, per_channel=False, min_agreement=1.01))
+        quantize_model(model, data, config)
 
 
 def test_max_drop_without_labels_is_a_clear_error(run_cli, fragile, tmp_path):

@@ -21,7 +21,7 @@ from compressq.quantize.api import quantize_model
 from compressq.quantize.config import QuantizeConfig
 from compressq.quantize.fusion import inspect_fusion
 from compressq.quantize.plan import build_plan, name_nodes
-from compressq.quantize.static import FASTER_ENOUGH
+from compressq.measure.speed import FASTER_ENOUGH
 from compressq.runtime import create_session
 from tests.conftest import SAMPLES
 
@@ -348,7 +348,10 @@ def test_cli_refuses_to_overwrite_its_input(run_cli, tmp_path):
 def test_dynamic_mode_that_runs_slower_hands_back_the_input(monkeypatch):
     import compressq.quantize.api as api
 
-    monkeypatch.setattr(api, "measure_speedup", lambda *args, **kwargs: 0.5)
+    from compressq.measure.speed import SpeedMeasurement
+
+    slower = SpeedMeasurement(0.5, 0.5, 0.5, 1.0, 2.0, 15, 1, 1, "fake clock")
+    monkeypatch.setattr(api, "measure_speedup", lambda *args, **kwargs: slower)
     model = _load("digits_transformer.onnx")
     result = quantize_model(model, None, QuantizeConfig(mode="dynamic"))
     assert result.model is model

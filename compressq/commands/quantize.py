@@ -9,9 +9,11 @@ from compressq import render
 from compressq.commands.progress import stage_progress
 from compressq.data import load_dataset
 from compressq.errors import UsageError
+from compressq.evaluate.render import write_atomically
 from compressq.graph import check_output_path, default_output_path, file_size, load_model, save_model, stamp
-from compressq.quantize.api import METHODS, MODES, quantize_model
+from compressq.quantize.api import quantize_model
 from compressq.quantize.config import QuantizeConfig
+from compressq.quantize.plan_file import QuantizationPlan, check_plan_fits, read_plan, record_plan
 from compressq.render_quantize import render_quantize_summary
 from compressq.runtime import provider_chain
 
@@ -35,6 +37,17 @@ def quantize(
                                      help="Time the output against the input and undo quantization that costs time."),
     latency_batch: int = typer.Option(1, "--latency-batch", min=1,
                                       help="Batch size the speed check times at (use your serving batch)."),
+    threads: int = typer.Option(1, "--threads", min=1, help="Intra-op threads the speed check decides for "
+                                "(use your serving threads); decisions use CPU time, never wall clock."),
+    task_outputs: list[str] = typer.Option([], "--output-name", "--task-output",
+                                           help="Output that carries the task, scored by the accuracy checks "
+                                           "(repeatable) [default: chosen from names, types and shapes]."),
+    save_plan: Path = typer.Option(None, "--save-plan", help="Write what was decided and measured as a "
+                                   "reviewable JSON plan (static mode)."),
+    plan: Path = typer.Option(None, "--plan", help="Re-apply a plan from --save-plan: no calibration data, "
+                              "no timing, the same output bytes."),
+    accuracy_check: bool = typer.Option(True, "--accuracy-check/--no-accuracy-check",
+                                        help="Measure what int8 cost against fp32 after quantizing."),
     equalize: bool = typer.Option(False, "--equalize", help="Cross-layer equalization first (depthwise CNNs)."),
     bias_correction: bool = typer.Option(False, "--bias-correction",
                                          help="Correct each layer's bias by its measured mean output shift."),
@@ -51,48 +64,71 @@ def quantize(
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON on stdout, nothing else."),
 ) -> None:
     """Quantize a model to int8 (static QDQ with calibration data, else dynamic), never slower or bigger."""
-    config = _config(mode, calibration_data, method, percentile, per_channel, activations, exclude, samples,
-                     batch_size, provider, speed_check, latency_batch, bits, block_size)
-    config = replace(config, equalize=equalize, bias_correction=bias_correction, smoothquant=smoothquant,
-                     max_drop=max_drop, min_agreement=min_agreement)
+    pinned = read_plan(plan) if plan else None
+    if pinned is not None:
+        config = _config_from_plan(pinned, plan)
+    else:
+        config = _config(mode, calibration_data, method, percentile, per_channel, activations, exclude, samples,
+                         batch_size, provider, speed_check, latency_batch, bits, block_size)
+        config = replace(config, equalize=equalize, bias_correction=bias_correction, smoothquant=smoothquant,
+                         max_drop=max_drop, min_agreement=min_agreement, threads=threads,
+                         task_outputs=tuple(task_outputs), accuracy_check=accuracy_check)
     static_only = equalize or bias_correction or smoothquant is not None or max_drop is not None \
-        or min_agreement is not None or eval_data is not None
+        or min_agreement is not None or eval_data is not None or save_plan is not None
     if static_only and config.mode != "static":
-        raise UsageError("--equalize, --bias-correction, --smoothquant and accuracy targets apply to static "
-                         "quantization", hint="pass --calibration-data (and drop --mode dynamic/weight-only)")
+        raise UsageError("--equalize, --bias-correction, --smoothquant, accuracy targets and --save-plan apply to "
+                         "static quantization", hint="pass --calibration-data (and drop --mode dynamic/weight-only)")
     target = output or default_output_path(model, "int8" if config.mode != "weight-only" else f"int{bits}")
-    check_output_path(target, protect=[model])
+    read_paths = [p for p in (model, calibration_data, eval_data, plan) if p is not None]
+    check_output_path(target, protect=read_paths)
+    if save_plan is not None:
+        check_output_path(save_plan, protect=[*read_paths, target])
     source = load_model(model)
-    dataset = load_dataset(calibration_data, source) if calibration_data else None
+    if pinned is not None:
+        check_plan_fits(pinned, source, plan)
+    dataset = load_dataset(calibration_data, source) if calibration_data and pinned is None else None
     evaluation = load_dataset(eval_data, source, require_labels=max_drop is not None) if eval_data else None
     if config.mode == "dynamic" and calibration_data is None:
         render.stderr.print("no calibration data: static int8 needs real inputs, so quantizing dynamically "
                             "(int8 weights, activations quantized at run time)", highlight=False)
     with stage_progress() as progress:
-        result = quantize_model(source, dataset, config, progress, eval_dataset=evaluation)
+        result = quantize_model(source, dataset, config, progress, eval_dataset=evaluation, pinned=pinned)
     stamp(result.model, "quantize", config.to_dict())
-    save_model(result.model, target, protect=[model])
+    if result.plan is not None:
+        record_plan(result.model, result.plan)
+    save_model(result.model, target, protect=read_paths)
+    if save_plan is not None and result.plan is not None:
+        write_atomically(save_plan, result.plan.to_json())
     sizes = {"input_bytes": file_size(model), "output_bytes": file_size(target)}
     if as_json:
-        render.print_json({"output": str(target), **sizes, **result.summary.to_dict()})
+        render.print_json({"output": str(target), **sizes, **result.summary.to_dict(),
+                           "plan_file": str(save_plan) if save_plan else None})
     else:
         render_quantize_summary(result.summary, target, **sizes)
+        if save_plan is not None:
+            render.stdout.print(f"plan: {save_plan} (re-apply with --plan {save_plan})", highlight=False,
+                                markup=False)
+
+
+def _config_from_plan(pinned: QuantizationPlan, path: Path) -> QuantizeConfig:
+    """The plan's own settings: a re-applied plan must not mix with options given today."""
+    settings = dict(pinned.settings)
+    for key in ("exclude", "task_outputs"):
+        settings[key] = tuple(settings.get(key) or ())
+    known = set(QuantizeConfig.__dataclass_fields__)
+    try:
+        return QuantizeConfig(**{k: v for k, v in settings.items() if k in known})
+    except (TypeError, ValueError) as exc:
+        raise UsageError(f"plan {path} has settings this compressq cannot use: {exc}",
+                         hint="make a new plan with --save-plan") from None
 
 
 def _config(mode, calibration_data, method, percentile, per_channel, activations, exclude, samples, batch_size,
             provider, speed_check, latency_batch, bits, block_size) -> QuantizeConfig:
     chosen = mode or ("static" if calibration_data else "dynamic")
-    if chosen not in MODES:
-        raise UsageError(f"unknown --mode '{chosen}'", hint=f"use one of: {', '.join(MODES)}")
     if chosen == "static" and calibration_data is None:
         raise UsageError("--mode static needs --calibration-data",
                          hint="pass an .npz of real inputs, or use --mode dynamic")
-    if method not in METHODS:
-        raise UsageError(f"unknown --method '{method}'", hint=f"use one of: {', '.join(METHODS)}")
-    if activations not in ("uint8", "int8"):
-        raise UsageError(f"unknown --activations '{activations}'", hint="use uint8 or int8")
-    if not 0 < percentile <= 100:
-        raise UsageError(f"--percentile must be in (0, 100], got {percentile}")
     provider_chain(provider)  # fail before any work when the provider is missing
     return QuantizeConfig(mode=chosen, method=method, percentile=percentile, per_channel=per_channel,
                           activations=activations, exclude=tuple(exclude), samples=samples, batch_size=batch_size,

@@ -51,12 +51,16 @@ class Speedup:
     ratio_q3: float
 
 
+Clock = Callable[[], float]  # seconds, monotonic over one timing loop
+
+
 def time_interleaved(sessions: Mapping[str, RunsFeeds], feeds: Sequence[dict], runs: int = 20,
                      warmup: int = 3, progress: Callable[[int], None] | None = None,
-                     ) -> dict[str, LatencyStats]:
+                     clock: Clock = time.perf_counter) -> dict[str, LatencyStats]:
     """Time every session on the same feeds, taking turns; `progress(1)` after each timed turn.
 
     Turn i uses feeds[i % len(feeds)] for every session, so each pair of timings saw the same input.
+    `clock` is wall time by default (what a user waits); decisions pass a CPU-time clock (measure.speed).
     """
     if not sessions:
         return {}
@@ -70,16 +74,16 @@ def time_interleaved(sessions: Mapping[str, RunsFeeds], feeds: Sequence[dict], r
     for turn in range(runs):
         feed = feeds[turn % len(feeds)]
         for name in names:
-            samples[name].append(_time_once(sessions[name], feed))
+            samples[name].append(_time_once(sessions[name], feed, clock))
         if progress:
             progress(1)
     return {name: LatencyStats.from_samples(values) for name, values in samples.items()}
 
 
-def _time_once(session: RunsFeeds, feed: dict) -> float:
-    start = time.perf_counter()
+def _time_once(session: RunsFeeds, feed: dict, clock: Clock) -> float:
+    start = clock()
     session.run(None, feed)
-    return (time.perf_counter() - start) * 1000.0
+    return (clock() - start) * 1000.0
 
 
 def speedup(baseline: LatencyStats, candidate: LatencyStats) -> Speedup:

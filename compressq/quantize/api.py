@@ -12,6 +12,7 @@ import onnx
 from compressq.data import Dataset, synthetic_dataset
 from compressq.errors import UsageError
 from compressq.graph import GraphIndex
+from compressq.measure.speed import measure_speedup, meets
 from compressq.quantize.accuracy import (
     AccuracyFallback,
     AccuracyProbe,
@@ -19,16 +20,17 @@ from compressq.quantize.accuracy import (
     NodeSensitivity,
     node_sensitivity,
 )
-from compressq.quantize.config import QuantizeConfig
+from compressq.quantize.config import METHODS, MODES, QuantizeConfig
 from compressq.quantize.dynamic import quantize_dynamic
 from compressq.quantize.embedding import quantize_embeddings
 from compressq.quantize.plan import Skipped
-from compressq.quantize.static import StaticQuantizer, measure_speedup, quantize_static
+from compressq.quantize.plan_file import QuantizationPlan
+from compressq.quantize.static import StaticQuantizer, quantize_static
 from compressq.runtime import ORT_ERRORS, create_session, with_outputs
 
-MODES = ("static", "dynamic", "weight-only")
+__all__ = ["METHODS", "MODES", "QuantizeResult", "QuantizeSummary", "analyze_sensitivity", "quantize_model"]
+
 SELF_CHECK_SAMPLES = 128
-METHODS = ("minmax", "percentile", "entropy", "mse")
 
 
 @dataclass
@@ -43,13 +45,17 @@ class QuantizeSummary:
     activations_absorbed: int = 0
     integer_kernels: dict[str, int] = field(default_factory=dict)
     non_finite_tensors: dict[str, str] = field(default_factory=dict)
-    speedup: float | None = None             # input median / output median, 1 thread, measured
+    speedup: float | None = None             # input work / output work, measured as speed_measured_with says
+    speed_measured_with: str | None = None
     latency_batch: int = 1
+    threads: int = 1
     weight_bits: int = 8
     speed_steps: list[str] = field(default_factory=list)
     accuracy: dict | None = None             # figures against fp32 (see accuracy_data for which samples)
     accuracy_data: str | None = None
     returned_to_float: list[str] = field(default_factory=list)
+    speed_decisions: list[dict] = field(default_factory=list)
+    plan_reapplied: bool = False
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
 
@@ -62,19 +68,21 @@ class QuantizeSummary:
 class QuantizeResult:
     model: onnx.ModelProto
     summary: QuantizeSummary
+    plan: QuantizationPlan | None = None   # static mode: what was decided, for --save-plan and the metadata
 
 
 def quantize_model(model: onnx.ModelProto, dataset: Dataset | None, config: QuantizeConfig,
                    progress: Callable[[str, int, int], None] | None = None,
-                   eval_dataset: Dataset | None = None) -> QuantizeResult:
-    """Quantize `model` (not modified) as `config` says; static mode needs `dataset`.
+                   eval_dataset: Dataset | None = None, pinned: QuantizationPlan | None = None) -> QuantizeResult:
+    """Quantize `model` (not modified) as `config` says; static mode needs `dataset` or a `pinned` plan.
 
     With an accuracy target in `config`, `eval_dataset` (default: `dataset`) is what it is measured on.
+    A `pinned` plan (read_plan) is re-applied as it is: no calibration, no timing, the same output bytes.
     """
     started = time.perf_counter()
-    if config.mode not in MODES:
-        raise UsageError(f"unknown mode '{config.mode}'", hint=f"use one of: {', '.join(MODES)}")
-    if config.mode == "static":
+    if pinned is not None:
+        result = _replay(model, config, pinned, progress)
+    elif config.mode == "static":
         if dataset is None:
             raise UsageError("static quantization needs calibration data",
                              hint="pass --calibration-data DATA, or --mode dynamic")
@@ -87,13 +95,14 @@ def quantize_model(model: onnx.ModelProto, dataset: Dataset | None, config: Quan
         timing_data = dataset if dataset is not None else synthetic_dataset(model, samples=8)
         feeds = list(timing_data.batches(config.latency_batch, config.latency_batch * 4))
         try:
-            result.summary.speedup = measure_speedup(model, result.model, feeds, config.provider)
+            measured = measure_speedup(model, result.model, feeds, config.provider, threads=config.threads)
         except ORT_ERRORS as exc:  # synthetic inputs the model rejects: report, do not guess
             result.summary.notes.append(f"speed not checked: the model rejected synthetic inputs "
                                         f"({str(exc).splitlines()[0][:120]}); pass --calibration-data")
         else:
-            result.summary.latency_batch = config.latency_batch
-            if config.mode == "dynamic" and result.summary.speedup < 1.0:
+            result.summary.speedup, result.summary.speed_measured_with = measured.ratio, measured.describe()
+            result.summary.latency_batch, result.summary.threads = config.latency_batch, config.threads
+            if config.mode == "dynamic" and not meets(measured.ratio):
                 result = _undo_slower_dynamic(model, result)
     result.summary.seconds = time.perf_counter() - started
     return result
@@ -111,26 +120,63 @@ def _static(model, dataset: Dataset, config: QuantizeConfig, progress, eval_data
         target.check(probe)  # before calibration: a target that cannot be measured is a usage error
         fallback = AccuracyFallback(target, probe, progress)
     outcome = quantize_static(model, dataset, config, progress, fallback)
-    summary = QuantizeSummary(
-        mode="static", method=config.method, quantized_nodes=sorted(outcome.plan.compute),
-        float_nodes=_skipped(outcome.float_reasons),
-        calibration_samples=min(dataset.num_samples, config.samples or dataset.num_samples),
-        calibration_synthetic=dataset.synthetic,
-        activation_pairs=outcome.stats.activation_pairs, activations_absorbed=outcome.stats.activations_absorbed,
-        integer_kernels=outcome.fusion.integer_kernels if outcome.fusion else {},
-        non_finite_tensors=outcome.non_finite_tensors, speedup=outcome.speedup, latency_batch=config.latency_batch,
-        speed_steps=outcome.fallback_steps, notes=[*dataset.notes, *outcome.notes],
-        returned_to_float=fallback.returned_to_float or [] if fallback else [],
-    )
+    summary = _static_summary(outcome, config, dataset)
+    summary.returned_to_float = fallback.returned_to_float or [] if fallback else []
     if fallback and fallback.final_figures:
         summary.accuracy = fallback.final_figures.to_dict()
         summary.accuracy_data = f"evaluation data ({fallback.probe.samples} samples)"
-    elif outcome.plan.compute:
+    elif outcome.plan.compute and config.accuracy_check:
         # No target given: still say what int8 cost, measured on calibration samples (never silently worse).
-        probe = AccuracyProbe(model, dataset, limit=SELF_CHECK_SAMPLES)
+        probe = AccuracyProbe(model, dataset, limit=self_check_samples(model, dataset))
         summary.accuracy = probe.measure(outcome.model).to_dict()
         summary.accuracy_data = f"calibration data ({probe.samples} samples; pass --eval-data for held-out)"
-    return QuantizeResult(outcome.model, summary)
+    elif outcome.plan.compute:
+        summary.notes.append("accuracy against fp32 not measured (--no-accuracy-check)")
+    return QuantizeResult(outcome.model, summary, outcome.plan_record)
+
+
+def _replay(model, config: QuantizeConfig, pinned: QuantizationPlan, progress) -> QuantizeResult:
+    outcome = quantize_static(model, None, config, progress, pinned=pinned)
+    summary = _static_summary(outcome, config, None)
+    summary.plan_reapplied = True
+    return QuantizeResult(outcome.model, summary, outcome.plan_record)
+
+
+def _static_summary(outcome, config: QuantizeConfig, dataset: Dataset | None) -> QuantizeSummary:
+    samples = min(dataset.num_samples, config.samples or dataset.num_samples) if dataset is not None else 0
+    return QuantizeSummary(
+        mode="static", method=config.method, quantized_nodes=sorted(outcome.plan.compute),
+        float_nodes=_skipped(outcome.float_reasons),
+        calibration_samples=samples, calibration_synthetic=bool(dataset and dataset.synthetic),
+        activation_pairs=outcome.stats.activation_pairs, activations_absorbed=outcome.stats.activations_absorbed,
+        integer_kernels=outcome.fusion.integer_kernels if outcome.fusion else {},
+        non_finite_tensors=outcome.non_finite_tensors, speedup=outcome.speedup,
+        speed_measured_with=_speed_how(outcome), latency_batch=config.latency_batch, threads=config.threads,
+        speed_steps=outcome.fallback_steps, notes=[*(dataset.notes if dataset else []), *outcome.notes],
+        speed_decisions=outcome.plan_record.decisions if outcome.plan_record else [],
+    )
+
+
+def _speed_how(outcome) -> str | None:
+    if outcome.speed is not None:
+        return outcome.speed.describe()
+    if outcome.speedup is not None and not outcome.plan.compute:
+        return "output is the input model"
+    return None
+
+
+SELF_CHECK_BUDGET_BYTES = 256 * 2**20  # fp32 outputs and inputs the self-check keeps for its comparison
+
+
+def self_check_samples(model: onnx.ModelProto, dataset: Dataset) -> int:
+    """How many samples the post-quantize accuracy check keeps, at most SELF_CHECK_SAMPLES, within a budget.
+
+    The fp32 reference outputs are kept for every sample; their size per sample is measured on one sample.
+    """
+    feed = next(dataset.batches(1, 1))
+    outputs = create_session(model).run(None, feed)
+    per_sample = sum(v.nbytes for v in feed.values()) + sum(np.asarray(v).nbytes for v in outputs)
+    return int(max(1, min(SELF_CHECK_SAMPLES, SELF_CHECK_BUDGET_BYTES // max(per_sample, 1))))
 
 
 def _dynamic(model, config: QuantizeConfig) -> QuantizeResult:

@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
+
+from compressq.errors import UsageError
+
+MODES = ("static", "dynamic", "weight-only")
+METHODS = ("minmax", "percentile", "entropy", "mse")
+ACTIVATION_TYPES = ("uint8", "int8")
 
 
 @dataclass(frozen=True)
@@ -30,5 +37,36 @@ class QuantizeConfig:
     task_outputs: tuple[str, ...] = ()  # outputs that carry the task (empty: chosen by measure.task's rule)
     accuracy_check: bool = True       # measure what int8 cost against fp32 after quantizing
 
+    def __post_init__(self) -> None:
+        _one_of("--mode", self.mode, MODES)
+        _one_of("--method", self.method, METHODS)
+        _one_of("--activations", self.activations, ACTIVATION_TYPES)
+        _finite_in("--percentile", self.percentile, 0.0, 100.0, low_open=True)
+        _finite_in("--max-drop", self.max_drop, 0.0, 100.0)
+        _finite_in("--min-agreement", self.min_agreement, 0.0, 1.0)
+        _finite_in("--smoothquant", self.smoothquant, 0.0, 1.0)
+        for option, value in (("--samples", self.samples), ("--batch-size", self.batch_size),
+                              ("--latency-batch", self.latency_batch), ("--threads", self.threads),
+                              ("--block-size", self.block_size)):
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise UsageError(f"{option} must be a whole number >= 1, got {value!r}")
+        if self.mode == "weight-only" and self.bits not in (4, 8):
+            raise UsageError(f"--bits must be 4 or 8, got {self.bits!r}")
+
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def _one_of(option: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise UsageError(f"unknown {option} '{value}'", hint=f"use one of: {', '.join(allowed)}")
+
+
+def _finite_in(option: str, value: float | None, low: float, high: float, low_open: bool = False) -> None:
+    if value is None:
+        return
+    if not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise UsageError(f"{option} must be a finite number, got {value!r}")
+    if value > high or value < low or (low_open and value == low):
+        bracket = "(" if low_open else "["
+        raise UsageError(f"{option} must be in {bracket}{low:g}, {high:g}], got {value:g}")

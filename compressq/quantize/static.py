@@ -15,31 +15,32 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
 import onnx
 
 from compressq.calibration import TensorRange, collect_ranges
 from compressq.data import Dataset
-from compressq.evaluate.latency import time_interleaved
+from compressq.errors import UsageError
 from compressq.graph import check_model, ensure_opset
+from compressq.measure.speed import FASTER_ENOUGH, SpeedMeasurement, clearly_faster, measure_speedup, meets
 from compressq.quantize.bias_correction import input_channel_means
 from compressq.quantize.config import QuantizeConfig
 from compressq.quantize.embedding import quantize_embeddings
 from compressq.quantize.equalize import equalize, fold_batchnorm
 from compressq.quantize.fusion import FusionReport, inspect_fusion
 from compressq.quantize.plan import QuantPlan, Skipped, build_plan, name_nodes
+from compressq.quantize.plan_file import QuantizationPlan, model_sha256
 from compressq.quantize.prepare import prepare_for_quantization
 from compressq.quantize.qdq import RewriteStats, rewrite_qdq
 from compressq.quantize.smoothquant import collect_channel_absmax, smooth, smoothable_activations
-from compressq.runtime import create_session
+
+__all__ = ["FASTER_ENOUGH", "StaticQuantizer", "quantize_static", "measure_speedup"]
 
 QDQ_MIN_OPSET = 13  # per-channel QuantizeLinear/DequantizeLinear (the axis attribute)
-SPEED_CHECK_RUNS = 15
 SPEED_CHECK_BATCHES = 4
-CLOSE_CALL = 0.1  # speedups within 10 % of 1.0 are re-measured with four times the runs
-# After the long re-measure, a ratio this close to 1.0 is timing noise: int8 is kept for its size.
-# Without it, a model at 1.00x flips between int8 and float from one run to the next.
-NOISE_TOLERANCE = 0.02
-FASTER_ENOUGH = 1.0 - NOISE_TOLERANCE
+# When int8 loses at the serving batch, it is timed once at this batch too, to tell the user if batches pay.
+LARGER_BATCH = 32
+LARGER_BATCH_GAIN = 1.1
 # Below these, a layer's int8 gain rarely pays for its Q/DQ work on CPU (bench/FINDINGS.md: stem convs on
 # 1-3 input channels run at 0.33-0.56x of float as int8).
 SMALL_LAYER_WEIGHTS = 4096
@@ -60,6 +61,7 @@ class Attempt:
     stats: RewriteStats
     fusion: FusionReport | None = None
     speedup: float | None = None
+    speed: SpeedMeasurement | None = None
 
 
 @dataclass
@@ -73,17 +75,27 @@ class StaticResult:
     non_finite_tensors: dict[str, str]
     fallback_steps: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    speed: SpeedMeasurement | None = None
+    plan_record: QuantizationPlan | None = None
 
 
 class StaticQuantizer:
-    """Holds the cleaned graph and one set of calibrated ranges; makes any number of plans from them."""
+    """Holds the cleaned graph and one set of calibrated ranges; makes any number of plans from them.
 
-    def __init__(self, model: onnx.ModelProto, dataset: Dataset, config: QuantizeConfig,
-                 progress: Progress | None = None):
+    With `pinned` (a plan file), nothing is calibrated or timed: its ranges and decisions are re-applied.
+    """
+
+    def __init__(self, model: onnx.ModelProto, dataset: Dataset | None, config: QuantizeConfig,
+                 progress: Progress | None = None, pinned: QuantizationPlan | None = None):
         self.original = model
         self.dataset = dataset
         self.config = config
         self.progress = progress
+        self.pinned = pinned
+        self.decisions: list[dict] = []
+        self.smooth_absmax: dict[str, np.ndarray] = {}
+        self.bias_means: dict[str, np.ndarray] = {}
+        self._speeds: dict[int, SpeedMeasurement] = {}
         self.prepared, self.notes = prepare_for_quantization(ensure_opset(model, QDQ_MIN_OPSET))
         self.smoothing_muls: list[str] = []
         self.prepared = self._apply_float_transforms(self.prepared)
@@ -95,7 +107,7 @@ class StaticQuantizer:
         self.plan_options = dict(exclude=tuple(config.exclude), absorb_activations=not self.signed,
                                  quantize_depthwise=config.quantize_depthwise)
         widest = build_plan(self.prepared, **self.plan_options)
-        self.ranges = self._calibrate(widest)
+        self.ranges = self._pinned_ranges(widest) if pinned else self._calibrate(widest)
         self.non_finite = {t: r.describe() for t, r in self.ranges.items() if not r.finite}
         self.base_keep_float = _nodes_needing(self.prepared, widest, set(self.non_finite), NON_FINITE_REASON)
         # Quantizing SmoothQuant's own scaling Mul would put back the outliers it moved into the weights.
@@ -123,32 +135,84 @@ class StaticQuantizer:
         return current
 
     def speedup(self, candidate: onnx.ModelProto) -> float:
-        batch = self.config.latency_batch
+        """fp32 work / `candidate` work at the serving batch and threads (CPU time, close calls re-measured)."""
+        return self.measure_speed(candidate).ratio
+
+    def measure_speed(self, candidate: onnx.ModelProto, batch: int | None = None) -> SpeedMeasurement:
+        batch = batch or self.config.latency_batch
+        measured = measure_speedup(self.original, candidate, self._timing_feeds(batch), self.config.provider,
+                                   threads=self.config.threads)
+        self._speeds[id(candidate)] = measured
+        return measured
+
+    def _timing_feeds(self, batch: int) -> list[dict]:
         feeds = list(self.dataset.batches(batch, batch * SPEED_CHECK_BATCHES))
-        ratio = measure_speedup(self.original, candidate, feeds, self.config.provider)
-        if abs(ratio - 1.0) < CLOSE_CALL:  # a close call: measure longer before deciding
-            ratio = measure_speedup(self.original, candidate, feeds, self.config.provider, runs=4 * SPEED_CHECK_RUNS)
-        return ratio
+        return [_filled_to(feed, batch) for feed in feeds]
 
     # -- the pipeline -------------------------------------------------------------------------------
 
     def run(self, accuracy_target=None) -> StaticResult:
-        current = self.fused_attempt(self.base_keep_float)
+        if self.pinned is not None:
+            return self._replay()
+        widest = current = self.fused_attempt(self.base_keep_float)
         steps: list[str] = []
         if self.config.speed_check and current.plan.compute:
             current = self._keep_only_what_is_faster(current, steps)
         if accuracy_target is not None and current.plan.compute:
             current = accuracy_target.enforce(self, current, steps)
+            current.speed = self._speeds.get(id(current.model), current.speed)
         if self.config.bias_correction and current.plan.compute:
             current = self._correct_biases(current)
+        if self.config.speed_check and widest.plan.compute and not current.plan.compute:
+            self._say_if_batches_pay(widest)
+        return self._result(current, steps, self.decisions)
+
+    def _result(self, current: Attempt, steps: list[str], decisions: list[dict]) -> StaticResult:
         model = current.model
         if not current.plan.compute:
             # Nothing paid off: hand back the user's graph untouched rather than our cleaned copy of it.
             model = self.original
             self.notes.append("no node was quantized; the output is the input model")
         check_model(model)
+        record = QuantizationPlan(
+            model_sha256=model_sha256(self.original), settings=self.config.to_dict(),
+            int8_nodes=sorted(current.plan.compute), float_nodes=dict(sorted(current.keep_float.items())),
+            activation_ranges=dict(self.ranges), smoothquant_absmax=self.smooth_absmax,
+            bias_means=self.bias_means if current.plan.compute else {}, decisions=decisions)
         return StaticResult(model, current.plan, current.stats, current.fusion, current.speedup,
-                            current.plan.skipped, self.non_finite, steps, self.notes)
+                            current.plan.skipped, self.non_finite, steps, self.notes, current.speed, record)
+
+    def _replay(self) -> StaticResult:
+        """Re-apply a reviewed plan: same ranges, same float nodes, no calibration and no timing."""
+        pinned = self.pinned
+        current = self.attempt(dict(pinned.float_nodes), input_means=pinned.bias_means or None)
+        if sorted(current.plan.compute) != sorted(pinned.int8_nodes):
+            raise UsageError("the plan does not fit this model: it lists other int8 nodes than its decisions "
+                             "give here (made by another compressq version?)",
+                             hint="make a new plan with --save-plan and review it")
+        if pinned.bias_means:
+            self.bias_means = pinned.bias_means
+        if current.plan.compute:
+            current.fusion = inspect_fusion(current.model, self.config.provider)
+        self.notes.append("re-applied a saved plan: no calibration, no timing")
+        return self._result(current, [], list(pinned.decisions))
+
+    def _pinned_ranges(self, widest: QuantPlan) -> dict[str, TensorRange]:
+        missing = sorted(set(widest.quantized_tensors) - set(self.pinned.activation_ranges))
+        if missing:
+            raise UsageError(f"the plan has no range for {len(missing)} tensors this model needs "
+                             f"(first: '{missing[0]}')", hint="make a new plan with --save-plan and review it")
+        return dict(self.pinned.activation_ranges)
+
+    def _say_if_batches_pay(self, widest: Attempt) -> None:
+        """int8 lost at the serving batch: time it once at a larger batch, and name the flag if that pays."""
+        if self.config.latency_batch >= LARGER_BATCH or any(spec.fixed_batch for spec in self.dataset.inputs):
+            return
+        measured = self.measure_speed(widest.model, batch=LARGER_BATCH)
+        if measured.ratio >= LARGER_BATCH_GAIN:
+            self.notes.append(f"int8 loses at batch {self.config.latency_batch} but runs {measured.ratio:.2f}x "
+                              f"faster than fp32 at batch {LARGER_BATCH} ({measured.describe()}): if you serve "
+                              f"batches, pass --latency-batch {LARGER_BATCH} (or your serving batch)")
 
     def _apply_float_transforms(self, prepared: onnx.ModelProto) -> onnx.ModelProto:
         """Equalization and SmoothQuant: rescalings that leave fp32 outputs unchanged but quantize better."""
@@ -156,8 +220,10 @@ class StaticQuantizer:
             prepared, summary = equalize(fold_batchnorm(prepared))
             self.notes.append(f"cross-layer equalization on {len(summary.pairs)} layer pairs")
         if self.config.smoothquant is not None:
-            absmax = collect_channel_absmax(prepared, self.dataset, smoothable_activations(prepared),
-                                            batch_size=self.config.batch_size, limit=self.config.samples)
+            absmax = self.pinned.smoothquant_absmax if self.pinned else collect_channel_absmax(
+                prepared, self.dataset, smoothable_activations(prepared), batch_size=self.config.batch_size,
+                limit=self.config.samples)
+            self.smooth_absmax = dict(absmax)
             prepared, summary = smooth(prepared, absmax, alpha=self.config.smoothquant)
             self.smoothing_muls = list(summary.inserted_muls)
             self.notes.append(f"SmoothQuant (alpha {self.config.smoothquant}) on {len(summary.groups)} activations")
@@ -180,32 +246,50 @@ class StaticQuantizer:
                               samples=self.config.samples, provider="cpu", progress=advance)
 
     def _keep_only_what_is_faster(self, current: Attempt, steps: list[str]) -> Attempt:
-        current.speedup = self.speedup(current.model)
+        self._time(current)
+        self._decide("every planned node int8", current, kept=meets(current.speedup))
         if self.progress:
             self.progress("checking speed", 1, 1)
         for label, extra in _fallback_stages(current.plan):
-            if current.speedup >= FASTER_ENOUGH or not extra:
+            if meets(current.speedup) or not extra:
                 continue
-            candidate = self.fused_attempt({**current.keep_float, **extra})
-            candidate.speedup = self.speedup(candidate.model) if candidate.plan.compute else 1.0
+            candidate = self._time(self.fused_attempt({**current.keep_float, **extra}))
             steps.append(f"{label}: speedup {current.speedup:.2f}x -> {candidate.speedup:.2f}x")
-            if candidate.speedup > current.speedup:
+            better = clearly_faster(candidate.speedup, current.speedup)
+            self._decide(label, candidate, kept=better)
+            if better:
                 current = candidate
         return current
+
+    def _time(self, attempt: Attempt) -> Attempt:
+        """Measure an attempt's speed; one with nothing quantized is the input itself (1.00x by construction)."""
+        if attempt.plan.compute:
+            attempt.speed = self.measure_speed(attempt.model)
+            attempt.speedup = attempt.speed.ratio
+        else:
+            attempt.speed, attempt.speedup = None, 1.0
+        return attempt
+
+    def _decide(self, step: str, attempt: Attempt, kept: bool) -> None:
+        self.decisions.append({"step": step, "speedup": round(attempt.speedup, 3), "kept": kept,
+                               "how": attempt.speed.describe() if attempt.speed else "output is the input model"})
 
     def _correct_biases(self, current: Attempt) -> Attempt:
         means = input_channel_means(self.prepared, current.plan, self.dataset, batch_size=self.config.batch_size,
                                     samples=self.config.samples)
+        self.bias_means = dict(means)
         corrected = self.attempt(current.keep_float, input_means=means)
-        corrected.fusion, corrected.speedup = current.fusion, current.speedup
+        # Only bias values change: the speed measured for the uncorrected graph holds for this one.
+        corrected.fusion, corrected.speedup, corrected.speed = current.fusion, current.speedup, current.speed
         self.notes.append(f"bias correction on {corrected.stats.biases_corrected} layers")
         return corrected
 
 
-def quantize_static(model: onnx.ModelProto, dataset: Dataset, config: QuantizeConfig,
-                    progress: Progress | None = None, accuracy_target=None) -> StaticResult:
+def quantize_static(model: onnx.ModelProto, dataset: Dataset | None, config: QuantizeConfig,
+                    progress: Progress | None = None, accuracy_target=None,
+                    pinned: QuantizationPlan | None = None) -> StaticResult:
     """`progress(stage, done, total)` reports calibration samples and checking steps."""
-    return StaticQuantizer(model, dataset, config, progress).run(accuracy_target)
+    return StaticQuantizer(model, dataset, config, progress, pinned).run(accuracy_target)
 
 
 def _nodes_needing(model: onnx.ModelProto, plan: QuantPlan, tensors: set[str], reason: str) -> dict[str, str]:
@@ -221,12 +305,13 @@ def _nodes_needing(model: onnx.ModelProto, plan: QuantPlan, tensors: set[str], r
     return names
 
 
-def measure_speedup(baseline: onnx.ModelProto, candidate: onnx.ModelProto, feeds: list[dict], provider: str,
-                    runs: int = SPEED_CHECK_RUNS) -> float:
-    sessions = {"baseline": create_session(baseline, provider, threads=1),
-                "candidate": create_session(candidate, provider, threads=1)}
-    stats = time_interleaved(sessions, feeds, runs=runs, warmup=3)
-    return stats["baseline"].median_ms / stats["candidate"].median_ms
+def _filled_to(feed: dict[str, np.ndarray], batch: int) -> dict[str, np.ndarray]:
+    """A feed of exactly `batch` samples: a short last batch (or a small dataset) is repeated to fill it."""
+    have = next(iter(feed.values())).shape[0] if feed else batch
+    if have in (0, batch):
+        return feed
+    repeats = -(-batch // have)
+    return {name: np.concatenate([values] * repeats)[:batch] for name, values in feed.items()}
 
 
 def _fallback_stages(plan: QuantPlan):
