@@ -16,9 +16,9 @@ import onnx
 from bench.ort_baseline import ort_quantize_static
 from bench.table import Table
 from compressq.data import load_dataset, synthetic_dataset
+from compressq.measure.speed import measure_speedup
 from compressq.quantize.api import quantize_model
 from compressq.quantize.config import QuantizeConfig
-from compressq.measure.speed import measure_speedup
 from compressq.runtime import create_session
 from sample_models.generated import bert_model
 
