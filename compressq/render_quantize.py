@@ -44,14 +44,20 @@ def render_quantize_summary(summary: QuantizeSummary, output: Path, input_bytes:
 
 
 def _accuracy_text(figures: dict) -> str:
+    """Figures of the outputs that carry the task (compressq.measure.task), each naming its output."""
+    if figures.get("non_finite"):
+        return f"{figures['non_finite']} NaN or infinite values in {', '.join(figures.get('task_outputs') or [])}"
     parts = []
     if figures.get("agreement") is not None:
-        parts.append(f"top-1 agreement {figures['agreement']:.2%}")
+        where = figures.get("agreement_output") or ""
+        kind = "top-1 agreement" if where.endswith("(class scores)") else "label exact match"
+        parts.append(f"{kind} {figures['agreement']:.2%} on {where}")
     if figures.get("drop_points") is not None:
         parts.append(f"top-1 drop {figures['drop_points']:.2f} points")
-    parts.append(f"min cosine {figures['min_cosine']:.5f}")
-    parts.append(f"min SQNR {figures['min_sqnr_db']:.1f} dB")
-    return ", ".join(parts)
+    if figures.get("min_cosine") is not None:
+        parts.append(f"min cosine {figures['min_cosine']:.5f} on {figures.get('cosine_output')}")
+        parts.append(f"min SQNR {figures['min_sqnr_db']:.1f} dB")
+    return escape(", ".join(parts))
 
 
 def _float_table(float_nodes: list[dict]) -> Table:
@@ -79,8 +85,9 @@ def _warn(summary: QuantizeSummary, size_ratio: float, growth: int) -> None:
                      "on this machine; the output is the input model", highlight=False)
     figures = summary.accuracy
     if figures and not summary.returned_to_float and (
-            (figures.get("agreement") is not None and figures["agreement"] < ACCURACY_WARNING_AGREEMENT)
-            or figures["min_cosine"] < ACCURACY_WARNING_COSINE):
+            figures.get("non_finite")
+            or (figures.get("agreement") is not None and figures["agreement"] < ACCURACY_WARNING_AGREEMENT)
+            or (figures.get("min_cosine") is not None and figures["min_cosine"] < ACCURACY_WARNING_COSINE)):
         stderr.print(f"[bold yellow]WARNING:[/] int8 changed this model's outputs ({_accuracy_text(figures)}); "
                      "pass --min-agreement or --max-drop (with --eval-data) to return the most sensitive "
                      "nodes to float", highlight=False)

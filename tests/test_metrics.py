@@ -83,7 +83,7 @@ def test_streaming_agreement_equals_one_shot(seed, batch):
     rng = np.random.default_rng(seed)
     reference = rng.standard_normal((30, 6)).astype(np.float32)
     test = reference + rng.standard_normal((30, 6)).astype(np.float32) * 0.3
-    reducer = metrics.OutputAgreement()
+    reducer = metrics.OutputAgreement(metrics.ARGMAX)
     for start in range(0, 30, batch):
         reducer.update(reference[start:start + batch], test[start:start + batch])
     result = reducer.result()
@@ -91,16 +91,53 @@ def test_streaming_agreement_equals_one_shot(seed, batch):
     assert result.cosine == pytest.approx(metrics.cosine_similarity(reference, test), abs=1e-9)
     assert result.sqnr_db == pytest.approx(metrics.sqnr_db(reference, test), abs=1e-6)
     assert result.max_abs_error == pytest.approx(metrics.max_abs_error(reference, test))
-    assert result.top1_agreement == pytest.approx(metrics.top1_agreement(reference, test))
+    assert result.agreement == pytest.approx(metrics.top1_agreement(reference, test))
+    assert result.non_finite == 0
 
 
-def test_non_class_outputs_report_no_agreement():
+def test_agreement_is_only_computed_when_asked():
+    # Whether an output is class scores is decided by compressq.measure.task, never guessed from a shape here.
+    layer = metrics.OutputAgreement()
+    layer.update(np.eye(4, 3), np.eye(4, 3)[::-1])
+    assert layer.result().agreement is None
+
+
+def test_exact_match_counts_samples_whose_labels_are_all_equal():
+    reference = np.array([[1, 2], [3, 4], [5, 6], [7, 8]], dtype=np.int64)
+    test = np.array([[1, 2], [3, 0], [5, 6], [0, 0]], dtype=np.int64)
+    assert metrics.exact_match(reference, test) == 0.5
+    reducer = metrics.OutputAgreement(metrics.EXACT)
+    reducer.update(reference[:3], test[:3])
+    reducer.update(reference[3:], test[3:])
+    assert reducer.result().agreement == 0.5
+
+
+def test_nan_outputs_never_read_as_exact():
     reducer = metrics.OutputAgreement()
-    reducer.update(np.ones((4, 1)), np.ones((4, 1)))  # one score per sample: a regression head
-    assert reducer.result().top1_agreement is None
-    layer = metrics.OutputAgreement(classes=False)
-    layer.update(np.ones((4, 3)), np.ones((4, 3)))
-    assert layer.result().top1_agreement is None
+    nan = np.full((4, 3), np.nan, dtype=np.float32)
+    reducer.update(nan, nan)
+    result = reducer.result()
+    assert result.non_finite == 12
+    assert np.isnan(result.sqnr_db) and np.isnan(result.cosine) and np.isnan(result.max_abs_error)
+
+
+def test_matching_infinities_agree_and_the_finite_rest_is_measured():
+    reference = np.array([[1.0, -np.inf, 2.0], [np.inf, 3.0, 4.0]])
+    test = reference.copy()
+    test[1, 2] = 4.5
+    reducer = metrics.OutputAgreement()
+    reducer.update(reference, test)
+    result = reducer.result()
+    finite_ref, finite_test = np.array([1.0, 2.0, 3.0, 4.0]), np.array([1.0, 2.0, 3.0, 4.5])
+    assert result.non_finite == 0
+    assert result.sqnr_db == pytest.approx(metrics.sqnr_db(finite_ref, finite_test))
+    assert result.max_abs_error == pytest.approx(0.5)
+
+
+def test_an_infinity_in_only_one_output_is_not_finite():
+    reducer = metrics.OutputAgreement()
+    reducer.update(np.array([[1.0, np.inf]]), np.array([[1.0, -np.inf]]))
+    assert reducer.result().non_finite == 1
 
 
 def test_streaming_top_k_equals_one_shot():

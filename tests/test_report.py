@@ -75,7 +75,7 @@ def test_scaled_weight_fails_a_tight_cosine_gate_with_one_line(scaled):
     assert result.exit_code == 1
     lines = gate_lines(result.stderr)
     assert len(lines) == 1
-    assert re.fullmatch(r"GATE FAILED: min-cosine: 0\.9\d+ vs 0\.9999", lines[0])
+    assert re.fullmatch(r"GATE FAILED: min-cosine 0\.9\d+ < 0\.9999 on logits \(class scores\)", lines[0])
 
 
 def test_scaled_weight_passes_a_loose_cosine_gate(scaled):
@@ -88,14 +88,15 @@ def test_every_failed_gate_gets_its_own_line(scaled):
     result = invoke(CNN, scaled, "--data", EVAL, "--min-cosine", "0.9999", "--max-size-ratio", "0.5",
                     "--max-accuracy-drop", "100", *FAST)
     assert result.exit_code == 1
-    assert [line.split(":")[1].strip() for line in gate_lines(result.stderr)] == ["min-cosine", "max-size-ratio"]
+    assert [line.split()[2] for line in gate_lines(result.stderr)] == ["min-cosine", "max-size-ratio"]
+    assert gate_lines(result.stderr)[1].endswith("> 0.5 on file size")
 
 
 def test_several_candidates_name_the_one_that_failed(scaled):
     result = invoke(CNN, CNN, scaled, "--min-cosine", "0.9999", *FAST)
     assert result.exit_code == 1
     [line] = gate_lines(result.stderr)
-    assert line.startswith(f"GATE FAILED: min-cosine[{scaled.name}]: ")
+    assert line.startswith(f"GATE FAILED: min-cosine[{scaled.name}] 0.9")
 
 
 @pytest.mark.parametrize("args, message", [
@@ -133,7 +134,7 @@ def test_schema_keys_are_stable(scaled_json):
                            "passed"}
     assert set(report["data"]) == {"source", "kind", "synthetic", "samples", "labels", "notes"}
     assert set(report["settings"]) == {"providers", "accuracy_provider", "threads", "runs", "warmup", "batch_size",
-                                       "samples", "per_layer"}
+                                       "samples", "per_layer", "task_outputs"}
     assert set(report["baseline"]) == {"name", "facts", "accuracy", "latency"}
     assert set(report["baseline"]["facts"]) == {"path", "file_bytes", "gzip_bytes", "parameters", "zero_fraction",
                                                 "weighted_nodes", "quantized_nodes", "quantized_share"}
@@ -144,11 +145,12 @@ def test_schema_keys_are_stable(scaled_json):
     assert set(candidate) == {"name", "facts", "accuracy", "latency", "size_ratio", "gzip_ratio",
                               "accuracy_drop_points", "outputs", "per_layer", "per_layer_skipped", "speedup"}
     assert set(candidate["outputs"][0]) == {"output", "data", "samples", "top1_agreement", "cosine", "sqnr_db",
-                                            "max_abs_error"}
+                                            "max_abs_error", "role", "task", "metric", "exact_match", "non_finite",
+                                            "slices"}
     assert set(candidate["per_layer"][0]) == {"tensor", "op_type", "candidate_tensor", "cosine", "sqnr_db",
                                               "max_abs_error"}
     assert set(candidate["speedup"][0]) == {"provider", "ratio", "ratio_q1", "ratio_q3"}
-    assert set(report["gates"][0]) == {"gate", "candidate", "measured", "limit", "passed"}
+    assert set(report["gates"][0]) == {"gate", "candidate", "measured", "limit", "passed", "on"}
 
 
 def test_accuracy_matches_a_direct_onnxruntime_run(scaled, scaled_json):
@@ -280,7 +282,7 @@ def test_gzip_size_is_what_gzip_produces():
 def test_gates_can_be_evaluated_without_the_cli(scaled):
     report = build_report(ReportConfig(CNN, (scaled,), runs=2, warmup=0, gates=GateLimits(min_cosine=0.9999)))
     assert not report.passed
-    assert report.failed_gates[0].failure_line().startswith("GATE FAILED: min-cosine: ")
+    assert report.failed_gates[0].failure_line().startswith("GATE FAILED: min-cosine 0.9")
 
 
 # --- providers ---------------------------------------------------------------------------------------

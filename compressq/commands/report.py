@@ -9,9 +9,9 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from compressq import render
-from compressq.errors import EXIT_GATE_FAILED, OutputError
+from compressq.errors import EXIT_GATE_FAILED, OutputError, UsageError
 from compressq.evaluate.render import print_table, render_text, table_console, write_atomically
-from compressq.evaluate.report import GateLimits, Report, ReportConfig, StartTask, build_report
+from compressq.evaluate.report import GateLimits, Report, ReportConfig, StartTask, build_report, verdict
 
 
 class ReportFormat(str, Enum):
@@ -41,6 +41,10 @@ def report(
     per_layer: bool = typer.Option(False, "--per-layer", help="Also compare every intermediate tensor the "
                                    "models share by name, worst first."),
     output_format: ReportFormat = typer.Option(ReportFormat.table, "--format", help="table, json, markdown or html."),
+    as_json: bool = typer.Option(False, "--json", help="Same as --format json."),
+    task_outputs: list[str] = typer.Option([], "--task-output", help="Output that carries the task; gates and "
+                                           "verdicts score it (repeatable) [default: class scores, labels, boxes "
+                                           "and detector heads, else the other outputs; see docs/report.md]."),
     output: Path = typer.Option(None, "--output", "-o", help="Write the report to this file (atomically) "
                                 "instead of stdout."),
     max_accuracy_drop: float = typer.Option(None, "--max-accuracy-drop", help="Gate: top-1 accuracy may drop by "
@@ -55,17 +59,24 @@ def report(
                                          "baseline file bytes."),
 ) -> None:
     """Measure size, accuracy and latency of compressed models against a baseline; fail CI on a gate."""
+    if as_json:
+        if output_format not in (ReportFormat.table, ReportFormat.json):
+            raise UsageError(f"--json and --format {output_format.value} ask for two formats", hint="pass one")
+        output_format = ReportFormat.json
     config = ReportConfig(
         baseline=baseline, candidates=tuple(candidates or ()), data=data, labels_key=labels or "labels",
         require_labels=labels is not None, providers=tuple(provider), threads=threads or None, runs=runs,
         warmup=warmup, batch_size=batch_size, samples=samples, per_layer=per_layer,
         gates=GateLimits(max_accuracy_drop, min_agreement, min_cosine, min_speedup, max_size_ratio),
+        task_outputs=tuple(task_outputs),
     )
     if output is not None:
         _refuse_to_replace_models(output, config)
     with _progress_bars() as start_task:
         result = build_report(config, start_task)
     _emit(result, output_format.value, output)
+    if output is not None or output_format != ReportFormat.table:  # the table shows the verdict itself
+        typer.echo(verdict(result), err=True)
     for gate in result.failed_gates:
         typer.echo(gate.failure_line(), err=True)
     if not result.passed:

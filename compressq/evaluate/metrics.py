@@ -57,8 +57,7 @@ def top1_agreement(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def _agreeing_samples(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    same = _class_predictions(a) == _class_predictions(b)
-    return same.reshape(same.shape[0], -1).all(axis=1) if same.ndim > 1 else same
+    return _equal_samples(_class_predictions(a), _class_predictions(b))
 
 
 def cosine_similarity(a: np.ndarray, b: np.ndarray) -> float:
@@ -96,59 +95,80 @@ def max_abs_error(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.max(np.abs(x - y))) if x.size else 0.0
 
 
-def is_class_output(shape: tuple[int, ...]) -> bool:
-    """Outputs whose last axis scores classes: [samples, classes] or [samples, positions, classes]."""
-    return len(shape) in (2, 3) and shape[-1] > 1
+def exact_match(a: np.ndarray, b: np.ndarray) -> float:
+    """Share of samples whose values (integer labels) are all equal in both outputs."""
+    return float(np.mean(_equal_samples(a, b)))
+
+
+def _equal_samples(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    same = np.asarray(np.asarray(a) == np.asarray(b))
+    return same.reshape(same.shape[0], -1).all(axis=1) if same.ndim > 1 else same
 
 
 # ---------------------------------------------------------------------------------------------------
 # Streaming reducers
 
+ARGMAX = "argmax"  # class scores: the predicted class is the arg-max of the last axis
+EXACT = "exact"    # integer labels: the values themselves are the prediction
+
 
 @dataclass
 class AgreementResult:
-    cosine: float
+    cosine: float  # NaN when a value is not finite (see non_finite): no figure can stand in for it
     sqnr_db: float
     max_abs_error: float
-    top1_agreement: float | None  # None for outputs that are not class scores
+    agreement: float | None  # share of samples whose prediction matches (ARGMAX or EXACT); None otherwise
     samples: int
+    non_finite: int = 0  # values NaN in either output, or infinite in only one of them (or with other sign)
 
 
 class OutputAgreement:
-    """Streams batches of (reference, test) outputs and keeps only sums: flat memory in samples."""
+    """Streams batches of (reference, test) outputs and keeps only sums: flat memory in samples.
 
-    def __init__(self, classes: bool = True) -> None:
+    `agreement` says how a prediction is read from the output (ARGMAX, EXACT) or None for no agreement
+    figure; which one an output gets is decided by compressq.measure.task, never guessed here.
+    Infinities at the same place with the same sign agree exactly; any other non-finite value is counted
+    and makes every figure NaN, so that an all-NaN output never reads as "SQNR 200 dB".
+    """
+
+    def __init__(self, agreement: str | None = None) -> None:
         self.dot = self.reference_energy = self.test_energy = self.noise_energy = 0.0
         self.max_error = 0.0
         self.samples = 0
         self.agreeing = 0
-        # None: decide from the first batch's shape; False: never count class agreement (layers).
-        self.class_output: bool | None = None if classes else False
+        self.non_finite = 0
+        self.mode = agreement
 
     def update(self, reference: np.ndarray, test: np.ndarray) -> None:
         ref, got = _flat(reference), _flat(test)
         if ref.shape != got.shape:
             raise ValueError(f"output shapes differ: {np.shape(reference)} vs {np.shape(test)}")
-        with np.errstate(invalid="ignore", over="ignore"):  # inf - inf in models that emit infinities
-            noise = ref - got
+        finite = np.isfinite(ref) & np.isfinite(got)
+        if not finite.all():
+            same_infinity = ~finite & (ref == got)  # NaN never equals NaN
+            self.non_finite += int(np.count_nonzero(~(finite | same_infinity)))
+            ref, got = ref[finite], got[finite]
+        noise = ref - got
         self.dot += float(np.dot(ref, got))
         self.reference_energy += float(np.dot(ref, ref))
         self.test_energy += float(np.dot(got, got))
         self.noise_energy += float(np.dot(noise, noise))
         self.max_error = max(self.max_error, float(np.max(np.abs(noise))) if noise.size else 0.0)
-        self._update_classes(np.asarray(reference), np.asarray(test))
+        self._update_predictions(np.asarray(reference), np.asarray(test))
 
-    def _update_classes(self, reference: np.ndarray, test: np.ndarray) -> None:
-        count = reference.shape[0] if reference.ndim else 1
-        self.samples += count
-        if self.class_output is None:
-            self.class_output = is_class_output(reference.shape)
-        if self.class_output:
+    def _update_predictions(self, reference: np.ndarray, test: np.ndarray) -> None:
+        self.samples += reference.shape[0] if reference.ndim else 1
+        if self.mode == ARGMAX:
             self.agreeing += int(np.sum(_agreeing_samples(reference, test)))
+        elif self.mode == EXACT:
+            self.agreeing += int(np.sum(_equal_samples(reference, test)))
 
     def result(self) -> AgreementResult:
+        agreement = self.agreeing / self.samples if self.mode and self.samples else None
+        if self.non_finite:
+            nan = float("nan")
+            return AgreementResult(nan, nan, nan, agreement, self.samples, self.non_finite)
         cosine = _cosine_from_sums(self.dot, self.reference_energy, self.test_energy, self.noise_energy)
-        agreement = self.agreeing / self.samples if self.class_output and self.samples else None
         return AgreementResult(cosine, _sqnr_from_energies(self.reference_energy, self.noise_energy),
                                self.max_error, agreement, self.samples)
 

@@ -81,7 +81,7 @@ class LayerErrors:
     def __init__(self, matches: dict[str, str], op_types: dict[str, str]) -> None:
         self.op_types = op_types
         self.matches = matches
-        self.reducers = {name: OutputAgreement(classes=False) for name in matches}
+        self.reducers = {name: OutputAgreement() for name in matches}
         self.skipped: set[str] = set()  # shapes differ (a pruned layer) or not floats at run time
 
     def update(self, baseline_values: dict[str, np.ndarray], candidate_values: dict[str, np.ndarray]) -> None:

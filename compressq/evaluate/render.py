@@ -10,6 +10,7 @@ from __future__ import annotations
 import html
 import io
 import json
+import math
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -20,7 +21,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from compressq.errors import OutputError
-from compressq.evaluate.report import SYNTHETIC, CandidateReport, ModelReport, Report
+from compressq.evaluate.report import SYNTHETIC, CandidateReport, ModelReport, OutputComparison, Report, verdict
 from compressq.render import human_bytes
 
 FORMATS = ("table", "json", "markdown", "html")
@@ -61,8 +62,34 @@ def number(value: float, digits: int = 4) -> str:
     return f"{value:.{digits}g}"
 
 
-def cosine_text(value: float) -> str:
-    return f"{value:.6f}"
+def cosine_text(value: float | None) -> str:
+    return _figure(value, "{:.6f}")
+
+
+def _figure(value: float | None, template: str) -> str:
+    if value is None:
+        return "-"
+    return "not finite" if math.isnan(value) else template.format(value)
+
+
+# One sentence per figure, with the range that is good: shown under the tables in Markdown and HTML.
+METRIC_GUIDE = [
+    ("verdict", "the first line: which gates failed (each with the output and slice it measured) or passed, "
+                "and the headline deltas; 'no gates set' when no --min-*/--max-* option was given."),
+    ("cosine", "cosine of the angle between candidate and baseline outputs (1 = same direction); above "
+               "0.999 is close, below 0.99 usually changes predictions. Detector heads are scored per slice "
+               "(boxes 0:4, class scores 4:) because the whole output's cosine hides damaged class scores."),
+    ("SQNR dB", "signal-to-quantization-noise ratio, 10 log10(|baseline|^2 / |baseline - candidate|^2); "
+                "higher is closer: above 30 dB is good for int8, below 20 dB is visible damage."),
+    ("top-1 agreement", "share of samples whose arg-max class matches the baseline's; only for class-score "
+                        "outputs; 99 % or more is good. Integer label outputs are scored by exact match instead."),
+    ("max abs error", "the largest element-wise difference, in the output's own units; judge it against the "
+                      "output's range (0-1 for probabilities, pixels for boxes)."),
+    ("speedup", "baseline median latency / candidate median latency on the same machine, interleaved runs; "
+                "above 1.0x is faster, and the IQR shows how much the turns disagreed."),
+    ("scored", "'task' marks the outputs that carry the model's task: gates, warnings and the verdict score only "
+               "those (choose them with --task-output NAME)."),
+]
 
 
 def data_kind_note(report: Report) -> str:
@@ -80,7 +107,7 @@ def data_kind_note(report: Report) -> str:
 
 
 def sections(report: Report) -> list[Section]:
-    parts = [_size_section(report), _accuracy_section(report)]
+    parts = [_verdict_section(report), _size_section(report), _accuracy_section(report)]
     if report.candidates:
         parts.append(_agreement_section(report))
     parts += [_layer_section(report, c) for c in report.candidates if c.per_layer is not None]
@@ -92,6 +119,10 @@ def sections(report: Report) -> list[Section]:
 
 def _models(report: Report) -> list[ModelReport]:
     return [report.baseline, *report.candidates]
+
+
+def _verdict_section(report: Report) -> Section:
+    return Section("Verdict", note=verdict(report))
 
 
 def _size_section(report: Report) -> Section:
@@ -127,12 +158,31 @@ def _agreement_section(report: Report) -> Section:
     rows = []
     for candidate in report.candidates:
         for output in candidate.outputs:
-            rows.append([candidate.name, output.output, percent(output.top1_agreement), cosine_text(output.cosine),
-                         f"{output.sqnr_db:.1f}", number(output.max_abs_error), output.data])
-    note = f"Measured on {SYNTHETIC}: not evidence of accuracy." if report.data.synthetic else ""
+            rows += _output_rows(candidate.name, output)
+    notes = ["'task' marks the outputs that carry the task: gates and the verdict score only those"]
+    if any(o.slices for c in report.candidates for o in c.outputs):
+        notes.append("a detector head is also scored per slice along axis 1 (boxes, class scores), "
+                     "its worst slice named in the verdict")
+    if report.data.synthetic:
+        notes.append(f"measured on {SYNTHETIC}: not evidence of accuracy")
     return Section(f"Agreement with the baseline ({report.data.kind}, {report.data.samples} samples)",
-                   ["candidate", "output", "top-1 agreement", "cosine", "SQNR dB", "max abs error", "data"], rows,
-                   note)
+                   ["candidate", "output", "role", "scored", "top-1 agreement", "exact match", "cosine", "SQNR dB",
+                    "max abs error", "data"], rows, "; ".join(notes).capitalize() + ".")
+
+
+def _output_rows(candidate: str, output: OutputComparison) -> list[list[str]]:
+    scored = "task" if output.task else "-"
+    if output.non_finite:
+        broken = f"not finite ({output.non_finite} values)"
+        return [[candidate, output.output, output.role, scored, percent(output.top1_agreement),
+                 percent(output.exact_match), broken, broken, broken, output.data]]
+    rows = [[candidate, output.output, output.role, scored, percent(output.top1_agreement),
+             percent(output.exact_match), cosine_text(output.cosine), _figure(output.sqnr_db, "{:.1f}"),
+             _figure(output.max_abs_error, "{:.4g}"), output.data]]
+    for part in output.slices:
+        rows.append([candidate, part.label, part.role, scored, "-", "-", cosine_text(part.cosine),
+                     _figure(part.sqnr_db, "{:.1f}"), _figure(part.max_abs_error, "{:.4g}"), output.data])
+    return rows
 
 
 def _layer_section(report: Report, candidate: CandidateReport) -> Section:
@@ -169,10 +219,11 @@ def _latency_section(report: Report) -> Section:
 
 
 def _gates_section(report: Report) -> Section:
-    rows = [[gate.gate, gate.candidate, number(gate.measured, 6), number(gate.limit, 6),
+    rows = [[gate.gate, gate.candidate, gate.on, number(gate.measured, 6), number(gate.limit, 6),
              "passed" if gate.passed else "FAILED"] for gate in report.gates]
-    verdict = "all gates passed" if report.passed else f"{len(report.failed_gates)} gate(s) failed"
-    return Section("Gates", ["gate", "candidate", "measured", "limit", "verdict"], rows, verdict + ".")
+    outcome = "all gates passed" if report.passed else f"{len(report.failed_gates)} gate(s) failed"
+    return Section("Gates", ["gate", "candidate", "measured on", "measured", "limit", "verdict"], rows,
+                   outcome + ".")
 
 
 def _heading(report: Report) -> str:
@@ -232,22 +283,33 @@ def json_text(report: Report) -> str:
 
 
 def markdown_text(report: Report) -> str:
-    lines = [f"### {_heading(report)}", "", data_kind_note(report), ""]
+    lines = [f"### {_md(_heading(report))}", "", f"**Verdict:** {_md(verdict(report))}", "",
+             _md(data_kind_note(report)), ""]
     for section in sections(report):
-        lines += [f"#### {section.title}", ""]
+        if section.title == "Verdict":
+            continue
+        lines += [f"#### {_md(section.title)}", ""]
         if section.rows:
             lines += _markdown_table(section) + [""]
         if section.note:
-            lines += [section.note, ""]
+            lines += [_md(section.note), ""]
+    lines += ["#### How to read these figures", ""]
+    lines += [f"- **{name}**: {_md(text)}" for name, text in METRIC_GUIDE] + [""]
     return "\n".join(lines)
+
+
+def _md(text: str) -> str:
+    """Model, node and file names are the user's: escape what Markdown renderers would read as HTML or
+    markup (`<script>` stays text, a `|` cannot split a table cell)."""
+    return html.escape(text, quote=False).replace("|", "\\|").replace("`", "\\`")
 
 
 def _markdown_table(section: Section) -> list[str]:
     def cells(values: list[str]) -> str:
-        return "| " + " | ".join(value.replace("|", "\\|") for value in values) + " |"
+        return "| " + " | ".join(_md(value) for value in values) + " |"
 
     aligns = ["---" if i == 0 or not _numeric(section, i) else "---:" for i in range(len(section.columns))]
-    return [cells(section.columns), cells(aligns)] + [cells(row) for row in section.rows]
+    return [cells(section.columns), "| " + " | ".join(aligns) + " |"] + [cells(row) for row in section.rows]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -255,18 +317,27 @@ def _markdown_table(section: Section) -> list[str]:
 
 _STYLE = """body{font:14px/1.4 system-ui,sans-serif;margin:2em;color:#222}table{border-collapse:collapse;margin:.5em 0}
 td,th{border:1px solid #ccc;padding:3px 8px}th{background:#f3f3f3}td.n{text-align:right}
-.note{color:#555}.failed{color:#b00;font-weight:bold}.passed{color:#070}svg text{font:11px sans-serif}"""
+.note{color:#555}.failed{color:#b00;font-weight:bold}.passed{color:#070}svg text{font:11px sans-serif}
+.verdict{font-size:16px;padding:.5em;border-left:4px solid #4a7ab5;background:#f5f8fc}
+.verdict.bad{border-color:#b00;background:#fdf3f3}dt{font-weight:bold}dd{margin:0 0 .4em 1em}"""
 
 
 def html_text(report: Report) -> str:
-    body = [f"<h1>{html.escape(_heading(report))}</h1>", f"<p class='note'>{html.escape(data_kind_note(report))}</p>"]
+    css = "verdict bad" if report.failed_gates else "verdict"
+    body = [f"<h1>{html.escape(_heading(report))}</h1>",
+            f"<p class='{css}'><b>Verdict:</b> {html.escape(verdict(report))}</p>",
+            f"<p class='note'>{html.escape(data_kind_note(report))}</p>"]
     for section in sections(report):
+        if section.title == "Verdict":
+            continue
         body.append(f"<h2>{html.escape(section.title)}</h2>")
         if section.rows:
             body.append(_html_table(section))
         if section.note:
             body.append(f"<p class='note'>{html.escape(section.note)}</p>")
     body += _charts(report)
+    body.append("<h2>How to read these figures</h2><dl>" + "".join(
+        f"<dt>{html.escape(name)}</dt><dd>{html.escape(text)}</dd>" for name, text in METRIC_GUIDE) + "</dl>")
     return ("<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"
             f"<title>{html.escape(_heading(report))}</title><style>{_STYLE}</style></head>\n<body>\n"
             + "\n".join(body) + "\n</body></html>\n")
@@ -287,20 +358,27 @@ def _html_table(section: Section) -> str:
 
 def _charts(report: Report) -> list[str]:
     charts = []
-    output_bars = [(f"{c.name}: {o.output}", o.sqnr_db) for c in report.candidates for o in c.outputs]
+    output_bars = [(f"{c.name}: {label}", sqnr) for c in report.candidates for o in c.outputs
+                   for label, sqnr in [(o.output, o.sqnr_db), *((p.label, p.sqnr_db) for p in o.slices)]
+                   if _drawable(sqnr)]
     if output_bars:
         charts.append(_chart_block(f"Per-output SQNR vs the baseline, dB (higher is closer; {report.data.kind})",
-                                   bar_chart(output_bars, "dB")))
+                                   bar_chart(output_bars, "dB", "SQNR vs the baseline (dB)")))
     for candidate in report.candidates:
         if candidate.per_layer:
-            bars = [(layer.tensor, layer.sqnr_db) for layer in candidate.per_layer[:LAYER_BARS_SHOWN]]
+            bars = [(layer.tensor, layer.sqnr_db) for layer in candidate.per_layer[:LAYER_BARS_SHOWN]
+                    if _drawable(layer.sqnr_db)]
             charts.append(_chart_block(f"Per-layer SQNR, {candidate.name}, worst first, dB ({report.data.kind})",
-                                       bar_chart(bars, "dB")))
+                                       bar_chart(bars, "dB", "SQNR vs the baseline (dB)")))
     for provider in report.settings["providers"]:
         series = [(m.name, next(r for r in m.latency if r.provider == provider).samples_ms) for m in _models(report)]
         charts.append(_chart_block(f"Latency distribution on {provider}, ms per run (tick = one run, bar = median)",
                                    latency_chart(series)))
     return charts
+
+
+def _drawable(value: float | None) -> bool:
+    return value is not None and math.isfinite(value)
 
 
 def _chart_block(title: str, svg: str) -> str:
@@ -311,11 +389,13 @@ def _short(label: str, limit: int = 48) -> str:
     return label if len(label) <= limit else "..." + label[-(limit - 3):]
 
 
-def bar_chart(bars: list[tuple[str, float]], unit: str) -> str:
-    """Horizontal bars; negative values are drawn from zero to the left edge's scale as zero length."""
+def bar_chart(bars: list[tuple[str, float]], unit: str, axis: str = "") -> str:
+    """Horizontal bars with an x axis (0 to the largest value, in `unit`, captioned `axis`); negative
+    values are drawn as zero length, their number still printed."""
     label_width, bar_width, row = 330, 380, 18
     top = max([value for _, value in bars] + [1e-9])
-    height = row * len(bars) + 6
+    plot_height = row * len(bars) + 6
+    height = plot_height + 34
     parts = [f"<svg width='{label_width + bar_width + 80}' height='{height}' role='img'>"]
     for index, (label, value) in enumerate(bars):
         y = index * row + 3
@@ -324,7 +404,11 @@ def bar_chart(bars: list[tuple[str, float]], unit: str) -> str:
                      f"<text x='{label_width - 6}' y='{y + 12}' text-anchor='end'>{html.escape(_short(label))}</text>"
                      f"<rect x='{label_width}' y='{y}' width='{width:.1f}' height='{row - 4}' fill='#4a7ab5'/>"
                      f"<text x='{label_width + width + 4:.1f}' y='{y + 12}'>{value:.1f}</text></g>")
-    parts.append("</svg>")
+    parts.append(f"<line x1='{label_width}' x2='{label_width + bar_width}' y1='{plot_height}' y2='{plot_height}' "
+                 f"stroke='#333'/><text x='{label_width}' y='{plot_height + 13}' text-anchor='middle'>0 {unit}</text>"
+                 f"<text x='{label_width + bar_width}' y='{plot_height + 13}' text-anchor='middle'>{top:.3g} {unit}"
+                 f"</text><text x='{label_width + bar_width / 2}' y='{plot_height + 28}' text-anchor='middle'>"
+                 f"{html.escape(axis or unit)}</text></svg>")
     return "".join(parts)
 
 
@@ -334,7 +418,7 @@ def latency_chart(series: list[tuple[str, list[float]]]) -> str:
     values = [v for _, samples in series for v in samples] or [0.0, 1.0]
     low, high = min(values), max(values)
     span = (high - low) or 1.0
-    height = row * len(series) + 24
+    height = row * len(series) + 40
 
     def x(value: float) -> float:
         return label_width + (value - low) / span * plot_width
@@ -350,8 +434,11 @@ def latency_chart(series: list[tuple[str, list[float]]]) -> str:
             parts.append(f"<rect x='{x(median) - 1.5:.1f}' y='{y}' width='3' height='20' fill='#c33'>"
                          f"<title>median {median:.3g} ms</title></rect>")
     axis_y = row * len(series) + 18
-    parts.append(f"<text x='{label_width}' y='{axis_y}'>{low:.3g} ms</text>"
-                 f"<text x='{label_width + plot_width}' y='{axis_y}' text-anchor='end'>{high:.3g} ms</text></svg>")
+    parts.append(f"<line x1='{label_width}' x2='{label_width + plot_width}' y1='{axis_y - 12}' y2='{axis_y - 12}' "
+                 f"stroke='#333'/><text x='{label_width}' y='{axis_y}'>{low:.3g} ms</text>"
+                 f"<text x='{label_width + plot_width}' y='{axis_y}' text-anchor='end'>{high:.3g} ms</text>"
+                 f"<text x='{label_width + plot_width / 2}' y='{axis_y + 16}' text-anchor='middle'>"
+                 "latency per run (ms); one row per model</text></svg>")
     return "".join(parts)
 
 

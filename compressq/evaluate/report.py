@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import zlib
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from itertools import islice
 from pathlib import Path
 
@@ -22,9 +22,22 @@ from compressq import __version__
 from compressq.data import Dataset, load_dataset, model_inputs, synthetic_dataset
 from compressq.errors import DataError, ModelError, UsageError
 from compressq.evaluate.latency import LatencyStats, speedup, time_interleaved
-from compressq.evaluate.metrics import OutputAgreement, TopKCounter, is_class_output
+from compressq.evaluate.metrics import TopKCounter
 from compressq.evaluate.per_layer import LayerComparison, LayerErrors, matched_tensors, produced_tensors
 from compressq.graph import iter_tensors, load_model
+from compressq.measure.task import (
+    CLASS_SCORES,
+    OutputRole,
+    OutputScore,
+    TaskScorer,
+    correct_samples,
+    label_output,
+    non_finite_outputs,
+    roles_for_batch,
+    task_scores,
+    worst_agreement,
+    worst_cosine,
+)
 from compressq.runtime import create_session, provider_chain, with_outputs
 from compressq.summary import all_nodes, summarize
 
@@ -80,6 +93,7 @@ class ReportConfig:
     samples: int | None = None
     per_layer: bool = False
     gates: GateLimits = field(default_factory=GateLimits)
+    task_outputs: tuple[str, ...] = ()  # --output NAME: the outputs that carry the task (empty: the rule decides)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -108,14 +122,10 @@ class Accuracy:
 
 
 @dataclass
-class OutputComparison:
-    output: str
-    data: str  # SYNTHETIC or REAL, next to every figure so nobody mistakes one for the other
-    samples: int
-    top1_agreement: float | None  # None for outputs that are not class scores
-    cosine: float
-    sqnr_db: float
-    max_abs_error: float
+class OutputComparison(OutputScore):
+    """One output's score (its role, whether it carries the task, its figures), and on what data."""
+
+    data: str = ""  # SYNTHETIC or REAL, next to every figure so nobody mistakes one for the other
 
 
 @dataclass
@@ -156,6 +166,9 @@ class CandidateReport(ModelReport):
     speedup: list[SpeedupResult]
 
 
+FINITE_GATE = "finite-outputs"  # not an option: set whenever an output that carries the task is NaN/inf
+
+
 @dataclass
 class GateResult:
     gate: str
@@ -164,13 +177,20 @@ class GateResult:
     limit: float
     passed: bool
     qualified: bool = False  # several candidates: name the candidate in the gate's label
+    on: str = ""  # what was measured: "output0[4:84] (class scores)", "provider cpu", "file size"
+    at_least: bool = True  # the measured value must be >= the limit (else <=)
 
     @property
     def label(self) -> str:
         return f"{self.gate}[{self.candidate}]" if self.qualified else self.gate
 
     def failure_line(self) -> str:
-        return f"GATE FAILED: {self.label}: {format_number(self.measured)} vs {format_number(self.limit)}"
+        where = f" on {self.on}" if self.on else ""
+        if self.gate == FINITE_GATE:
+            return f"GATE FAILED: {self.label}: {int(self.measured)} NaN or infinite values{where}"
+        relation = "<" if self.at_least else ">"
+        return f"GATE FAILED: {self.label} {format_number(self.measured)} {relation} {format_number(self.limit)}" \
+            f"{where}"
 
 
 @dataclass
@@ -205,6 +225,7 @@ class Report:
         data = asdict(self)
         for gate in data["gates"]:
             gate.pop("qualified")
+            gate.pop("at_least")
         data["passed"] = self.passed
         return _json_safe(data)
 
@@ -230,12 +251,20 @@ def _json_safe(value):
 
 def check_gate_usage(config: ReportConfig) -> None:
     requested = config.gates.requested()
+    for gate, limit in requested.items():
+        if not math.isfinite(limit):
+            raise UsageError(f"--{gate} must be a finite number, got {limit}",
+                             hint=f"pass the limit as a plain number, e.g. --{gate} {_EXAMPLE_LIMITS[gate]}")
     if requested and not config.candidates:
         raise UsageError(f"--{next(iter(requested))} compares a candidate with the baseline, but only one "
                          "model was given", hint="pass the compressed model after the baseline")
     if "max-accuracy-drop" in requested and config.data is None:
         raise UsageError("--max-accuracy-drop needs labelled data; without --data the inputs would be synthetic",
                          hint="pass --data eval.npz holding the model inputs and a 'labels' array")
+
+
+_EXAMPLE_LIMITS = {"max-accuracy-drop": "1.0", "min-agreement": "0.99", "min-cosine": "0.99",
+                   "min-speedup": "1.2", "max-size-ratio": "0.3"}
 
 
 def check_providers(providers: tuple[str, ...]) -> None:
@@ -317,7 +346,8 @@ def _data_info(dataset: Dataset, config: ReportConfig) -> DataInfo:
 def _settings(config: ReportConfig) -> dict:
     return {"providers": list(config.providers), "accuracy_provider": config.providers[0],
             "threads": config.threads or 0, "runs": config.runs, "warmup": config.warmup,
-            "batch_size": config.batch_size, "samples": config.samples, "per_layer": config.per_layer}
+            "batch_size": config.batch_size, "samples": config.samples, "per_layer": config.per_layer,
+            "task_outputs": list(config.task_outputs)}
 
 
 def _candidate_report(candidate: _Model, baseline: ModelReport, evaluation: _Evaluation,
@@ -399,54 +429,73 @@ def model_files(path: Path) -> list[Path]:
 
 
 class _Evaluation:
-    """Running sums for every model: top-k hits, per-output agreement, per-layer errors."""
+    """Running sums for every model: top-k hits, per-output scores, per-layer errors.
+
+    Each output's role (compressq.measure.task) is decided once, from the baseline's first batch."""
 
     def __init__(self, baseline: _Model, candidates: list[_Model], data_kind: str,
-                 layer_names: dict[str, dict[str, str]]) -> None:
+                 layer_names: dict[str, dict[str, str]], task_outputs: tuple[str, ...]) -> None:
+        self.baseline = baseline
         self.data_kind = data_kind
+        self.task_outputs = task_outputs
+        self.candidate_names = [c.name for c in candidates]
         self.output_names = [o.name for o in baseline.proto.graph.output]
         self.topk = {model.name: TopKCounter() for model in [baseline, *candidates]}
-        self.agreements = {c.name: {name: OutputAgreement() for name in self.output_names} for c in candidates}
+        self.correct = dict.fromkeys(self.topk, 0)
+        self.labelled = dict.fromkeys(self.topk, 0)
+        self.roles: list[OutputRole] | None = None
+        self.scorers: dict[str, TaskScorer] = {}
         op_types = produced_tensors(baseline.proto)
         self.layer_errors = {name: LayerErrors(tensors, op_types) for name, tensors in layer_names.items()}
-        self.label_output: str | None = None
+        self.label_role: OutputRole | None = None
         self.classes = 0
 
-    def update(self, outputs: dict[str, dict[str, np.ndarray]], baseline_name: str,
+    def update(self, feed: dict[str, np.ndarray], outputs: dict[str, dict[str, np.ndarray]],
                labels: np.ndarray | None) -> None:
-        reference = outputs[baseline_name]
+        reference = outputs[self.baseline.name]
+        if self.roles is None:
+            task_values = {name: reference[name] for name in self.output_names}
+            self.roles = roles_for_batch(self.baseline.proto, feed, task_values, self.task_outputs)
+            self.scorers = {name: TaskScorer(self.roles) for name in self.candidate_names}
         if labels is not None:
             self._update_accuracy(outputs, labels)
-        for candidate, reducers in self.agreements.items():
-            for name, reducer in reducers.items():
+        for candidate, scorer in self.scorers.items():
+            for name in self.output_names:
                 _check_same_shape(candidate, name, reference[name], outputs[candidate][name])
-                reducer.update(reference[name], outputs[candidate][name])
+            scorer.update(reference, outputs[candidate])
             if candidate in self.layer_errors:
                 self.layer_errors[candidate].update(reference, outputs[candidate])
 
     def _update_accuracy(self, outputs: dict[str, dict[str, np.ndarray]], labels: np.ndarray) -> None:
-        first = next(iter(outputs.values()))
-        if self.label_output is None:
-            self.label_output = _scores_for_labels(first, self.output_names, labels)
-            self.classes = first[self.label_output].shape[-1]
+        first = outputs[self.baseline.name]
+        labels = np.asarray(labels)
+        if self.label_role is None:
+            shapes = {name: first[name].shape[1:] for name in self.output_names}
+            self.label_role = label_output(self.roles, shapes, labels.shape[1:])
+            if self.label_role is None:
+                raise _labels_match_nothing(labels, self.roles, first)
+            self.classes = first[self.label_role.name].shape[-1] if self.label_role.role == CLASS_SCORES else 0
+        name = self.label_role.name
         for model, values in outputs.items():
-            logits = values[self.label_output]
-            self.topk[model].update(logits.reshape(-1, self.classes), np.asarray(labels).reshape(-1))
+            self.correct[model] += int(np.sum(correct_samples(self.label_role, values[name], labels)))
+            self.labelled[model] += len(labels)
+            if self.classes:
+                self.topk[model].update(values[name].reshape(-1, self.classes), labels.reshape(-1))
 
     def accuracy(self, model: str) -> Accuracy | None:
-        counter = self.topk.get(model)
-        if counter is None or counter.samples == 0 or self.label_output is None:
+        if self.label_role is None or not self.labelled.get(model):
             return None
-        top5 = counter.accuracy(5) if self.classes >= 5 else None
-        return Accuracy(REAL, self.label_output, counter.samples, counter.accuracy(1), top5)
+        counter = self.topk[model]
+        top5 = counter.accuracy(5) if self.classes >= 5 and counter.samples else None
+        return Accuracy(REAL, self.label_role.name, self.labelled[model],
+                        self.correct[model] / self.labelled[model], top5)
 
     def output_comparisons(self, candidate: str) -> list[OutputComparison]:
-        rows = []
-        for name, reducer in self.agreements[candidate].items():
-            result = reducer.result()
-            rows.append(OutputComparison(name, self.data_kind, result.samples, result.top1_agreement,
-                                         result.cosine, result.sqnr_db, result.max_abs_error))
-        return rows
+        scorer = self.scorers.get(candidate)
+        if scorer is None:
+            return []
+        return [OutputComparison(**{f.name: getattr(score, f.name) for f in fields(score)}, data=self.data_kind)
+                for score in scorer.results()]
 
 
 def _check_same_shape(candidate: str, output: str, reference: np.ndarray, test: np.ndarray) -> None:
@@ -456,23 +505,19 @@ def _check_same_shape(candidate: str, output: str, reference: np.ndarray, test: 
                          "compare models with the same output shapes")
 
 
-def _scores_for_labels(values: dict[str, np.ndarray], output_names: list[str], labels: np.ndarray) -> str:
-    """The output that scores classes for these labels: shape [*labels.shape, classes]."""
-    labels = np.asarray(labels)
-    for name in output_names:
-        shape = values[name].shape
-        if is_class_output(shape) and tuple(shape[:-1]) == labels.shape:
-            return name
-    shapes = ", ".join(f"{n} {list(values[n].shape)}" for n in output_names)
-    raise DataError(f"labels of shape {list(labels.shape)} match no output of shape [*labels, classes] "
-                    f"(outputs: {shapes})",
-                    hint="labels hold one class index per sample (or per position for sequence outputs)")
+def _labels_match_nothing(labels: np.ndarray, roles: list[OutputRole], values: dict[str, np.ndarray]) -> DataError:
+    shapes = ", ".join(f"{r.name} {list(values[r.name].shape)} ({r.role})" for r in roles if r.task)
+    return DataError(f"labels of shape {list(labels.shape)} match no output that carries the task: class scores "
+                     f"[*labels, classes] or integer labels [*labels] (outputs: {shapes})",
+                     hint="labels hold one class index per sample (or per position); name the output with "
+                          "--output")
 
 
 def _evaluate(baseline: _Model, candidates: list[_Model], dataset: Dataset, config: ReportConfig,
               start_task: StartTask | None) -> _Evaluation:
     layer_names = {c.name: matched_tensors(baseline.proto, c.proto) for c in candidates} if config.per_layer else {}
-    evaluation = _Evaluation(baseline, candidates, SYNTHETIC if dataset.synthetic else REAL, layer_names)
+    evaluation = _Evaluation(baseline, candidates, SYNTHETIC if dataset.synthetic else REAL, layer_names,
+                             config.task_outputs)
     exposed_by_baseline = sorted({name for matches in layer_names.values() for name in matches})
     sessions = {baseline.name: _accuracy_session(baseline.proto, exposed_by_baseline, config)}
     for candidate in candidates:
@@ -483,7 +528,7 @@ def _evaluate(baseline: _Model, candidates: list[_Model], dataset: Dataset, conf
     batch_size = PER_LAYER_BATCH if config.per_layer else EVAL_BATCH
     for feed, labels in dataset.labelled_batches(batch_size, config.samples):
         outputs = {name: _run_named(session, feed) for name, session in sessions.items()}
-        evaluation.update(outputs, baseline.name, labels)
+        evaluation.update(feed, outputs, labels)
         if advance:
             advance(len(next(iter(feed.values()))))
     return evaluation
@@ -536,28 +581,81 @@ def evaluate_gates(report: Report, limits: GateLimits) -> list[GateResult]:
     gates = []
     for candidate in report.candidates:
         for gate, limit in requested.items():
-            measured, at_least = _measure(gate, candidate)
+            measured, at_least, on = _measure(gate, candidate)
             passed = measured >= limit if at_least else measured <= limit
-            gates.append(GateResult(gate, candidate.name, measured, limit, bool(passed), qualified))
+            gates.append(GateResult(gate, candidate.name, measured, limit, bool(passed), qualified, on, at_least))
+        broken = non_finite_outputs(candidate.outputs)
+        if broken:  # its own verdict, with or without gates: no figure of a NaN output means anything
+            gates.append(GateResult(FINITE_GATE, candidate.name, float(sum(o.non_finite for o in broken)), 0.0,
+                                    False, qualified, ", ".join(o.describe() for o in broken), False))
     return gates
 
 
-def _measure(gate: str, candidate: CandidateReport) -> tuple[float, bool]:
-    """The candidate's value for a gate (worst over outputs and providers), and whether higher is better."""
+def _scored(candidate: CandidateReport) -> str:
+    return ", ".join(o.describe() for o in task_scores(candidate.outputs)) or "none"
+
+
+def _measure(gate: str, candidate: CandidateReport) -> tuple[float, bool, str]:
+    """The candidate's value for a gate (worst over the task outputs, slices and providers), whether higher
+    is better, and where it was measured."""
     if gate == "max-accuracy-drop":
         if candidate.accuracy_drop_points is None:
-            raise UsageError("--max-accuracy-drop needs labels matching a class-score output")
-        return candidate.accuracy_drop_points, False
+            raise UsageError("--max-accuracy-drop needs labels matching an output that carries the task")
+        return candidate.accuracy_drop_points, False, f"{candidate.accuracy.output} (accuracy against labels)"
     if gate == "min-agreement":
-        agreements = [o.top1_agreement for o in candidate.outputs if o.top1_agreement is not None]
-        if not agreements:
-            raise UsageError("--min-agreement needs an output that scores classes ([batch, classes] or "
-                             "[batch, positions, classes])", hint="use --min-cosine for other outputs")
-        return min(agreements), True
+        worst = worst_agreement(candidate.outputs)
+        if worst is None:
+            raise UsageError(f"--min-agreement needs class scores or integer labels among the outputs that carry "
+                             f"the task (scored: {_scored(candidate)})",
+                             hint="use --min-cosine for these outputs, or name a class-score output with --output")
+        return worst.value, True, worst.where
     if gate == "min-cosine":
-        return min(o.cosine for o in candidate.outputs), True
+        worst = worst_cosine(candidate.outputs)
+        if worst is None:
+            raise UsageError(f"--min-cosine needs float outputs among those that carry the task; integer labels "
+                             f"are scored by exact match (scored: {_scored(candidate)})",
+                             hint="use --min-agreement for label outputs")
+        return worst.value, True, worst.where
     if gate == "min-speedup":
-        return min(s.ratio for s in candidate.speedup), True
+        slowest = min(candidate.speedup, key=lambda s: s.ratio)
+        return slowest.ratio, True, f"provider {slowest.provider}"
     if gate == "max-size-ratio":
-        return candidate.size_ratio, False
+        return candidate.size_ratio, False, "file size"
     raise UsageError(f"unknown gate {gate}")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Verdict and headline
+
+
+def headline(candidate: CandidateReport) -> str:
+    """The deltas that matter, each with where it was measured: size, speed, accuracy, agreement, cosine."""
+    parts = [f"size {candidate.size_ratio:.2f}x"]
+    parts += [f"speedup {s.ratio:.2f}x on {s.provider}" for s in candidate.speedup]
+    if candidate.accuracy_drop_points is not None:
+        parts.append(f"top-1 drop {candidate.accuracy_drop_points:.2f} points on {candidate.accuracy.output}")
+    broken = non_finite_outputs(candidate.outputs)
+    if broken:
+        parts.append("NaN or infinite values in " + ", ".join(o.describe() for o in broken))
+    agreement = worst_agreement(candidate.outputs)
+    if agreement is not None:
+        parts.append(f"agreement {agreement.value * 100:.2f}% on {agreement.where}")
+    cosine = worst_cosine(candidate.outputs)
+    if cosine is not None and not broken:
+        parts.append(f"worst cosine {cosine.value:.6f} on {cosine.where}")
+    return ", ".join(parts)
+
+
+def verdict(report: Report) -> str:
+    """One line: the gates' outcome, then each candidate's headline."""
+    if report.failed_gates:
+        failed = "; ".join(f"{g.label} on {g.on}" if g.on else g.label for g in report.failed_gates)
+        state = f"FAILED {len(report.failed_gates)} of {len(report.gates)} gates ({failed})"
+    elif report.gates:
+        state = f"passed all {len(report.gates)} gates"
+    else:
+        state = "no gates set"
+    if not report.candidates:
+        return f"{state} (one model: size and latency only)"
+    measured_on = f" (figures measured on {report.data.kind})" if report.data.synthetic else ""
+    return f"{state}; " + "; ".join(f"{c.name}: {headline(c)}" for c in report.candidates) + measured_on

@@ -6,7 +6,8 @@ sets), so every candidate costs one pass of the candidate only.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -14,7 +15,17 @@ import onnx
 
 from compressq.data import Dataset
 from compressq.errors import DataError, TargetNotMet
-from compressq.evaluate.metrics import OutputAgreement, is_class_output
+from compressq.measure.task import (
+    OutputRole,
+    TaskScorer,
+    correct_samples,
+    label_output,
+    non_finite_outputs,
+    roles_for_batch,
+    worst_agreement,
+    worst_cosine,
+    worst_sqnr,
+)
 from compressq.runtime import create_session
 
 EVAL_BATCH = 64
@@ -22,13 +33,17 @@ EVAL_BATCH = 64
 
 @dataclass(frozen=True)
 class Figures:
-    """How close a candidate is to fp32: the numbers the targets and the sensitivity table use."""
+    """How close a candidate is to fp32 on the outputs that carry the task (compressq.measure.task)."""
 
-    agreement: float | None      # share of samples whose class prediction matches fp32 on every output
-    accuracy: float | None       # top-1 against labels (first class output)
+    agreement: float | None      # worst task output's top-1 agreement (class scores) or exact match (labels)
+    accuracy: float | None       # against labels, read from the output that predicts them
     reference_accuracy: float | None
-    min_cosine: float            # worst output's cosine similarity to fp32
-    min_sqnr_db: float
+    min_cosine: float | None     # worst task output (a detector head: worst slice); NaN: values not finite
+    min_sqnr_db: float | None
+    agreement_output: str | None = None  # where the agreement was worst: "logits (class scores)"
+    cosine_output: str | None = None     # where the cosine was worst: "output0[4:84] (class scores)"
+    task_outputs: tuple[str, ...] = ()   # what was scored: "probabilities (class scores)", "label (labels)"
+    non_finite: int = 0                  # NaN or unmatched infinite values in the task outputs
 
     @property
     def drop_points(self) -> float | None:
@@ -37,46 +52,68 @@ class Figures:
         return 100.0 * (self.reference_accuracy - self.accuracy)
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "drop_points": self.drop_points}
+        return {**asdict(self), "task_outputs": list(self.task_outputs), "drop_points": self.drop_points}
 
 
 class AccuracyProbe:
-    """fp32 outputs of an evaluation set, and the figures of any candidate against them."""
+    """fp32 outputs of an evaluation set, and the figures of any candidate against them.
 
-    def __init__(self, reference: onnx.ModelProto, dataset: Dataset, limit: int | None = None):
+    `task_outputs` (`--output NAME`) names the outputs that carry the task; empty: the rule decides.
+    """
+
+    def __init__(self, reference: onnx.ModelProto, dataset: Dataset, limit: int | None = None,
+                 task_outputs: Sequence[str] = ()):
         self.dataset = dataset
         session = create_session(reference)
-        self.feeds_and_outputs = [(feed, session.run(None, feed)) for feed in dataset.batches(EVAL_BATCH, limit)]
+        self.output_names = [o.name for o in session.get_outputs()]
+        self.feeds_and_outputs = [(feed, self._run(session, feed)) for feed in dataset.batches(EVAL_BATCH, limit)]
         self.samples = sum(next(iter(feed.values())).shape[0] for feed, _ in self.feeds_and_outputs)
+        first_feed, first_outputs = self.feeds_and_outputs[0]
+        self.roles = roles_for_batch(reference, first_feed, first_outputs, task_outputs)
         self.labels = dataset.labels(limit)
+        self.label_role: OutputRole | None = None
+        if self.labels is not None:
+            shapes = {name: value.shape[1:] for name, value in first_outputs.items()}
+            self.label_role = label_output(self.roles, shapes, self.labels.shape[1:])
         self.reference_accuracy = self._accuracy([outputs for _, outputs in self.feeds_and_outputs])
+
+    def _run(self, session, feed: dict) -> dict[str, np.ndarray]:
+        return dict(zip(self.output_names, session.run(self.output_names, feed)))
 
     def measure(self, candidate: onnx.ModelProto) -> Figures:
         session = create_session(candidate)
-        candidate_outputs = [session.run(None, feed) for feed, _ in self.feeds_and_outputs]
-        agreements = [OutputAgreement() for _ in candidate_outputs[0]]
+        candidate_outputs = [self._run(session, feed) for feed, _ in self.feeds_and_outputs]
+        scorer = TaskScorer(self.roles)
         for (_, reference), outputs in zip(self.feeds_and_outputs, candidate_outputs):
-            for tracker, ref, got in zip(agreements, reference, outputs):
-                tracker.update(ref, got)
-        results = [a.result() for a in agreements]
-        class_agreements = [r.top1_agreement for r in results if r.top1_agreement is not None]
+            scorer.update(reference, outputs)
+        scores = scorer.results()
+        agreement, cosine, sqnr = worst_agreement(scores), worst_cosine(scores), worst_sqnr(scores)
         return Figures(
-            agreement=min(class_agreements) if class_agreements else None,
+            agreement=agreement.value if agreement else None,
             accuracy=self._accuracy(candidate_outputs),
             reference_accuracy=self.reference_accuracy,
-            min_cosine=min(r.cosine for r in results),
-            min_sqnr_db=min(r.sqnr_db for r in results),
+            min_cosine=cosine.value if cosine else None,
+            min_sqnr_db=sqnr.value if sqnr else None,
+            agreement_output=agreement.where if agreement else None,
+            cosine_output=cosine.where if cosine else None,
+            task_outputs=tuple(role.describe() for role in self.roles if role.task),
+            non_finite=sum(score.non_finite for score in non_finite_outputs(scores)),
         )
 
-    def _accuracy(self, outputs_per_batch: list[list[np.ndarray]]) -> float | None:
-        if self.labels is None:
+    def _accuracy(self, outputs_per_batch: list[dict[str, np.ndarray]]) -> float | None:
+        if self.labels is None or self.label_role is None:
             return None
-        first = next((i for i, out in enumerate(outputs_per_batch[0]) if is_class_output(out.shape)), None)
-        if first is None:
-            return None
-        predictions = np.concatenate([batch[first].argmax(axis=-1) for batch in outputs_per_batch])
-        labels = self.labels.reshape(predictions.shape)
-        return float(np.mean(np.all((predictions == labels).reshape(len(predictions), -1), axis=1)))
+        name = self.label_role.name
+        correct = np.concatenate([correct_samples(self.label_role, batch[name], labels)
+                                  for batch, labels in zip(outputs_per_batch, self._label_batches())])
+        return float(np.mean(correct))
+
+    def _label_batches(self):
+        start = 0
+        for feed, _ in self.feeds_and_outputs:
+            count = next(iter(feed.values())).shape[0]
+            yield self.labels[start:start + count]
+            start += count
 
 
 @dataclass(frozen=True)
@@ -87,11 +124,24 @@ class AccuracyTarget:
     min_agreement: float | None = None
 
     def check(self, probe: AccuracyProbe) -> None:
-        if self.max_drop is not None and probe.reference_accuracy is None:
+        if self.max_drop is not None and probe.labels is None:
             raise DataError("--max-drop needs labels in the evaluation data",
                             hint="add a 'labels' array to --eval-data, or use --min-agreement")
+        if self.max_drop is not None and probe.label_role is None:
+            scored = ", ".join(role.describe() for role in probe.roles if role.task)
+            raise DataError(f"--max-drop: labels of shape {list(probe.labels.shape)} match no output that "
+                            f"carries the task ({scored})",
+                            hint="labels hold one class per sample (or per position); name the class-score "
+                                 "output with --output")
+        if self.min_agreement is not None and not any(role.agreement for role in probe.roles if role.task):
+            scored = ", ".join(role.describe() for role in probe.roles if role.task)
+            raise DataError(f"--min-agreement needs class scores or integer labels among the outputs that "
+                            f"carry the task; scored: {scored}",
+                            hint="name the class-score output with --output, or use --max-drop with labels")
 
     def met(self, figures: Figures) -> bool:
+        if figures.non_finite:
+            return False
         if self.max_drop is not None and (figures.drop_points is None or figures.drop_points > self.max_drop):
             return False
         return not (self.min_agreement is not None
@@ -100,10 +150,14 @@ class AccuracyTarget:
     def describe(self, figures: Figures) -> str:
         parts = []
         if self.max_drop is not None:
-            parts.append(f"top-1 drop {figures.drop_points:.2f} points (target <= {self.max_drop})")
+            drop = "n/a" if figures.drop_points is None else f"{figures.drop_points:.2f}"
+            parts.append(f"top-1 drop {drop} points (target <= {self.max_drop})")
         if self.min_agreement is not None:
             agreement = "n/a" if figures.agreement is None else f"{figures.agreement:.4f}"
-            parts.append(f"agreement {agreement} (target >= {self.min_agreement})")
+            where = f" on {figures.agreement_output}" if figures.agreement_output else ""
+            parts.append(f"agreement {agreement}{where} (target >= {self.min_agreement})")
+        if figures.non_finite:
+            parts.append(f"{figures.non_finite} non-finite output values")
         return ", ".join(parts)
 
 
@@ -116,7 +170,8 @@ class NodeSensitivity:
     def badness(self) -> tuple:
         """Sort key, worst first: lower agreement, then lower cosine."""
         agreement = self.figures.agreement if self.figures.agreement is not None else 1.0
-        return (agreement, self.figures.min_cosine)
+        cosine = self.figures.min_cosine if self.figures.min_cosine is not None else 1.0
+        return (agreement, -math.inf if math.isnan(cosine) else cosine)
 
 
 def node_sensitivity(quantizer, probe: AccuracyProbe, keep_float: dict[str, str],
