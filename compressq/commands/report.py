@@ -50,9 +50,11 @@ def report(
     max_accuracy_drop: float = typer.Option(None, "--max-accuracy-drop", help="Gate: top-1 accuracy may drop by "
                                             "at most this many points (needs labels)."),
     min_agreement: float = typer.Option(None, "--min-agreement", help="Gate: share of samples (0-1) whose "
-                                        "top-1 class matches the baseline's."),
-    min_cosine: float = typer.Option(None, "--min-cosine", help="Gate: cosine similarity of every output "
-                                     "with the baseline's."),
+                                        "top-1 class (or integer label) matches the baseline's, on every "
+                                        "output that carries the task."),
+    min_cosine: float = typer.Option(None, "--min-cosine", help="Gate: cosine similarity with the baseline's "
+                                     "of every float output that carries the task (detector heads: every "
+                                     "slice)."),
     min_speedup: float = typer.Option(None, "--min-speedup", help="Gate: baseline median / candidate median, "
                                       "on every provider."),
     max_size_ratio: float = typer.Option(None, "--max-size-ratio", help="Gate: candidate file bytes / "

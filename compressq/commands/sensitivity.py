@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import typer
@@ -38,13 +39,24 @@ def sensitivity(
         return
     if data is None:
         render.stderr.print("note: measured on the calibration data; pass --data for held-out samples")
-    table = Table(title="Sensitivity: each node quantized alone, worst first", title_justify="left")
-    for column in ("node", "op", "agreement", "top-1 drop", "min cosine", "min SQNR dB"):
-        table.add_column(column, justify="left" if column in ("node", "op") else "right", overflow="fold",
-                         min_width=30 if column == "node" else None)
+    scored = ", ".join(rows[0]["task_outputs"]) if rows else ""
+    table = Table(title="Sensitivity: each node quantized alone, worst first", title_justify="left",
+                  caption=f"scored outputs (those that carry the task): {scored}" if scored else None,
+                  caption_justify="left")
+    # Name the worst output per row only where there is a choice (several task outputs, or detector slices).
+    several = len({row["cosine_output"] for row in rows}) > 1 or bool(rows and len(rows[0]["task_outputs"]) > 1)
+    columns = ("node", "op", "agreement", "top-1 drop", "min cosine", "min SQNR dB") + (("worst output",) * several)
+    for column in columns:
+        table.add_column(column, justify="left" if column in ("node", "op", "worst output") else "right",
+                         overflow="fold", min_width=30 if column == "node" else None)
     for row in rows:
-        agreement = "n/a" if row["agreement"] is None else f"{row['agreement']:.2%}"
-        drop = "n/a" if row["drop_points"] is None else f"{row['drop_points']:.2f}"
-        table.add_row(escape(row["node"]), row["op_type"], agreement, drop, f"{row['min_cosine']:.6f}",
-                      f"{row['min_sqnr_db']:.1f}")
+        table.add_row(escape(row["node"]), row["op_type"], _figure(row["agreement"], "{:.2%}"),
+                      _figure(row["drop_points"], "{:.2f}"), _figure(row["min_cosine"], "{:.6f}"),
+                      _figure(row["min_sqnr_db"], "{:.1f}"), *[escape(row["cosine_output"] or "-")] * several)
     render.stdout.print(table)
+
+
+def _figure(value: float | None, template: str) -> str:
+    if value is None:
+        return "n/a"
+    return "not finite" if math.isnan(value) else template.format(value)
