@@ -70,13 +70,14 @@ def options(
 
 
 def _register_commands() -> None:
+    from compressq.commands.data import data
     from compressq.commands.inspect import inspect
     from compressq.commands.prune import prune
     from compressq.commands.quantize import quantize
     from compressq.commands.report import report
     from compressq.commands.sensitivity import sensitivity
 
-    for command in (inspect, quantize, report, prune, sensitivity):
+    for command in (inspect, data, quantize, report, prune, sensitivity):
         app.command()(reports_errors(command))
 
 
