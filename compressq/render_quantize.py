@@ -26,9 +26,8 @@ def render_quantize_summary(summary: QuantizeSummary, output: Path, input_bytes:
         kernels = ", ".join(f"{n} {op}" for op, n in summary.integer_kernels.items())
         stdout.print(f"onnxruntime runs: {kernels}", highlight=False)
     if summary.speedup is not None:
-        stdout.print(f"measured speedup vs input: {summary.speedup:.2f}x "
-                     f"(batch {summary.latency_batch}, 1 thread, interleaved runs)",
-                     highlight=False)
+        how = summary.speed_measured_with or f"batch {summary.latency_batch}, {summary.threads} thread(s)"
+        stdout.print(f"measured speedup vs input: {summary.speedup:.2f}x ({escape(how)})", highlight=False)
     if summary.accuracy:
         stdout.print(f"vs fp32 on {escape(summary.accuracy_data or 'data')}: {_accuracy_text(summary.accuracy)}",
                      highlight=False)

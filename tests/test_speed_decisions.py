@@ -219,7 +219,9 @@ def _digest(path: Path) -> str:
     ("digits_mobilenet.onnx", "digits_calib.npz", ["--bias-correction"]),
     ("digits_transformer.onnx", "digits_seq_calib.npz", ["--smoothquant", "0.5", "--no-speed-check"]),
 ])
-def test_a_saved_plan_rebuilds_the_same_bytes_without_data(run_cli, tmp_path, model_name, data_name, extra):
+def test_a_saved_plan_rebuilds_the_same_bytes_without_data(run_cli, tmp_path, monkeypatch, model_name, data_name,
+                                                           extra):
+    monkeypatch.setattr(static, "measure_speedup", _always_faster)
     model = tmp_path / model_name
     model.write_bytes((SAMPLES / model_name).read_bytes())
     first, plan, again = tmp_path / "first.onnx", tmp_path / "plan.json", tmp_path / "again.onnx"
@@ -236,7 +238,28 @@ def test_a_saved_plan_rebuilds_the_same_bytes_without_data(run_cli, tmp_path, mo
     stored = {p.key: p.value for p in onnx.load(str(first)).metadata_props}
     recorded = json.loads(stored["compressq.plan"])
     assert recorded["scales_sha256"] == document["scales_sha256"]
-    assert recorded["int8_nodes"] == document["int8_nodes"]
+    assert recorded["int8_nodes"] == document["int8_nodes"] and recorded["int8_nodes"]
+    assert "speed check" in recorded["decided_by"] or "--no-speed-check" in extra
+    if "--no-speed-check" not in extra:
+        assert document["decisions"][0]["how"] == "synthetic, 1 thread, batch 1, median of 15 interleaved runs " \
+                                                   "[IQR 2.00-2.00]"
+
+
+def _always_faster(baseline, candidate, feeds, provider="cpu", threads=1, runs=None):
+    batch = next(iter(feeds[0].values())).shape[0]
+    return SpeedMeasurement(2.0, 2.0, 2.0, 1.0, 0.5, runs or RUNS, threads, batch, "synthetic")
+
+
+def test_an_unchanged_model_is_written_as_it_came(run_cli, tmp_path, monkeypatch):
+    def always_slower(baseline, candidate, feeds, provider="cpu", threads=1, runs=None):
+        return SpeedMeasurement(0.5, 0.5, 0.5, 1.0, 2.0, runs or RUNS, threads, 1, "synthetic")
+
+    monkeypatch.setattr(static, "measure_speedup", always_slower)
+    out = tmp_path / "out.onnx"
+    result = run_cli("quantize", SAMPLES / "digits_cnn.onnx", "-d", SAMPLES / "digits_calib.npz", "--samples", "16",
+                     "-o", out)
+    assert result.exit_code == 0, result.stderr
+    assert out.read_bytes() == (SAMPLES / "digits_cnn.onnx").read_bytes()
 
 
 def test_the_plan_file_reads_one_fact_per_line(run_cli, tmp_path):
@@ -311,3 +334,18 @@ def test_no_accuracy_check_skips_the_self_check(monkeypatch):
     unchecked = quantize_model(model, data, QuantizeConfig(samples=32, speed_check=False, accuracy_check=False))
     assert checked.summary.accuracy is not None
     assert unchecked.summary.accuracy is None and any("--no-accuracy-check" in n for n in unchecked.summary.notes)
+
+
+def test_task_output_must_name_an_output(run_cli, tmp_path):
+    result = run_cli("quantize", SAMPLES / "digits_cnn.onnx", "-d", SAMPLES / "digits_calib.npz", "--task-output",
+                     "nope", "-o", tmp_path / "x.onnx")
+    assert result.exit_code == 2 and "'nope' is not an output" in result.stderr and "logits" in result.stderr
+
+
+def test_task_output_reaches_the_accuracy_figures(monkeypatch):
+    monkeypatch.setattr(static, "measure_speedup", _always_faster)
+    model = onnx.load(SAMPLES / "digits_transformer.onnx")
+    data = load_dataset(SAMPLES / "digits_seq_calib.npz", model)
+    result = quantize_model(model, data, QuantizeConfig(samples=32, task_outputs=("logits",)))
+    assert result.summary.accuracy is not None
+    assert "logits" in json.dumps(result.summary.accuracy)

@@ -39,7 +39,7 @@ def quantize(
                                       help="Batch size the speed check times at (use your serving batch)."),
     threads: int = typer.Option(1, "--threads", min=1, help="Intra-op threads the speed check decides for "
                                 "(use your serving threads); decisions use CPU time, never wall clock."),
-    task_outputs: list[str] = typer.Option([], "--output-name", "--task-output",
+    task_outputs: list[str] = typer.Option([], "--task-output",
                                            help="Output that carries the task, scored by the accuracy checks "
                                            "(repeatable) [default: chosen from names, types and shapes]."),
     save_plan: Path = typer.Option(None, "--save-plan", help="Write what was decided and measured as a "
@@ -93,9 +93,10 @@ def quantize(
                             "(int8 weights, activations quantized at run time)", highlight=False)
     with stage_progress() as progress:
         result = quantize_model(source, dataset, config, progress, eval_dataset=evaluation, pinned=pinned)
-    stamp(result.model, "quantize", config.to_dict())
-    if result.plan is not None:
-        record_plan(result.model, result.plan)
+    if result.model is not source:  # an unchanged model is written as it came: never bigger than the input
+        stamp(result.model, "quantize", config.to_dict())
+        if result.plan is not None:
+            record_plan(result.model, result.plan)
     save_model(result.model, target, protect=read_paths)
     if save_plan is not None and result.plan is not None:
         write_atomically(save_plan, result.plan.to_json())

@@ -32,6 +32,9 @@ LONG_RUNS = 4 * RUNS
 # a model at 1.00x flips between int8 and float from one run to the next.
 NOISE_TOLERANCE = 0.02
 FASTER_ENOUGH = 1.0 - NOISE_TOLERANCE
+# A speedup this large needs no search for a better variant. Below it, smaller int8 variants are measured
+# too, so that a plan near 1.0x is never kept by the luck of one measurement while a clearly faster one exists.
+CONVINCING = 1.0 + CLOSE_CALL
 
 
 @dataclass(frozen=True)
@@ -112,6 +115,10 @@ def measure_speedup(baseline: onnx.ModelProto, candidate: onnx.ModelProto, feeds
 def meets(ratio: float, bar: float = 1.0) -> bool:
     """A ratio meets the bar when it is at or above it, give or take the noise band."""
     return ratio >= bar - NOISE_TOLERANCE
+
+
+def convincing(ratio: float) -> bool:
+    return ratio >= CONVINCING
 
 
 def clearly_faster(ratio: float, than: float) -> bool:

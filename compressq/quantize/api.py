@@ -80,6 +80,7 @@ def quantize_model(model: onnx.ModelProto, dataset: Dataset | None, config: Quan
     A `pinned` plan (read_plan) is re-applied as it is: no calibration, no timing, the same output bytes.
     """
     started = time.perf_counter()
+    _check_task_outputs(model, config.task_outputs)
     if pinned is not None:
         result = _replay(model, config, pinned, progress)
     elif config.mode == "static":
@@ -108,6 +109,14 @@ def quantize_model(model: onnx.ModelProto, dataset: Dataset | None, config: Quan
     return result
 
 
+def _check_task_outputs(model: onnx.ModelProto, names: tuple[str, ...]) -> None:
+    outputs = [o.name for o in model.graph.output]
+    unknown = [n for n in names if n not in outputs]
+    if unknown:
+        raise UsageError(f"--task-output '{unknown[0]}' is not an output of this model",
+                         hint=f"outputs: {', '.join(outputs)}")
+
+
 def _skipped(entries: list[Skipped]) -> list[dict]:
     return [{"node": s.node, "op_type": s.op_type, "reason": s.reason} for s in entries]
 
@@ -116,7 +125,7 @@ def _static(model, dataset: Dataset, config: QuantizeConfig, progress, eval_data
     fallback = None
     if config.max_drop is not None or config.min_agreement is not None:
         target = AccuracyTarget(config.max_drop, config.min_agreement)
-        probe = AccuracyProbe(model, eval_dataset)
+        probe = AccuracyProbe(model, eval_dataset, task_outputs=config.task_outputs)
         target.check(probe)  # before calibration: a target that cannot be measured is a usage error
         fallback = AccuracyFallback(target, probe, progress)
     outcome = quantize_static(model, dataset, config, progress, fallback)
@@ -127,7 +136,8 @@ def _static(model, dataset: Dataset, config: QuantizeConfig, progress, eval_data
         summary.accuracy_data = f"evaluation data ({fallback.probe.samples} samples)"
     elif outcome.plan.compute and config.accuracy_check:
         # No target given: still say what int8 cost, measured on calibration samples (never silently worse).
-        probe = AccuracyProbe(model, dataset, limit=self_check_samples(model, dataset))
+        probe = AccuracyProbe(model, dataset, limit=self_check_samples(model, dataset),
+                              task_outputs=config.task_outputs)
         summary.accuracy = probe.measure(outcome.model).to_dict()
         summary.accuracy_data = f"calibration data ({probe.samples} samples; pass --eval-data for held-out)"
     elif outcome.plan.compute:
@@ -223,7 +233,7 @@ def analyze_sensitivity(model: onnx.ModelProto, dataset: Dataset, eval_dataset: 
                         progress: Callable[[str, int, int], None] | None = None) -> list[NodeSensitivity]:
     """Each quantizable node quantized alone, measured against fp32 on `eval_dataset`; worst first."""
     quantizer = StaticQuantizer(model, dataset, config, progress)
-    probe = AccuracyProbe(model, eval_dataset)
+    probe = AccuracyProbe(model, eval_dataset, task_outputs=config.task_outputs)
     return node_sensitivity(quantizer, probe, quantizer.base_keep_float, progress)
 
 

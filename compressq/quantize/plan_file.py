@@ -59,7 +59,10 @@ class QuantizationPlan:
             "method": self.settings.get("method"),
             "int8_nodes": self.int8_nodes,
             "scales_sha256": self.scales_digest,
-            "decisions": [{k: d[k] for k in ("step", "kept")} for d in self.decisions],
+            "float_nodes": self.float_nodes,
+            # How, not the numbers: timings differ by a percent between runs, and the same decisions must
+            # give the same bytes. The numbers are in the plan file (--save-plan) and in --json.
+            "decided_by": _decided_by(self.settings),
         }
 
     def to_json(self) -> str:
@@ -78,6 +81,15 @@ class QuantizationPlan:
             "bias_means": _arrays_out(self.bias_means),
         }
         return _one_fact_per_line(document) + "\n"
+
+
+def _decided_by(settings: dict) -> str:
+    if not settings.get("speed_check", True):
+        return "no speed check (--no-speed-check)"
+    threads = settings.get("threads", 1)
+    clock = "calling thread's CPU time" if threads == 1 else "process CPU time"
+    return (f"speed check: {clock}, {threads} thread(s), batch {settings.get('latency_batch', 1)}, "
+            f"on {settings.get('provider', 'cpu')}")
 
 
 def model_sha256(model: onnx.ModelProto) -> str:

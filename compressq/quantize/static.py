@@ -22,7 +22,14 @@ from compressq.calibration import TensorRange, collect_ranges
 from compressq.data import Dataset
 from compressq.errors import UsageError
 from compressq.graph import check_model, ensure_opset
-from compressq.measure.speed import FASTER_ENOUGH, SpeedMeasurement, clearly_faster, measure_speedup, meets
+from compressq.measure.speed import (
+    FASTER_ENOUGH,
+    SpeedMeasurement,
+    clearly_faster,
+    convincing,
+    measure_speedup,
+    meets,
+)
 from compressq.quantize.bias_correction import input_channel_means
 from compressq.quantize.config import QuantizeConfig
 from compressq.quantize.embedding import quantize_embeddings
@@ -251,7 +258,7 @@ class StaticQuantizer:
         if self.progress:
             self.progress("checking speed", 1, 1)
         for label, extra in _fallback_stages(current.plan):
-            if meets(current.speedup) or not extra:
+            if convincing(current.speedup) or not extra:
                 continue
             candidate = self._time(self.fused_attempt({**current.keep_float, **extra}))
             steps.append(f"{label}: speedup {current.speedup:.2f}x -> {candidate.speedup:.2f}x")
