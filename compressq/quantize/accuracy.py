@@ -15,6 +15,7 @@ import onnx
 
 from compressq.data import Dataset
 from compressq.errors import DataError, TargetNotMet
+from compressq.measure.speed import meets
 from compressq.measure.task import (
     OutputRole,
     TaskScorer,
@@ -222,7 +223,7 @@ class AccuracyFallback:
                                hint="check the evaluation data, or loosen --max-drop / --min-agreement")
         if quantizer.config.speed_check and current.plan.compute:
             current.speedup = quantizer.speedup(current.model)
-            if current.speedup < 1.0:
+            if not meets(current.speedup):
                 raise TargetNotMet(f"the accuracy target is met only by a model slower than fp32 "
                                    f"({current.speedup:.2f}x with {len(self.returned_to_float)} nodes back in float)",
                                    hint="quantization does not pay off for this model at this accuracy target")
