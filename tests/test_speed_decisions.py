@@ -349,3 +349,17 @@ def test_task_output_reaches_the_accuracy_figures(monkeypatch):
     result = quantize_model(model, data, QuantizeConfig(samples=32, task_outputs=("logits",)))
     assert result.summary.accuracy is not None
     assert "logits" in json.dumps(result.summary.accuracy)
+
+
+def test_the_self_check_keeps_samples_within_its_memory_budget(monkeypatch):
+    import compressq.quantize.api as api
+
+    model = onnx.load(SAMPLES / "digits_transformer.onnx")
+    data = load_dataset(SAMPLES / "digits_seq_calib.npz", model)
+    assert api.self_check_samples(model, data) == api.SELF_CHECK_SAMPLES
+    per_sample = 8 * 8 * 4 + 8 * 4 + 10 * 4  # input, mask, logits
+    monkeypatch.setattr(api, "SELF_CHECK_BUDGET_BYTES", 20 * per_sample)
+    assert api.self_check_samples(model, data) == 20
+    monkeypatch.setattr(static, "measure_speedup", _always_faster)
+    result = quantize_model(model, data, QuantizeConfig(samples=64))
+    assert result.summary.accuracy_data.startswith("calibration data (20 samples")

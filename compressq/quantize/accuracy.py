@@ -63,11 +63,11 @@ class AccuracyProbe:
     """
 
     def __init__(self, reference: onnx.ModelProto, dataset: Dataset, limit: int | None = None,
-                 task_outputs: Sequence[str] = ()):
+                 task_outputs: Sequence[str] = (), batch_size: int = EVAL_BATCH):
         self.dataset = dataset
         session = create_session(reference)
         self.output_names = [o.name for o in session.get_outputs()]
-        self.feeds_and_outputs = [(feed, self._run(session, feed)) for feed in dataset.batches(EVAL_BATCH, limit)]
+        self.feeds_and_outputs = [(feed, self._run(session, feed)) for feed in dataset.batches(batch_size, limit)]
         self.samples = sum(next(iter(feed.values())).shape[0] for feed, _ in self.feeds_and_outputs)
         first_feed, first_outputs = self.feeds_and_outputs[0]
         self.roles = roles_for_batch(reference, first_feed, first_outputs, task_outputs)
