@@ -5,6 +5,8 @@ from __future__ import annotations
 import gzip
 import json
 import re
+import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -304,3 +306,22 @@ def test_cuda_is_timed_next_to_cpu(dynamic_int8):
     report = json.loads(result.stdout)
     assert [r["provider"] for r in report["baseline"]["latency"]] == ["cpu", "cuda"]
     assert [s["provider"] for s in report["candidates"][0]["speedup"]] == ["cpu", "cuda"]
+
+
+# --- the HTML in a real browser ----------------------------------------------------------------------
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="needs Debian's chromium (apt-get install chromium)")
+def test_html_report_renders_in_headless_chromium(scaled, tmp_path):
+    image = pytest.importorskip("PIL.Image")
+    page, shot = tmp_path / "report.html", tmp_path / "report.png"
+    result = invoke(CNN, scaled, "--data", EVAL, "--per-layer", "--format", "html", "-o", page, *FAST)
+    assert result.exit_code == 0, result.output
+    subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+                    f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1100,3000", f"--screenshot={shot}",
+                    page.as_uri()], check=True, capture_output=True, timeout=120)
+    pixels = image.open(shot).convert("RGB")
+    colors = {color for _, color in pixels.getcolors(maxcolors=1 << 20)}
+    assert (0x4A, 0x7A, 0xB5) in colors  # the SQNR bars were drawn
+    assert (0xF5, 0xF8, 0xFC) in colors  # the verdict box at the top
+    assert len(colors) > 50  # text, tables and charts, not a blank or error page

@@ -652,7 +652,7 @@ def verdict(report: Report) -> str:
         failed = "; ".join(f"{g.label} on {g.on}" if g.on else g.label for g in report.failed_gates)
         state = f"FAILED {len(report.failed_gates)} of {len(report.gates)} gates ({failed})"
     elif report.gates:
-        state = f"passed all {len(report.gates)} gates"
+        state = "passed the one gate" if len(report.gates) == 1 else f"passed all {len(report.gates)} gates"
     else:
         state = "no gates set"
     if not report.candidates:
