@@ -111,3 +111,14 @@ def test_without_a_target_the_accuracy_cost_is_still_measured_and_warned(run_cli
                       "--json")
     summary = json.loads(as_json.stdout)
     assert summary["accuracy"]["agreement"] < 0.99 and summary["accuracy_data"].startswith("calibration data")
+
+
+def test_sensitivity_scores_the_named_task_output_only(run_cli, fragile):
+    _, _, path, data = fragile
+    result = run_cli("sensitivity", path, "-d", data, "--task-output", "nope")
+    assert result.exit_code == 2 and "'nope' is not an output" in result.stderr
+    named = run_cli("sensitivity", path, "-d", data, "--task-output", "logits", "--json")
+    assert named.exit_code == 0, named.stderr
+    rows = json.loads(named.stdout)["nodes"]
+    assert all(row["task_outputs"] == ["logits (class scores)"] for row in rows)
+    assert rows[0]["node"] == "fc2" and rows[0]["cosine_output"] == "logits (class scores)"

@@ -23,6 +23,8 @@ def sensitivity(
     per_channel: bool = typer.Option(True, "--per-channel/--per-tensor", help="Weight scales per output channel."),
     activations: str = typer.Option("uint8", "--activations", help="uint8 (asymmetric) | int8 (symmetric)."),
     batch_size: int = typer.Option(8, "--batch-size", min=1, help="Calibration batch size."),
+    task_outputs: list[str] = typer.Option([], "--task-output", help="Output that carries the task; the ranking "
+                                           "scores it (repeatable) [default: chosen by the rule in docs/report.md]."),
     as_json: bool = typer.Option(False, "--json", help="Print the table as JSON on stdout, nothing else."),
 ) -> None:
     """Quantize each node alone and rank them by the error they cause against fp32, worst first."""
@@ -30,7 +32,7 @@ def sensitivity(
     calibration = load_dataset(calibration_data, source)
     evaluation = load_dataset(data, source) if data else calibration
     config = QuantizeConfig(method=method, per_channel=per_channel, activations=activations, batch_size=batch_size,
-                            speed_check=False)
+                            speed_check=False, task_outputs=tuple(task_outputs))
     with stage_progress() as progress:
         ranking = analyze_sensitivity(source, calibration, evaluation, config, progress)
     rows = [{"node": r.node, "op_type": r.op_type, **r.figures.to_dict()} for r in ranking]
