@@ -1,258 +1,35 @@
-"""The one place that knows protobuf: loading and saving models safely, and a graph index.
+"""Graph helpers: an index of producers and consumers, value types, naming, toposort and cleanup.
 
-Every command reads models through `load_model` and writes them through `save_model`, so the safety
-rules live here once: external data may not point outside the model's folder, outputs are written to a
-temporary file and renamed, an input file is never overwritten, and models over protobuf's 2 GB limit
-are saved with external data.
+Loading and saving live in compressq.io; the names below are re-exported so that
+`from compressq.graph import load_model` keeps working.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
-import tempfile
 from collections import defaultdict
-from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import onnx
-from google.protobuf.message import DecodeError
 from onnx import numpy_helper
 
-from compressq import __version__
-from compressq.errors import ModelError, OutputError
-
-PROTOBUF_LIMIT = 2**31 - 1
-# Leave headroom under the hard limit: serialisation adds framing that ByteSize() does not count.
-EXTERNAL_DATA_THRESHOLD = int(1.8 * 2**30)
-METADATA_PREFIX = "compressq."
-
-
-# ---------------------------------------------------------------------------------------------------
-# Loading
-
-
-def load_model(path: str | os.PathLike, *, check: bool = True) -> onnx.ModelProto:
-    """Read a model and its external data, refusing anything that is not a safe, valid ONNX file."""
-    model_path = _existing_model_file(Path(path))
-    model = _parse_model(model_path)
-    _refuse_unsafe_external_data(model, model_path)
-    _load_external_data(model, model_path)
-    if check:
-        check_model(model, model_path)
-    return model
-
-
-def _existing_model_file(path: Path) -> Path:
-    if not path.exists():
-        raise ModelError(f"model file not found: {path}", hint="check the path and the current directory")
-    if path.is_dir():
-        onnx_files = sorted(p.name for p in path.glob("*.onnx"))
-        hint = f"pass a file inside it: {', '.join(onnx_files[:3])}" if onnx_files else "pass an .onnx file"
-        raise ModelError(f"{path} is a directory, not an ONNX model file", hint=hint)
-    if path.stat().st_size == 0:
-        raise ModelError(f"{path} is empty", hint="re-export the model; the file was probably cut short")
-    return path
-
-
-def _parse_model(path: Path) -> onnx.ModelProto:
-    try:
-        model = onnx.load(str(path), load_external_data=False)
-    except (DecodeError, RuntimeWarning, ValueError, UnicodeDecodeError) as exc:
-        raise ModelError(
-            f"{path} is not a readable ONNX model (protobuf could not be parsed: {_first_line(exc)})",
-            hint="the file may be truncated or not an .onnx file; re-export or re-download it",
-        ) from exc
-    # Arbitrary bytes sometimes parse as a protobuf with only unknown fields; a real model has a graph.
-    if model.ir_version == 0 or not model.HasField("graph") or not model.opset_import:
-        raise ModelError(
-            f"{path} is not an ONNX model (no IR version, graph or opset found)",
-            hint="pass a file written by an ONNX exporter (torch.onnx, tf2onnx, paddle2onnx, ...)",
-        )
-    return model
-
-
-def _refuse_unsafe_external_data(model: onnx.ModelProto, model_path: Path) -> None:
-    base = model_path.parent.resolve()
-    for tensor in iter_tensors(model.graph):
-        if tensor.data_location != onnx.TensorProto.EXTERNAL:
-            continue
-        location = _external_location(tensor)
-        if location is None:
-            raise ModelError(f"tensor '{tensor.name}' is stored externally but names no file",
-                             hint="re-export the model with its external data")
-        if os.path.isabs(location) or Path(location).is_absolute():
-            raise ModelError(
-                f"tensor '{tensor.name}' points at an absolute external data path '{location}'; refused",
-                hint="external data must sit next to the model; re-save it with a relative location",
-            )
-        resolved = (base / location).resolve()
-        if base != resolved and base not in resolved.parents:
-            raise ModelError(
-                f"tensor '{tensor.name}' points at '{location}', outside the model's folder; refused",
-                hint="a model may only read external data from its own folder",
-            )
-
-
-def _load_external_data(model: onnx.ModelProto, model_path: Path) -> None:
-    if not any(t.data_location == onnx.TensorProto.EXTERNAL for t in iter_tensors(model.graph)):
-        return
-    try:
-        onnx.external_data_helper.load_external_data_for_model(model, str(model_path.parent))
-    except (OSError, ValueError, onnx.checker.ValidationError) as exc:
-        raise ModelError(
-            f"cannot read the external data of {model_path.name}: {_first_line(exc)}",
-            hint="keep the model's .data files next to it, with the names the model records",
-        ) from exc
-
-
-def _external_location(tensor: onnx.TensorProto) -> str | None:
-    for entry in tensor.external_data:
-        if entry.key == "location":
-            return entry.value
-    return None
-
-
-def check_model(model: onnx.ModelProto, model_path: Path | None = None) -> None:
-    """Run onnx.checker; a model too big for an in-memory check is checked from its path."""
-    try:
-        if model.ByteSize() > EXTERNAL_DATA_THRESHOLD and model_path is not None:
-            onnx.checker.check_model(str(model_path))
-        else:
-            onnx.checker.check_model(model)
-    except (onnx.checker.ValidationError, ValueError) as exc:
-        name = model_path.name if model_path else "the model"
-        raise ModelError(
-            f"{name} fails the ONNX checker: {_first_line(exc)}",
-            hint="fix or re-export the model (run onnx.checker.check_model on it to see the details)",
-        ) from exc
-
-
-def iter_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
-    """Every tensor stored in a graph: initializers, Constant values, and those of subgraphs."""
-    yield from graph.initializer
-    for node in graph.node:
-        for attribute in node.attribute:
-            if attribute.HasField("t"):
-                yield attribute.t
-            yield from attribute.tensors
-            if attribute.HasField("g"):
-                yield from iter_tensors(attribute.g)
-            for subgraph in attribute.graphs:
-                yield from iter_tensors(subgraph)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0][:300]
-
-
-# ---------------------------------------------------------------------------------------------------
-# Saving
-
-
-def save_model(
-    model: onnx.ModelProto,
-    path: str | os.PathLike,
-    *,
-    protect: Iterable[str | os.PathLike] = (),
-    overwrite: bool = True,
-) -> Path:
-    """Write `model` atomically; models near protobuf's limit get their weights in `NAME.data`.
-
-    `protect` lists input files that must never be replaced (the output path may not be one of them).
-    """
-    target = check_output_path(path, protect, overwrite=overwrite)
-    folder = target.parent
-    needs_external = model.ByteSize() > EXTERNAL_DATA_THRESHOLD
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=folder))
-    try:
-        staged = staging / target.name
-        data_name = f"{target.name}.data"
-        if needs_external:
-            # onnx.save_model moves the weights out of the proto it is given: hand it a copy, not the caller's.
-            detached = onnx.ModelProto()
-            detached.CopyFrom(model)
-            onnx.save_model(detached, str(staged), save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=data_name, size_threshold=1024)
-            os.replace(staging / data_name, folder / data_name)
-        else:
-            onnx.save_model(model, str(staged))
-        os.replace(staged, target)
-    except OSError as exc:
-        raise OutputError(f"cannot write {target}: {exc.strerror or exc}",
-                          hint="check free disk space and permissions") from exc
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return target
-
-
-def check_output_path(path: str | os.PathLike, protect: Iterable[str | os.PathLike] = (), *,
-                      overwrite: bool = True) -> Path:
-    """Refuse an output path before any work is done on it (commands call this first, save_model again)."""
-    target = Path(path)
-    _refuse_to_replace_inputs(target, protect)
-    if target.exists() and not overwrite:
-        raise OutputError(f"{target} already exists", hint="pass another -o path or remove the file")
-    if target.is_dir():
-        raise OutputError(f"{target} is a directory", hint="pass a file path such as model.int8.onnx")
-    if not target.parent.exists():
-        raise OutputError(f"output folder {target.parent} does not exist", hint="create it first")
-    return target
-
-
-def _refuse_to_replace_inputs(target: Path, protect: Iterable[str | os.PathLike]) -> None:
-    resolved = target.resolve()
-    for protected in protect:
-        protected_path = Path(protected).resolve()
-        data_path = protected_path.with_name(protected_path.name + ".data")
-        if resolved in (protected_path, data_path):
-            raise OutputError(f"refusing to overwrite the input file {target}",
-                              hint="pass a different output path with -o")
-
-
-def default_output_path(model_path: str | os.PathLike, suffix: str) -> Path:
-    """`model.onnx` -> `model.<suffix>.onnx`, next to the input."""
-    source = Path(model_path)
-    stem = source.name[: -len(".onnx")] if source.name.endswith(".onnx") else source.name
-    return source.with_name(f"{stem}.{suffix}.onnx")
-
-
-def stamp(model: onnx.ModelProto, command: str, settings: dict) -> None:
-    """Record what compressq did in the model's metadata (replaces an earlier stamp of ours)."""
-    entries = {
-        "version": __version__,
-        "command": command,
-        "settings": json.dumps(settings, sort_keys=True, default=str),
-    }
-    kept = [p for p in model.metadata_props if not p.key.startswith(METADATA_PREFIX)]
-    del model.metadata_props[:]
-    model.metadata_props.extend(kept)
-    for key, value in entries.items():
-        model.metadata_props.add(key=METADATA_PREFIX + key, value=value)
-
-
-def read_stamp(model: onnx.ModelProto) -> dict[str, str]:
-    return {p.key[len(METADATA_PREFIX):]: p.value for p in model.metadata_props
-            if p.key.startswith(METADATA_PREFIX)}
-
-
-def file_size(path: str | os.PathLike) -> int:
-    """Bytes on disk of a model including the external data files it references."""
-    model_path = Path(path)
-    total = model_path.stat().st_size
-    model = onnx.load(str(model_path), load_external_data=False)
-    locations = {_external_location(t) for t in iter_tensors(model.graph)
-                 if t.data_location == onnx.TensorProto.EXTERNAL}
-    for location in locations - {None}:
-        side_file = model_path.parent / location
-        if side_file.exists():
-            total += side_file.stat().st_size
-    return total
-
+from compressq.errors import ModelError
+from compressq.io import (  # noqa: F401  (re-exported: compressq.graph was the I/O module before io.py)
+    EXTERNAL_DATA_THRESHOLD,
+    METADATA_PREFIX,
+    PROTOBUF_LIMIT,
+    _first_line,
+    check_model,
+    check_output_path,
+    default_output_path,
+    file_size,
+    iter_tensors,
+    load_model,
+    model_tensors,
+    read_stamp,
+    save_model,
+    stamp,
+)
 
 # ---------------------------------------------------------------------------------------------------
 # Reading graphs

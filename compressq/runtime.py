@@ -1,4 +1,9 @@
-"""onnxruntime sessions: providers, threads, intermediate outputs and the optimizer's view of a graph."""
+"""onnxruntime sessions: providers, threads, intermediate outputs and the optimizer's view of a graph.
+
+onnxruntime never resolves an external data location on its own: a ModelProto must hold all its weights
+(compressq.io.load_model reads them), and a model file is checked by compressq.io before its path is handed
+over. A caller's ModelProto is never modified.
+"""
 
 from __future__ import annotations
 
@@ -10,8 +15,8 @@ from pathlib import Path
 import onnx
 import onnxruntime as ort
 
+from compressq import io as model_io
 from compressq.errors import ModelError, ProviderError
-from compressq.graph import EXTERNAL_DATA_THRESHOLD
 
 PROVIDER_NAMES = {
     "cpu": "CPUExecutionProvider",
@@ -64,12 +69,20 @@ def create_session(model: onnx.ModelProto | str | os.PathLike, provider: str = "
                    threads: int | None = None, *, optimized_path: str | None = None,
                    level: ort.GraphOptimizationLevel = ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
                    spinning: bool = True) -> ort.InferenceSession:
-    """An InferenceSession for a ModelProto or a path; models over 2 GB are staged on disk first."""
+    """An InferenceSession for a ModelProto or a path; models over 2 GB are staged on disk first.
+
+    A ModelProto that still points at external data is refused (onnxruntime would resolve the location
+    against the current directory); a path is checked like load_model checks it before onnxruntime reads it.
+    """
     providers = provider_chain(provider)
     options = session_options(threads, optimized_path, level, spinning)
+    if isinstance(model, onnx.ModelProto):
+        model_io.refuse_external_references(model)
+    else:
+        model = model_io.check_model_file(model)
     try:
         if isinstance(model, onnx.ModelProto):
-            if model.ByteSize() > EXTERNAL_DATA_THRESHOLD:
+            if model.ByteSize() > model_io.EXTERNAL_DATA_THRESHOLD:
                 return _session_via_disk(model, options, providers)
             return ort.InferenceSession(model.SerializeToString(), options, providers=providers)
         return ort.InferenceSession(str(model), options, providers=providers)
@@ -80,9 +93,11 @@ def create_session(model: onnx.ModelProto | str | os.PathLike, provider: str = "
 
 def _session_via_disk(model: onnx.ModelProto, options: ort.SessionOptions,
                       providers: list[str]) -> ort.InferenceSession:
+    # The caller's proto is written as it is, not converted: onnx.save_model(save_as_external_data=True)
+    # would repoint the caller's initializers at this temporary folder (issue 16).
     with tempfile.TemporaryDirectory(prefix="compressq-session-") as folder:
         path = Path(folder) / "model.onnx"
-        onnx.save_model(model, str(path), save_as_external_data=True, location="model.onnx.data")
+        model_io.write_with_external_data(model, path, "model.onnx.data")
         return ort.InferenceSession(str(path), options, providers=providers)
 
 

@@ -13,7 +13,7 @@ import onnx
 import pytest
 from onnx import TensorProto, external_data_helper, helper, numpy_helper
 
-import compressq.graph as graph_module
+import compressq.io as io_module
 from compressq.errors import ModelError, OutputError
 from compressq.graph import (
     GraphIndex,
@@ -270,7 +270,7 @@ def test_large_model_written_with_external_data(tmp_path, tiny_model, monkeypatc
     weight = np.random.default_rng(0).standard_normal((4, 256)).astype(np.float32)  # 4 KiB
     model = tiny_model(weight=weight)
     before = model.SerializeToString()
-    monkeypatch.setattr(graph_module, "EXTERNAL_DATA_THRESHOLD", 1000)
+    monkeypatch.setattr(io_module, "EXTERNAL_DATA_THRESHOLD", 1000)
     target = save_model(model, tmp_path / "big.onnx")
     data_file = tmp_path / "big.onnx.data"
     assert files_in(tmp_path) == {"big.onnx", "big.onnx.data"}

@@ -1,0 +1,509 @@
+"""Safe model I/O: the one place that reads and writes ONNX files.
+
+Loading: every tensor a model can carry is found by one walk (`model_tensors`); each external location
+is resolved against the model's folder and checked (relative, no `..`, no NUL byte, no symlink leaving
+the folder, a regular file, offset and length inside it), and only then read into the proto. Nothing
+else ever resolves a location: a loaded model points nowhere.
+
+Saving: outputs are staged next to the target and renamed over it; a target that exists and is not a
+regular file (a device, a pipe, a socket) is refused, a symlink is written where it points, an input file
+is never replaced, and models near protobuf's 2 GB limit get their weights in `NAME.data`. A proto handed
+in is never modified.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import stat
+import tempfile
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+from google.protobuf.message import DecodeError
+
+from compressq import __version__
+from compressq.errors import ModelError, OutputError
+
+PROTOBUF_LIMIT = 2**31 - 1
+# Leave headroom under the hard limit: serialisation adds framing that ByteSize() does not count.
+EXTERNAL_DATA_THRESHOLD = int(1.8 * 2**30)
+METADATA_PREFIX = "compressq."
+# Tensors at least this big go to the .data file when a model is written with external data.
+EXTERNAL_TENSOR_BYTES = 1024
+# Staging folders are `.NAME.compressq-PID-xxxxxxxx`: a later run can tell its own leftovers apart.
+STAGING_MARK = "compressq-"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Every tensor a model carries
+
+
+@dataclass(frozen=True)
+class StoredTensor:
+    """A tensor stored in a model, with where it sits in words (for messages)."""
+
+    tensor: onnx.TensorProto
+    where: str
+
+    @property
+    def label(self) -> str:
+        return f"tensor '{self.tensor.name}' ({self.where})" if self.tensor.name else f"a tensor ({self.where})"
+
+
+def model_tensors(model: onnx.ModelProto) -> Iterator[StoredTensor]:
+    """Every TensorProto of a model: initializers, sparse initializers (values and indices), tensors in
+    node attributes (Constant, ConstantOfShape, ...), in subgraphs, in functions and in training info."""
+    yield from _graph_tensors(model.graph, "")
+    for function in model.functions:
+        yield from _nodes_tensors(function.node, f" in function '{function.name}'")
+    for number, info in enumerate(model.training_info):
+        yield from _graph_tensors(info.initialization, f" in training info {number} initialization")
+        yield from _graph_tensors(info.algorithm, f" in training info {number} algorithm")
+
+
+def iter_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+    """Every tensor stored in a graph and its subgraphs (use `model_tensors` for a whole model)."""
+    for stored in _graph_tensors(graph, ""):
+        yield stored.tensor
+
+
+def _graph_tensors(graph: onnx.GraphProto, scope: str) -> Iterator[StoredTensor]:
+    for tensor in graph.initializer:
+        yield StoredTensor(tensor, f"initializer{scope}")
+    for sparse in graph.sparse_initializer:
+        yield StoredTensor(sparse.values, f"sparse initializer values{scope}")
+        yield StoredTensor(sparse.indices, f"sparse initializer indices{scope}")
+    yield from _nodes_tensors(graph.node, scope)
+
+
+def _nodes_tensors(nodes: Iterable[onnx.NodeProto], scope: str) -> Iterator[StoredTensor]:
+    for node in nodes:
+        for attribute in node.attribute:
+            where = f"attribute '{attribute.name}' of {node.op_type} node '{node.name}'{scope}"
+            if attribute.HasField("t"):
+                yield StoredTensor(attribute.t, where)
+            for tensor in attribute.tensors:
+                yield StoredTensor(tensor, where)
+            sparse_tensors = [attribute.sparse_tensor] if attribute.HasField("sparse_tensor") else []
+            for sparse in [*sparse_tensors, *attribute.sparse_tensors]:
+                yield StoredTensor(sparse.values, f"sparse values of {where}")
+                yield StoredTensor(sparse.indices, f"sparse indices of {where}")
+            subgraphs = [attribute.g] if attribute.HasField("g") else []
+            for subgraph in [*subgraphs, *attribute.graphs]:
+                yield from _graph_tensors(subgraph, f" in a subgraph of node '{node.name}'{scope}")
+
+
+def is_external(tensor: onnx.TensorProto) -> bool:
+    return tensor.data_location == onnx.TensorProto.EXTERNAL
+
+
+def external_tensors(model: onnx.ModelProto) -> list[StoredTensor]:
+    return [stored for stored in model_tensors(model) if is_external(stored.tensor)]
+
+
+def _external_entries(tensor: onnx.TensorProto) -> dict[str, str]:
+    return {entry.key: entry.value for entry in tensor.external_data}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_model(path: str | os.PathLike, *, check: bool = True) -> onnx.ModelProto:
+    """Read a model and its external data, refusing anything that is not a safe, valid ONNX file.
+
+    The returned proto holds all its weights: no tensor still points at a file.
+    """
+    model_path = _existing_model_file(Path(path))
+    model = _parse_model(model_path)
+    pieces = check_external_data(model, model_path)
+    _read_external_data(pieces)
+    if check:
+        check_model(model, model_path)
+    return model
+
+
+def check_model_file(path: str | os.PathLike) -> Path:
+    """Check a model file's external data without loading it (before a session is made from the path)."""
+    model_path = _existing_model_file(Path(path))
+    check_external_data(_parse_model(model_path), model_path)
+    return model_path
+
+
+def _existing_model_file(path: Path) -> Path:
+    if not path.exists():
+        raise ModelError(f"model file not found: {path}", hint="check the path and the current directory")
+    if path.is_dir():
+        onnx_files = sorted(p.name for p in path.glob("*.onnx"))
+        hint = f"pass a file inside it: {', '.join(onnx_files[:3])}" if onnx_files else "pass an .onnx file"
+        raise ModelError(f"{path} is a directory, not an ONNX model file", hint=hint)
+    if not path.is_file():
+        raise ModelError(f"{path} is not a regular file", hint="pass an .onnx file, not a device or a pipe")
+    if path.stat().st_size == 0:
+        raise ModelError(f"{path} is empty", hint="re-export the model; the file was probably cut short")
+    return path
+
+
+def _parse_model(path: Path) -> onnx.ModelProto:
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except (DecodeError, RuntimeWarning, ValueError, UnicodeDecodeError) as exc:
+        raise ModelError(
+            f"{path} is not a readable ONNX model (protobuf could not be parsed: {_first_line(exc)})",
+            hint="the file may be truncated or not an .onnx file; re-export or re-download it",
+        ) from exc
+    # Arbitrary bytes sometimes parse as a protobuf with only unknown fields; a real model has a graph.
+    if model.ir_version == 0 or not model.HasField("graph") or not model.opset_import:
+        raise ModelError(
+            f"{path} is not an ONNX model (no IR version, graph or opset found)",
+            hint="pass a file written by an ONNX exporter (torch.onnx, tf2onnx, paddle2onnx, ...)",
+        )
+    return model
+
+
+@dataclass(frozen=True)
+class _ExternalPiece:
+    stored: StoredTensor
+    file: Path
+    offset: int
+    length: int
+
+
+_WINDOWS_DRIVE = re.compile(r"^[A-Za-z]:")
+
+
+def check_external_data(model: onnx.ModelProto, model_path: Path) -> list[_ExternalPiece]:
+    """Resolve and check every external location of `model` against its folder; nothing is read."""
+    base = model_path.parent.resolve()
+    return [_checked_piece(stored, base) for stored in external_tensors(model)]
+
+
+def _checked_piece(stored: StoredTensor, base: Path) -> _ExternalPiece:
+    entries = _external_entries(stored.tensor)
+    location = entries.get("location", "")
+    label = stored.label
+    if not location:
+        raise ModelError(f"{label} is stored externally but names no file",
+                         hint="re-export the model with its external data")
+    shown = location.encode("unicode_escape").decode("ascii")
+    if "\x00" in location:
+        raise ModelError(f"{label} names an external data path with a NUL byte ('{shown}'); refused",
+                         hint="the model file is corrupt or hostile; re-download it from its source")
+    if os.path.isabs(location) or location.startswith(("/", "\\")) or _WINDOWS_DRIVE.match(location):
+        raise ModelError(f"{label} points at an absolute external data path '{shown}'; refused",
+                         hint="external data must sit next to the model; re-save it with a relative location")
+    if ".." in re.split(r"[\\/]", location):
+        raise ModelError(f"{label} points at '{shown}', outside the model's folder; refused",
+                         hint="a model may only read external data from its own folder")
+    resolved = (base / location).resolve()
+    if base not in resolved.parents:
+        raise ModelError(f"{label} points at '{shown}', which leads outside the model's folder; refused",
+                         hint="a model may only read external data from its own folder (no symlinks out)")
+    if not resolved.exists():
+        raise ModelError(f"cannot read the external data of {label}: '{shown}' not found in {base}",
+                         hint="keep the model's .data files next to it, with the names the model records")
+    if not resolved.is_file():
+        raise ModelError(f"{label} points at '{shown}', which is not a regular file; refused",
+                         hint="external data must be a plain file next to the model")
+    size = resolved.stat().st_size
+    try:
+        offset = int(entries.get("offset", "0"))
+        length = int(entries["length"]) if "length" in entries else size - offset
+    except ValueError as exc:
+        raise ModelError(f"{label} has a malformed external data offset or length",
+                         hint="the model file is corrupt; re-export it") from exc
+    if offset < 0 or length < 0 or offset + length > size:
+        raise ModelError(
+            f"{label} asks for bytes {offset}..{offset + length} of '{shown}', which holds {size} bytes; refused",
+            hint="the external data file is truncated or belongs to another model")
+    expected = _expected_bytes(stored.tensor)
+    if expected is not None and expected != length:
+        raise ModelError(f"{label} stores {length} bytes externally but its shape and type need {expected}",
+                         hint="the external data file belongs to another version of the model")
+    return _ExternalPiece(stored, resolved, offset, length)
+
+
+def _expected_bytes(tensor: onnx.TensorProto) -> int | None:
+    if tensor.data_type in _PACKED_TYPES:
+        return None
+    try:
+        itemsize = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
+    except (KeyError, TypeError, ValueError):
+        return None
+    if tensor.data_type == onnx.TensorProto.STRING:
+        return None
+    return int(np.prod(tensor.dims, dtype=object)) * itemsize if tensor.dims else itemsize
+
+
+_PACKED_TYPES = {getattr(onnx.TensorProto, name) for name in
+                 ("INT4", "UINT4", "FLOAT4E2M1", "INT2", "UINT2") if hasattr(onnx.TensorProto, name)}
+
+
+def _read_external_data(pieces: list[_ExternalPiece]) -> None:
+    for piece in pieces:
+        try:
+            with open(piece.file, "rb") as handle:
+                handle.seek(piece.offset)
+                data = handle.read(piece.length)
+        except OSError as exc:
+            raise ModelError(f"cannot read the external data of {piece.stored.label}: {exc.strerror or exc}",
+                             hint="keep the model's .data files next to it, readable") from exc
+        if len(data) != piece.length:
+            raise ModelError(f"the external data of {piece.stored.label} is shorter than recorded",
+                             hint="the .data file changed while it was read; retry")
+        tensor = piece.stored.tensor
+        tensor.raw_data = data
+        del tensor.external_data[:]
+        tensor.data_location = onnx.TensorProto.DEFAULT
+
+
+def refuse_external_references(model: onnx.ModelProto) -> None:
+    """A model about to run from memory must hold all its weights: a location would be resolved by
+    onnxruntime against the current directory."""
+    pointing = external_tensors(model)
+    if pointing:
+        raise ModelError(f"{pointing[0].label} still points at external data; refused to run it from memory",
+                         hint="load models with compressq's load_model, which reads and checks external data")
+
+
+def check_model(model: onnx.ModelProto, model_path: Path | None = None) -> None:
+    """Run onnx.checker; a model too big for an in-memory check is checked from its path."""
+    try:
+        if model.ByteSize() > EXTERNAL_DATA_THRESHOLD and model_path is not None:
+            onnx.checker.check_model(str(model_path))
+        else:
+            onnx.checker.check_model(model)
+    except (onnx.checker.ValidationError, ValueError) as exc:
+        name = model_path.name if model_path else "the model"
+        raise ModelError(
+            f"{name} fails the ONNX checker: {_first_line(exc)}",
+            hint="fix or re-export the model (run onnx.checker.check_model on it to see the details)",
+        ) from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0][:300]
+
+
+def file_size(path: str | os.PathLike) -> int:
+    """Bytes on disk of a model including the external data files (inside its folder) it references."""
+    model_path = Path(path)
+    total = model_path.stat().st_size
+    model = onnx.load(str(model_path), load_external_data=False)
+    base = model_path.parent.resolve()
+    locations = {_external_entries(s.tensor).get("location", "") for s in external_tensors(model)}
+    for location in locations - {""}:
+        side_file = (base / location).resolve()
+        if base in side_file.parents and side_file.is_file():
+            total += side_file.stat().st_size
+    return total
+
+
+# ---------------------------------------------------------------------------------------------------
+# Saving
+
+
+def save_model(
+    model: onnx.ModelProto,
+    path: str | os.PathLike,
+    *,
+    protect: Iterable[str | os.PathLike] = (),
+    overwrite: bool = True,
+) -> Path:
+    """Write `model` atomically (never modifying it); models near protobuf's limit get `NAME.data`.
+
+    `protect` lists input files that must never be replaced (the output path may not be one of them).
+    Returns the path as given; a symlink target is written where the link points.
+    """
+    protect = list(protect)
+    given = Path(path)
+    target = check_output_path(given, protect, overwrite=overwrite)
+    folder = target.parent
+    remove_stale_staging(target)
+    needs_external = model.ByteSize() > EXTERNAL_DATA_THRESHOLD
+    data_name = f"{target.name}.data"
+    if needs_external:
+        check_output_path(folder / data_name, protect)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.{STAGING_MARK}{os.getpid()}-", dir=folder))
+    try:
+        staged = staging / target.name
+        if needs_external:
+            write_with_external_data(model, staged, data_name)
+            os.replace(staging / data_name, folder / data_name)
+        else:
+            onnx.save_model(model, str(staged))
+        os.replace(staged, target)
+    except OSError as exc:
+        raise OutputError(f"cannot write {given}: {exc.strerror or exc}",
+                          hint="check free disk space and permissions") from exc
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return given
+
+
+def write_with_external_data(model: onnx.ModelProto, path: Path, data_name: str) -> None:
+    """Write `model` to `path` with its large tensors in `path.parent / data_name`; `model` is untouched.
+
+    Big initializers are streamed to the data file one at a time, so no second copy of the weights is
+    ever held; the small remainder is copied and handed to onnx (which converts what it is given)."""
+    skeleton = _copy_without(model, "graph")
+    _copy_fields(model.graph, skeleton.graph, skip="initializer")
+    data_path = path.parent / data_name
+    with open(data_path, "wb") as data_file:
+        for tensor in model.graph.initializer:
+            kept = skeleton.graph.initializer.add()
+            if tensor.HasField("raw_data") and len(tensor.raw_data) >= EXTERNAL_TENSOR_BYTES:
+                _copy_fields(tensor, kept, skip="raw_data")
+                offset = data_file.tell()
+                data_file.write(tensor.raw_data)
+                kept.data_location = onnx.TensorProto.EXTERNAL
+                del kept.external_data[:]
+                for key, value in (("location", data_name), ("offset", str(offset)),
+                                   ("length", str(data_file.tell() - offset))):
+                    kept.external_data.add(key=key, value=value)
+            else:
+                kept.CopyFrom(tensor)
+    # The skeleton is ours: onnx may move its remaining large tensors (Constants, subgraphs) out too,
+    # appending to the same data file.
+    onnx.save_model(skeleton, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=data_name, size_threshold=EXTERNAL_TENSOR_BYTES)
+
+
+def _copy_without(message, skip: str):
+    copy = type(message)()
+    _copy_fields(message, copy, skip=skip)
+    return copy
+
+
+def _copy_fields(source, target, *, skip: str) -> None:
+    for field, value in source.ListFields():
+        if field.name == skip:
+            continue
+        if _is_repeated(field):
+            getattr(target, field.name).extend(value)
+        elif field.message_type is not None:
+            getattr(target, field.name).CopyFrom(value)
+        else:
+            setattr(target, field.name, value)
+
+
+def _is_repeated(field) -> bool:
+    # protobuf >= 5 has is_repeated; older versions only the label
+    repeated = getattr(field, "is_repeated", None)
+    return bool(repeated) if repeated is not None else field.label == field.LABEL_REPEATED
+
+
+def check_output_path(path: str | os.PathLike, protect: Iterable[str | os.PathLike] = (), *,
+                      overwrite: bool = True) -> Path:
+    """Refuse an output path before any work is done on it (commands call this first, save_model again).
+
+    Returns the file that will be written: the path itself, or where it points when it is a symlink.
+    """
+    target = Path(path)
+    if "\x00" in str(target):
+        raise OutputError("the output path contains a NUL byte", hint="pass a plain file path")
+    _refuse_to_replace_inputs(target, protect)
+    try:
+        status = os.stat(target)  # follows symlinks: what a write would reach
+    except FileNotFoundError:
+        status = None
+    except OSError as exc:
+        raise OutputError(f"cannot use {target} as output: {exc.strerror or exc}",
+                          hint="pass a file path in a folder you can write") from exc
+    if status is not None:
+        if stat.S_ISDIR(status.st_mode):
+            raise OutputError(f"{target} is a directory", hint="pass a file path such as model.int8.onnx")
+        if not stat.S_ISREG(status.st_mode):
+            raise OutputError(f"{target} exists and is not a regular file ({_file_kind(status.st_mode)}); "
+                              "refused, it is never replaced",
+                              hint="pass a file path such as model.int8.onnx")
+        if not overwrite:
+            raise OutputError(f"{target} already exists", hint="pass another -o path or remove the file")
+    written = target.resolve() if target.is_symlink() else target
+    if not written.parent.exists():
+        raise OutputError(f"output folder {written.parent} does not exist", hint="create it first")
+    if not written.parent.is_dir():
+        raise OutputError(f"output folder {written.parent} is not a folder", hint="pass a path in a folder")
+    return written
+
+
+def _file_kind(mode: int) -> str:
+    for test, kind in ((stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISFIFO, "a pipe"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return kind
+    return "not a plain file"
+
+
+def _refuse_to_replace_inputs(target: Path, protect: Iterable[str | os.PathLike]) -> None:
+    resolved = target.resolve()
+    for protected in protect:
+        protected_path = Path(protected).resolve()
+        data_path = protected_path.with_name(protected_path.name + ".data")
+        if resolved in (protected_path, data_path):
+            raise OutputError(f"refusing to overwrite the input file {target}",
+                              hint="pass a different output path with -o")
+
+
+def remove_stale_staging(target: Path) -> list[Path]:
+    """Remove staging folders of `target`'s name left by runs that were killed (their process is gone)."""
+    removed = []
+    prefix = f".{target.name}.{STAGING_MARK}"
+    try:
+        candidates = [p for p in target.parent.iterdir() if p.name.startswith(prefix)]
+    except OSError:
+        return removed
+    for folder in candidates:
+        pid_text = folder.name[len(prefix):].split("-", 1)[0]
+        if not pid_text.isdigit() or _process_alive(int(pid_text)) or folder.is_symlink() or not folder.is_dir():
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+        removed.append(folder)
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    except OverflowError:
+        return False
+    return True
+
+
+def default_output_path(model_path: str | os.PathLike, suffix: str) -> Path:
+    """`model.onnx` -> `model.<suffix>.onnx`, next to the input."""
+    source = Path(model_path)
+    stem = source.name[: -len(".onnx")] if source.name.endswith(".onnx") else source.name
+    return source.with_name(f"{stem}.{suffix}.onnx")
+
+
+def stamp(model: onnx.ModelProto, command: str, settings: dict) -> None:
+    """Record what compressq did in the model's metadata (replaces an earlier stamp of ours)."""
+    entries = {
+        "version": __version__,
+        "command": command,
+        "settings": json.dumps(settings, sort_keys=True, default=str),
+    }
+    kept = [p for p in model.metadata_props if not p.key.startswith(METADATA_PREFIX)]
+    del model.metadata_props[:]
+    model.metadata_props.extend(kept)
+    for key, value in entries.items():
+        model.metadata_props.add(key=METADATA_PREFIX + key, value=value)
+
+
+def read_stamp(model: onnx.ModelProto) -> dict[str, str]:
+    return {p.key[len(METADATA_PREFIX):]: p.value for p in model.metadata_props
+            if p.key.startswith(METADATA_PREFIX)}
