@@ -303,3 +303,102 @@ def test_n_m_leaves_layers_without_whole_groups_dense(cnn):
     reasons = {d.node: d.reason for d in plan.dense}
     assert "input dimension 1 is not a multiple of 4" in reasons[CNN_LAYERS[0]]  # a 1-channel input
     assert CNN_LAYERS[1] in [layer.node for layer in plan.layers]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Refit cost: shared Gram matrix, batched solves, row budget, graph prefixes, progress
+
+
+def masked_ridge_reference(gram, cross, weights, free, ridge):
+    """One output channel at a time: (G[k,k] + s I) w = C[k,o] + s w0[k], s = ridge x mean diag G[k,k]."""
+    fitted = np.zeros_like(weights)
+    for output in range(weights.shape[0]):
+        kept = np.flatnonzero((weights[output] != 0) | free)
+        block = gram[np.ix_(kept, kept)]
+        strength = ridge * np.mean(np.diag(block))
+        fitted[output, kept] = np.linalg.solve(block + strength * np.eye(kept.size),
+                                               cross[kept, output] + strength * weights[output, kept])
+    return fitted
+
+
+@pytest.mark.parametrize("solve_bytes", [64 << 20, 30_000])  # one chunk | many small chunks
+def test_batched_and_shared_solves_equal_the_per_channel_reference(solve_bytes):
+    from compressq.prune.refit import NormalEquations
+
+    rng = np.random.default_rng(0)
+    features, outputs = 24, 40
+    inputs = rng.standard_normal((300, features))
+    targets = inputs @ rng.standard_normal((features, outputs)) + 0.1 * rng.standard_normal((300, outputs))
+    equations = NormalEquations(features, outputs)
+    equations.update(inputs[:170], targets[:170])
+    equations.update(inputs[170:], targets[170:])
+    weights = rng.standard_normal((outputs, features))
+    weights[rng.random(weights.shape) < 0.6] = 0  # unstructured: (nearly) every row its own pattern
+    weights[:6] = np.where(np.arange(features) % 3 == 0, 0.5, 0.0)  # six rows sharing one pattern
+    free = np.zeros(features, dtype=bool)
+    free[-1] = True  # a bias column
+    got = equations.solve(weights, free, 0.01, solve_bytes=solve_bytes)
+    expected = masked_ridge_reference(equations.gram, equations.cross, weights, free, 0.01)
+    np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-8)
+    assert not np.any(got[(weights == 0) & ~free[None, :]])
+
+
+def test_prefix_model_computes_the_same_tensor_with_fewer_nodes(cnn, cnn_eval):
+    from compressq.prune.refit import prefix_model
+    from compressq.runtime import with_outputs
+
+    name = next(n for n in cnn.graph.node if n.name == CNN_LAYERS[2]).input[0]
+    prefix = prefix_model(cnn, [name])
+    assert len(prefix.graph.node) < len(cnn.graph.node)
+    assert all(n.name not in CNN_LAYERS[2:] for n in prefix.graph.node)
+    feed = {"input": cnn_eval["input"][:16]}
+    full = create_session(with_outputs(cnn, [name])).run([name], feed)[0]
+    np.testing.assert_array_equal(create_session(prefix).run([name], feed)[0], full)
+
+
+def test_row_budget_stops_reading_samples_once_the_layer_has_enough_rows():
+    """A 1x1 conv on 16x16 inputs has 256 positions per sample: a budget of 512 rows spread 4x needs 8
+    samples, so a batch of 8 covers it and the layer reads 1 of 16 batches; the fit stays exact."""
+    from compressq.data import Dataset, Shard, model_inputs
+    from compressq.prune.refit import RefitSettings, RefitTarget, refit_layers
+
+    rng = np.random.default_rng(1)
+    weight = rng.standard_normal((6, 5, 1, 1)).astype(np.float32)
+    model = make_model([helper.make_node("Conv", ["x", "w"], ["y"], name="conv")],
+                       [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 5, 16, 16])],
+                       [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                       [numpy_helper.from_array(weight, "w")])
+    pruned = onnx.ModelProto()
+    pruned.CopyFrom(model)
+    sparse = np.where(rng.random(weight.shape) < 0.5, 0, weight)
+    pruned.graph.initializer[0].CopyFrom(numpy_helper.from_array(sparse, "w"))
+    arrays = {"x": rng.standard_normal((128, 5, 16, 16)).astype(np.float32)}
+    loads = []
+    shard = Shard("memory", 128, {"x": arrays["x"].shape}, lambda: loads.append(1) or arrays)
+    dataset = Dataset(model_inputs(model), [shard], "memory")
+    settings = RefitSettings(samples=128, batch_size=8, ridge=0.0, rows_per_feature=1, min_rows=512, spread=4)
+    (record,) = refit_layers(pruned, model, [RefitTarget("conv")], dataset, settings)
+    assert record.rows == 512  # the budget, not 128 x 256 positions
+    fitted = numpy_helper.to_array(pruned.graph.initializer[0])
+    assert np.all(fitted[sparse == 0] == 0)
+    assert record.error_after <= record.error_before
+
+
+def test_progress_reports_each_stage_with_its_total(cnn, cnn_calibration):
+    calls = []
+    prune_model(cnn, PruneConfig(sparsity=0.5), cnn_calibration,
+                progress=lambda stage, done, total: calls.append((stage, done, total)))
+    stages = {stage: total for stage, _, total in calls}
+    assert stages == {"pruning layers": 2, "refitting layers": 2}
+    assert calls[-1] == ("refitting layers", 2, 2)
+    assert all(0 <= done <= total for _, done, total in calls)
+
+
+def test_cli_without_calibration_data_warns_that_the_cost_is_unmeasured(run_cli, tmp_path):
+    result = run_cli("prune", SAMPLES / "digits_cnn.onnx", "-s", "0.5", "-o", tmp_path / "p.onnx")
+    assert result.exit_code == 0
+    warnings = [line for line in result.stderr.splitlines() if "warning" in line]
+    assert len(warnings) == 1 and "unmeasured" in warnings[0] and "--calibration-data" in warnings[0]
+    refit = run_cli("prune", SAMPLES / "digits_cnn.onnx", "-s", "0.5", "-o", tmp_path / "q.onnx",
+                    "--calibration-data", SAMPLES / "digits_calib.npz")
+    assert refit.exit_code == 0 and "unmeasured" not in refit.stderr

@@ -4,7 +4,16 @@ from pathlib import Path
 
 import typer
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    SpinnerColumn,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 
 from compressq import render
@@ -51,6 +60,10 @@ def prune(
     if dataset is not None:
         for note in dataset.notes:
             render.stderr.print(f"[dim]note: {escape(note)}[/]")
+    else:
+        render.stderr.print("[yellow]warning:[/] no --calibration-data: weights are not refit and the accuracy "
+                            "cost is unmeasured; pass --calibration-data DATA to refit, then check with "
+                            "compressq report --data DATA", highlight=False)
     with _progress_bar(as_json) as advance:
         result = prune_model(source, config, dataset, progress=advance)
     stamp(result.model, "prune", config.settings())
@@ -64,16 +77,24 @@ def prune(
 
 
 class _progress_bar:
-    """Rich progress on stderr; hands the algorithm a plain `advance(n)` callback."""
+    """Rich progress on stderr, one bar per stage with its total and an ETA; the algorithm calls
+    `update(stage, done, total)`."""
 
     def __init__(self, quiet: bool):
-        self.progress = Progress(SpinnerColumn(), TextColumn("pruning and refitting layers"), BarColumn(),
-                                 MofNCompleteColumn(), console=render.stderr, transient=True, disable=quiet)
+        self.progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
+                                 console=render.stderr, transient=True, disable=quiet)
+        self.tasks: dict[str, TaskID] = {}
 
     def __enter__(self):
         self.progress.start()
-        task = self.progress.add_task("prune", total=None)
-        return lambda steps: self.progress.advance(task, steps)
+
+        def update(stage: str, done: int, total: int) -> None:
+            if stage not in self.tasks:
+                self.tasks[stage] = self.progress.add_task(stage, total=total)
+            self.progress.update(self.tasks[stage], completed=done, total=total)
+
+        return update
 
     def __exit__(self, *exc_info):
         self.progress.stop()

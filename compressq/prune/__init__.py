@@ -34,7 +34,7 @@ from compressq.prune.structured import (
 
 __all__ = ["LayerResult", "PruneConfig", "PruneResult", "PruneSummary", "plan_pruning", "prune_model", "weight_masks"]
 
-Progress = Callable[[int], None]
+Progress = Callable[[str, int, int], None]  # (stage, done, total): a bar with a total and an ETA per stage
 
 
 @dataclass(frozen=True)
@@ -104,10 +104,25 @@ def prune_model(model: onnx.ModelProto, config: PruneConfig, dataset: Dataset | 
     records = []
     if dataset is not None:
         settings = RefitSettings(config.calibration_samples, config.batch_size, config.refit_ridge, seed=config.seed)
-        records = refit_layers(outcome.model, teacher, outcome.refit_targets, dataset, settings, progress)
+        records = refit_layers(outcome.model, teacher, outcome.refit_targets, dataset, settings,
+                               _counter(progress, "refitting layers", len(outcome.refit_targets)))
         outcome.notes += [f"'{r.node}' {r.note}" for r in records if r.note]
     check_model(outcome.model)
     return PruneResult(outcome.model, _summary(teacher, outcome, config, records, dataset))
+
+
+def _counter(progress: Progress | None, stage: str, total: int) -> Callable[[int], None] | None:
+    """An `advance(n)` callback that reports `stage` as done/total."""
+    if progress is None:
+        return None
+    done = [0]
+    progress(stage, 0, total)
+
+    def advance(steps: int) -> None:
+        done[0] += steps
+        progress(stage, done[0], total)
+
+    return advance
 
 
 def _named_copy(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -154,13 +169,13 @@ def _prune_weights(teacher: onnx.ModelProto, plan: PrunePlan, config: PruneConfi
     weights = {layer.node: index.constant(layer.weight) for layer in plan.layers}
     masks = weight_masks(weights, {layer.node: layer.input_axis for layer in plan.layers}, config)
     layers = []
-    for layer in plan.layers:
+    for position, layer in enumerate(plan.layers, start=1):
         pruned = np.where(masks[layer.node], weights[layer.node], 0).astype(weights[layer.node].dtype)
         replace_constant_input(model.graph, nodes[layer.node], 1, pruned)
         layers.append(LayerResult(layer.node, layer.op_type, layer.weight, layer.shape, layer.shape,
                                   zero_fraction(pruned)))
         if progress:
-            progress(1)
+            progress("pruning layers", position, len(plan.layers))
     targets = [RefitTarget(layer.node) for layer in plan.layers]
     return _Outcome(model, layers, list(plan.dense), targets)
 
@@ -179,7 +194,7 @@ def _prune_channels(model: onnx.ModelProto, plan: PrunePlan, config: PruneConfig
     order = {node.name: i for i, node in enumerate(model.graph.node)}
     dense = sorted([*plan.dense, *_blocked_layers(plan, groups, kept, config)], key=lambda d: order[d.node])
     if progress:
-        progress(len(layers))
+        progress("pruning channels", len(layers), len(layers))
     targets = _channel_refit_targets(model, groups, kept)
     return _Outcome(rewritten, layers, dense, targets, _granularity_notes(groups, kept, config))
 

@@ -5,10 +5,22 @@ For every refit layer, in graph order:
       layer also absorbs the error that reaches it from upstream instead of letting errors compound;
   Y = the same layer's output in the *dense* model on the same calibration batch.
 The kept weights (and the bias) of every output channel become the least-squares solution of X w ~ y,
-restricted to the sparsity pattern: pruned weights stay exactly zero. X^T X and X^T Y are accumulated
-batch by batch (Conv inputs as im2col patches with spatial positions subsampled), so memory depends on
-the layer's size, never on the number of samples. A ridge term pulls towards the pruned weights, so a
-layer cannot wander off to fit calibration noise; it also guarantees the calibration error never grows.
+restricted to the sparsity pattern: pruned weights stay exactly zero. A ridge term pulls towards the pruned
+weights, so a layer cannot wander off to fit calibration noise; it also guarantees the calibration error
+never grows.
+
+Cost, which is what makes refit usable on real models:
+  * one Gram matrix X^T X per layer (per group of a grouped Conv), shared by all output channels, streamed
+    batch by batch, so memory depends on the layer's size, never on the number of samples;
+  * rows (samples x output positions) are subsampled to a budget per layer (`rows_per_feature` x the number
+    of weights per output channel, at least `min_rows`), spread over at least `spread` times as many samples
+    as the budget strictly needs; once those samples are seen the layer stops reading data, so a layer with
+    many positions per sample runs the model on a few batches, not on every calibration sample;
+  * each run executes only the part of the graph the layer needs (the prefix up to its input in the pruned
+    model, up to its output in the dense one);
+  * output channels with the same sparsity pattern share one solve with many right-hand sides; the others
+    (unstructured sparsity: every row its own pattern) are solved as batches of padded systems, one LAPACK
+    call per chunk instead of one Python-level solve per channel.
 """
 
 from __future__ import annotations
@@ -23,7 +35,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 from compressq.data import Dataset
 from compressq.graph import GraphIndex, node_attributes
 from compressq.prune.structured import replace_constant_input
-from compressq.runtime import create_session, with_outputs
+from compressq.runtime import create_session
 
 # One intra-op thread: onnxruntime's pool spin-waits after each run and starves numpy's BLAS, which
 # accumulates the normal equations between runs (3x slower end to end on 2 cores with the default pool).
@@ -50,8 +62,14 @@ class RefitSettings:
     samples: int = 256
     batch_size: int = 32
     ridge: float = 0.01  # relative to the mean diagonal of X^T X
-    rows_per_batch: int = 4096
     seed: int = 0
+    rows_per_feature: int = 32  # row budget per layer: this many rows per weight of an output channel ...
+    min_rows: int = 16384  # ... and at least this many (small layers see every row they have)
+    spread: int = 4  # rows come from at least `spread` x (budget / rows per sample) samples
+    solve_bytes: int = 64 << 20  # memory for one chunk of padded systems
+
+    def row_budget(self, features: int) -> int:
+        return max(self.min_rows, self.rows_per_feature * features)
 
 
 class NotRefittable(Exception):
@@ -63,7 +81,7 @@ class NotRefittable(Exception):
 
 
 class NormalEquations:
-    """Streaming X^T X, X^T Y and sum(Y^2) for one group of outputs."""
+    """Streaming X^T X (one Gram matrix shared by every output), X^T Y and sum(Y^2) for one group of outputs."""
 
     def __init__(self, features: int, outputs: int):
         self.gram = np.zeros((features, features))
@@ -72,11 +90,12 @@ class NormalEquations:
         self.rows = 0
 
     def update(self, inputs: np.ndarray, targets: np.ndarray) -> None:
-        inputs = inputs.astype(np.float64, copy=False)
-        targets = targets.astype(np.float64, copy=False)
+        # Products of one batch in float32 (twice BLAS's float64 speed), summed across batches in float64.
+        inputs = inputs.astype(np.float32, copy=False)
+        targets = targets.astype(np.float32, copy=False)
         self.gram += inputs.T @ inputs
         self.cross += inputs.T @ targets
-        self.target_energy += np.square(targets).sum(axis=0)
+        self.target_energy += np.square(targets, dtype=np.float64).sum(axis=0)
         self.rows += inputs.shape[0]
 
     def squared_error(self, weights: np.ndarray) -> float:
@@ -84,20 +103,34 @@ class NormalEquations:
         quadratic = np.sum(weights * (weights @ self.gram))
         return float(quadratic - 2 * np.sum(weights * self.cross.T) + self.target_energy.sum())
 
-    def solve(self, weights: np.ndarray, always_free: np.ndarray, ridge: float) -> np.ndarray:
-        """Refit rows of `weights` [outputs, features]: zeros stay zero except `always_free` columns."""
+    def solve(self, weights: np.ndarray, always_free: np.ndarray, ridge: float,
+              solve_bytes: int = 64 << 20) -> np.ndarray:
+        """Refit rows of `weights` [outputs, features]: zeros stay zero except `always_free` columns.
+
+        Output o solves (G[k, k] + s_o I) w = C[k, o] + s_o w0[k] over its kept columns k, with
+        s_o = ridge x mean(diag G[k, k]). Outputs sharing one pattern share one solve (many right-hand
+        sides); outputs with a pattern of their own are solved in batches of padded systems.
+        """
         keep = (weights != 0) | always_free[None, :]
         fitted = np.zeros_like(weights, dtype=np.float64)
-        patterns, inverse = np.unique(keep, axis=0, return_inverse=True)
+        patterns, inverse, counts = np.unique(keep, axis=0, return_inverse=True, return_counts=True)
+        inverse = inverse.ravel()
+        single = []
         for pattern_id, pattern in enumerate(patterns):
-            outputs = np.flatnonzero(inverse.ravel() == pattern_id)
+            outputs = np.flatnonzero(inverse == pattern_id)
             columns = np.flatnonzero(pattern)
-            if columns.size:
-                fitted[np.ix_(outputs, columns)] = self._solve_block(weights, outputs, columns, ridge)
+            if not columns.size:
+                continue
+            if counts[pattern_id] == 1:
+                single.append(outputs[0])
+            else:
+                fitted[np.ix_(outputs, columns)] = self._solve_shared(weights, outputs, columns, ridge)
+        if single:
+            self._solve_batched(weights, keep, np.array(single), ridge, fitted, solve_bytes)
         return fitted
 
-    def _solve_block(self, weights: np.ndarray, outputs: np.ndarray, columns: np.ndarray,
-                     ridge: float) -> np.ndarray:
+    def _solve_shared(self, weights: np.ndarray, outputs: np.ndarray, columns: np.ndarray,
+                      ridge: float) -> np.ndarray:
         gram = self.gram[np.ix_(columns, columns)]
         strength = ridge * max(float(np.mean(np.diag(gram))), 1e-12)
         prior = weights[np.ix_(outputs, columns)].astype(np.float64)
@@ -107,6 +140,37 @@ class NormalEquations:
             return np.linalg.solve(system, rhs).T
         except np.linalg.LinAlgError:
             return np.linalg.lstsq(system, rhs, rcond=None)[0].T
+
+    def _solve_batched(self, weights: np.ndarray, keep: np.ndarray, outputs: np.ndarray, ridge: float,
+                       fitted: np.ndarray, solve_bytes: int) -> None:
+        """Each output its own pattern: stack the systems, padded to the chunk's largest with identity rows
+        (padded unknowns solve to exactly 0 and are dropped), and solve a chunk per LAPACK call."""
+        sizes = keep[outputs].sum(axis=1)
+        order = outputs[np.argsort(sizes, kind="stable")]
+        chunk_length = max(1, solve_bytes // (3 * 8 * int(sizes.max()) ** 2))  # systems + two temporaries
+        diagonal = np.diag(self.gram)
+        for start in range(0, order.size, chunk_length):
+            chunk = order[start:start + chunk_length]
+            size = int(keep[chunk[-1]].sum())  # sorted by size: the chunk's last is its largest
+            columns = np.zeros((chunk.size, size), dtype=np.int64)
+            valid = np.zeros((chunk.size, size), dtype=bool)
+            for row, output in enumerate(chunk):
+                kept = np.flatnonzero(keep[output])
+                columns[row, :kept.size] = kept
+                valid[row, :kept.size] = True
+            pair = valid[:, :, None] & valid[:, None, :]
+            systems = np.where(pair, self.gram[columns[:, :, None], columns[:, None, :]], 0.0)
+            strength = ridge * np.maximum((diagonal[columns] * valid).sum(axis=1) / valid.sum(axis=1), 1e-12)
+            eye = np.eye(size, dtype=bool)[None]
+            systems += np.where(eye, np.where(valid, strength[:, None], 1.0)[:, :, None], 0.0)
+            prior = np.where(valid, weights[chunk[:, None], columns], 0.0)
+            rhs = np.where(valid, self.cross[columns, chunk[:, None]] + strength[:, None] * prior, 0.0)
+            try:
+                solution = np.linalg.solve(systems, rhs[:, :, None])[:, :, 0]
+            except np.linalg.LinAlgError:
+                solution = np.stack([np.linalg.lstsq(a, b, rcond=None)[0] for a, b in zip(systems, rhs)])
+            for row, output in enumerate(chunk):
+                fitted[output, columns[row, valid[row]]] = solution[row, valid[row]]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -302,23 +366,53 @@ def linear_view(graph: onnx.GraphProto, node_name: str) -> LinearView:
 def refit_layers(pruned: onnx.ModelProto, teacher: onnx.ModelProto, targets: Sequence[RefitTarget],
                  dataset: Dataset, settings: RefitSettings,
                  progress: Callable[[int], None] | None = None) -> list[RefitRecord]:
-    """Refit `targets` of `pruned` (changed in place) in order; returns what each fit achieved."""
-    target_names = {}
-    for target in targets:
-        try:
-            target_names[target.node] = linear_view(pruned.graph, target.node).target_name
-        except NotRefittable:
-            continue
-    teacher_session = create_session(with_outputs(teacher, sorted(set(target_names.values()))), threads=SESSION_THREADS)
+    """Refit `targets` of `pruned` (changed in place) in order; returns what each fit achieved.
+
+    `progress(1)` is called after each target, so a caller knows the total (len(targets)) up front."""
     records = []
     for target in targets:
-        records.append(_refit_one(pruned, teacher_session, target, dataset, settings))
+        records.append(_refit_one(pruned, teacher, target, dataset, settings))
         if progress:
             progress(1)
     return records
 
 
-def _refit_one(pruned: onnx.ModelProto, teacher_session, target: RefitTarget, dataset: Dataset,
+def prefix_model(model: onnx.ModelProto, outputs: Sequence[str]) -> onnx.ModelProto:
+    """The part of `model` that computes `outputs` (every graph input kept, so one feed fits all)."""
+    needed = set(outputs)
+    kept_nodes = []
+    for node in reversed(model.graph.node):
+        if needed.intersection(node.output):
+            kept_nodes.append(node)
+            needed.update(node.input)
+            needed.update(_subgraph_names(node))
+    prefix = onnx.ModelProto()
+    prefix.CopyFrom(model)
+    graph = prefix.graph
+    del graph.node[:]
+    graph.node.extend(reversed(kept_nodes))
+    kept_initializers = [t for t in model.graph.initializer if t.name in needed]
+    del graph.initializer[:]
+    graph.initializer.extend(kept_initializers)
+    del graph.output[:]
+    graph.output.extend(onnx.ValueInfoProto(name=name) for name in outputs)
+    return prefix
+
+
+def _subgraph_names(node: onnx.NodeProto) -> set[str]:
+    """Every tensor name a node's subgraphs (If/Loop/Scan bodies) mention: outer names they may capture."""
+    names: set[str] = set()
+    for attribute in node.attribute:
+        graphs = [attribute.g] if attribute.HasField("g") else list(attribute.graphs)
+        for graph in graphs:
+            for inner in graph.node:
+                names.update(inner.input)
+                for sub in _subgraph_names(inner):
+                    names.add(sub)
+    return names
+
+
+def _refit_one(pruned: onnx.ModelProto, teacher: onnx.ModelProto, target: RefitTarget, dataset: Dataset,
                settings: RefitSettings) -> RefitRecord:
     try:
         view = linear_view(pruned.graph, target.node)
@@ -328,19 +422,37 @@ def _refit_one(pruned: onnx.ModelProto, teacher_session, target: RefitTarget, da
     equations = [NormalEquations(m.shape[1], m.shape[0]) for m in matrices]
     graph_inputs = {i.name for i in pruned.graph.input}
     student = None if view.input_name in graph_inputs else create_session(
-        with_outputs(pruned, [view.input_name]), threads=SESSION_THREADS)
+        prefix_model(pruned, [view.input_name]), threads=SESSION_THREADS)
+    teacher_session = create_session(prefix_model(teacher, [view.target_name]), threads=SESSION_THREADS)
     rng = np.random.default_rng(settings.seed)
+    budget = settings.row_budget(matrices[0].shape[1])
+    available = min(settings.samples, dataset.num_samples)
+    used_samples, rows_per_sample = available, 0.0
+    seen = 0
     try:
-        for feed in dataset.batches(settings.batch_size, settings.samples):
+        for feed in dataset.batches(settings.batch_size, available):
+            if seen >= used_samples:
+                break
             x = feed[view.input_name] if student is None else student.run([view.input_name], feed)[0]
             y = teacher_session.run([view.target_name], feed)[0]
             if target.kept_outputs is not None:
                 y = np.take(y, list(target.kept_outputs), axis=view.output_axis)
-            for equation, (inputs, outputs) in zip(equations, view.rows(x, y, rng, settings.rows_per_batch)):
+            batch = y.shape[0]
+            if seen == 0:  # positions per sample are known now: how many samples does the budget need?
+                positions = max(1, y[0].size // max(1, y.shape[view.output_axis]))
+                used_samples = min(available, max(batch, -(-settings.spread * budget // positions)))
+                rows_per_sample = budget / used_samples
+            take = min(batch, used_samples - seen)
+            if take < batch:
+                x, y = x[:take], y[:take]
+            limit = max(1, round(rows_per_sample * (seen + take)) - round(rows_per_sample * seen))
+            for equation, (inputs, outputs) in zip(equations, view.rows(x, y, rng, limit)):
                 equation.update(inputs, outputs)
+            seen += take
     except NotRefittable as reason:
         return RefitRecord(target.node, 0, float("nan"), float("nan"), f"not refit: {reason}")
-    fitted = [eq.solve(m, view.always_free(m.shape[1]), settings.ridge) for eq, m in zip(equations, matrices)]
+    fitted = [eq.solve(m, view.always_free(m.shape[1]), settings.ridge, settings.solve_bytes)
+              for eq, m in zip(equations, matrices)]
     view.store(fitted)
     energy = sum(eq.target_energy.sum() for eq in equations) or 1.0
     before = sum(eq.squared_error(m) for eq, m in zip(equations, matrices))
