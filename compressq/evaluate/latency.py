@@ -56,11 +56,12 @@ Clock = Callable[[], float]  # seconds, monotonic over one timing loop
 
 def time_interleaved(sessions: Mapping[str, RunsFeeds], feeds: Sequence[dict], runs: int = 20,
                      warmup: int = 3, progress: Callable[[int], None] | None = None,
-                     clock: Clock = time.perf_counter) -> dict[str, LatencyStats]:
+                     clock: Clock = time.perf_counter, repeat: int = 1) -> dict[str, LatencyStats]:
     """Time every session on the same feeds, taking turns; `progress(1)` after each timed turn.
 
     Turn i uses feeds[i % len(feeds)] for every session, so each pair of timings saw the same input.
     `clock` is wall time by default (what a user waits); decisions pass a CPU-time clock (measure.speed).
+    With `repeat` > 1 each sample is the mean of that many back-to-back runs (fast models: less noise).
     """
     if not sessions:
         return {}
@@ -74,16 +75,17 @@ def time_interleaved(sessions: Mapping[str, RunsFeeds], feeds: Sequence[dict], r
     for turn in range(runs):
         feed = feeds[turn % len(feeds)]
         for name in names:
-            samples[name].append(_time_once(sessions[name], feed, clock))
+            samples[name].append(_time_block(sessions[name], feed, clock, repeat))
         if progress:
             progress(1)
     return {name: LatencyStats.from_samples(values) for name, values in samples.items()}
 
 
-def _time_once(session: RunsFeeds, feed: dict, clock: Clock) -> float:
+def _time_block(session: RunsFeeds, feed: dict, clock: Clock, repeat: int = 1) -> float:
     start = clock()
-    session.run(None, feed)
-    return (clock() - start) * 1000.0
+    for _ in range(repeat):
+        session.run(None, feed)
+    return (clock() - start) * 1000.0 / repeat
 
 
 def speedup(baseline: LatencyStats, candidate: LatencyStats) -> Speedup:

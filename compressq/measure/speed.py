@@ -26,6 +26,8 @@ from compressq.runtime import create_session
 
 RUNS = 15
 WARMUP = 3
+BLOCK_MS = 10.0        # fast models are timed in blocks of back-to-back runs lasting at least this long
+MAX_REPEAT = 50
 CLOSE_CALL = 0.1       # ratios within 10 % of the bar are measured again with LONG_RUNS
 LONG_RUNS = 4 * RUNS
 # Thread CPU time still moves by 1-3 % between runs: a ratio this close to a bar meets it. Without the band
@@ -69,9 +71,8 @@ def decision_clock(threads: int, provider: str = "cpu") -> tuple[Clock, str]:
     return time.process_time, "process CPU time (pool threads not spinning)"
 
 
-def speed_from_stats(stats: dict[str, LatencyStats], threads: int, batch: int, clock_name: str,
+def speed_from_stats(baseline: LatencyStats, candidate: LatencyStats, threads: int, batch: int, clock_name: str,
                      ) -> SpeedMeasurement:
-    baseline, candidate = stats["baseline"], stats["candidate"]
     ratio = baseline.median_ms / candidate.median_ms if candidate.median_ms > 0 else float("inf")
     paired = np.asarray(baseline.samples_ms) / np.maximum(np.asarray(candidate.samples_ms), 1e-9)
     q1, q3 = np.percentile(paired, [25, 75])
@@ -79,15 +80,38 @@ def speed_from_stats(stats: dict[str, LatencyStats], threads: int, batch: int, c
                             len(baseline.samples_ms), threads, batch, clock_name)
 
 
-def time_pair(baseline: RunsFeeds, candidate: RunsFeeds, feeds: Sequence[dict], *, runs: int, threads: int,
-              provider: str = "cpu", clock: Clock | None = None, clock_name: str | None = None) -> SpeedMeasurement:
-    """Interleaved runs of two ready sessions (tests pass fakes and a fake clock)."""
+def time_sessions(sessions: Sequence[RunsFeeds], feeds: Sequence[dict], *, runs: int, threads: int,
+                  provider: str = "cpu", clock: Clock | None = None, clock_name: str | None = None,
+                  ) -> list[SpeedMeasurement]:
+    """Interleaved runs of ready sessions; each later session measured against the first (tests pass fakes)."""
+    stats, clock_name, batch = _session_stats(sessions, feeds, runs, threads, provider, clock, clock_name)
+    return [speed_from_stats(stats[0], stats[i], threads, batch, clock_name) for i in range(1, len(sessions))]
+
+
+def _session_stats(sessions, feeds, runs, threads, provider, clock, clock_name) -> tuple[list[LatencyStats], str, int]:
+    """Fast models are timed in blocks of back-to-back runs (BLOCK_MS at least), so that one sample is not one
+    cache-cold millisecond."""
     if clock is None:
         clock, clock_name = decision_clock(threads, provider)
     batch = int(next(iter(feeds[0].values())).shape[0]) if feeds and feeds[0] else 1
-    stats = time_interleaved({"baseline": baseline, "candidate": candidate}, feeds, runs=runs, warmup=WARMUP,
-                             clock=clock)
-    return speed_from_stats(stats, threads, batch, clock_name or "custom clock")
+    named = {str(i): session for i, session in enumerate(sessions)}
+    repeat = _block_repeat(sessions[0], feeds[0], clock)
+    stats = time_interleaved(named, feeds, runs=runs, warmup=WARMUP, clock=clock, repeat=repeat)
+    return [stats[str(i)] for i in range(len(sessions))], clock_name or "custom clock", batch
+
+
+def time_pair(baseline: RunsFeeds, candidate: RunsFeeds, feeds: Sequence[dict], *, runs: int, threads: int,
+              provider: str = "cpu", clock: Clock | None = None, clock_name: str | None = None) -> SpeedMeasurement:
+    return time_sessions([baseline, candidate], feeds, runs=runs, threads=threads, provider=provider, clock=clock,
+                         clock_name=clock_name)[0]
+
+
+def _block_repeat(session: RunsFeeds, feed: dict, clock: Clock) -> int:
+    session.run(None, feed)
+    start = clock()
+    session.run(None, feed)
+    one_ms = (clock() - start) * 1000.0
+    return max(1, min(MAX_REPEAT, int(np.ceil(BLOCK_MS / max(one_ms, 1e-3)))))
 
 
 def settle(measure: Callable[[int], SpeedMeasurement], bar: float = 1.0) -> SpeedMeasurement:
@@ -110,6 +134,40 @@ def measure_speedup(baseline: onnx.ModelProto, candidate: onnx.ModelProto, feeds
         return time_pair(*sessions, feeds, runs=count, threads=threads, provider=provider)
 
     return measure(runs) if runs else settle(measure)
+
+
+@dataclass(frozen=True)
+class HeadToHead:
+    """Two variants timed in the same interleaved runs as fp32: each against fp32, and one against the other."""
+
+    current: SpeedMeasurement
+    candidate: SpeedMeasurement
+    candidate_over_current: float   # > 1: the candidate does less work (median of the per-turn quotients)
+
+
+def race(sessions: Sequence[RunsFeeds], feeds: Sequence[dict], *, runs: int, threads: int, provider: str = "cpu",
+         clock: Clock | None = None, clock_name: str | None = None) -> HeadToHead:
+    """fp32, current and candidate sessions in the same turns (tests pass fakes and a fake clock).
+
+    The quotient is taken turn by turn before the median: a burst of load that slows one turn slows both
+    variants in it, and cancels."""
+    stats, clock_name, batch = _session_stats(sessions, feeds, runs, threads, provider, clock, clock_name)
+    base, current, candidate = stats
+    quotients = np.asarray(current.samples_ms) / np.maximum(np.asarray(candidate.samples_ms), 1e-9)
+    return HeadToHead(speed_from_stats(base, current, threads, batch, clock_name),
+                      speed_from_stats(base, candidate, threads, batch, clock_name), float(np.median(quotients)))
+
+
+def head_to_head(baseline: onnx.ModelProto, current: onnx.ModelProto, candidate: onnx.ModelProto,
+                 feeds: list[dict], provider: str = "cpu", threads: int = 1) -> HeadToHead:
+    """Time fp32, the current variant and a candidate together. Two ratios measured apart move by several
+    per cent between runs on a busy machine; measured in the same turns, their quotient holds (bench: loaded)."""
+    sessions = [create_session(model, provider, threads=threads, spinning=False)
+                for model in (baseline, current, candidate)]
+    first = race(sessions, feeds, runs=RUNS, threads=threads, provider=provider)
+    if abs(first.candidate_over_current - 1.0) < CLOSE_CALL:
+        return race(sessions, feeds, runs=LONG_RUNS, threads=threads, provider=provider)
+    return first
 
 
 def meets(ratio: float, bar: float = 1.0) -> bool:

@@ -27,6 +27,7 @@ from compressq.measure.speed import (
     SpeedMeasurement,
     clearly_faster,
     convincing,
+    head_to_head,
     measure_speedup,
     meets,
 )
@@ -260,13 +261,31 @@ class StaticQuantizer:
         for label, extra in _fallback_stages(current.plan):
             if convincing(current.speedup) or not extra:
                 continue
-            candidate = self._time(self.fused_attempt({**current.keep_float, **extra}))
+            candidate = self.fused_attempt({**current.keep_float, **extra})
+            better = self._race(current, candidate)
             steps.append(f"{label}: speedup {current.speedup:.2f}x -> {candidate.speedup:.2f}x")
-            better = clearly_faster(candidate.speedup, current.speedup)
             self._decide(label, candidate, kept=better)
             if better:
                 current = candidate
         return current
+
+    def _race(self, current: Attempt, candidate: Attempt) -> bool:
+        """Time fp32, `current` and `candidate` in the same turns; True when the candidate is clearly faster.
+
+        Both attempts get the figures of this run, so the speedup printed is that of the window that decided.
+        """
+        feeds = self._timing_feeds(self.config.latency_batch)
+        contender = candidate.model if candidate.plan.compute else self.original
+        race = head_to_head(self.original, current.model, contender, feeds, self.config.provider,
+                            self.config.threads)
+        current.speed, current.speedup = race.current, race.current.ratio
+        self._speeds[id(current.model)] = race.current
+        if candidate.plan.compute:
+            candidate.speed, candidate.speedup = race.candidate, race.candidate.ratio
+            self._speeds[id(candidate.model)] = race.candidate
+        else:
+            candidate.speed, candidate.speedup = None, 1.0
+        return clearly_faster(race.candidate_over_current, 1.0)
 
     def _time(self, attempt: Attempt) -> Attempt:
         """Measure an attempt's speed; one with nothing quantized is the input itself (1.00x by construction)."""
