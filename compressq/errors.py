@@ -8,6 +8,9 @@ from __future__ import annotations
 EXIT_OK = 0
 EXIT_GATE_FAILED = 1
 EXIT_USAGE = 2
+EXIT_INTERNAL = 3  # a bug of ours
+EXIT_INTERRUPTED = 130  # SIGINT (Ctrl-C): 128 + 2
+EXIT_TERMINATED = 143  # SIGTERM: 128 + 15
 
 
 class CompressqError(Exception):
@@ -48,3 +51,9 @@ class TargetNotMet(CompressqError):
     """An accuracy or speed target could not be met; CI should fail the build."""
 
     exit_code = EXIT_GATE_FAILED
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM arrived: unwinds like Ctrl-C (staging removed by `finally`), then exits 143."""
+
+    exit_code = EXIT_TERMINATED

@@ -8,7 +8,8 @@ from rich.markup import escape
 from rich.table import Table
 
 from compressq.quantize.api import QuantizeSummary
-from compressq.render import human_bytes, stderr, stdout
+from compressq.quantize.plan import ALREADY_INT8
+from compressq.render import human_bytes, shown, stderr, stdout
 
 FLOAT_ROWS_SHOWN = 20
 ACCURACY_WARNING_AGREEMENT = 0.99
@@ -17,9 +18,12 @@ ACCURACY_WARNING_COSINE = 0.99
 
 def render_quantize_summary(summary: QuantizeSummary, output: Path, input_bytes: int, output_bytes: int) -> None:
     ratio = output_bytes / input_bytes if input_bytes else 1.0
+    already = [n for n in summary.float_nodes if n["reason"].startswith(ALREADY_INT8)]
+    float_nodes = [n for n in summary.float_nodes if not n["reason"].startswith(ALREADY_INT8)]
     method = f", {summary.method} calibration on {summary.calibration_samples} samples" if summary.method else ""
-    stdout.print(f"[bold]{escape(str(output))}[/]: {summary.mode} int{summary.weight_bits}{method}, "
-                 f"{len(summary.quantized_nodes)} nodes quantized, {len(summary.float_nodes)} kept float, "
+    stdout.print(f"[bold]{shown(output)}[/]: {summary.mode} int{summary.weight_bits}{method}, "
+                 f"{len(summary.quantized_nodes)} nodes quantized, {len(float_nodes)} kept float, "
+                 + (f"{len(already)} already int8, " if already else "") +
                  f"{summary.seconds:.1f} s", highlight=False)
     stdout.print(f"size: {human_bytes(input_bytes)} -> {human_bytes(output_bytes)} ({ratio:.2f}x)", highlight=False)
     if summary.integer_kernels:
@@ -34,9 +38,11 @@ def render_quantize_summary(summary: QuantizeSummary, output: Path, input_bytes:
     for step in summary.speed_steps:
         stdout.print(f"  speed fallback: {escape(step)}", highlight=False)
     for tensor, why in summary.non_finite_tensors.items():
-        stdout.print(f"  kept float: tensor '{escape(tensor)}' has {why}", highlight=False)
-    if summary.float_nodes:
-        stdout.print(_float_table(summary.float_nodes))
+        stdout.print(f"  kept float: tensor '{shown(tensor)}' has {why}", highlight=False)
+    if float_nodes:
+        stdout.print(_float_table(float_nodes))
+    if already:
+        stdout.print(f"already int8, kept as is: {escape(', '.join(n['node'] for n in already))}", highlight=False)
     for note in summary.notes:
         stdout.print(f"note: {escape(note)}", highlight=False)
     _warn(summary, ratio, output_bytes - input_bytes)
@@ -67,7 +73,7 @@ def _float_table(float_nodes: list[dict]) -> Table:
     for column in ("node", "op", "why"):
         table.add_column(column, overflow="fold")
     for entry in shown:
-        table.add_row(escape(entry["node"]), entry["op_type"], escape(entry["reason"]))
+        table.add_row(shown(entry["node"]), entry["op_type"], shown(entry["reason"]))
     return table
 
 

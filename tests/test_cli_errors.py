@@ -125,19 +125,36 @@ def debug_reset():
     cli._debug["on"] = saved
 
 
-def test_debug_after_command_in_process(tmp_path, monkeypatch, debug_reset):
+def test_debug_after_command_in_process(tmp_path, monkeypatch, debug_reset, capsys):
+    # --debug adds the traceback and keeps the exit code: 2 for bad input, as without it.
     monkeypatch.setattr(sys, "argv", ["compressq", "inspect", str(tmp_path / "absent.onnx"), "--debug"])
-    with pytest.raises(ModelError, match="not found"):
+    with pytest.raises(SystemExit) as exited:
         cli.main()
+    assert exited.value.code == 2
+    stderr = capsys.readouterr().err
+    assert "Traceback" in stderr and "ModelError" in stderr
+    assert stderr.strip().splitlines()[-1].startswith("error: model file not found")
 
 
 def test_debug_before_command_in_process(tmp_path, debug_reset):
-    # With --debug the CompressqError propagates instead of becoming one line and exit code 2.
     from typer.testing import CliRunner
 
     result = CliRunner().invoke(cli.app, ["--debug", "inspect", str(tmp_path / "absent.onnx")])
-    assert isinstance(result.exception, ModelError)
-    assert "error:" not in result.stderr
+    assert result.exit_code == 2
+    assert "Traceback" in result.stderr and "ModelError" in result.stderr
+
+
+@pytest.mark.parametrize("debug", [False, True])
+def test_debug_keeps_internal_error_code(run_cli, cnn_path, monkeypatch, debug):
+    import compressq.commands.inspect as inspect_command
+
+    def broken(*args, **kwargs):
+        raise KeyError("boom")
+
+    monkeypatch.setattr(inspect_command, "summarize", broken)
+    result = run_cli(*(["--debug"] if debug else []), "inspect", cnn_path)
+    assert result.exit_code == 3
+    assert ("Traceback" in result.stderr) == debug
 
 
 @pytest.mark.parametrize("debug_first", [True, False])
@@ -145,7 +162,7 @@ def test_debug_shows_traceback(tmp_path, debug_first):
     target = tmp_path / "absent.onnx"
     args = ["--debug", "inspect", target] if debug_first else ["inspect", target, "--debug"]
     result = run_module(*args)
-    assert result.returncode != 0
+    assert result.returncode == 2
     assert "Traceback" in result.stderr
     assert "ModelError" in result.stderr and "not found" in result.stderr
 
