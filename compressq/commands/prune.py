@@ -60,12 +60,12 @@ def prune(
     if dataset is not None:
         for note in dataset.notes:
             render.stderr.print(f"[dim]note: {escape(note)}[/]")
-    else:
+    with _progress_bar(as_json) as advance:
+        result = prune_model(source, config, dataset, progress=advance)
+    if dataset is None:
         render.stderr.print("[yellow]warning:[/] no --calibration-data: weights are not refit and the accuracy "
                             "cost is unmeasured; pass --calibration-data DATA to refit, then check with "
                             "compressq report --data DATA", highlight=False)
-    with _progress_bar(as_json) as advance:
-        result = prune_model(source, config, dataset, progress=advance)
     stamp(result.model, "prune", config.settings())
     save_model(result.model, target, protect=[model])
     report = {"input": str(model), "output": str(target), "input_bytes": file_size(model),

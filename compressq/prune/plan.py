@@ -7,12 +7,14 @@ default: they are the most sensitive), or when they hold fewer parameters than `
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 
 import numpy as np
 import onnx
 
+from compressq.errors import UsageError
 from compressq.graph import GraphIndex, node_attributes
 from compressq.prune.config import PruneConfig
 
@@ -72,6 +74,7 @@ def weight_axes(node: onnx.NodeProto, weight_rank: int) -> tuple[int, int] | Non
 def plan_pruning(model: onnx.ModelProto, config: PruneConfig) -> PrunePlan:
     """Every weighted layer, sorted into pruned and dense (with the reason), in graph order."""
     index = GraphIndex(model.graph)
+    _check_exclude(model.graph, config.exclude)
     candidates: list[WeightedLayer] = []
     dense: list[DenseLayer] = []
     for node in model.graph.node:
@@ -110,6 +113,18 @@ def _weighted_layer(node: onnx.NodeProto, index: GraphIndex) -> WeightedLayer | 
     if axes is None:
         return "weight is 1-D"
     return WeightedLayer(node.name, node.op_type, weight_name, tuple(tensor.dims), *axes)
+
+
+def _check_exclude(graph: onnx.GraphProto, patterns: tuple[str, ...]) -> None:
+    """A pattern that matches no node name, op type or weight name is an error naming the closest names."""
+    texts = sorted({text for node in graph.node for text in (node.name, node.op_type, *node.input[1:2]) if text})
+    for pattern in patterns:
+        if any(fnmatchcase(text, pattern) for text in texts):
+            continue
+        close = difflib.get_close_matches(pattern, texts, n=5, cutoff=0.5)
+        hint = ("closest: " + ", ".join(close)) if close else "see the layer names with compressq inspect MODEL --json"
+        raise UsageError(f"--exclude '{pattern}' matches no node name, op type or weight name",
+                         hint=hint + "; patterns are globs, e.g. '/classifier/*' or Gemm")
 
 
 def _dense_reason(layer: WeightedLayer, position: int, count: int, config: PruneConfig) -> str | None:

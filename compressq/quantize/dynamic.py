@@ -15,7 +15,7 @@ from onnx import helper, numpy_helper
 
 from compressq.graph import GraphIndex, NameGenerator, node_attributes, remove_unused, toposort
 from compressq.quantize import scheme
-from compressq.quantize.plan import Skipped, matches
+from compressq.quantize.plan import Skipped, check_exclude, matches
 
 MICROSOFT_DOMAIN = "com.microsoft"
 
@@ -31,6 +31,7 @@ def quantize_dynamic(model: onnx.ModelProto, exclude: tuple[str, ...] = (), per_
     result = onnx.ModelProto()
     result.CopyFrom(model)
     graph = result.graph
+    check_exclude(graph, exclude)
     index = GraphIndex(graph)
     names = NameGenerator(graph)
     outcome = DynamicResult(result)

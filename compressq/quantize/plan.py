@@ -12,15 +12,22 @@ The plan aims at graphs that onnxruntime's QDQ fusion turns into integer kernels
 
 from __future__ import annotations
 
+import difflib
 import fnmatch
 from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
 
+from compressq.errors import UsageError
 from compressq.graph import GraphIndex, node_attributes
 
 COMPUTE_OPS = ("Conv", "Gemm", "MatMul")
+ALREADY_INT8 = "already int8"  # how a skip reason starts when the node is quantized already (not float)
+INTEGER_OPS = frozenset({  # quantized already: reported as such, left as they are
+    "QLinearConv", "QLinearMatMul", "QGemm", "ConvInteger", "MatMulInteger", "MatMulIntegerToFloat",
+    "DynamicQuantizeMatMul", "MatMulNBits",
+})
 SHARED_SCALE_OPS = frozenset({
     "MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Identity", "Resize",
     "SpaceToDepth", "DepthToSpace",
@@ -95,6 +102,20 @@ def matches(node: onnx.NodeProto, patterns: tuple[str, ...]) -> bool:
     return any(fnmatch.fnmatchcase(node.name, p) or fnmatch.fnmatchcase(node.op_type, p) for p in patterns)
 
 
+def check_exclude(graph: onnx.GraphProto, patterns: tuple[str, ...] | list[str]) -> None:
+    """An --exclude pattern that matches no node name or op type is a typo, not a no-op: say so, with the
+    node names closest to it."""
+    names = [node.name for node in graph.node]
+    op_types = sorted({node.op_type for node in graph.node})
+    for pattern in patterns:
+        if any(fnmatch.fnmatchcase(text, pattern) for text in (*names, *op_types)):
+            continue
+        close = difflib.get_close_matches(pattern, names + op_types, n=5, cutoff=0.5)
+        hint = ("closest: " + ", ".join(close)) if close else "see the node names with compressq inspect MODEL --json"
+        raise UsageError(f"--exclude '{pattern}' matches no node name or op type",
+                         hint=hint + "; patterns are globs, e.g. '/classifier/*' or Gemm")
+
+
 def build_plan(
     model: onnx.ModelProto,
     *,
@@ -107,9 +128,13 @@ def build_plan(
     graph = model.graph
     index = GraphIndex(graph)
     keep_float = keep_float or {}
+    check_exclude(graph, exclude)
     plan = QuantPlan()
     already_quantized = _nodes_touching_qdq(index)
     for node in graph.node:
+        if node.op_type in INTEGER_OPS:
+            bits = "4-bit weights, " if node.op_type == "MatMulNBits" and node_attributes(node).get("bits") == 4 else ""
+            plan.skipped.append(Skipped(node.name, node.op_type, f"{ALREADY_INT8} ({bits}{node.op_type} kept as is)"))
         if node.op_type not in COMPUTE_OPS:
             continue
         reason = _why_float(node, index, exclude, keep_float, already_quantized, quantize_depthwise)
@@ -139,7 +164,7 @@ def _why_float(node, index: GraphIndex, exclude, keep_float, already_quantized, 
     if matches(node, exclude):
         return "excluded by --exclude"
     if node.name in already_quantized:
-        return "already quantized (existing QuantizeLinear/DequantizeLinear kept as is)"
+        return ALREADY_INT8 + " (existing QuantizeLinear/DequantizeLinear kept as is)"
     if len(node.input) < 2 or not index.is_constant(node.input[1]):
         return "weight is not a constant (activation x activation products stay float)"
     weight = index.initializers.get(node.input[1])

@@ -35,7 +35,7 @@ from onnx import helper, numpy_helper
 
 from compressq.errors import DataError, UsageError
 from compressq.graph import GraphIndex, NameGenerator, node_attributes, remove_unused, toposort
-from compressq.quantize.plan import matches
+from compressq.quantize.plan import check_exclude, matches
 
 MS_DOMAIN = "com.microsoft"
 SUPPORTED_BITS = (4, 8)
@@ -224,6 +224,7 @@ def quantize_weights_only(
     graph = result.graph
     index = GraphIndex(graph)
     summary = WeightOnlySummary(bits, block_size, symmetric)
+    check_exclude(graph, tuple(exclude))
     candidates = _candidates(graph, index, exclude, summary.skipped)
     samples = _calibration_samples(calibration or {}, candidates, _matmul_inputs(graph))
     names = NameGenerator(graph)
