@@ -125,7 +125,7 @@ def run(table: Table) -> None:
             continue
         distinct = len(set(digests))
         independent = _independent_speedup(model, WORK / f"{name}.run0.onnx", feeds)
-        agreement = printed[0] / independent
+        agreement = max(printed, key=lambda p: abs(p / independent - 1.0)) / independent
         seconds = time.perf_counter() - started
         label = f"{name} ({RUNS_PER_MODEL} quantize runs, every core busy with a CPU hog, {seconds:.0f} s)"
         table.add(SECTION, f"{label}: distinct output files", distinct, None, "== 1 (byte-identical)",
@@ -133,6 +133,6 @@ def run(table: Table) -> None:
         table.add(SECTION, f"{name}: speedup of the output vs fp32, thread CPU time, 1 thread, batch 1 "
                   f"(independent, {INDEPENDENT_RUNS} runs on other inputs)", round(independent, 3), None,
                   ">= 1.0 (2 % noise band)", independent >= 0.98)
-        table.add(SECTION, f"{name}: printed speedup / independent measurement (printed "
+        table.add(SECTION, f"{name}: printed speedup / independent measurement, the farthest of the runs (printed "
                   f"{', '.join(f'{p:.2f}x' for p in printed)})", round(agreement, 3), None, "within 10 %",
                   abs(agreement - 1.0) <= 0.10)

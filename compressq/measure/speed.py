@@ -43,8 +43,8 @@ CONVINCING = 1.0 + CLOSE_CALL
 class SpeedMeasurement:
     """baseline cost / candidate cost, measured as `clock_name` says."""
 
-    ratio: float
-    ratio_q1: float          # interquartile range of the per-turn paired ratios
+    ratio: float             # median of the per-turn paired ratios
+    ratio_q1: float          # and their interquartile range
     ratio_q3: float
     baseline_ms: float       # medians, in the clock's milliseconds
     candidate_ms: float
@@ -73,10 +73,10 @@ def decision_clock(threads: int, provider: str = "cpu") -> tuple[Clock, str]:
 
 def speed_from_stats(baseline: LatencyStats, candidate: LatencyStats, threads: int, batch: int, clock_name: str,
                      ) -> SpeedMeasurement:
-    ratio = baseline.median_ms / candidate.median_ms if candidate.median_ms > 0 else float("inf")
+    """The ratio is the median of the per-turn ratios: a burst that slows one turn slows both runs in it."""
     paired = np.asarray(baseline.samples_ms) / np.maximum(np.asarray(candidate.samples_ms), 1e-9)
-    q1, q3 = np.percentile(paired, [25, 75])
-    return SpeedMeasurement(float(ratio), float(q1), float(q3), baseline.median_ms, candidate.median_ms,
+    q1, median, q3 = np.percentile(paired, [25, 50, 75])
+    return SpeedMeasurement(float(median), float(q1), float(q3), baseline.median_ms, candidate.median_ms,
                             len(baseline.samples_ms), threads, batch, clock_name)
 
 
