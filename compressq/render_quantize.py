@@ -9,7 +9,7 @@ from rich.table import Table
 
 from compressq.quantize.api import QuantizeSummary
 from compressq.quantize.plan import ALREADY_INT8
-from compressq.render import human_bytes, shown, stderr, stdout
+from compressq.render import human_bytes, printable, stderr, stdout
 
 FLOAT_ROWS_SHOWN = 20
 ACCURACY_WARNING_AGREEMENT = 0.99
@@ -21,7 +21,7 @@ def render_quantize_summary(summary: QuantizeSummary, output: Path, input_bytes:
     already = [n for n in summary.float_nodes if n["reason"].startswith(ALREADY_INT8)]
     float_nodes = [n for n in summary.float_nodes if not n["reason"].startswith(ALREADY_INT8)]
     method = f", {summary.method} calibration on {summary.calibration_samples} samples" if summary.method else ""
-    stdout.print(f"[bold]{shown(output)}[/]: {summary.mode} int{summary.weight_bits}{method}, "
+    stdout.print(f"[bold]{escape(printable(output))}[/]: {summary.mode} int{summary.weight_bits}{method}, "
                  f"{len(summary.quantized_nodes)} nodes quantized, {len(float_nodes)} kept float, "
                  + (f"{len(already)} already int8, " if already else "") +
                  f"{summary.seconds:.1f} s", highlight=False)
@@ -38,7 +38,7 @@ def render_quantize_summary(summary: QuantizeSummary, output: Path, input_bytes:
     for step in summary.speed_steps:
         stdout.print(f"  speed fallback: {escape(step)}", highlight=False)
     for tensor, why in summary.non_finite_tensors.items():
-        stdout.print(f"  kept float: tensor '{shown(tensor)}' has {why}", highlight=False)
+        stdout.print(f"  kept float: tensor '{escape(printable(tensor))}' has {why}", highlight=False)
     if float_nodes:
         stdout.print(_float_table(float_nodes))
     if already:
@@ -73,7 +73,7 @@ def _float_table(float_nodes: list[dict]) -> Table:
     for column in ("node", "op", "why"):
         table.add_column(column, overflow="fold")
     for entry in shown:
-        table.add_row(shown(entry["node"]), entry["op_type"], shown(entry["reason"]))
+        table.add_row(escape(printable(entry["node"])), entry["op_type"], escape(printable(entry["reason"])))
     return table
 
 

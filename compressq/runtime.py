@@ -80,9 +80,17 @@ def create_session(model: onnx.ModelProto | str | os.PathLike, provider: str = "
         model_io.refuse_external_references(model)
     else:
         model = model_io.check_model_file(model)
+    staged = isinstance(model, onnx.ModelProto) and model.ByteSize() > model_io.EXTERNAL_DATA_THRESHOLD
+    if optimized_path and (staged or not isinstance(model, onnx.ModelProto)):
+        # Weights read from a .data file would otherwise stay references to it in the optimized model, and
+        # that file may be a temporary one (or in another folder): write them next to the optimized model.
+        options.add_session_config_entry("session.optimized_model_external_initializers_file_name",
+                                         Path(optimized_path).name + ".data")
+        options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes",
+                                         str(model_io.EXTERNAL_TENSOR_BYTES))
     try:
         if isinstance(model, onnx.ModelProto):
-            if model.ByteSize() > model_io.EXTERNAL_DATA_THRESHOLD:
+            if staged:
                 return _session_via_disk(model, options, providers)
             return ort.InferenceSession(model.SerializeToString(), options, providers=providers)
         return ort.InferenceSession(str(model), options, providers=providers)

@@ -12,6 +12,7 @@ from compressq import render
 from compressq.errors import EXIT_GATE_FAILED, OutputError, UsageError
 from compressq.evaluate.render import print_table, render_text, table_console, write_atomically
 from compressq.evaluate.report import GateLimits, Report, ReportConfig, StartTask, build_report, verdict
+from compressq.io import check_output_path
 
 
 class ReportFormat(str, Enum):
@@ -46,7 +47,7 @@ def report(
                                            "verdicts score it (repeatable) [default: class scores, labels, boxes "
                                            "and detector heads, else the other outputs; see docs/report.md]."),
     output: Path = typer.Option(None, "--output", "-o", help="Write the report to this file (atomically) "
-                                "instead of stdout."),
+                                "instead of stdout ('-': stdout)."),
     max_accuracy_drop: float = typer.Option(None, "--max-accuracy-drop", help="Gate: top-1 accuracy may drop by "
                                             "at most this many points (needs labels)."),
     min_agreement: float = typer.Option(None, "--min-agreement", help="Gate: share of samples (0-1) whose "
@@ -72,8 +73,11 @@ def report(
         gates=GateLimits(max_accuracy_drop, min_agreement, min_cosine, min_speedup, max_size_ratio),
         task_outputs=tuple(task_outputs),
     )
-    if output is not None:
+    if output is not None and str(output) == "-":
+        output = None
+    if output is not None:  # devices, pipes and directories are refused; a symlink is written through
         _refuse_to_replace_models(output, config)
+        output = check_output_path(output)
     with _progress_bars() as start_task:
         result = build_report(config, start_task)
     _emit(result, output_format.value, output)
