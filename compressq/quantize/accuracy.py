@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import onnx
@@ -27,9 +27,11 @@ from compressq.measure.task import (
     worst_cosine,
     worst_sqnr,
 )
+from compressq.quantize.recovery import NodeError, SearchStep, node_errors, smallest_count
 from compressq.runtime import create_session
 
 EVAL_BATCH = 64
+RECOVERY_SAMPLES = 64  # calibration samples the one-pass error measurement reads
 
 
 @dataclass(frozen=True)
@@ -198,6 +200,8 @@ class AccuracyFallback:
     progress: Callable[[str, int, int], None] | None = None
     final_figures: Figures | None = None
     returned_to_float: list[str] | None = None
+    node_errors: list[NodeError] = field(default_factory=list)  # own error per node, worst first (bisect)
+    search: list[SearchStep] = field(default_factory=list)      # every candidate the search measured
 
     def enforce(self, quantizer, current, steps: list[str]):
         self.target.check(self.probe)
@@ -205,15 +209,10 @@ class AccuracyFallback:
         steps.append(f"accuracy before fallback: {self.target.describe(figures)}")
         self.returned_to_float = []
         if not self.target.met(figures):
-            ranking = node_sensitivity(quantizer, self.probe, current.keep_float, self.progress)
-            for entry in ranking:
-                reason = f"returned to float to meet the accuracy target (sensitivity rank " \
-                         f"{len(self.returned_to_float) + 1})"
-                current = quantizer.fused_attempt({**current.keep_float, entry.node: reason})
-                self.returned_to_float.append(entry.node)
-                figures = self.probe.measure(current.model)
-                if self.target.met(figures) or not current.plan.compute:
-                    break
+            if quantizer.config.recovery == "one-by-one":
+                current, figures = self._one_by_one(quantizer, current, figures)
+            else:
+                current, figures = self._bisect(quantizer, current)
         self.final_figures = figures
         steps.append(f"accuracy after fallback ({len(self.returned_to_float)} nodes back to float): "
                      f"{self.target.describe(figures)}")
@@ -228,3 +227,45 @@ class AccuracyFallback:
                                    f"({current.speedup:.2f}x with {len(self.returned_to_float)} nodes back in float)",
                                    hint="quantization does not pay off for this model at this accuracy target")
         return current
+
+    def _one_by_one(self, quantizer, current, figures: Figures):
+        """Each node quantized alone and measured (one model per node), then returned to float worst first."""
+        ranking = node_sensitivity(quantizer, self.probe, current.keep_float, self.progress)
+        for entry in ranking:
+            reason = f"returned to float to meet the accuracy target (sensitivity rank " \
+                     f"{len(self.returned_to_float) + 1})"
+            current = quantizer.fused_attempt({**current.keep_float, entry.node: reason})
+            self.returned_to_float.append(entry.node)
+            figures = self.probe.measure(current.model)
+            if self.target.met(figures) or not current.plan.compute:
+                break
+        return current, figures
+
+    def _bisect(self, quantizer, current):
+        """Own error of every node from one pass, then the fewest worst nodes in float that meet the target."""
+        samples = min(quantizer.config.samples or RECOVERY_SAMPLES, RECOVERY_SAMPLES)
+        errors = node_errors(quantizer.prepared, current.plan, quantizer.ranges, quantizer.dataset,
+                             signed=quantizer.signed, per_channel=quantizer.config.per_channel,
+                             batch_size=quantizer.config.batch_size, samples=samples)
+        self.node_errors = errors
+        order = [error.node for error in errors]
+        measured: dict[int, tuple] = {}
+
+        expected = max(1, math.ceil(math.log2(max(len(order), 2))))
+
+        def enough(count: int) -> bool:
+            reasons = {node: f"returned to float to meet the accuracy target (own error rank {rank}, "
+                             f"{errors[rank - 1].sqnr_db:.1f} dB)" for rank, node in enumerate(order[:count], 1)}
+            attempt = quantizer.fused_attempt({**current.keep_float, **reasons})
+            figures = self.probe.measure(attempt.model)
+            measured[count] = (attempt, figures)
+            self.search.append(SearchStep(count, self.target.met(figures), figures.to_dict()))
+            if self.progress:
+                self.progress("searching nodes to return to float", len(self.search), expected)
+            return self.target.met(figures)
+
+        count = smallest_count(enough, len(order))
+        if count not in measured:
+            enough(count)
+        self.returned_to_float = order[:count]
+        return measured[count]

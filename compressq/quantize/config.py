@@ -10,6 +10,7 @@ from compressq.errors import UsageError
 MODES = ("static", "dynamic", "weight-only")
 METHODS = ("minmax", "percentile", "entropy", "mse")
 ACTIVATION_TYPES = ("uint8", "int8")
+RECOVERY_SEARCHES = ("bisect", "one-by-one")
 
 
 @dataclass(frozen=True)
@@ -36,11 +37,13 @@ class QuantizeConfig:
     block_size: int = 32              # weight-only mode
     task_outputs: tuple[str, ...] = ()  # outputs that carry the task (empty: chosen by measure.task's rule)
     accuracy_check: bool = True       # measure what int8 cost against fp32 after quantizing
+    recovery: str = "bisect"          # accuracy target search: bisect (one-pass errors) | one-by-one
 
     def __post_init__(self) -> None:
         _one_of("--mode", self.mode, MODES)
         _one_of("--method", self.method, METHODS)
         _one_of("--activations", self.activations, ACTIVATION_TYPES)
+        _one_of("--recovery", self.recovery, RECOVERY_SEARCHES)
         _finite_in("--percentile", self.percentile, 0.0, 100.0, low_open=True)
         _finite_in("--max-drop", self.max_drop, 0.0, 100.0)
         _finite_in("--min-agreement", self.min_agreement, 0.0, 1.0)

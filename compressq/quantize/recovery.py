@@ -1,0 +1,223 @@
+"""A recovery search that scales: every node's own quantization error from one pass, then a bisection.
+
+One pass: a copy of the float graph gets, next to every node the plan quantizes, a twin that reads the
+fp32 inputs through the plan's QuantizeLinear/DequantizeLinear (weights rounded as the rewrite rounds
+them, constants as the rewrite quantizes them) and writes the quantized output (absorbed Relu included).
+One session exposes both the fp32 output and the twin's, so each node's *own* error (its output noise
+with exact inputs) is measured for every node at once, streaming: noise and signal power are summed per
+node, batch by batch, nothing is kept.
+
+The search: nodes sorted worst first (lowest SQNR); the accuracy target is monotone enough in "how many of
+the worst nodes go back to float" that a bisection over that count finds the smallest one that meets the
+target in O(log n) evaluations of the candidate, instead of one model per node.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from compressq.calibration import TensorRange
+from compressq.data import Dataset
+from compressq.graph import GraphIndex, NameGenerator, toposort
+from compressq.quantize import scheme
+from compressq.quantize.plan import QuantPlan
+from compressq.runtime import create_session, with_outputs
+
+TWIN_SUFFIX = "_cq_twin"
+# Noise power of an all-zero reference with all-zero twin: no error. Of a zero reference with noise: worst.
+_EMPTY = 0.0
+
+
+@dataclass(frozen=True)
+class NodeError:
+    """A node's own quantization error: its output with fp32 inputs, quantized as the plan says, vs fp32."""
+
+    node: str
+    op_type: str
+    tensor: str           # the fp32 tensor compared (after an absorbed Relu)
+    noise_ratio: float    # sum((twin - fp32)^2) / sum(fp32^2) over the samples
+
+    @property
+    def sqnr_db(self) -> float:
+        if self.noise_ratio <= 0:
+            return math.inf
+        return -10.0 * math.log10(self.noise_ratio)
+
+    def to_dict(self) -> dict:
+        sqnr = self.sqnr_db
+        return {"node": self.node, "op_type": self.op_type, "tensor": self.tensor,
+                "sqnr_db": None if math.isinf(sqnr) else round(sqnr, 2)}
+
+
+@dataclass
+class _Twin:
+    node: str
+    op_type: str
+    reference: str
+    twin: str
+
+
+class _TwinBuilder:
+    """Adds the quantized twins to a copy of the float graph (the rewrite's arithmetic, fp32 inputs)."""
+
+    def __init__(self, model: onnx.ModelProto, plan: QuantPlan, ranges: dict[str, TensorRange], signed: bool,
+                 per_channel: bool):
+        self.model = onnx.ModelProto()
+        self.model.CopyFrom(model)
+        self.graph = self.model.graph
+        self.plan, self.ranges, self.signed, self.per_channel = plan, ranges, signed, per_channel
+        self.index = GraphIndex(self.graph)
+        self.names = NameGenerator(self.graph)
+        self.nodes = {n.name: n for n in self.graph.node}
+        self.fake_quantized: dict[str, str] = {}
+        self.new_nodes: list[onnx.NodeProto] = []
+        self.twins: list[_Twin] = []
+
+    def build(self) -> tuple[onnx.ModelProto, list[_Twin]]:
+        for name, compute in self.plan.compute.items():
+            node = self.nodes[name]
+            inputs = list(node.input)
+            inputs[0] = self._qdq(compute.activation)
+            inputs[1] = self._weight(compute.weight, compute.weight_axis)
+            self._twin(node, inputs)
+        for node in self.graph.node:
+            if node.name in self.plan.own_scale_nodes:
+                self._twin(node, [self._operand(i) for i in node.input])
+        self.graph.node.extend(self.new_nodes)
+        toposort(self.graph)
+        return self.model, self.twins
+
+    def _twin(self, node: onnx.NodeProto, inputs: list[str]) -> None:
+        output = node.output[0]
+        copy = self._copy(node, inputs, self.names(f"{output}{TWIN_SUFFIX}"))
+        final, twin = output, copy.output[0]
+        absorbed = self.plan.absorbed.get(output)
+        if absorbed is not None:
+            activation = self.nodes[absorbed.node]
+            activation_inputs = [twin if i == output else i for i in activation.input]
+            twin = self._copy(activation, activation_inputs, self.names(f"{absorbed.output}{TWIN_SUFFIX}")).output[0]
+            final = absorbed.output
+        if final in self.plan.quantized_tensors:
+            twin = self._qdq(final, source=twin)
+        self.twins.append(_Twin(node.name, node.op_type, final, twin))
+
+    def _copy(self, node: onnx.NodeProto, inputs: list[str], output: str) -> onnx.NodeProto:
+        copy = onnx.NodeProto()
+        copy.CopyFrom(node)
+        copy.name = self.names(f"{node.name}{TWIN_SUFFIX}")
+        del copy.input[:]
+        copy.input.extend(inputs)
+        del copy.output[:]
+        copy.output.extend([output] + [""] * (len(node.output) - 1))
+        self.new_nodes.append(copy)
+        return copy
+
+    def _operand(self, name: str) -> str:
+        if not name:
+            return name
+        value = self.index.constant(name)
+        if value is not None:
+            if value.dtype != np.float32:
+                return name
+            params = scheme.activation_params(float(value.min()), float(value.max()), self.signed)
+            return self._constant(name, scheme.dequantize(scheme.quantize(value, params), params))
+        return self._qdq(name) if name in self.plan.quantized_tensors else name
+
+    def _weight(self, name: str, axis: int | None) -> str:
+        weight = self.index.constant(name)
+        params = scheme.weight_params(weight, axis if self.per_channel else None)
+        return self._constant(name, scheme.dequantize(scheme.quantize(weight, params), params))
+
+    def _constant(self, name: str, values: np.ndarray) -> str:
+        if name not in self.fake_quantized:
+            new_name = self.names(f"{name}{TWIN_SUFFIX}")
+            self.graph.initializer.append(numpy_helper.from_array(values.astype(np.float32), new_name))
+            self.fake_quantized[name] = new_name
+        return self.fake_quantized[name]
+
+    def _qdq(self, tensor: str, source: str | None = None) -> str:
+        """QuantizeLinear -> DequantizeLinear of `source` (default: `tensor`) with `tensor`'s parameters."""
+        source = source or tensor
+        key = f"qdq:{source}"
+        if key in self.fake_quantized:
+            return self.fake_quantized[key]
+        tensor_range = self.ranges[self.plan.param_source.get(tensor, tensor)]
+        params = scheme.activation_params(tensor_range.low, tensor_range.high, self.signed)
+        scale, zero = self.names(f"{tensor}_scale{TWIN_SUFFIX}"), self.names(f"{tensor}_zero{TWIN_SUFFIX}")
+        self.graph.initializer.extend([numpy_helper.from_array(params.scale, scale),
+                                       numpy_helper.from_array(params.zero_point, zero)])
+        quantized, output = self.names(f"{source}_q{TWIN_SUFFIX}"), self.names(f"{source}_dq{TWIN_SUFFIX}")
+        self.new_nodes += [helper.make_node("QuantizeLinear", [source, scale, zero], [quantized],
+                                            name=self.names(f"{source}_Q{TWIN_SUFFIX}")),
+                           helper.make_node("DequantizeLinear", [quantized, scale, zero], [output],
+                                            name=self.names(f"{source}_DQ{TWIN_SUFFIX}"))]
+        self.fake_quantized[key] = output
+        return output
+
+
+def twin_model(model: onnx.ModelProto, plan: QuantPlan, ranges: dict[str, TensorRange], *, signed: bool = False,
+               per_channel: bool = True) -> tuple[onnx.ModelProto, list[_Twin]]:
+    """The float graph plus one quantized twin per planned node; `model` is not modified."""
+    return _TwinBuilder(model, plan, ranges, signed, per_channel).build()
+
+
+def node_errors(model: onnx.ModelProto, plan: QuantPlan, ranges: dict[str, TensorRange], dataset: Dataset, *,
+                signed: bool = False, per_channel: bool = True, batch_size: int = 8, samples: int | None = None,
+                progress: Callable[[int], None] | None = None) -> list[NodeError]:
+    """Each planned node's own error on `dataset`, measured for all nodes in one pass; worst first."""
+    combined, twins = twin_model(model, plan, ranges, signed=signed, per_channel=per_channel)
+    if not twins:
+        return []
+    names = sorted({name for twin in twins for name in (twin.reference, twin.twin)})
+    session = create_session(with_outputs(combined, names))
+    noise = {twin.node: 0.0 for twin in twins}
+    signal = dict(noise)
+    for feed in dataset.batches(batch_size, samples):
+        values = dict(zip(names, session.run(names, feed)))
+        for twin in twins:
+            reference = values[twin.reference].astype(np.float64)
+            noise[twin.node] += float(np.sum((values[twin.twin] - reference) ** 2))
+            signal[twin.node] += float(np.sum(reference ** 2))
+        if progress:
+            progress(next(iter(feed.values())).shape[0])
+    errors = [NodeError(t.node, t.op_type, t.reference, _ratio(noise[t.node], signal[t.node])) for t in twins]
+    return sorted(errors, key=lambda e: -e.noise_ratio)
+
+
+def _ratio(noise: float, signal: float) -> float:
+    if noise == 0:
+        return _EMPTY
+    return noise / signal if signal > 0 else math.inf
+
+
+@dataclass
+class SearchStep:
+    """One candidate the search measured: the `count` worst nodes in float."""
+
+    count: int
+    met: bool
+    figures: dict
+
+    def to_dict(self) -> dict:
+        return {"nodes_in_float": self.count, "met": self.met, "figures": self.figures}
+
+
+def smallest_count(meets: Callable[[int], bool], total: int) -> int:
+    """The smallest k in [1, total] with meets(k), given that 0 fails and `total` meets (not called).
+
+    Bisection: O(log total) calls. Where `meets` is not monotone, the k returned meets the target and
+    k - 1 does not (or k - 1 is 0)."""
+    low, high = 1, total
+    while low < high:
+        middle = (low + high) // 2
+        if meets(middle):
+            high = middle
+        else:
+            low = middle + 1
+    return high
