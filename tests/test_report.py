@@ -151,7 +151,8 @@ def test_schema_keys_are_stable(scaled_json):
                                             "slices"}
     assert set(candidate["per_layer"][0]) == {"tensor", "op_type", "candidate_tensor", "cosine", "sqnr_db",
                                               "max_abs_error"}
-    assert set(candidate["speedup"][0]) == {"provider", "ratio", "ratio_q1", "ratio_q3"}
+    assert set(candidate["speedup"][0]) == {"provider", "ratio", "ratio_q1", "ratio_q3", "work_ratio",
+                                            "work_measured_with"}
     assert set(report["gates"][0]) == {"gate", "candidate", "measured", "limit", "passed", "on"}
 
 

@@ -401,3 +401,18 @@ def test_the_self_check_keeps_samples_within_its_memory_budget(monkeypatch):
     _fake_speed(monkeypatch, _always_faster)
     result = quantize_model(model, data, QuantizeConfig(samples=64))
     assert result.summary.accuracy_data.startswith("calibration data (20 samples")
+
+
+def test_report_speed_gate_decides_on_work_not_wall_clock(run_cli, monkeypatch):
+    import compressq.evaluate.report as report
+
+    def slower_by_work(baseline, candidate, feeds, provider="cpu", threads=1, runs=None):
+        return SpeedMeasurement(0.5, 0.5, 0.5, 1.0, 2.0, runs or RUNS, threads, 1, "fake work clock")
+
+    monkeypatch.setattr(report, "measure_speedup", slower_by_work)
+    same = SAMPLES / "digits_cnn.onnx"
+    result = run_cli("report", same, same, "--data", SAMPLES / "digits_eval.npz", "--min-speedup", "0.9", "--runs", "3",
+                     "--json")
+    assert result.exit_code == 1
+    gate = next(g for g in json.loads(result.stdout)["gates"] if g["gate"] == "min-speedup")
+    assert gate["measured"] == 0.5 and "fake work clock" in gate["on"]

@@ -208,14 +208,20 @@ def _latency_section(report: Report) -> Section:
             result = next(r for r in model.latency if r.provider == provider)
             gain = speedups.get((model.name, provider))
             gain_text = f"{ratio(gain.ratio)} (IQR {gain.ratio_q1:.2f}-{gain.ratio_q3:.2f})" if gain else "baseline"
+            work_text = ratio(gain.work_ratio) if gain and gain.work_ratio is not None else "baseline" if not gain \
+                else "n/a"
             rows.append([provider, model.name, str(result.batch_size), milliseconds(result.median_ms),
-                         milliseconds(result.p90_ms), f"{result.throughput_per_s:,.0f}", gain_text])
+                         milliseconds(result.p90_ms), f"{result.throughput_per_s:,.0f}", gain_text, work_text])
     settings = report.settings
+    how = next((s.work_measured_with for s in speedups.values() if s.work_measured_with), None)
     note = (f"{settings['runs']} interleaved runs after {settings['warmup']} warm-up runs, "
             f"{settings['threads'] or 'default'} thread(s)"
-            + ("; speedup = baseline median / candidate median, IQR of the per-turn ratios." if speedups else "."))
-    return Section("Latency", ["provider", "model", "batch", "median ms", "p90 ms", "samples/s", "speedup"],
-                   rows, note)
+            + ("; speedup = baseline median / candidate median (wall clock), IQR of the per-turn ratios"
+               if speedups else "")
+            + (f"; work speedup ({how}) is what --min-speedup decides on: the neighbours cannot change it."
+               if how else "."))
+    return Section("Latency", ["provider", "model", "batch", "median ms", "p90 ms", "samples/s", "speedup",
+                               "work speedup"], rows, note)
 
 
 def _gates_section(report: Report) -> Section:
