@@ -166,4 +166,4 @@ def main() -> None:
     if "--debug" in sys.argv[2:]:
         sys.argv.remove("--debug")
         _debug["on"] = True
-    app()
+    app(prog_name="compressq")

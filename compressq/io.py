@@ -427,6 +427,11 @@ def check_output_path(path: str | os.PathLike, protect: Iterable[str | os.PathLi
         if not overwrite:
             raise OutputError(f"{target} already exists", hint="pass another -o path or remove the file")
     written = target.resolve() if target.is_symlink() else target
+    absolute = Path(os.path.abspath(target))
+    if any(Path(root) in (absolute, *absolute.parents, written, *written.parents) for root in ("/dev", "/proc")):
+        # /dev/stdout and /proc/self/fd/N name whatever this process has open: never renamed over
+        raise OutputError(f"{target} is a device or process file; refused, it is never replaced",
+                          hint="pass a file path such as model.int8.onnx")
     if not written.parent.exists():
         raise OutputError(f"output folder {written.parent} does not exist", hint="create it first")
     if not written.parent.is_dir():
