@@ -13,7 +13,7 @@ Cost, which is what makes refit usable on real models:
   * one Gram matrix X^T X per layer (per group of a grouped Conv), shared by all output channels, streamed
     batch by batch, so memory depends on the layer's size, never on the number of samples;
   * rows (samples x output positions) are subsampled to a budget per layer (`rows_per_feature` x the number
-    of weights per output channel, at least `min_rows`), spread over at least `spread` times as many samples
+    of weights per output channel, within [`min_rows`, `max_rows`]), spread over at least `spread` times as many samples
     as the budget strictly needs; once those samples are seen the layer stops reading data, so a layer with
     many positions per sample runs the model on a few batches, not on every calibration sample;
   * each run executes only the part of the graph the layer needs (the prefix up to its input in the pruned
@@ -63,13 +63,14 @@ class RefitSettings:
     batch_size: int = 32
     ridge: float = 0.01  # relative to the mean diagonal of X^T X
     seed: int = 0
-    rows_per_feature: int = 32  # row budget per layer: this many rows per weight of an output channel ...
-    min_rows: int = 16384  # ... and at least this many (small layers see every row they have)
+    rows_per_feature: int = 8  # row budget per layer: this many rows per weight of an output channel ...
+    min_rows: int = 16384  # ... at least this many (small layers see every row they have) ...
+    max_rows: int = 32768  # ... and at most this many (the Gram matrix costs rows x features^2)
     spread: int = 4  # rows come from at least `spread` x (budget / rows per sample) samples
     solve_bytes: int = 64 << 20  # memory for one chunk of padded systems
 
     def row_budget(self, features: int) -> int:
-        return max(self.min_rows, self.rows_per_feature * features)
+        return max(self.min_rows, min(self.max_rows, self.rows_per_feature * features))
 
 
 class NotRefittable(Exception):
