@@ -16,7 +16,10 @@ import onnx
 from compressq.data import Dataset
 from compressq.runtime import create_session, with_outputs
 
-METHODS = ("minmax", "percentile", "entropy", "mse")
+METHODS = ("minmax", "percentile", "entropy", "mse", "auto")
+# What `--method auto` chooses among, per tensor (compressq.quantize.range_search picks by the error caused).
+# Entropy is not a candidate: on PP-OCRv4 rec it clipped so hard that no decoded line survived (0 % vs 22 %).
+CANDIDATE_METHODS = (("minmax", None), ("percentile", 99.999), ("percentile", 99.99), ("mse", None))
 HISTOGRAM_BINS = 2048
 # Beyond this magnitude a value is a sentinel (float-min attention masks, -inf padding), not a signal
 # that 8 bits could represent next to ordinary activations.
@@ -148,7 +151,27 @@ def _kl_divergence(centres: np.ndarray, counts: np.ndarray, low: float, high: fl
     return float(np.sum(p[mask] * np.log(p[mask] / np.maximum(q[mask], 1e-12))))
 
 
+class CandidatesObserver(HistogramObserver):
+    """One histogram, every candidate range of CANDIDATE_METHODS from it: {"minmax": ..., "p99.99": ...}."""
+
+    def __init__(self) -> None:
+        super().__init__("mse")
+
+    def candidates(self) -> dict[str, TensorRange]:
+        base = MinMaxObserver.result(self)
+        if not base.finite or self.counts.sum() == 0:
+            return {"minmax": base}
+        found: dict[str, TensorRange] = {}
+        for method, percentile in CANDIDATE_METHODS:
+            self.method, self.percentile = method, percentile or self.percentile
+            label = f"p{percentile:g}" if method == "percentile" else method
+            found[label] = base if method == "minmax" else HistogramObserver.result(self)
+        return found
+
+
 def make_observer(method: str, percentile: float) -> MinMaxObserver:
+    if method == "auto":
+        return CandidatesObserver()
     return MinMaxObserver() if method == "minmax" else HistogramObserver(method, percentile)
 
 
@@ -176,3 +199,20 @@ def collect_ranges(
         if progress:
             progress(next(iter(feed.values())).shape[0])
     return {name: observer.result() for name, observer in observers.items()}
+
+
+def collect_range_candidates(model: onnx.ModelProto, dataset: Dataset, tensor_names: Iterable[str], *,
+                             batch_size: int = 32, samples: int | None = None,
+                             progress: Callable[[int], None] | None = None) -> dict[str, dict[str, TensorRange]]:
+    """One pass; per tensor, every candidate range of CANDIDATE_METHODS (one entry when it is not finite)."""
+    names = sorted(set(tensor_names))
+    if not names:
+        return {}
+    session = create_session(with_outputs(model, names))
+    observers = {name: CandidatesObserver() for name in names}
+    for feed in dataset.batches(batch_size, samples):
+        for name, values in zip(names, session.run(names, feed)):
+            observers[name].update(values)
+        if progress:
+            progress(next(iter(feed.values())).shape[0])
+    return {name: observer.candidates() for name, observer in observers.items()}

@@ -228,6 +228,14 @@ class AccuracyFallback:
                                    hint="quantization does not pay off for this model at this accuracy target")
         return current
 
+    def report(self) -> dict:
+        """For --json: how the search went, and every node's own error when it was measured."""
+        return {"search": "one-by-one" if not self.node_errors else "bisect",
+                "candidates_measured": len(self.search) if self.node_errors else None,
+                "steps": [step.to_dict() for step in self.search],
+                "returned_to_float": list(self.returned_to_float or []),
+                "node_errors": [error.to_dict() for error in self.node_errors]}
+
     def _one_by_one(self, quantizer, current, figures: Figures):
         """Each node quantized alone and measured (one model per node), then returned to float worst first."""
         ranking = node_sensitivity(quantizer, self.probe, current.keep_float, self.progress)

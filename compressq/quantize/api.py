@@ -56,6 +56,7 @@ class QuantizeSummary:
     returned_to_float: list[str] = field(default_factory=list)
     speed_decisions: list[dict] = field(default_factory=list)
     plan_reapplied: bool = False
+    error_correction: dict = field(default_factory=dict)  # ranges chosen, recovery search (static mode)
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
 
@@ -131,6 +132,7 @@ def _static(model, dataset: Dataset, config: QuantizeConfig, progress, eval_data
     outcome = quantize_static(model, dataset, config, progress, fallback)
     summary = _static_summary(outcome, config, dataset)
     summary.returned_to_float = fallback.returned_to_float or [] if fallback else []
+    summary.error_correction = {**outcome.error_correction, **({"recovery": fallback.report()} if fallback else {})}
     if fallback and fallback.final_figures:
         summary.accuracy = fallback.final_figures.to_dict()
         summary.accuracy_data = f"evaluation data ({fallback.probe.samples} samples)"

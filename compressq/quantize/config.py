@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass
 from compressq.errors import UsageError
 
 MODES = ("static", "dynamic", "weight-only")
-METHODS = ("minmax", "percentile", "entropy", "mse")
+METHODS = ("minmax", "percentile", "entropy", "mse", "auto")
 ACTIVATION_TYPES = ("uint8", "int8")
 RECOVERY_SEARCHES = ("bisect", "one-by-one")
 
@@ -16,7 +16,7 @@ RECOVERY_SEARCHES = ("bisect", "one-by-one")
 @dataclass(frozen=True)
 class QuantizeConfig:
     mode: str = "static"              # static | dynamic | weight-only
-    method: str = "minmax"            # minmax | percentile | entropy | mse
+    method: str = "minmax"            # minmax | percentile | entropy | mse | auto (per tensor, by error caused)
     percentile: float = 99.999
     per_channel: bool = True
     activations: str = "uint8"        # uint8 (asymmetric) | int8 (symmetric)

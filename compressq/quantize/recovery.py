@@ -22,6 +22,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from compressq import runtime
 from compressq.calibration import TensorRange
 from compressq.data import Dataset
 from compressq.graph import GraphIndex, NameGenerator, toposort
@@ -30,6 +31,9 @@ from compressq.quantize.plan import QuantPlan
 from compressq.runtime import create_session, with_outputs
 
 TWIN_SUFFIX = "_cq_twin"
+# Measuring graphs run unoptimized: onnxruntime's basic graph rewrites changed a twin Conv (QDQ input, float
+# weight) of PP-OCRv4 rec by up to 0.79 absolute against numpy (8 dB where numpy says 23 dB).
+EXACT = runtime.ort.GraphOptimizationLevel.ORT_DISABLE_ALL
 # Noise power of an all-zero reference with all-zero twin: no error. Of a zero reference with noise: worst.
 _EMPTY = 0.0
 
@@ -59,8 +63,71 @@ class NodeError:
 class _Twin:
     node: str
     op_type: str
-    reference: str
-    twin: str
+    reference: str     # the fp32 tensor compared
+    noise: str         # sum of (twin - fp32)^2, reduced in the graph
+    signal: str        # sum of fp32^2
+
+
+class GraphWriter:
+    """Adds measuring nodes to a copy of a graph: fake quantization, node copies, in-graph squared sums."""
+
+    def __init__(self, graph: onnx.GraphProto, names: NameGenerator, signed: bool):
+        self.graph, self.names, self.signed = graph, names, signed
+        self.pending: list[onnx.NodeProto] = []
+        self.cache: dict[tuple, str] = {}
+
+    def qdq(self, tensor: str, tensor_range: TensorRange, tag: str = "", source: str | None = None) -> str:
+        """QuantizeLinear -> DequantizeLinear of `source` (default `tensor`) over `tensor_range`."""
+        source = source or tensor
+        key = ("qdq", source, tensor_range.low, tensor_range.high)
+        if key not in self.cache:
+            params = scheme.activation_params(tensor_range.low, tensor_range.high, self.signed)
+            scale = self.constant(params.scale, f"{tensor}_scale{tag}")
+            zero = self.constant(params.zero_point, f"{tensor}_zero_point{tag}")
+            quantized, output = self.names(f"{source}_q{TWIN_SUFFIX}"), self.names(f"{source}_dq{TWIN_SUFFIX}")
+            self.pending += [helper.make_node("QuantizeLinear", [source, scale, zero], [quantized],
+                                              name=self.names(f"{source}_Q{TWIN_SUFFIX}")),
+                             helper.make_node("DequantizeLinear", [quantized, scale, zero], [output],
+                                              name=self.names(f"{source}_DQ{TWIN_SUFFIX}"))]
+            self.cache[key] = output
+        return self.cache[key]
+
+    def constant(self, values: np.ndarray, base: str) -> str:
+        name = self.names(f"{base}{TWIN_SUFFIX}")
+        self.graph.initializer.append(numpy_helper.from_array(np.asarray(values), name))
+        return name
+
+    def copy(self, node: onnx.NodeProto, inputs: list[str]) -> str:
+        """A copy of `node` reading `inputs`; returns its first output's name."""
+        copy = onnx.NodeProto()
+        copy.CopyFrom(node)
+        copy.name = self.names(f"{node.name}{TWIN_SUFFIX}")
+        del copy.input[:]
+        copy.input.extend(inputs)
+        output = self.names(f"{node.output[0]}{TWIN_SUFFIX}")
+        del copy.output[:]
+        copy.output.extend([output] + [""] * (len(node.output) - 1))
+        self.pending.append(copy)
+        return output
+
+    def sum_of_squares(self, tensor: str, minus: str | None = None) -> str:
+        """A scalar: sum((tensor - minus)^2), or sum(tensor^2)."""
+        key = ("sumsq", tensor, minus)
+        if key not in self.cache:
+            source = tensor
+            if minus is not None:
+                source = self.names(f"{tensor}_error{TWIN_SUFFIX}")
+                self.pending.append(helper.make_node("Sub", [tensor, minus], [source],
+                                                     name=self.names(f"{tensor}_Sub{TWIN_SUFFIX}")))
+            output = self.names(f"{source}_sumsq{TWIN_SUFFIX}")
+            self.pending.append(helper.make_node("ReduceSumSquare", [source], [output], keepdims=0,
+                                                 name=self.names(f"{source}_ReduceSumSquare{TWIN_SUFFIX}")))
+            self.cache[key] = output
+        return self.cache[key]
+
+    def flush(self) -> None:
+        self.graph.node.extend(self.pending)
+        self.pending = []
 
 
 class _TwinBuilder:
@@ -73,10 +140,9 @@ class _TwinBuilder:
         self.graph = self.model.graph
         self.plan, self.ranges, self.signed, self.per_channel = plan, ranges, signed, per_channel
         self.index = GraphIndex(self.graph)
-        self.names = NameGenerator(self.graph)
+        self.writer = GraphWriter(self.graph, NameGenerator(self.graph), signed)
         self.nodes = {n.name: n for n in self.graph.node}
         self.fake_quantized: dict[str, str] = {}
-        self.new_nodes: list[onnx.NodeProto] = []
         self.twins: list[_Twin] = []
 
     def build(self) -> tuple[onnx.ModelProto, list[_Twin]]:
@@ -89,34 +155,22 @@ class _TwinBuilder:
         for node in self.graph.node:
             if node.name in self.plan.own_scale_nodes:
                 self._twin(node, [self._operand(i) for i in node.input])
-        self.graph.node.extend(self.new_nodes)
+        self.writer.flush()
         toposort(self.graph)
         return self.model, self.twins
 
     def _twin(self, node: onnx.NodeProto, inputs: list[str]) -> None:
         output = node.output[0]
-        copy = self._copy(node, inputs, self.names(f"{output}{TWIN_SUFFIX}"))
-        final, twin = output, copy.output[0]
+        final, twin = output, self.writer.copy(node, inputs)
         absorbed = self.plan.absorbed.get(output)
         if absorbed is not None:
             activation = self.nodes[absorbed.node]
-            activation_inputs = [twin if i == output else i for i in activation.input]
-            twin = self._copy(activation, activation_inputs, self.names(f"{absorbed.output}{TWIN_SUFFIX}")).output[0]
+            twin = self.writer.copy(activation, [twin if i == output else i for i in activation.input])
             final = absorbed.output
         if final in self.plan.quantized_tensors:
             twin = self._qdq(final, source=twin)
-        self.twins.append(_Twin(node.name, node.op_type, final, twin))
-
-    def _copy(self, node: onnx.NodeProto, inputs: list[str], output: str) -> onnx.NodeProto:
-        copy = onnx.NodeProto()
-        copy.CopyFrom(node)
-        copy.name = self.names(f"{node.name}{TWIN_SUFFIX}")
-        del copy.input[:]
-        copy.input.extend(inputs)
-        del copy.output[:]
-        copy.output.extend([output] + [""] * (len(node.output) - 1))
-        self.new_nodes.append(copy)
-        return copy
+        self.twins.append(_Twin(node.name, node.op_type, final, self.writer.sum_of_squares(twin, minus=final),
+                                self.writer.sum_of_squares(final)))
 
     def _operand(self, name: str) -> str:
         if not name:
@@ -136,29 +190,11 @@ class _TwinBuilder:
 
     def _constant(self, name: str, values: np.ndarray) -> str:
         if name not in self.fake_quantized:
-            new_name = self.names(f"{name}{TWIN_SUFFIX}")
-            self.graph.initializer.append(numpy_helper.from_array(values.astype(np.float32), new_name))
-            self.fake_quantized[name] = new_name
+            self.fake_quantized[name] = self.writer.constant(values.astype(np.float32), name)
         return self.fake_quantized[name]
 
     def _qdq(self, tensor: str, source: str | None = None) -> str:
-        """QuantizeLinear -> DequantizeLinear of `source` (default: `tensor`) with `tensor`'s parameters."""
-        source = source or tensor
-        key = f"qdq:{source}"
-        if key in self.fake_quantized:
-            return self.fake_quantized[key]
-        tensor_range = self.ranges[self.plan.param_source.get(tensor, tensor)]
-        params = scheme.activation_params(tensor_range.low, tensor_range.high, self.signed)
-        scale, zero = self.names(f"{tensor}_scale{TWIN_SUFFIX}"), self.names(f"{tensor}_zero{TWIN_SUFFIX}")
-        self.graph.initializer.extend([numpy_helper.from_array(params.scale, scale),
-                                       numpy_helper.from_array(params.zero_point, zero)])
-        quantized, output = self.names(f"{source}_q{TWIN_SUFFIX}"), self.names(f"{source}_dq{TWIN_SUFFIX}")
-        self.new_nodes += [helper.make_node("QuantizeLinear", [source, scale, zero], [quantized],
-                                            name=self.names(f"{source}_Q{TWIN_SUFFIX}")),
-                           helper.make_node("DequantizeLinear", [quantized, scale, zero], [output],
-                                            name=self.names(f"{source}_DQ{TWIN_SUFFIX}"))]
-        self.fake_quantized[key] = output
-        return output
+        return self.writer.qdq(tensor, self.ranges[self.plan.param_source.get(tensor, tensor)], source=source)
 
 
 def twin_model(model: onnx.ModelProto, plan: QuantPlan, ranges: dict[str, TensorRange], *, signed: bool = False,
@@ -174,19 +210,15 @@ def node_errors(model: onnx.ModelProto, plan: QuantPlan, ranges: dict[str, Tenso
     combined, twins = twin_model(model, plan, ranges, signed=signed, per_channel=per_channel)
     if not twins:
         return []
-    names = sorted({name for twin in twins for name in (twin.reference, twin.twin)})
-    session = create_session(with_outputs(combined, names))
-    noise = {twin.node: 0.0 for twin in twins}
-    signal = dict(noise)
+    names = sorted({name for twin in twins for name in (twin.noise, twin.signal)})
+    session = create_session(with_outputs(combined, names), level=EXACT)
+    totals = dict.fromkeys(names, 0.0)
     for feed in dataset.batches(batch_size, samples):
-        values = dict(zip(names, session.run(names, feed)))
-        for twin in twins:
-            reference = values[twin.reference].astype(np.float64)
-            noise[twin.node] += float(np.sum((values[twin.twin] - reference) ** 2))
-            signal[twin.node] += float(np.sum(reference ** 2))
+        for name, value in zip(names, session.run(names, feed)):
+            totals[name] += float(value)
         if progress:
             progress(next(iter(feed.values())).shape[0])
-    errors = [NodeError(t.node, t.op_type, t.reference, _ratio(noise[t.node], signal[t.node])) for t in twins]
+    errors = [NodeError(t.node, t.op_type, t.reference, _ratio(totals[t.noise], totals[t.signal])) for t in twins]
     return sorted(errors, key=lambda e: -e.noise_ratio)
 
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from compressq.calibration import TensorRange, collect_ranges
+from compressq.calibration import TensorRange, collect_range_candidates, collect_ranges
 from compressq.data import Dataset
 from compressq.errors import UsageError
 from compressq.graph import check_model, ensure_opset
@@ -41,6 +41,8 @@ from compressq.quantize.plan import QuantPlan, Skipped, build_plan, name_nodes
 from compressq.quantize.plan_file import QuantizationPlan, model_sha256
 from compressq.quantize.prepare import prepare_for_quantization
 from compressq.quantize.qdq import RewriteStats, rewrite_qdq
+from compressq.quantize.range_search import RangeChoice, choose_ranges
+from compressq.quantize.range_search import summarize as summarize_choices
 from compressq.quantize.smoothquant import collect_channel_absmax, smooth, smoothable_activations
 
 __all__ = ["FASTER_ENOUGH", "StaticQuantizer", "quantize_static", "measure_speedup"]
@@ -54,6 +56,7 @@ LARGER_BATCH_GAIN = 1.1
 # 1-3 input channels run at 0.33-0.56x of float as int8).
 SMALL_LAYER_WEIGHTS = 4096
 SMALL_REDUCTION = 64
+RANGE_SEARCH_SAMPLES = 64  # calibration samples `--method auto` judges candidate ranges on
 NON_FINITE_REASON = ("its input/output carries non-finite or sentinel values (e.g. an additive attention "
                      "mask); 8 bits cannot hold them")
 
@@ -86,6 +89,7 @@ class StaticResult:
     notes: list[str] = field(default_factory=list)
     speed: SpeedMeasurement | None = None
     plan_record: QuantizationPlan | None = None
+    error_correction: dict = field(default_factory=dict)  # what each error-correcting technique changed
 
 
 class StaticQuantizer:
@@ -104,6 +108,7 @@ class StaticQuantizer:
         self.decisions: list[dict] = []
         self.smooth_absmax: dict[str, np.ndarray] = {}
         self.bias_means: dict[str, np.ndarray] = {}
+        self.range_choices: dict[str, RangeChoice] = {}
         self._speeds: dict[int, SpeedMeasurement] = {}
         self.prepared, self.notes = prepare_for_quantization(ensure_opset(model, QDQ_MIN_OPSET))
         self.smoothing_muls: list[str] = []
@@ -175,7 +180,12 @@ class StaticQuantizer:
             current = self._correct_biases(current)
         if self.config.speed_check and widest.plan.compute and not current.plan.compute:
             self._say_if_batches_pay(widest)
-        return self._result(current, steps, self.decisions)
+        result = self._result(current, steps, self.decisions)
+        if self.range_choices:
+            result.error_correction["ranges"] = {
+                "how": "per tensor, the candidate range with the least error at its consuming layers",
+                "chosen": {tensor: choice.to_dict() for tensor, choice in sorted(self.range_choices.items())}}
+        return result
 
     def _result(self, current: Attempt, steps: list[str], decisions: list[dict]) -> StaticResult:
         model = current.model
@@ -251,9 +261,25 @@ class StaticQuantizer:
 
         # Every quantized tensor, not only today's scale-group roots: a later plan with more nodes kept
         # float can split a group, and its tensors must not need a second calibration pass.
+        if self.config.method == "auto":
+            return self._ranges_by_error(plan, advance)
         return collect_ranges(self.prepared, self.dataset, plan.quantized_tensors, method=self.config.method,
                               percentile=self.config.percentile, batch_size=self.config.batch_size,
                               samples=self.config.samples, provider="cpu", progress=advance)
+
+    def _ranges_by_error(self, plan: QuantPlan, advance: Progress) -> dict[str, TensorRange]:
+        """`--method auto`: per tensor, the candidate range that changes its consumers' outputs least."""
+        candidates = collect_range_candidates(self.prepared, self.dataset, plan.quantized_tensors,
+                                              batch_size=self.config.batch_size, samples=self.config.samples,
+                                              progress=advance)
+        samples = min(self.config.samples or RANGE_SEARCH_SAMPLES, RANGE_SEARCH_SAMPLES)
+        ranges, self.range_choices = choose_ranges(self.prepared, plan, candidates, self.dataset,
+                                                   signed=self.signed, batch_size=self.config.batch_size,
+                                                   samples=samples)
+        if self.range_choices:
+            self.notes.append(f"ranges chosen by the error they cause at the consuming layers, "
+                              f"{len(self.range_choices)} tensors: {summarize_choices(self.range_choices)}")
+        return ranges
 
     def _keep_only_what_is_faster(self, current: Attempt, steps: list[str]) -> Attempt:
         self._time(current)
