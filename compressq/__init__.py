@@ -1,3 +1,66 @@
-"""compressq: make ONNX models smaller and faster without breaking them."""
+"""compressq: make ONNX models smaller and faster without breaking them.
+
+The public Python API, for pipelines that prefer a call to a command line::
+
+    import compressq
+    model = compressq.load_model("model.onnx")
+    data = compressq.load_dataset("calib.npz", model)
+    result = compressq.quantize_model(model, data, compressq.QuantizeConfig())
+    compressq.save_model(result.model, "model.int8.onnx")
+    print(result.summary.speedup, result.summary.accuracy)
+
+Every name below is imported on first use, so `import compressq` (and the command line's start) stays fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
+
+_PUBLIC = {
+    "quantize_model": "compressq.quantize.api",
+    "QuantizeConfig": "compressq.quantize.config",
+    "QuantizeResult": "compressq.quantize.api",
+    "QuantizationPlan": "compressq.quantize.plan_file",
+    "read_plan": "compressq.quantize.plan_file",
+    "prune_model": "compressq.prune",
+    "PruneConfig": "compressq.prune.config",
+    "PruneResult": "compressq.prune",
+    "build_report": "compressq.evaluate.report",
+    "ReportConfig": "compressq.evaluate.report",
+    "Report": "compressq.evaluate.report",
+    "inspect_model": "compressq.summary",
+    "load_model": "compressq.graph",
+    "save_model": "compressq.graph",
+    "load_dataset": "compressq.data",
+    "CompressqError": "compressq.errors",
+}
+_RENAMED = {"inspect_model": "summarize"}
+
+__all__ = ["__version__", *_PUBLIC]
+
+if TYPE_CHECKING:
+    from compressq.data import load_dataset
+    from compressq.errors import CompressqError
+    from compressq.evaluate.report import Report, ReportConfig, build_report
+    from compressq.graph import load_model, save_model
+    from compressq.prune import PruneResult, prune_model
+    from compressq.prune.config import PruneConfig
+    from compressq.quantize.api import QuantizeResult, quantize_model
+    from compressq.quantize.config import QuantizeConfig
+    from compressq.quantize.plan_file import QuantizationPlan, read_plan
+    from compressq.summary import summarize as inspect_model
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _PUBLIC:
+        raise AttributeError(f"module 'compressq' has no attribute '{name}'")
+    value = getattr(importlib.import_module(_PUBLIC[name]), _RENAMED.get(name, name))
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -88,6 +88,8 @@ class ModelSummary:
 
 
 def summarize(model: onnx.ModelProto, path: str | os.PathLike) -> ModelSummary:
+    """What `compressq inspect` shows: inputs, outputs, op counts, parameters (Constant-held ones too),
+    sparsity, what is already quantized, and the file's size on disk (`path`, external data included)."""
     index = GraphIndex(model.graph)
     nodes = list(all_nodes(model.graph))
     initializers = [_initializer_info(t) for t in stored_tensors(model.graph)]

@@ -287,6 +287,9 @@ class _Model:
 
 
 def build_report(config: ReportConfig, start_task: StartTask | None = None) -> Report:
+    """Compare the baseline with each candidate: size, accuracy on the outputs that carry the task, latency
+    (wall clock) and work (CPU time), and the gates' verdicts. `start_task(label, total)` returns a
+    callable that advances a progress bar."""
     check_gate_usage(config)
     check_providers(config.providers)
     names = display_names([config.baseline, *config.candidates])

@@ -106,6 +106,7 @@ def model_sha256(model: onnx.ModelProto) -> str:
 
 
 def read_plan(path: str | os.PathLike) -> QuantizationPlan:
+    """A plan written by `--save-plan` (QuantizationPlan.to_json); any other file is a one-line UsageError."""
     source = Path(path)
     try:
         document = json.loads(source.read_text())
