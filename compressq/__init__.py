@@ -39,7 +39,11 @@ _PUBLIC = {
 }
 _RENAMED = {"inspect_model": "summarize"}
 
-__all__ = ["__version__", *_PUBLIC]
+__all__ = [
+    "__version__", "quantize_model", "QuantizeConfig", "QuantizeResult", "QuantizationPlan", "read_plan",
+    "prune_model", "PruneConfig", "PruneResult", "build_report", "ReportConfig", "Report", "inspect_model",
+    "load_model", "save_model", "load_dataset", "CompressqError",
+]
 
 if TYPE_CHECKING:
     from compressq.data import load_dataset

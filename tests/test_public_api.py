@@ -51,3 +51,7 @@ def test_quantize_through_the_api(tmp_path):
 def test_errors_are_one_kind():
     with pytest.raises(compressq.CompressqError):
         compressq.QuantizeConfig(method="nope")
+
+
+def test_all_lists_exactly_the_lazy_names():
+    assert set(compressq.__all__) == {"__version__", *compressq._PUBLIC}
