@@ -264,7 +264,9 @@ class AccuracyFallback:
         def enough(count: int) -> bool:
             reasons = {node: f"returned to float to meet the accuracy target (own error rank {rank}, "
                              f"{errors[rank - 1].sqnr_db:.1f} dB)" for rank, node in enumerate(order[:count], 1)}
-            attempt = quantizer.fused_attempt({**current.keep_float, **reasons})
+            # Plain attempts while searching (no onnxruntime fusion query per candidate): nodes onnxruntime
+            # would not fuse compute the same values either way; the one kept is fused below.
+            attempt = quantizer.attempt({**current.keep_float, **reasons})
             figures = self.probe.measure(attempt.model)
             measured[count] = (attempt, figures)
             self.search.append(SearchStep(count, self.target.met(figures), figures.to_dict()))
@@ -276,4 +278,7 @@ class AccuracyFallback:
         if count not in measured:
             enough(count)
         self.returned_to_float = order[:count]
-        return measured[count]
+        chosen = quantizer.fused_attempt(measured[count][0].keep_float)
+        if chosen.plan.compute == measured[count][0].plan.compute:
+            return chosen, measured[count][1]
+        return chosen, self.probe.measure(chosen.model)
