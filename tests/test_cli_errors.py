@@ -13,7 +13,6 @@ import pytest
 from onnx import TensorProto, helper
 
 from compressq import __version__, cli
-from compressq.errors import ModelError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
