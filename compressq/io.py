@@ -126,7 +126,9 @@ def load_model(path: str | os.PathLike, *, check: bool = True) -> onnx.ModelProt
     _read_external_data(pieces)
     if check:
         check_model(model, model_path)
-    return model
+    from compressq.normalize import normalize_at_load  # the one import step every command's model goes through
+
+    return normalize_at_load(model, model_path)
 
 
 def check_model_file(path: str | os.PathLike) -> Path:

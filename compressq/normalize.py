@@ -1,0 +1,282 @@
+"""Normalize at import: odd-but-legal exporter habits handled once, when a model is loaded.
+
+Three habits of real exporters make every later pass special-case them; `normalize` removes them:
+  * weights held in `Constant` nodes (paddle2onnx, some TensorFlow and scripted exports) become
+    initializers of the same name (floating point, more than one element: scalar bounds, shapes and
+    indices stay Constant nodes, they are not weights);
+  * initializers also listed as graph inputs (`torch.onnx.export(keep_initializers_as_inputs=True)`, IR < 4
+    exporters) are dropped from the inputs: they are weights. Feeding a replacement weight at run time is
+    not supported by compressq, and the outputs it writes do not accept one;
+  * unnamed nodes (and repeated names) get unique names, so `--exclude`, plans and reports can name them.
+What was changed is recorded (`Normalized.changes`) and said once on stderr at load.
+
+The contract every transformation keeps is checked here too: `interface(model)` is the model's inputs
+and outputs (names, element types, order, shapes up to symbolic dims) and `check_interface` proves a
+rewrite kept it. Only the main graph's Constants and inputs are touched; subgraphs (If/Loop/Scan bodies)
+keep theirs, but their unnamed nodes are named like the rest.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+logger = logging.getLogger("compressq")
+
+# IR 3 requires every initializer to be listed as a graph input; from IR 4 on, an initializer may stand alone.
+FIRST_IR_WITH_FREE_INITIALIZERS = 4
+# A Constant holds a weight when it is one of these types with more than one element (as inspect counts).
+FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE}
+# Above this, onnx.checker cannot check a model in memory (protobuf's 2 GB limit, with headroom).
+IN_MEMORY_CHECK_LIMIT = int(1.8 * 2**30)
+
+
+class InterfaceChanged(AssertionError):
+    """A transformation changed the model's inputs or outputs: a bug of ours (exit 3), never the user's."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# The interface
+
+
+Dim = int | str | None  # a fixed size, a symbolic name, or unknown
+
+
+@dataclass(frozen=True)
+class Port:
+    """One graph input or output as a caller sees it."""
+
+    name: str
+    elem_type: int | None          # onnx.TensorProto element type; None for non-tensor values
+    dims: tuple[Dim, ...] | None   # None: rank unknown
+
+    def matches(self, other: Port) -> bool:
+        """Same name and type; same rank and fixed sizes (a symbolic or unknown dim matches any non-fixed one)."""
+        if (self.name, self.elem_type) != (other.name, other.elem_type):
+            return False
+        if self.dims is None or other.dims is None:
+            return self.dims is None and other.dims is None
+        if len(self.dims) != len(other.dims):
+            return False
+        return all((a == b) if isinstance(a, int) or isinstance(b, int) else True
+                   for a, b in zip(self.dims, other.dims))
+
+    def text(self) -> str:
+        kind = onnx.TensorProto.DataType.Name(self.elem_type) if self.elem_type else "non-tensor"
+        shape = "?" if self.dims is None else "[" + ", ".join("?" if d is None else str(d) for d in self.dims) + "]"
+        return f"{self.name} {kind}{shape}"
+
+
+@dataclass(frozen=True)
+class Interface:
+    inputs: tuple[Port, ...]   # the inputs a caller feeds: initializers listed as inputs are not among them
+    outputs: tuple[Port, ...]
+
+
+def interface(model: onnx.ModelProto) -> Interface:
+    graph = model.graph
+    weights = {t.name for t in graph.initializer} | {s.values.name for s in graph.sparse_initializer}
+    return Interface(tuple(_port(v) for v in graph.input if v.name not in weights),
+                     tuple(_port(v) for v in graph.output))
+
+
+def _port(value: onnx.ValueInfoProto) -> Port:
+    if not value.type.HasField("tensor_type"):
+        return Port(value.name, None, None)
+    tensor = value.type.tensor_type
+    if not tensor.HasField("shape"):
+        return Port(value.name, tensor.elem_type, None)
+    dims = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tensor.shape.dim)
+    return Port(value.name, tensor.elem_type, dims)
+
+
+def check_interface(before: Interface, after: Interface, what: str) -> None:
+    """Raise InterfaceChanged naming the first difference between two interfaces."""
+    for role, old, new in (("inputs", before.inputs, after.inputs), ("outputs", before.outputs, after.outputs)):
+        if len(old) != len(new):
+            raise InterfaceChanged(f"{what} changed the number of model {role}: {len(old)} -> {len(new)} "
+                                   f"({', '.join(p.name for p in old)} -> {', '.join(p.name for p in new)})")
+        for position, (a, b) in enumerate(zip(old, new)):
+            if not a.matches(b):
+                raise InterfaceChanged(f"{what} changed model {role[:-1]} {position}: {a.text()} -> {b.text()}")
+
+
+def check_contract(before: onnx.ModelProto | Interface, after: onnx.ModelProto, what: str) -> None:
+    """The postcondition of every pass: onnx.checker passes and the interface is unchanged."""
+    expected = before if isinstance(before, Interface) else interface(before)
+    check_interface(expected, interface(after), what)
+    if after.ByteSize() <= IN_MEMORY_CHECK_LIMIT:
+        try:
+            onnx.checker.check_model(after)
+        except (onnx.checker.ValidationError, ValueError) as exc:
+            raise InterfaceChanged(f"{what} left a model that fails the ONNX checker: "
+                                   f"{str(exc).strip().splitlines()[0][:300]}") from exc
+
+
+# ---------------------------------------------------------------------------------------------------
+# Normalizing
+
+
+@dataclass
+class Normalized:
+    model: onnx.ModelProto
+    constants_to_initializers: list[str] = field(default_factory=list)   # tensor names
+    inputs_dropped: list[str] = field(default_factory=list)              # initializers no longer inputs
+    nodes_named: int = 0
+    ir_version_raised: tuple[int, int] | None = None
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.constants_to_initializers or self.inputs_dropped or self.nodes_named
+                    or self.ir_version_raised)
+
+    @property
+    def changes(self) -> list[str]:
+        """What was changed, one phrase each, in the user's words."""
+        said = []
+        if self.constants_to_initializers:
+            said.append(f"{len(self.constants_to_initializers)} weights held in Constant nodes stored as initializers")
+        if self.inputs_dropped:
+            said.append(f"{len(self.inputs_dropped)} weights listed as graph inputs are no longer inputs "
+                        "(feeding replacement weights is not supported)")
+        if self.nodes_named:
+            said.append(f"{self.nodes_named} unnamed or repeated node names made unique")
+        if self.ir_version_raised:
+            old, new = self.ir_version_raised
+            said.append(f"IR version {old} -> {new} (initializers need not be inputs from IR 4 on)")
+        return said
+
+
+def normalize(model: onnx.ModelProto, *, in_place: bool = False, check: bool = True) -> Normalized:
+    """Constant-held weights -> initializers, initializers out of the graph inputs, unique node names.
+
+    A model that needs none of it is returned as it is (the same object, not a copy). Otherwise a copy is
+    changed, or `model` itself with `in_place=True` (load_model: the proto is its own). With `check`, the
+    result is proved to keep the interface and to pass onnx.checker.
+    """
+    if not _needs_work(model):
+        return Normalized(model)
+    before = interface(model)
+    if not in_place:
+        copy = onnx.ModelProto()
+        copy.CopyFrom(model)
+        model = copy
+    result = Normalized(model)
+    graph = model.graph
+    result.constants_to_initializers = _constants_to_initializers(graph)
+    weights = {t.name for t in graph.initializer} | {s.values.name for s in graph.sparse_initializer}
+    kept_inputs = [v for v in graph.input if v.name not in weights]
+    result.inputs_dropped = [v.name for v in graph.input if v.name in weights]
+    if result.inputs_dropped:
+        del graph.input[:]
+        graph.input.extend(kept_inputs)
+    moved_weights = result.constants_to_initializers or result.inputs_dropped
+    if moved_weights and model.ir_version < FIRST_IR_WITH_FREE_INITIALIZERS:
+        result.ir_version_raised = (model.ir_version, FIRST_IR_WITH_FREE_INITIALIZERS)
+        model.ir_version = FIRST_IR_WITH_FREE_INITIALIZERS
+    result.nodes_named = _name_nodes(graph)
+    if check:
+        check_contract(before, model, "normalizing the model at load")
+    return result
+
+
+def normalize_at_load(model: onnx.ModelProto, source: object = "the model") -> onnx.ModelProto:
+    """The import step load_model runs: normalize the freshly parsed proto in place and say what changed."""
+    result = normalize(model, in_place=True)
+    if result.changed:
+        logger.warning("note: %s normalized at load: %s", getattr(source, "name", source), "; ".join(result.changes))
+    return result.model
+
+
+def _needs_work(model: onnx.ModelProto) -> bool:
+    graph = model.graph
+    weights = {t.name for t in graph.initializer} | {s.values.name for s in graph.sparse_initializer}
+    outputs = {o.name for o in graph.output}
+    if any(v.name in weights for v in graph.input):
+        return True
+    if any(_constant_tensor(node, "") is not None for node in graph.node
+           if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and node.output[0] not in outputs):
+        return True
+    seen: set[str] = set()
+    for node in _all_nodes(graph):
+        if not node.name or node.name in seen:
+            return True
+        seen.add(node.name)
+    return False
+
+
+def _constant_tensor(node: onnx.NodeProto, name: str) -> onnx.TensorProto | None:
+    """The weight a Constant node holds, named `name`: floating point with more than one element, the rule
+    `inspect` counts parameters by. Scalars (clip bounds, scales), integers (shapes, axes, indices),
+    strings and sparse values are not weights: None, and the node stays."""
+    if len(node.output) != 1 or not node.output[0] or len(node.attribute) != 1:
+        return None
+    attribute = node.attribute[0]
+    if attribute.name == "value":
+        if attribute.t.data_type not in FLOAT_TYPES or int(np.prod(attribute.t.dims)) <= 1:
+            return None
+        tensor = onnx.TensorProto()
+        tensor.CopyFrom(attribute.t)
+        tensor.name = name
+        return tensor
+    if attribute.name == "value_floats" and len(attribute.floats) > 1:
+        return numpy_helper.from_array(np.array(attribute.floats, dtype=np.float32), name)
+    return None
+
+
+def _constants_to_initializers(graph: onnx.GraphProto) -> list[str]:
+    outputs = {o.name for o in graph.output}
+    existing = {t.name for t in graph.initializer}
+    moved, kept = [], []
+    for node in graph.node:
+        tensor = None
+        if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and node.output and \
+                node.output[0] not in outputs and node.output[0] not in existing:
+            tensor = _constant_tensor(node, node.output[0])
+        if tensor is None:
+            kept.append(node)
+            continue
+        graph.initializer.append(tensor)
+        moved.append(tensor.name)
+    if moved:
+        del graph.node[:]
+        graph.node.extend(kept)
+    return moved
+
+
+def _all_nodes(graph: onnx.GraphProto):
+    for node in graph.node:
+        yield node
+        for attribute in node.attribute:
+            if attribute.type == onnx.AttributeProto.GRAPH:
+                yield from _all_nodes(attribute.g)
+            elif attribute.type == onnx.AttributeProto.GRAPHS:
+                for subgraph in attribute.graphs:
+                    yield from _all_nodes(subgraph)
+
+
+def _name_nodes(graph: onnx.GraphProto) -> int:
+    """Give every unnamed node, and every repeat of a name, a unique name (subgraphs included)."""
+    nodes = list(_all_nodes(graph))
+    taken = {node.name for node in nodes if node.name}
+    seen: set[str] = set()
+    counters: dict[str, int] = {}
+    renamed = 0
+    for node in nodes:
+        if node.name and node.name not in seen:
+            seen.add(node.name)
+            continue
+        stem = node.name or node.op_type or "node"
+        number = counters.get(stem, 0)
+        while f"{stem}_{number}" in taken:
+            number += 1
+        node.name = f"{stem}_{number}"
+        counters[stem] = number + 1
+        taken.add(node.name)
+        seen.add(node.name)
+        renamed += 1
+    return renamed
