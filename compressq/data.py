@@ -1,27 +1,46 @@
 """Calibration and evaluation data: read `.npz`/`.npy` files, check them against the model, batch them.
 
-Accepted layouts (first axis of every array = samples):
+Accepted files (first axis of every array = samples):
   * one `.npz` whose arrays are named after the model's inputs (plus optionally a labels array);
   * a folder of such `.npz` files (shards, read one at a time so memory stays flat);
   * a folder of `.npy` files named `<input name>.npy` (memory-mapped).
+Arrays that are neither a model input nor the labels are ignored (one note says which).
+
+Two layouts say what the first axis means (`--data-layout`):
+  * `batch` (default): axis 0 is the model's own batch axis; samples are fed in batches along it;
+  * `stack`: axis 0 indexes complete feeds, each fed exactly as stored: a scalar input is stored as `(N,)`
+    and fed as `()`, a `[2, 1, 128]` state as `(N, 2, 1, 128)`. Samples then run one at a time (a model
+    with scalar inputs or its batch on another axis cannot batch them).
+
+Files are checked from their headers before any array is read: a declared size the file cannot hold,
+object (pickled) or text arrays, and files that are not what their name says are refused in one line.
+Non-finite values (NaN, inf) in float inputs are refused when a batch is read: nothing computed from
+them (ranges, refit weights) may end up in a written model.
 Synthetic inputs exist for latency work and are always flagged as such.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator
+import zipfile
+import zlib
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import onnx
 
-from compressq.errors import DataError
+from compressq.errors import DataError, UsageError
 from compressq.graph import GraphIndex, TensorType, value_type
 
 DEFAULT_LABELS_KEY = "labels"
 SYNTHETIC_DYNAMIC_DIM = 16
+DATA_LAYOUTS = ("batch", "stack")
+DATA_LAYOUT_HELP = ("batch: axis 0 of every array is the model's batch axis | stack: axis 0 indexes complete "
+                    "inputs, each fed as stored (scalars, batch on another axis; run one at a time).")
+# dtype kinds an input array may have: bool, signed and unsigned integers, floats
+NUMERIC_KINDS = "biuf"
 
 
 @dataclass(frozen=True)
@@ -61,6 +80,14 @@ class Shard:
     num_samples: int  # -1 when the arrays disagree (reported by validation)
     shapes: dict[str, tuple]
     load: Callable[[], dict[str, np.ndarray]]
+    dtypes: dict[str, np.dtype] = field(default_factory=dict)  # from the headers, when known without reading
+    read: Callable[[Sequence[str]], dict[str, np.ndarray]] | None = None  # only the named arrays
+
+    def arrays(self, keys: Sequence[str]) -> dict[str, np.ndarray]:
+        return self.read(keys) if self.read is not None else self.load()
+
+    def dtype(self, key: str) -> np.dtype:
+        return self.dtypes[key] if key in self.dtypes else self.arrays([key])[key].dtype
 
 
 @dataclass
@@ -71,6 +98,7 @@ class Dataset:
     synthetic: bool = False
     labels_key: str | None = None
     notes: list[str] = field(default_factory=list)
+    layout: str = "batch"
 
     @property
     def num_samples(self) -> int:
@@ -86,16 +114,19 @@ class Dataset:
 
     def labelled_batches(self, batch_size: int, limit: int | None = None,
                          ) -> Iterator[tuple[dict[str, np.ndarray], np.ndarray | None]]:
+        if self.layout == "stack":
+            yield from self._stacked_feeds(limit)
+            return
         batch_size = self._effective_batch_size(batch_size)
         remaining = self.num_samples if limit is None else min(limit, self.num_samples)
-        keys = [spec.name for spec in self.inputs] + ([self.labels_key] if self.labels_key else [])
+        keys = self._keys()
         # Batches span shard boundaries: samples left at a shard's end start the next batch.
         pieces: list[dict[str, np.ndarray]] = []
         pending = 0
         for shard in self.shards:
             if remaining <= 0:
                 break
-            arrays = shard.load()
+            arrays = shard.arrays(keys)
             take = min(shard.num_samples, remaining)
             start = 0
             while start < take:
@@ -112,12 +143,39 @@ class Dataset:
         if pieces:
             yield self._assemble(pieces)
 
+    def _stacked_feeds(self, limit: int | None) -> Iterator[tuple[dict[str, np.ndarray], np.ndarray | None]]:
+        """Layout `stack`: one complete feed per index of axis 0, fed exactly as stored."""
+        remaining = self.num_samples if limit is None else min(limit, self.num_samples)
+        keys = self._keys()
+        for shard in self.shards:
+            if remaining <= 0:
+                break
+            arrays = shard.arrays(keys)
+            for index in range(min(shard.num_samples, remaining)):
+                feed = {spec.name: self._checked(_as_input(arrays[spec.name][index], spec), spec.name, shard.source)
+                        for spec in self.inputs}
+                yield feed, arrays[self.labels_key][index:index + 1] if self.labels_key else None
+            remaining -= shard.num_samples
+
+    def _keys(self) -> list[str]:
+        return [spec.name for spec in self.inputs] + ([self.labels_key] if self.labels_key else [])
+
     def _assemble(self, pieces: list[dict[str, np.ndarray]]) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
         def joined(key: str) -> np.ndarray:
             return pieces[0][key] if len(pieces) == 1 else np.concatenate([p[key] for p in pieces])
 
-        feed = {spec.name: _as_input(joined(spec.name), spec) for spec in self.inputs}
+        feed = {spec.name: self._checked(_as_input(joined(spec.name), spec), spec.name, self.source)
+                for spec in self.inputs}
         return feed, joined(self.labels_key) if self.labels_key else None
+
+    def _checked(self, array: np.ndarray, name: str, source: str) -> np.ndarray:
+        """Refuse NaN and inf: a range, a refit weight or a bias computed from them is not finite."""
+        if self.synthetic or not np.issubdtype(array.dtype, np.floating) or np.isfinite(array).all():
+            return array
+        bad = int(array.size - np.count_nonzero(np.isfinite(array)))
+        raise DataError(f"{source}: array '{name}' holds {bad} NaN or infinite values; refused",
+                        hint="replace them (numpy.nan_to_num) or drop those samples: ranges and weights "
+                             "computed from them would not be finite")
 
     def labels(self, limit: int | None = None) -> np.ndarray | None:
         if not self.labels_key:
@@ -126,12 +184,14 @@ class Dataset:
         return np.concatenate(parts) if parts else None
 
     def _effective_batch_size(self, requested: int) -> int:
+        if self.layout == "stack":
+            return 1
         fixed = {spec.fixed_batch for spec in self.inputs} - {None}
         return fixed.pop() if fixed else max(1, requested)
 
 
 def _as_input(array: np.ndarray, spec: InputSpec) -> np.ndarray:
-    return np.ascontiguousarray(array, dtype=spec.dtype)
+    return np.asarray(array, dtype=spec.dtype, order="C")  # ascontiguousarray would make a scalar (1,)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -139,8 +199,11 @@ def _as_input(array: np.ndarray, spec: InputSpec) -> np.ndarray:
 
 
 def load_dataset(path: str | os.PathLike, model: onnx.ModelProto, *,
-                 labels_key: str | None = DEFAULT_LABELS_KEY, require_labels: bool = False) -> Dataset:
+                 labels_key: str | None = DEFAULT_LABELS_KEY, require_labels: bool = False,
+                 layout: str = "batch") -> Dataset:
     """Open `path` and check every shard against the model's inputs before any inference runs."""
+    if layout not in DATA_LAYOUTS:
+        raise UsageError(f"unknown data layout '{layout}'", hint=f"pass one of: {', '.join(DATA_LAYOUTS)}")
     source = Path(path)
     specs = model_inputs(model)
     if not source.exists():
@@ -154,31 +217,98 @@ def load_dataset(path: str | os.PathLike, model: onnx.ModelProto, *,
                         hint="put it in a folder as <input name>.npy, or save an .npz keyed by input names")
     else:
         raise DataError(f"{source} is not an .npz file or a folder", hint="save arrays with numpy.savez")
-    dataset = Dataset(specs, shards, str(source))
+    dataset = Dataset(specs, shards, str(source), layout=layout)
     _validate(dataset, labels_key, require_labels)
     return dataset
 
 
 def _npz_shard(path: Path) -> Shard:
-    try:
-        with np.load(path, allow_pickle=False) as archive:
-            shapes = {key: archive[key].shape for key in archive.files}
-    except (OSError, ValueError) as exc:
-        raise DataError(f"cannot read {path}: {exc}", hint="save the data with numpy.savez") from exc
+    """An .npz described from its headers alone: nothing is decompressed until a batch is read."""
+    headers = _npz_headers(path)
+    shapes = {key: shape for key, (shape, _) in headers.items()}
     counts = {shape[0] if shape else 0 for shape in shapes.values()}
 
-    def load() -> dict[str, np.ndarray]:
-        with np.load(path, allow_pickle=False) as archive:
-            return {key: archive[key] for key in archive.files}
+    def read(keys: Sequence[str]) -> dict[str, np.ndarray]:
+        try:
+            with np.load(path, allow_pickle=False) as archive:
+                return {key: archive[key] for key in keys}
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
+            raise DataError(f"cannot read {path}: {_reason(exc)}",
+                            hint="the file changed or is damaged; save the data again with numpy.savez") from exc
 
-    return Shard(str(path), counts.pop() if len(counts) == 1 else -1, shapes, load)
+    return Shard(str(path), counts.pop() if len(counts) == 1 else -1, shapes, lambda: read(list(shapes)),
+                 dtypes={key: dtype for key, (_, dtype) in headers.items()}, read=read)
+
+
+def _npz_headers(path: Path) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """Shape and dtype of every array in an .npz, read from the .npy headers; a declared size the
+    archive does not hold (a hostile or truncated file) is refused before anything is allocated."""
+    try:
+        archive = zipfile.ZipFile(path)
+    except zipfile.BadZipFile as exc:
+        raise DataError(f"{path} is not an .npz file (not a zip archive)",
+                        hint="save the arrays with numpy.savez; a single array goes in a folder as NAME.npy") from exc
+    except OSError as exc:
+        raise DataError(f"cannot read {path}: {exc.strerror or exc}", hint="check the path and permissions") from exc
+    headers = {}
+    with archive:
+        for info in archive.infolist():
+            if not info.filename.endswith(".npy"):
+                continue
+            key = info.filename[: -len(".npy")]
+            try:
+                with archive.open(info) as member:
+                    version = np.lib.format.read_magic(member)
+                    shape, _, dtype = _read_header(member, version)
+                    header_bytes = member.tell()
+            except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error, NotImplementedError) as exc:
+                raise DataError(f"cannot read array '{key}' in {path}: {_reason(exc)}",
+                                hint="the file is damaged or not written by numpy.savez; save it again") from exc
+            _check_header(path, key, shape, dtype, info.file_size - header_bytes)
+            headers[key] = (tuple(shape), dtype)
+    if not headers:
+        raise DataError(f"{path} holds no arrays", hint="save the arrays with numpy.savez(path, NAME=array)")
+    return headers
+
+
+def _read_header(member, version: tuple[int, int]):
+    if version == (1, 0):
+        return np.lib.format.read_array_header_1_0(member)
+    if version == (2, 0):
+        return np.lib.format.read_array_header_2_0(member)
+    return np.lib.format._read_array_header(member, version)  # 3.0: no public reader
+
+
+def _check_header(path: Path, key: str, shape: tuple, dtype: np.dtype, stored_bytes: int) -> None:
+    if dtype.hasobject:  # pickled: never read (refused if a model input or the labels, else ignored)
+        return
+    if any(not isinstance(d, int) or d < 0 for d in shape):
+        raise DataError(f"{path}: array '{key}' declares an invalid shape {shape}", hint="save the data again")
+    declared = int(np.prod(shape, dtype=object)) * dtype.itemsize
+    if declared > stored_bytes:
+        raise DataError(f"{path}: array '{key}' declares shape {tuple(shape)} {dtype} ({_bytes(declared)}) but the "
+                        f"file holds {_bytes(max(stored_bytes, 0))} for it; refused",
+                        hint="the file is truncated or damaged; save the data again with numpy.savez")
+
+
+def _bytes(count: int) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB"):
+        if count < 1024 or unit == "TiB":
+            return f"{count:.0f} {unit}" if unit == "bytes" else f"{count:.1f} {unit}"
+        count /= 1024
+    return f"{count} bytes"
+
+
+def _reason(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
 
 
 def _npy_folder_shard(folder: Path, files: list[Path]) -> Shard:
     try:
         arrays = {f.stem: np.load(f, mmap_mode="r", allow_pickle=False) for f in files}
-    except (OSError, ValueError) as exc:
-        raise DataError(f"cannot read the .npy files in {folder}: {exc}") from exc
+    except (OSError, ValueError, EOFError) as exc:
+        raise DataError(f"cannot read the .npy files in {folder}: {_reason(exc)}",
+                        hint="each file must be a numeric array saved with numpy.save") from exc
     counts = {a.shape[0] if a.ndim else 0 for a in arrays.values()}
     shapes = {k: a.shape for k, a in arrays.items()}
     return Shard(str(folder), counts.pop() if len(counts) == 1 else -1, shapes, lambda: arrays)
@@ -199,20 +329,29 @@ def _folder_shards(folder: Path, specs: list[InputSpec]) -> list[Shard]:
 
 def _validate(dataset: Dataset, labels_key: str | None, require_labels: bool) -> None:
     for shard in dataset.shards:
-        shapes = shard.shapes
         for spec in dataset.inputs:
-            _check_array(shard.source, spec, shapes)
-        if shard.num_samples < 0:
-            counts = ", ".join(f"{k}: {v[0] if v else 0}" for k, v in shapes.items())
-            raise DataError(f"{shard.source}: arrays disagree on the number of samples ({counts})",
+            if spec.name in shard.shapes:
+                _check_numeric(shard, spec.name)
+            _check_array(shard.source, spec, shard.shapes, dataset.layout)
+    dataset.labels_key = _labels_key(dataset, labels_key, require_labels)
+    used = dataset._keys()
+    for shard in dataset.shards:
+        counts = {key: shard.shapes[key][0] if shard.shapes[key] else 0 for key in used}
+        if len(set(counts.values())) > 1:
+            listed = ", ".join(f"{k}: {v}" for k, v in counts.items())
+            raise DataError(f"{shard.source}: arrays disagree on the number of samples ({listed})",
                             hint="the first axis of every array counts samples")
+        shard.num_samples = counts[used[0]] if used else 0
         if shard.num_samples == 0:
             raise DataError(f"{shard.source} holds no samples")
+    ignored = sorted({key for shard in dataset.shards for key in shard.shapes} - set(used))
+    if ignored:
+        dataset.notes.append(f"arrays ignored (not model inputs{' or labels' if dataset.labels_key else ''}): "
+                             f"{', '.join(ignored)}")
     _check_dtypes(dataset)
-    dataset.labels_key = _labels_key(dataset, labels_key, require_labels)
 
 
-def _check_array(source: str, spec: InputSpec, shapes: dict[str, tuple]) -> None:
+def _check_array(source: str, spec: InputSpec, shapes: dict[str, tuple], layout: str = "batch") -> None:
     if spec.name not in shapes:
         found = ", ".join(sorted(shapes)) or "none"
         raise DataError(f"{source} has no array for model input '{spec.name}'",
@@ -220,11 +359,20 @@ def _check_array(source: str, spec: InputSpec, shapes: dict[str, tuple]) -> None
     shape = shapes[spec.name]
     if spec.shape is None:
         return
+    if layout == "stack":
+        _check_stacked(source, spec, tuple(shape))
+        return
+    if not spec.shape:
+        raise DataError(f"{source}: model input '{spec.name}' is a scalar: the batch layout cannot hold it "
+                        f"(array shape {tuple(shape)})",
+                        hint="pass --data-layout stack and store N scalars as shape (N,)")
     if len(shape) != len(spec.shape):
+        stacked = len(shape) == len(spec.shape) + 1
         raise DataError(
             f"{source}: array '{spec.name}' has shape {tuple(shape)} but the model expects rank "
             f"{len(spec.shape)} {_shape_text(spec.shape)} (first axis = samples)",
-            hint="stack samples along a new first axis so each array is [samples, ...model dims]",
+            hint="each array holds complete inputs stacked on axis 0: pass --data-layout stack" if stacked else
+            "stack samples along a new first axis so each array is [samples, ...model dims]",
         )
     for axis, (got, want) in enumerate(zip(shape[1:], spec.shape[1:]), start=1):
         if isinstance(want, int) and want > 0 and got != want:
@@ -235,10 +383,38 @@ def _check_array(source: str, spec: InputSpec, shapes: dict[str, tuple]) -> None
             )
 
 
+def _check_stacked(source: str, spec: InputSpec, shape: tuple) -> None:
+    """Layout `stack`: [samples, *the model's input shape], every fixed size as the model has it."""
+    if len(shape) != len(spec.shape) + 1:
+        raise DataError(
+            f"{source}: array '{spec.name}' has shape {shape}; with --data-layout stack it must be "
+            f"[samples, *{_shape_text(spec.shape)}] (rank {len(spec.shape) + 1})",
+            hint="stack complete inputs on a new first axis (a scalar input: shape (N,))")
+    for axis, (got, want) in enumerate(zip(shape[1:], spec.shape)):
+        if isinstance(want, int) and want > 0 and got != want:
+            raise DataError(
+                f"{source}: array '{spec.name}' has size {got} on axis {axis + 1}, the model expects {want} "
+                f"on its axis {axis} (model shape {_shape_text(spec.shape)}, data layout stack)",
+                hint="resize or re-export the data to the model's input shape")
+
+
+def _check_numeric(shard: Shard, key: str) -> None:
+    dtype = shard.dtype(key)
+    if dtype.hasobject:
+        raise DataError(f"{shard.source}: array '{key}' holds Python objects (pickled data); refused",
+                        hint="save plain numeric arrays (numpy.savez of float or int arrays)")
+    if dtype.kind not in NUMERIC_KINDS:
+        raise DataError(f"{shard.source}: array '{key}' holds {dtype} values, not numbers; refused",
+                        hint="save numeric arrays (float or int) named after the model's inputs")
+
+
 def _check_dtypes(dataset: Dataset) -> None:
-    first = dataset.shards[0].load()
+    first = dataset.shards[0]
+    if dataset.labels_key:
+        for shard in dataset.shards:
+            _check_numeric(shard, dataset.labels_key)
     for spec in dataset.inputs:
-        got = first[spec.name].dtype
+        got = first.dtype(spec.name)
         if got == spec.dtype:
             continue
         same_kind = (np.issubdtype(got, np.floating) and np.issubdtype(spec.dtype, np.floating)) or (
@@ -273,19 +449,30 @@ def _shape_text(shape: tuple) -> str:
 
 
 def synthetic_dataset(model: onnx.ModelProto, samples: int = 32, seed: int = 0) -> Dataset:
-    """Random inputs shaped like the model's: for latency only, never evidence of accuracy."""
+    """Random inputs shaped like the model's: for latency only, never evidence of accuracy.
+
+    Scalar and fixed dims are kept as the model declares them: a model with a scalar input gets the
+    stack layout (complete feeds, one at a time); others get samples on their batch axis.
+    """
     specs = model_inputs(model)
     rng = np.random.default_rng(seed)
-    arrays = {spec.name: _synthetic_array(spec, samples, rng) for spec in specs}
+    layout = "stack" if any(spec.shape is not None and not spec.shape for spec in specs) else "batch"
+    arrays = {spec.name: _synthetic_array(spec, samples, rng, layout) for spec in specs}
     shapes = {k: a.shape for k, a in arrays.items()}
     shard = Shard("synthetic", samples, shapes, lambda: arrays)
-    return Dataset(specs, [shard], "synthetic inputs", synthetic=True,
+    return Dataset(specs, [shard], "synthetic inputs", synthetic=True, layout=layout,
                    notes=["inputs are synthetic (random): accuracy figures do not reflect real data"])
 
 
-def _synthetic_array(spec: InputSpec, samples: int, rng: np.random.Generator) -> np.ndarray:
-    dims = list(spec.shape or (None,))
-    shape = [samples] + [d if isinstance(d, int) and d > 0 else SYNTHETIC_DYNAMIC_DIM for d in dims[1:]]
+def _synthetic_array(spec: InputSpec, samples: int, rng: np.random.Generator, layout: str = "batch") -> np.ndarray:
+    def size(d) -> int:
+        return d if isinstance(d, int) and d > 0 else SYNTHETIC_DYNAMIC_DIM
+
+    if layout == "stack":
+        shape = [samples] + [size(d) for d in (spec.shape if spec.shape is not None else (None,))]
+    else:
+        dims = list(spec.shape or (None,))
+        shape = [samples] + [size(d) for d in dims[1:]]
     if "mask" in spec.name.lower():
         return np.ones(shape, dtype=spec.dtype)
     if np.issubdtype(spec.dtype, np.floating):

@@ -244,3 +244,174 @@ def test_synthetic_dataset_dynamic_dims_and_int_inputs(tiny_model):
     assert feed["ids"].dtype == np.int64 and feed["ids"].shape[0] == 3 and feed["ids"].shape[1] > 0
     assert feed["attention_mask"].dtype == np.int64
     np.testing.assert_array_equal(feed["attention_mask"], 1)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Layouts: stack (issue 14)
+
+
+def stateful_model(tiny_model):
+    """x[batch, 4] plus a scalar `sr` and a state [2, batch, 3] with its batch on axis 1."""
+    return tiny_model(input_shape=("batch", 4), extra_inputs={"sr": ((), TensorProto.INT64),
+                                                               "state": ((2, "batch", 3), TensorProto.FLOAT)})
+
+
+def stacked_arrays(count: int, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {"x": rng.standard_normal((count, 1, 4)).astype(np.float32),
+            "sr": rng.choice([8000, 16000], count).astype(np.int64),
+            "state": rng.standard_normal((count, 2, 1, 3)).astype(np.float32)}
+
+
+def test_stack_layout_feeds_each_sample_as_stored(tmp_path, tiny_model):
+    path = tmp_path / "d.npz"
+    arrays = stacked_arrays(5)
+    np.savez(path, **arrays, labels=np.arange(5))
+    dataset = load_dataset(path, stateful_model(tiny_model), layout="stack")
+    assert dataset.num_samples == 5 and dataset.layout == "stack"
+    feeds = list(dataset.labelled_batches(32))
+    assert len(feeds) == 5
+    for index, (feed, labels) in enumerate(feeds):
+        assert feed["sr"].shape == () and feed["sr"] == arrays["sr"][index]
+        assert feed["state"].shape == (2, 1, 3)
+        np.testing.assert_array_equal(feed["state"], arrays["state"][index])
+        np.testing.assert_array_equal(feed["x"], arrays["x"][index])
+        np.testing.assert_array_equal(labels, [index])
+    assert len(list(dataset.batches(8, limit=2))) == 2
+
+
+def test_stack_layout_runs_in_onnxruntime(tmp_path, tiny_model):
+    import onnxruntime as ort
+
+    model = stateful_model(tiny_model)
+    path = tmp_path / "d.npz"
+    np.savez(path, **stacked_arrays(3))
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    for feed in load_dataset(path, model, layout="stack").batches(1):
+        outputs = dict(zip([o.name for o in session.get_outputs()], session.run(None, feed)))
+        np.testing.assert_array_equal(outputs["state_out"], feed["state"])
+        assert outputs["sr_out"].shape == ()
+
+
+def test_stack_layout_checks_fixed_dims_and_rank(tmp_path, tiny_model):
+    model = stateful_model(tiny_model)
+    arrays = stacked_arrays(4)
+    path = tmp_path / "d.npz"
+    np.savez(path, **{**arrays, "state": np.zeros((4, 3, 1, 3), np.float32)})
+    assert "size 3 on axis 1, the model expects 2 on its axis 0" in data_error(path, model, layout="stack").message
+    np.savez(path, **{**arrays, "sr": np.zeros((4, 1), np.int64)})
+    error = data_error(path, model, layout="stack")
+    assert "'sr' has shape (4, 1)" in error.message and "(N,)" in error.hint
+
+
+def test_batch_layout_refuses_a_scalar_input_and_points_at_stack(tmp_path, tiny_model):
+    path = tmp_path / "d.npz"
+    np.savez(path, x=samples(4), sr=np.full(4, 16000), state=np.zeros((2, 4, 3), np.float32))
+    error = data_error(path, stateful_model(tiny_model))
+    assert "model input 'sr' is a scalar" in error.message and "--data-layout stack" in error.hint
+
+
+def test_batch_layout_hint_names_stack_when_an_axis_is_added(tmp_path, tiny_model):
+    path = tmp_path / "d.npz"
+    np.savez(path, x=np.zeros((4, 1, 4), np.float32))
+    assert "--data-layout stack" in data_error(path, tiny_model()).hint
+
+
+def test_unknown_layout_is_a_usage_error(calib_npz, cnn):
+    from compressq.errors import UsageError
+
+    with pytest.raises(UsageError, match="unknown data layout 'rows'"):
+        load_dataset(calib_npz, cnn, layout="rows")
+
+
+def test_arrays_that_are_not_inputs_are_ignored_with_one_note(tmp_path, tiny_model):
+    path = tmp_path / "d.npz"
+    np.savez(path, x=samples(6), labels=np.arange(6), clip_id=np.arange(2), names=np.array(["a", "b"]),
+             meta=np.array([{"a": 1}], dtype=object))
+    dataset = load_dataset(path, tiny_model())
+    assert dataset.num_samples == 6 and dataset.has_labels
+    assert dataset.notes == ["arrays ignored (not model inputs or labels): clip_id, meta, names"]
+    (feed,) = dataset.batches(8)
+    assert feed.keys() == {"x"}
+
+
+def test_stack_layout_over_shards(tmp_path, tiny_model):
+    model = stateful_model(tiny_model)
+    for i, n in enumerate((2, 3)):
+        np.savez(tmp_path / f"s{i}.npz", **stacked_arrays(n, seed=i))
+    feeds = list(load_dataset(tmp_path, model, layout="stack").batches(4, limit=4))
+    assert len(feeds) == 4
+    np.testing.assert_array_equal(feeds[2]["x"], stacked_arrays(3, seed=1)["x"][0])
+
+
+def test_synthetic_inputs_keep_scalar_and_fixed_dims(tiny_model):
+    dataset = synthetic_dataset(stateful_model(tiny_model), samples=3)
+    assert dataset.layout == "stack"
+    feeds = list(dataset.batches(8))
+    assert len(feeds) == 3
+    for feed in feeds:
+        assert feed["sr"].shape == () and feed["state"].shape[0] == 2 and feed["state"].ndim == 3
+        assert feed["state"].shape[1] == feed["x"].shape[0]  # the same symbolic 'batch', the same size
+
+
+# ---------------------------------------------------------------------------------------------------
+# Hostile and damaged files (issue 14): one DataError each, nothing allocated from a lying header
+
+
+def hostile_npz(path, shape, payload: int = 60_000, descr: str = "<f4") -> None:
+    import io
+    import zipfile
+
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": descr, "fortran_order": False, "shape": shape})
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("x.npy", header.getvalue() + b"\0" * payload)
+
+
+@pytest.mark.parametrize("rows", [1 << 20, 1 << 40])
+def test_a_declared_size_the_file_cannot_hold_is_refused_before_reading(tmp_path, tiny_model, rows):
+    path = tmp_path / "huge.npz"
+    hostile_npz(path, (rows, 4))
+    assert path.stat().st_size < 64 * 1024
+    error = data_error(path, tiny_model())
+    assert f"declares shape ({rows}, 4) float32" in error.message and "refused" in error.message
+
+
+def test_object_arrays_are_refused(tmp_path, tiny_model):
+    path = tmp_path / "d.npz"
+    np.savez(path, x=np.array([[{"a": 1}] * 4] * 2, dtype=object))
+    assert "Python objects" in data_error(path, tiny_model()).message
+
+
+@pytest.mark.parametrize("values", [np.full((3, 4), b"ab"), np.full((3, 4), "ab")])
+def test_byte_and_text_arrays_are_refused(tmp_path, tiny_model, values):
+    path = tmp_path / "d.npz"
+    np.savez(path, x=values)
+    error = data_error(path, tiny_model())
+    assert "'x' holds" in error.message and "not numbers" in error.message
+
+
+@pytest.mark.parametrize("content", [b"", b"PK\x03\x04 truncated", b"not a zip at all" * 40])
+def test_a_file_named_npz_that_is_not_a_zip(tmp_path, tiny_model, content):
+    path = tmp_path / "d.npz"
+    path.write_bytes(content)
+    assert isinstance(data_error(path, tiny_model()), DataError)
+
+
+def test_a_truncated_npz(tmp_path, tiny_model):
+    path = tmp_path / "d.npz"
+    np.savez_compressed(path, x=samples(500))
+    path.write_bytes(path.read_bytes()[:-200])
+    assert "d.npz" in data_error(path, tiny_model()).message
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_inputs_are_refused_when_read(tmp_path, tiny_model, bad):
+    path = tmp_path / "d.npz"
+    x = samples(10)
+    x[7, 2] = bad
+    np.savez(path, x=x)
+    dataset = load_dataset(path, tiny_model())
+    assert len(list(dataset.batches(4, limit=4))) == 1  # finite samples are served
+    with pytest.raises(DataError, match="holds 1 NaN or infinite values"):
+        list(dataset.batches(4))

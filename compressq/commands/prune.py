@@ -17,7 +17,7 @@ from rich.progress import (
 from rich.table import Table
 
 from compressq import render
-from compressq.data import load_dataset
+from compressq.data import DATA_LAYOUT_HELP, load_dataset
 from compressq.graph import check_output_path, default_output_path, file_size, load_model, save_model, stamp
 from compressq.prune import PruneConfig, PruneSummary, prune_model
 from compressq.prune.config import DEFAULT_MIN_PARAMETERS
@@ -38,6 +38,7 @@ def prune(
                                            "this glob (repeatable), e.g. '/classifier/*' or Gemm."),
     calibration_data: Path | None = typer.Option(
         None, "--calibration-data", help="Inputs (.npz or folder) to refit kept weights against the dense model."),
+    data_layout: str = typer.Option("batch", "--data-layout", help=DATA_LAYOUT_HELP),
     calibration_samples: int = typer.Option(256, "--calibration-samples", help="Samples used for refit."),
     min_params: int = typer.Option(DEFAULT_MIN_PARAMETERS, "--min-params",
                                    help="Layers with fewer parameters stay dense."),
@@ -56,7 +57,7 @@ def prune(
     source = load_model(model)
     target = output or default_output_path(model, "pruned")
     check_output_path(target, protect=[model])
-    dataset = load_dataset(calibration_data, source) if calibration_data else None
+    dataset = load_dataset(calibration_data, source, layout=data_layout) if calibration_data else None
     if dataset is not None:
         for note in dataset.notes:
             render.stderr.print(f"[dim]note: {escape(note)}[/]")

@@ -7,7 +7,7 @@ import typer
 
 from compressq import render
 from compressq.commands.progress import stage_progress
-from compressq.data import load_dataset
+from compressq.data import DATA_LAYOUT_HELP, load_dataset
 from compressq.errors import UsageError
 from compressq.evaluate.render import write_atomically
 from compressq.graph import check_output_path, default_output_path, file_size, load_model, save_model, stamp
@@ -23,6 +23,7 @@ def quantize(
     output: Path = typer.Option(None, "-o", "--output", help="Output path [default: NAME.int8.onnx next to MODEL]."),
     calibration_data: Path = typer.Option(None, "--calibration-data", "-d",
                                           help=".npz keyed by input names, or a folder of .npz/.npy files."),
+    data_layout: str = typer.Option("batch", "--data-layout", help=DATA_LAYOUT_HELP),
     mode: str = typer.Option(None, "--mode", help="static | dynamic | weight-only "
                              "[default: static with calibration data, else dynamic]."),
     method: str = typer.Option("minmax", "--method", help="Calibration: minmax | percentile | entropy | mse."),
@@ -86,8 +87,10 @@ def quantize(
     source = load_model(model)
     if pinned is not None:
         check_plan_fits(pinned, source, plan)
-    dataset = load_dataset(calibration_data, source) if calibration_data and pinned is None else None
-    evaluation = load_dataset(eval_data, source, require_labels=max_drop is not None) if eval_data else None
+    dataset = load_dataset(calibration_data, source, layout=data_layout) \
+        if calibration_data and pinned is None else None
+    evaluation = load_dataset(eval_data, source, require_labels=max_drop is not None, layout=data_layout) \
+        if eval_data else None
     if config.mode == "dynamic" and calibration_data is None:
         render.stderr.print("no calibration data: static int8 needs real inputs, so quantizing dynamically "
                             "(int8 weights, activations quantized at run time)", highlight=False)

@@ -9,6 +9,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from compressq import render
+from compressq.data import DATA_LAYOUT_HELP
 from compressq.errors import EXIT_GATE_FAILED, OutputError, UsageError
 from compressq.evaluate.render import print_table, render_text, table_console, write_atomically
 from compressq.evaluate.report import GateLimits, Report, ReportConfig, StartTask, build_report, verdict
@@ -27,6 +28,7 @@ def report(
     candidates: list[Path] = typer.Argument(None, help="Compressed models to compare with the baseline."),
     data: Path = typer.Option(None, "--data", help="Evaluation data: .npz or folder keyed by input name. "
                               "Without it, inputs are synthetic and the report says so next to every figure."),
+    data_layout: str = typer.Option("batch", "--data-layout", help=DATA_LAYOUT_HELP),
     labels: str = typer.Option(None, "--labels", help="Array in --data with the true class labels "
                                "[default: 'labels' when present]."),
     provider: list[str] = typer.Option(["cpu"], "--provider", help="Execution provider to time on: cpu or "
@@ -71,7 +73,7 @@ def report(
         require_labels=labels is not None, providers=tuple(provider), threads=threads or None, runs=runs,
         warmup=warmup, batch_size=batch_size, samples=samples, per_layer=per_layer,
         gates=GateLimits(max_accuracy_drop, min_agreement, min_cosine, min_speedup, max_size_ratio),
-        task_outputs=tuple(task_outputs),
+        task_outputs=tuple(task_outputs), data_layout=data_layout,
     )
     if output is not None and str(output) == "-":
         output = None

@@ -8,7 +8,7 @@ from rich.table import Table
 
 from compressq import render
 from compressq.commands.progress import stage_progress
-from compressq.data import load_dataset
+from compressq.data import DATA_LAYOUT_HELP, load_dataset
 from compressq.graph import load_model
 from compressq.quantize.api import METHODS, analyze_sensitivity
 from compressq.quantize.config import QuantizeConfig
@@ -18,6 +18,7 @@ def sensitivity(
     model: Path = typer.Argument(..., help="ONNX model to analyse (never modified)."),
     calibration_data: Path = typer.Option(..., "--calibration-data", "-d", help="Calibration data (.npz or folder)."),
     data: Path = typer.Option(None, "--data", help="Evaluation data [default: the calibration data]."),
+    data_layout: str = typer.Option("batch", "--data-layout", help=DATA_LAYOUT_HELP),
     method: str = typer.Option("minmax", "--method", help=f"Calibration: {' | '.join(METHODS)}."),
     per_channel: bool = typer.Option(True, "--per-channel/--per-tensor", help="Weight scales per output channel."),
     activations: str = typer.Option("uint8", "--activations", help="uint8 (asymmetric) | int8 (symmetric)."),
@@ -28,8 +29,8 @@ def sensitivity(
 ) -> None:
     """Quantize each node alone and rank them by the error they cause against fp32, worst first."""
     source = load_model(model)
-    calibration = load_dataset(calibration_data, source)
-    evaluation = load_dataset(data, source) if data else calibration
+    calibration = load_dataset(calibration_data, source, layout=data_layout)
+    evaluation = load_dataset(data, source, layout=data_layout) if data else calibration
     config = QuantizeConfig(method=method, per_channel=per_channel, activations=activations, batch_size=batch_size,
                             speed_check=False, task_outputs=tuple(task_outputs))
     with stage_progress() as progress:

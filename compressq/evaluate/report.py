@@ -95,6 +95,7 @@ class ReportConfig:
     per_layer: bool = False
     gates: GateLimits = field(default_factory=GateLimits)
     task_outputs: tuple[str, ...] = ()  # --output NAME: the outputs that carry the task (empty: the rule decides)
+    data_layout: str = "batch"  # --data-layout: batch | stack (compressq.data)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -337,7 +338,7 @@ def _dataset(config: ReportConfig, model: onnx.ModelProto) -> Dataset:
     if config.data is None:
         return synthetic_dataset(model, samples=config.samples or SYNTHETIC_SAMPLES)
     dataset = load_dataset(config.data, model, labels_key=config.labels_key,
-                           require_labels=config.require_labels)
+                           require_labels=config.require_labels, layout=config.data_layout)
     if "max-accuracy-drop" in config.gates.requested() and not dataset.has_labels:
         raise UsageError(f"--max-accuracy-drop needs labels, but {config.data} has no '{config.labels_key}' array",
                          hint="add the true labels to the data, or name their array with --labels")
