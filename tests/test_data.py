@@ -415,3 +415,61 @@ def test_non_finite_inputs_are_refused_when_read(tmp_path, tiny_model, bad):
     assert len(list(dataset.batches(4, limit=4))) == 1  # finite samples are served
     with pytest.raises(DataError, match="holds 1 NaN or infinite values"):
         list(dataset.batches(4))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Bad-input corpus through every command that reads data: exit 2, one error line, no traceback, and the
+# folder holds afterwards exactly what it held before (no output, no staging left behind)
+
+
+def _corpus(folder) -> dict[str, object]:
+    """name -> a writer of one bad data file for the tiny model (input x[batch, 4])."""
+    def nan_inputs(path):
+        x = samples(12)
+        x[5, 1] = np.nan
+        np.savez(path, x=x)
+
+    def inf_inputs(path):
+        x = samples(12)
+        x[0, 0] = -np.inf
+        np.savez(path, x=x)
+
+    return {
+        "huge_declared.npz": lambda path: hostile_npz(path, (1 << 40, 4)),
+        "object.npz": lambda path: np.savez(path, x=np.array([[None] * 4] * 3, dtype=object)),
+        "bytes.npz": lambda path: np.savez(path, x=np.full((3, 4), b"ab")),
+        "not_a_zip.npz": lambda path: path.write_bytes(b"\x89PNG not a zip" * 20),
+        "empty.npz": lambda path: path.write_bytes(b""),
+        "nan.npz": nan_inputs,
+        "inf.npz": inf_inputs,
+        "no_arrays.npz": lambda path: np.savez(path),
+        "scalar_input.npz": lambda path: np.savez(path, x=np.float32(1.0)),
+    }
+
+
+CORPUS = tuple(_corpus(None))
+COMMANDS = ("quantize-static", "prune-refit", "report", "sensitivity")
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+@pytest.mark.parametrize("case", CORPUS)
+def test_bad_data_is_one_line_and_exit_2(run_cli, tmp_path, tiny_model, command, case):
+    import onnx
+
+    model = tmp_path / "m.onnx"
+    onnx.save_model(tiny_model(input_shape=("batch", 4), features=8), str(model))
+    data = tmp_path / case
+    _corpus(tmp_path)[case](data)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    out = tmp_path / "out.onnx"
+    args = {"quantize-static": ["quantize", model, "-d", data, "-o", out, "--no-speed-check"],
+            "prune-refit": ["prune", model, "-s", "0.5", "--calibration-data", data, "-o", out, "--prune-first",
+                            "--prune-last", "--min-params", "1"],
+            "report": ["report", model, "--data", data, "--runs", "1", "--warmup", "0"],
+            "sensitivity": ["sensitivity", model, "-d", data]}[command]
+    result = run_cli(*args)
+    assert result.exit_code == 2, (result.exit_code, result.stderr, result.exception)
+    assert "Traceback" not in result.stderr + result.stdout
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "hint:" in errors[0], result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == before

@@ -214,3 +214,135 @@ def test_report_and_sensitivity(run_cli, exported, tmp_path):
     nodes = json.loads(ranking.stdout)["nodes"]
     assert {row["op_type"] for row in nodes} >= {"Conv", "Gemm"}
     assert all(row["node"] for row in nodes)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Inputs without a leading batch axis: a scalar sample rate and a state [2, batch, 32] (batch on axis 1),
+# fed with --data-layout stack
+
+
+def stateful_model(seed: int = 0) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    """y = (relu((x * sr / 16000) @ W1 + b1) + mean(state, 0)) @ W2; state_out = tanh(state + that sum)."""
+    rng = np.random.default_rng(seed)
+    weights = {"W1": rng.standard_normal((64, 32)) * 0.2, "b1": rng.standard_normal(32) * 0.1,
+               "W2": rng.standard_normal((32, 8)) * 0.3, "sr_scale": np.array(1 / 16000)}
+    weights = {name: np.asarray(value, np.float32) for name, value in weights.items()}
+    nodes = [
+        helper.make_node("Cast", ["sr"], ["srf"], to=TensorProto.FLOAT, name="cast_sr"),
+        helper.make_node("Mul", ["srf", "sr_scale"], ["ratio"], name="ratio"),
+        helper.make_node("Mul", ["x", "ratio"], ["xs"], name="scale_x"),
+        helper.make_node("MatMul", ["xs", "W1"], ["h0"], name="fc1"),
+        helper.make_node("Add", ["h0", "b1"], ["h1"], name="fc1_bias"),
+        helper.make_node("Relu", ["h1"], ["h"], name="relu"),
+        helper.make_node("ReduceMean", ["state"], ["s"], axes=[0], keepdims=0, name="state_mean"),
+        helper.make_node("Add", ["h", "s"], ["hs"], name="mix"),
+        helper.make_node("MatMul", ["hs", "W2"], ["y"], name="fc2"),
+        helper.make_node("Unsqueeze", ["hs", "axes0"], ["hs1"], name="unsqueeze"),
+        helper.make_node("Add", ["state", "hs1"], ["st"], name="state_add"),
+        helper.make_node("Tanh", ["st"], ["state_out"], name="state_tanh"),
+    ]
+    initializers = [numpy_helper.from_array(v, k) for k, v in weights.items()]
+    initializers.append(numpy_helper.from_array(np.array([0], np.int64), "axes0"))
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 64]),
+              helper.make_tensor_value_info("sr", TensorProto.INT64, []),
+              helper.make_tensor_value_info("state", TensorProto.FLOAT, [2, "batch", 32])]
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 8]),
+               helper.make_tensor_value_info("state_out", TensorProto.FLOAT, [2, "batch", 32])]
+    graph = helper.make_graph(nodes, "vad_like", inputs, outputs, initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="tests")
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model, weights
+
+
+def stateful_reference(weights: dict[str, np.ndarray], x, sr, state) -> tuple[np.ndarray, np.ndarray]:
+    hidden = np.maximum((x * (np.float32(sr) * weights["sr_scale"])) @ weights["W1"] + weights["b1"], 0)
+    mixed = hidden + state.mean(axis=0)
+    return mixed @ weights["W2"], np.tanh(state + mixed[None])
+
+
+@pytest.fixture
+def stateful(tmp_path: Path):
+    model, weights = stateful_model()
+    path = tmp_path / "vad_like.onnx"
+    onnx.save_model(model, str(path))
+    rng = np.random.default_rng(3)
+    count = 16
+    arrays = {"x": rng.standard_normal((count, 1, 64)).astype(np.float32),
+              "sr": rng.choice([8000, 16000], count).astype(np.int64),
+              "state": rng.standard_normal((count, 2, 1, 32)).astype(np.float32)}
+    data = tmp_path / "stacked.npz"
+    np.savez(data, **arrays, clip_id=np.arange(3))  # an extra array users keep next to the inputs
+    return path, data, arrays, weights
+
+
+def _stateful_outputs(path: Path, arrays: dict[str, np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return [tuple(session.run(None, {name: np.asarray(arrays[name][i]) for name in ("x", "sr", "state")}))
+            for i in range(len(arrays["sr"]))]
+
+
+def test_the_stateful_reference_is_the_model(stateful):
+    path, _, arrays, weights = stateful
+    for i, (y, state_out) in enumerate(_stateful_outputs(path, arrays)):
+        want_y, want_state = stateful_reference(weights, arrays["x"][i], arrays["sr"][i], arrays["state"][i])
+        np.testing.assert_allclose(y, want_y, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(state_out, want_state, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("command", ["static", "prune"])
+def test_stack_layout_through_quantize_and_prune(run_cli, stateful, tmp_path, command):
+    path, data, arrays, weights = stateful
+    out = tmp_path / f"{command}.onnx"
+    args = (["quantize", path, "-d", data, "--no-speed-check"] if command == "static" else
+            ["prune", path, "-s", "0.5", "--calibration-data", data, "--prune-first", "--prune-last",
+             "--min-params", "1"])
+    result = run_cli(*args, "--data-layout", "stack", "-o", out, "--json")
+    assert result.exit_code == 0, result.stderr
+    summary = json.loads(result.stdout)
+    model = onnx.load(str(out))
+    onnx.checker.check_model(model)
+    assert interface(model) == interface(onnx.load(str(path)))
+    if command == "static":
+        assert {"QuantizeLinear", "DequantizeLinear"} & _op_types(model) or "MatMulIntegerToFloat" in _op_types(model)
+        assert "arrays ignored (not model inputs): clip_id" in summary["notes"]
+    else:
+        assert summary["calibration"] and {layer["weight"] for layer in summary["layers"]} == {"W1", "W2"}
+    for i, (y, state_out) in enumerate(_stateful_outputs(out, arrays)):
+        want_y, want_state = stateful_reference(weights, arrays["x"][i], arrays["sr"][i], arrays["state"][i])
+        assert y.shape == want_y.shape and state_out.shape == want_state.shape
+        if command == "static":
+            assert _cosine(y, want_y) > 0.99
+
+
+def test_stack_layout_through_report_and_sensitivity(run_cli, stateful, tmp_path):
+    path, data, *_ = stateful
+    out = tmp_path / "static.onnx"
+    assert run_cli("quantize", path, "-d", data, "--data-layout", "stack", "-o", out, "--no-speed-check").exit_code == 0
+    result = run_cli("report", path, out, "--data", data, "--data-layout", "stack", "--runs", "2", "--warmup", "0",
+                     "--json")
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["data"]["samples"] == 16 and not report["data"]["synthetic"]
+    scored = {o["output"]: o for o in report["candidates"][0]["outputs"]}
+    assert scored["y"]["cosine"] > 0.99
+    ranking = run_cli("sensitivity", path, "-d", data, "--data-layout", "stack", "--json")
+    assert ranking.exit_code == 0, ranking.stderr
+    nodes = {row["node"] for row in json.loads(ranking.stdout)["nodes"]}
+    assert "fc2" in nodes and any(node.startswith("fc1") for node in nodes)
+
+
+def test_report_without_data_on_a_scalar_input_model(run_cli, stateful):
+    """Synthetic inputs keep the scalar a scalar (exit 3 before: it was given a samples axis)."""
+    path, *_ = stateful
+    result = run_cli("report", path, "--runs", "2", "--warmup", "0", "--json")
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["data"]["synthetic"] is True
+
+
+def test_batch_layout_on_a_scalar_input_model_says_what_to_do(run_cli, stateful, tmp_path):
+    path, data, *_ = stateful
+    result = run_cli("quantize", path, "-d", data, "-o", tmp_path / "out.onnx")
+    assert result.exit_code == 2
+    assert "--data-layout stack" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "out.onnx").exists()
