@@ -16,12 +16,12 @@ from onnx import TensorProto, helper, numpy_helper
 
 from compressq.calibration import HistogramObserver, MinMaxObserver
 from compressq.data import load_dataset
+from compressq.measure.speed import FASTER_ENOUGH
 from compressq.quantize import scheme
 from compressq.quantize.api import quantize_model
 from compressq.quantize.config import QuantizeConfig
 from compressq.quantize.fusion import inspect_fusion
 from compressq.quantize.plan import build_plan, name_nodes
-from compressq.measure.speed import FASTER_ENOUGH
 from compressq.runtime import create_session
 from tests.conftest import SAMPLES
 
@@ -347,7 +347,6 @@ def test_cli_refuses_to_overwrite_its_input(run_cli, tmp_path):
 
 def test_dynamic_mode_that_runs_slower_hands_back_the_input(monkeypatch):
     import compressq.quantize.api as api
-
     from compressq.measure.speed import SpeedMeasurement
 
     slower = SpeedMeasurement(0.5, 0.5, 0.5, 1.0, 2.0, 15, 1, 1, "fake clock")
