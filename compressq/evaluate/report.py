@@ -538,7 +538,7 @@ def _labels_match_nothing(labels: np.ndarray, roles: list[OutputRole], values: d
     return DataError(f"labels of shape {list(labels.shape)} match no output that carries the task: class scores "
                      f"[*labels, classes] or integer labels [*labels] (outputs: {shapes})",
                      hint="labels hold one class index per sample (or per position); name the output with "
-                          "--output")
+                          "--task-output")
 
 
 def _evaluate(baseline: _Model, candidates: list[_Model], dataset: Dataset, config: ReportConfig,
@@ -635,7 +635,7 @@ def _measure(gate: str, candidate: CandidateReport) -> tuple[float, bool, str]:
         if worst is None:
             raise UsageError(f"--min-agreement needs class scores or integer labels among the outputs that carry "
                              f"the task (scored: {_scored(candidate)})",
-                             hint="use --min-cosine for these outputs, or name a class-score output with --output")
+                             hint="use --min-cosine for these outputs, or name a class-score output with --task-output")
         return worst.value, True, worst.where
     if gate == "min-cosine":
         worst = worst_cosine(candidate.outputs)

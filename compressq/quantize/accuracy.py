@@ -135,7 +135,7 @@ class AccuracyTarget:
             raise DataError(f"--max-drop: labels of shape {list(probe.labels.shape)} match no output that "
                             f"carries the task ({scored})",
                             hint="labels hold one class per sample (or per position); name the class-score "
-                                 "output with --output")
+                                 "output with --task-output")
         if self.min_agreement is not None and not any(role.agreement for role in probe.roles if role.task):
             scored = ", ".join(role.describe() for role in probe.roles if role.task)
             raise DataError(f"--min-agreement needs class scores or integer labels among the outputs that "

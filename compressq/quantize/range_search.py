@@ -19,8 +19,7 @@ from compressq.calibration import TensorRange
 from compressq.data import Dataset
 from compressq.graph import GraphIndex, NameGenerator, toposort
 from compressq.quantize.plan import QuantPlan
-from compressq.quantize.recovery import EXACT, GraphWriter
-from compressq.runtime import create_session, with_outputs
+from compressq.quantize.recovery import GraphWriter, summed_outputs
 
 PREFERRED = "minmax"  # kept on ties: the range that clips nothing
 
@@ -88,13 +87,7 @@ def choose_ranges(model: onnx.ModelProto, plan: QuantPlan, candidates: dict[str,
     writer.flush()
     toposort(combined.graph)
     names = sorted({n for pairs in noise_outputs.values() for n, _ in pairs} | set(signal_outputs.values()))
-    session = create_session(with_outputs(combined, names), level=EXACT)
-    totals = dict.fromkeys(names, 0.0)
-    for feed in dataset.batches(batch_size, samples):
-        for name, value in zip(names, session.run(names, feed)):
-            totals[name] += float(value)
-        if progress:
-            progress(next(iter(feed.values())).shape[0])
+    totals = summed_outputs(combined, names, dataset, batch_size, samples, progress)
     choices: dict[str, RangeChoice] = {}
     for tensor in roots:
         errors = {label: sum(totals[noise] / max(totals[signal_outputs[ref]], 1e-30) for noise, ref in pairs)

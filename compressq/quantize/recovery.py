@@ -211,15 +211,22 @@ def node_errors(model: onnx.ModelProto, plan: QuantPlan, ranges: dict[str, Tenso
     if not twins:
         return []
     names = sorted({name for twin in twins for name in (twin.noise, twin.signal)})
-    session = create_session(with_outputs(combined, names), level=EXACT)
+    totals = summed_outputs(combined, names, dataset, batch_size, samples, progress)
+    errors = [NodeError(t.node, t.op_type, t.reference, _ratio(totals[t.noise], totals[t.signal])) for t in twins]
+    return sorted(errors, key=lambda e: -e.noise_ratio)
+
+
+def summed_outputs(model: onnx.ModelProto, names: list[str], dataset: Dataset, batch_size: int,
+                   samples: int | None, progress: Callable[[int], None] | None = None) -> dict[str, float]:
+    """Run `model` (unoptimized: EXACT) over the data once and add up each named scalar output."""
+    session = create_session(with_outputs(model, names), level=EXACT)
     totals = dict.fromkeys(names, 0.0)
     for feed in dataset.batches(batch_size, samples):
         for name, value in zip(names, session.run(names, feed)):
             totals[name] += float(value)
         if progress:
             progress(next(iter(feed.values())).shape[0])
-    errors = [NodeError(t.node, t.op_type, t.reference, _ratio(totals[t.noise], totals[t.signal])) for t in twins]
-    return sorted(errors, key=lambda e: -e.noise_ratio)
+    return totals
 
 
 def _ratio(noise: float, signal: float) -> float:
