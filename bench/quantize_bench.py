@@ -68,7 +68,7 @@ def compressq_quantize_files(model_path: str, calibration_npz: str, out_path: st
                              batch_size: int = CALIBRATION_BATCH, speed_check: bool = False) -> dict:
     """What `compressq quantize MODEL -d NPZ --method M --batch-size B [--no-speed-check]` does, minus the CLI."""
     from compressq.data import load_dataset
-    from compressq.graph import load_model, save_model
+    from compressq.io import load_model, save_model
     from compressq.quantize.api import quantize_model
     from compressq.quantize.config import QuantizeConfig
 
@@ -91,7 +91,7 @@ def process_floor(model_path: str, tool: str = "compressq") -> dict:
         onnx.load(model_path)
         return {}
     import compressq.quantize.api  # noqa: F401
-    from compressq.graph import load_model
+    from compressq.io import load_model
 
     load_model(model_path)
     return {}
@@ -124,7 +124,7 @@ def _ort_quantize(model_path: Path, feeds: list[dict], out_path: Path, method: s
 
 
 def _save_like_cli(result, path: Path) -> Path:
-    from compressq.graph import save_model, stamp
+    from compressq.io import save_model, stamp
 
     model = onnx.ModelProto()
     model.CopyFrom(result.model)  # when nothing was quantized this is the caller's model: do not stamp that
@@ -134,7 +134,7 @@ def _save_like_cli(result, path: Path) -> Path:
 
 
 def _size_ratio(path: Path, reference: Path) -> float:
-    from compressq.graph import file_size
+    from compressq.io import file_size
 
     return file_size(path) / file_size(reference)
 
@@ -180,7 +180,7 @@ def _not_slower(ratio: float) -> bool:
 def _sample_models(table) -> None:
     from compressq.data import load_dataset
     from compressq.evaluate.metrics import top1_accuracy, top1_agreement
-    from compressq.graph import load_model
+    from compressq.io import load_model
     from compressq.quantize.api import quantize_model
     from compressq.quantize.config import QuantizeConfig
 
@@ -435,7 +435,7 @@ AGREEMENT_KEYS = ("top1_agreement", "text_agreement", "mask_iou", "box_iou", "ne
 def _real_models(table) -> None:
     from bench import real_models
     from compressq.data import load_dataset
-    from compressq.graph import load_model
+    from compressq.io import load_model
     from compressq.quantize.api import quantize_model
     from compressq.quantize.config import QuantizeConfig
 

@@ -31,9 +31,9 @@ _PUBLIC = {
     "build_report": "compressq.evaluate.report",
     "ReportConfig": "compressq.evaluate.report",
     "Report": "compressq.evaluate.report",
-    "inspect_model": "compressq.summary",
-    "load_model": "compressq.graph",
-    "save_model": "compressq.graph",
+    "inspect_model": "compressq.evaluate.summary",
+    "load_model": "compressq.io",
+    "save_model": "compressq.io",
     "load_dataset": "compressq.data",
     "CompressqError": "compressq.errors",
 }
@@ -49,13 +49,13 @@ if TYPE_CHECKING:
     from compressq.data import load_dataset
     from compressq.errors import CompressqError
     from compressq.evaluate.report import Report, ReportConfig, build_report
-    from compressq.graph import load_model, save_model
+    from compressq.evaluate.summary import summarize as inspect_model
+    from compressq.io import load_model, save_model
     from compressq.prune import PruneResult, prune_model
     from compressq.prune.config import PruneConfig
     from compressq.quantize.api import QuantizeResult, quantize_model
     from compressq.quantize.config import QuantizeConfig
     from compressq.quantize.plan_file import QuantizationPlan, read_plan
-    from compressq.summary import summarize as inspect_model
 
 
 def __getattr__(name: str) -> Any:

@@ -1,3 +1,3 @@
-from compressq.cli import main
+from compressq.cli.app import main
 
 main()

@@ -32,7 +32,7 @@ import numpy as np
 import onnx
 
 from compressq.errors import DataError, UsageError
-from compressq.graph import GraphIndex, TensorType, value_type
+from compressq.graph.index import GraphIndex, TensorType, value_type
 
 DEFAULT_LABELS_KEY = "labels"
 SYNTHETIC_DYNAMIC_DIM = 16

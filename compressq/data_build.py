@@ -19,7 +19,6 @@ Labels come from class subfolders (`folders`: sorted folder names -> 0, 1, ...) 
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +28,7 @@ import onnx
 
 from compressq.data import DEFAULT_LABELS_KEY, InputSpec, load_dataset, model_inputs
 from compressq.errors import DataError, OutputError, UsageError
+from compressq.io import write_atomically
 
 NETPBM_SUFFIXES = frozenset({".ppm", ".pgm", ".pnm"})
 PILLOW_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"})
@@ -153,18 +153,10 @@ def write_npz(dataset: BuiltDataset, target: Path, model: onnx.ModelProto,
         raise UsageError(f"output {target} must end in .npz", hint="e.g. -o calibration.npz")
     if target.is_dir() or not target.parent.is_dir():
         raise OutputError(f"cannot write {target}: not a file in an existing folder", hint="create the folder first")
-    handle, staged = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".npz", dir=target.parent)
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            np.savez(stream, **dataset.arrays)
-        load_dataset(staged, model)  # exactly what --calibration-data will read
-        os.replace(staged, target)
-    except OSError as exc:
-        raise OutputError(f"cannot write {target}: {exc.strerror or exc}", hint="check disk space and permissions") \
-            from exc
-    finally:
-        if os.path.exists(staged):
-            os.unlink(staged)
+    def savez(stream) -> None:
+        np.savez(stream, **dataset.arrays)
+
+    write_atomically(target, savez, verify=lambda staged: load_dataset(staged, model))  # what --calibration-data reads
     return target
 
 

@@ -19,9 +19,10 @@ import re
 import shutil
 import stat
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import onnx
@@ -126,7 +127,7 @@ def load_model(path: str | os.PathLike, *, check: bool = True) -> onnx.ModelProt
     _read_external_data(pieces)
     if check:
         check_model(model, model_path)
-    from compressq.normalize import normalize_at_load  # the one import step every command's model goes through
+    from compressq.graph.normalize import normalize_at_load  # the one import step every command's model goes through
 
     return normalize_at_load(model, model_path)
 
@@ -157,7 +158,7 @@ def _parse_model(path: Path) -> onnx.ModelProto:
         model = onnx.load(str(path), load_external_data=False)
     except (DecodeError, RuntimeWarning, ValueError, UnicodeDecodeError) as exc:
         raise ModelError(
-            f"{path} is not a readable ONNX model (protobuf could not be parsed: {_first_line(exc)})",
+            f"{path} is not a readable ONNX model (protobuf could not be parsed: {first_line(exc)})",
             hint="the file may be truncated or not an .onnx file; re-export or re-download it",
         ) from exc
     # Arbitrary bytes sometimes parse as a protobuf with only unknown fields; a real model has a graph.
@@ -284,12 +285,12 @@ def check_model(model: onnx.ModelProto, model_path: Path | None = None) -> None:
     except (onnx.checker.ValidationError, ValueError) as exc:
         name = model_path.name if model_path else "the model"
         raise ModelError(
-            f"{name} fails the ONNX checker: {_first_line(exc)}",
+            f"{name} fails the ONNX checker: {first_line(exc)}",
             hint="fix or re-export the model (run onnx.checker.check_model on it to see the details)",
         ) from exc
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
     text = str(exc).strip() or type(exc).__name__
     return text.splitlines()[0][:300]
 
@@ -514,3 +515,47 @@ def stamp(model: onnx.ModelProto, command: str, settings: dict) -> None:
 def read_stamp(model: onnx.ModelProto) -> dict[str, str]:
     return {p.key[len(METADATA_PREFIX):]: p.value for p in model.metadata_props
             if p.key.startswith(METADATA_PREFIX)}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Writing files other than models: the one atomic writer
+
+
+def write_atomically(path: str | os.PathLike, write: Callable[[BinaryIO], None], *,
+                     verify: Callable[[Path], None] | None = None) -> Path:
+    """Stage `write`'s bytes next to `path`, optionally `verify` the staged file, then rename over `path`.
+
+    Readers see the old file or the whole new one, never half of it; a failure leaves nothing behind.
+    """
+    path = Path(path)
+    folder = path.parent if str(path.parent) else Path(".")
+    if path.is_dir():
+        raise OutputError(f"{path} is a directory", hint=f"pass a file path such as {folder / ('out' + path.suffix)}")
+    if not folder.is_dir():
+        raise OutputError(f"output folder {folder} does not exist", hint="create it first")
+    handle, staged = tempfile.mkstemp(prefix=f".{path.name}.{STAGING_MARK}{os.getpid()}-",
+                                      suffix=path.suffix or ".tmp", dir=folder)
+    try:
+        with os.fdopen(handle, "wb") as stream:
+            write(stream)
+        if verify is not None:
+            verify(Path(staged))
+        os.chmod(staged, 0o666 & ~_current_umask())  # mkstemp makes 0600; outputs are as readable as any file
+        os.replace(staged, path)
+    except OSError as exc:
+        raise OutputError(f"cannot write {path}: {exc.strerror or exc}", hint="check permissions and free space") \
+            from exc
+    finally:
+        if os.path.exists(staged):
+            os.unlink(staged)
+    return path
+
+
+def write_text_atomically(path: str | os.PathLike, text: str) -> Path:
+    return write_atomically(path, lambda stream: stream.write(text.encode("utf-8")))
+
+
+def _current_umask() -> int:
+    current = os.umask(0)
+    os.umask(current)
+    return current

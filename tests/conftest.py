@@ -12,7 +12,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from typer.testing import CliRunner
 
-from compressq import cli
+from compressq.cli import app as cli
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = REPO_ROOT / "sample_models"
@@ -150,7 +150,7 @@ def run_cli() -> Callable[..., CliResult]:
     """Run `compressq ARGS...` in-process; stdout and stderr come back separately.
 
     typer >= 0.2x's CliRunner always captures the two streams apart (`result.stderr`; no `mix_stderr`).
-    The --debug switch is module state in compressq.cli; it is reset around every call.
+    The --debug switch is module state in compressq.cli.app; it is reset around every call.
     """
     runner = CliRunner()
 

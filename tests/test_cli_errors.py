@@ -12,7 +12,8 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from compressq import __version__, cli
+from compressq import __version__
+from compressq.cli import app as cli
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -93,7 +94,7 @@ def test_bad_model_is_one_error_line(run_cli, tmp_path, cnn_path, tiny_model, ki
 
 
 def test_internal_error_is_one_line_with_exit_3(run_cli, cnn_path, monkeypatch):
-    import compressq.commands.inspect as inspect_command
+    import compressq.cli.inspect as inspect_command
 
     def broken(*args, **kwargs):
         raise KeyError("boom")
@@ -145,7 +146,7 @@ def test_debug_before_command_in_process(tmp_path, debug_reset):
 
 @pytest.mark.parametrize("debug", [False, True])
 def test_debug_keeps_internal_error_code(run_cli, cnn_path, monkeypatch, debug):
-    import compressq.commands.inspect as inspect_command
+    import compressq.cli.inspect as inspect_command
 
     def broken(*args, **kwargs):
         raise KeyError("boom")

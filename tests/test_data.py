@@ -8,7 +8,7 @@ from onnx import TensorProto
 
 from compressq.data import load_dataset, model_inputs, synthetic_dataset
 from compressq.errors import DataError
-from compressq.graph import load_model
+from compressq.io import load_model
 
 
 def concat(feeds: list[dict[str, np.ndarray]], name: str) -> np.ndarray:

@@ -8,7 +8,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from compressq.data import load_dataset
-from compressq.graph import GraphIndex, load_model, node_attributes
+from compressq.graph.index import GraphIndex, node_attributes
+from compressq.io import load_model
 from compressq.quantize.equalize import equalize, fold_batchnorm
 from compressq.runtime import create_session
 from tests.conftest import SAMPLES, make_model

@@ -252,7 +252,7 @@ if spec["probe"] == "audit":
             log.write(os.path.abspath(args[0] if isinstance(args[0], str) else args[0].decode()) + "\n")
             log.flush()
     sys.addaudithook(hook)
-from compressq import cli
+from compressq.cli import app as cli
 results = []
 for name, argv in spec["runs"]:
     err = io.StringIO()

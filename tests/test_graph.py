@@ -15,18 +15,9 @@ from onnx import TensorProto, external_data_helper, helper, numpy_helper
 
 import compressq.io as io_module
 from compressq.errors import ModelError, OutputError
-from compressq.graph import (
-    GraphIndex,
-    default_output_path,
-    file_size,
-    load_model,
-    read_stamp,
-    remove_unused,
-    save_model,
-    stamp,
-    tensor_types,
-    toposort,
-)
+from compressq.graph.edit import remove_unused, toposort
+from compressq.graph.index import GraphIndex, tensor_types
+from compressq.io import default_output_path, file_size, load_model, read_stamp, save_model, stamp
 
 
 def weights(model: onnx.ModelProto) -> dict[str, np.ndarray]:

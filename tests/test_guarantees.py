@@ -20,7 +20,7 @@ import numpy as np
 import onnx
 import pytest
 
-from compressq.render import printable
+from compressq.cli.views.console import printable
 from tests.conftest import tiny
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -179,7 +179,7 @@ def test_device_targets_are_refused_in_a_private_dev(model_dir, tmp_path):
 INTERRUPTED_SAVE = """
 import os, signal, sys, time
 import onnx
-from compressq import cli
+from compressq.cli import app as cli
 signum = getattr(signal, sys.argv[1])
 real_save = onnx.save_model
 def save_then_signal(model, path, *args, **kwargs):
@@ -235,7 +235,7 @@ def interrupting_import(name, *args, **kwargs):
     return real_import(name, *args, **kwargs)
 builtins.__import__ = interrupting_import
 sys.argv = ["compressq", "inspect", "m.onnx"]
-from compressq.cli import main
+from compressq.cli.app import main
 main()
 """
 
@@ -319,7 +319,7 @@ def test_brackets_in_names_are_not_markup(run_cli, model_dir, cnn_path):
 ])
 @pytest.mark.parametrize("debug", [False, True])
 def test_usage_errors_are_one_line(model_dir, args, words, debug):
-    done = run_python("from compressq.cli import main; main()", *(["--debug"] if debug else []), *args,
+    done = run_python("from compressq.cli.app import main; main()", *(["--debug"] if debug else []), *args,
                       cwd=model_dir)
     assert done.returncode == 2, done.stderr
     lines = [line for line in error_lines(done.stderr) if not debug or line.startswith("error:")]

@@ -13,7 +13,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from compressq.graph import save_model, stamp
+from compressq.io import save_model, stamp
 
 SAMPLES = Path(__file__).resolve().parents[1] / "sample_models"
 SAMPLE_MODELS = ("digits_cnn", "digits_mobilenet", "digits_transformer")

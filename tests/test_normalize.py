@@ -11,8 +11,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from compressq.graph import load_model
-from compressq.normalize import (
+from compressq.graph.normalize import (
     InterfaceChanged,
     Port,
     check_contract,
@@ -20,6 +19,7 @@ from compressq.normalize import (
     interface,
     normalize,
 )
+from compressq.io import load_model
 
 W = np.arange(12, dtype=np.float32).reshape(4, 3) / 10
 

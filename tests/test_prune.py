@@ -12,7 +12,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from compressq.data import load_dataset, synthetic_dataset
 from compressq.errors import UsageError
-from compressq.graph import GraphIndex, read_stamp
+from compressq.graph.index import GraphIndex
+from compressq.io import read_stamp
 from compressq.prune import PruneConfig, prune_model
 from compressq.prune.plan import plan_pruning
 from compressq.runtime import create_session
@@ -255,9 +256,9 @@ def test_cli_refuses_to_overwrite_its_input_and_bad_options(run_cli, tmp_path):
 
 
 def test_prune_then_quantize_keeps_every_pruned_zero_exactly_zero(cnn, cnn_calibration):
+    from compressq.evaluate.summary import summarize
     from compressq.quantize.api import quantize_model
     from compressq.quantize.config import QuantizeConfig
-    from compressq.summary import summarize
 
     pruned = prune_model(cnn, PruneConfig(sparsity=0.5)).model
     quantized = quantize_model(pruned, cnn_calibration, QuantizeConfig(speed_check=False)).model

@@ -12,7 +12,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from compressq.graph import GraphIndex
+from compressq.graph.index import GraphIndex
 from compressq.prune import PruneConfig, prune_model
 from compressq.prune.plan import plan_pruning
 from compressq.prune.structured import (

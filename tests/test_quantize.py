@@ -14,7 +14,6 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 from onnx import TensorProto, helper, numpy_helper
 
-from compressq.calibration import HistogramObserver, MinMaxObserver
 from compressq.data import load_dataset
 from compressq.measure.speed import FASTER_ENOUGH
 from compressq.quantize import scheme
@@ -23,6 +22,7 @@ from compressq.quantize.config import QuantizeConfig
 from compressq.quantize.fusion import inspect_fusion
 from compressq.quantize.plan import build_plan, name_nodes
 from compressq.runtime import create_session
+from compressq.stats.collect import HistogramObserver, MinMaxObserver
 from tests.conftest import SAMPLES
 
 FORCED = QuantizeConfig(speed_check=False)
@@ -427,7 +427,7 @@ def test_dynamic_mode_without_data_times_models_with_small_lookup_tables():
 
 
 def test_cli_refuses_an_output_folder_that_does_not_exist_before_calibrating(run_cli, tmp_path, monkeypatch):
-    import compressq.commands.quantize as command
+    import compressq.cli.quantize as command
 
     def must_not_run(*args, **kwargs):
         raise AssertionError("quantization ran although the output could never be written")

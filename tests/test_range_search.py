@@ -7,7 +7,6 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from compressq.calibration import collect_range_candidates
 from compressq.data import load_dataset
 from compressq.quantize import scheme
 from compressq.quantize.api import quantize_model
@@ -15,6 +14,7 @@ from compressq.quantize.config import QuantizeConfig
 from compressq.quantize.plan import build_plan
 from compressq.quantize.plan_file import read_plan
 from compressq.quantize.range_search import choose_ranges
+from compressq.stats.collect import collect_range_candidates
 
 
 def _model() -> onnx.ModelProto:

@@ -19,8 +19,8 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from compressq.graph import load_model
-from compressq.normalize import interface
+from compressq.graph.normalize import interface
+from compressq.io import load_model
 
 SHAPES = ("constant_weights", "initializers_as_inputs", "unnamed_nodes", "all_three")
 SAMPLES = 24

@@ -15,8 +15,8 @@ import onnx
 import pytest
 
 from bench import real_models
-from compressq.graph import file_size, load_model, save_model
-from compressq.normalize import normalize
+from compressq.graph.normalize import normalize
+from compressq.io import file_size, load_model, save_model
 from compressq.runtime import create_session
 
 pytestmark = pytest.mark.integration

@@ -17,7 +17,7 @@ from onnx import numpy_helper
 from typer.testing import CliRunner
 
 import sample_models
-from compressq.cli import app
+from compressq.cli.app import app
 from compressq.evaluate.report import (
     SCHEMA,
     GateLimits,

@@ -9,7 +9,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from compressq.data import Dataset, load_dataset
 from compressq.errors import DataError, UsageError
-from compressq.graph import GraphIndex, load_model
+from compressq.graph.index import GraphIndex
+from compressq.io import load_model
 from compressq.quantize.smoothquant import collect_channel_absmax, smooth, smoothable_activations
 from compressq.runtime import create_session, with_outputs
 from tests.conftest import SAMPLES, make_model

@@ -18,11 +18,11 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from typer.testing import CliRunner
 
-from compressq.cli import app
+from compressq.cli.app import app
+from compressq.cli.views.quantize import _accuracy_text
 from compressq.data import load_dataset
 from compressq.evaluate import metrics
 from compressq.quantize.accuracy import AccuracyProbe, AccuracyTarget
-from compressq.render_quantize import _accuracy_text
 from tests.conftest import make_model
 
 CLASSES, ANCHORS, SAMPLES = 6, 160, 32

@@ -11,7 +11,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from compressq.errors import DataError, UsageError
 from compressq.evaluate.metrics import cosine_similarity
-from compressq.graph import GraphIndex
+from compressq.graph.index import GraphIndex
 from compressq.quantize.weight_only import (
     pack_codes,
     quantize_weight,

@@ -18,7 +18,7 @@ import numpy as np
 import onnx
 
 from compressq.evaluate.metrics import OutputAgreement
-from compressq.graph import tensor_types
+from compressq.graph.index import tensor_types
 
 FLOAT_TYPES = frozenset({onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE,
                          onnx.TensorProto.BFLOAT16})

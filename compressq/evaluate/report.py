@@ -24,7 +24,8 @@ from compressq.errors import DataError, ModelError, UsageError
 from compressq.evaluate.latency import LatencyStats, speedup, time_interleaved
 from compressq.evaluate.metrics import TopKCounter
 from compressq.evaluate.per_layer import LayerComparison, LayerErrors, matched_tensors, produced_tensors
-from compressq.graph import iter_tensors, load_model
+from compressq.evaluate.summary import all_nodes, summarize
+from compressq.io import iter_tensors, load_model
 from compressq.measure.speed import SpeedMeasurement, measure_speedup
 from compressq.measure.task import (
     CLASS_SCORES,
@@ -40,7 +41,6 @@ from compressq.measure.task import (
     worst_cosine,
 )
 from compressq.runtime import create_session, provider_chain, with_outputs
-from compressq.summary import all_nodes, summarize
 
 SCHEMA = "compressq.report/1"
 SYNTHETIC = "synthetic inputs"

@@ -19,7 +19,9 @@ from onnx import numpy_helper
 
 from compressq.data import Dataset
 from compressq.errors import UsageError
-from compressq.graph import GraphIndex, NameGenerator, check_model
+from compressq.graph.edit import NameGenerator
+from compressq.graph.index import GraphIndex
+from compressq.io import check_model
 from compressq.prune.config import PruneConfig
 from compressq.prune.masks import global_masks, local_mask, n_m_mask, weight_scores, zero_fraction
 from compressq.prune.plan import DenseLayer, PrunePlan, plan_pruning

@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 
 from compressq.errors import UsageError
-from compressq.graph import GraphIndex, node_attributes
+from compressq.graph.index import GraphIndex, node_attributes
 from compressq.prune.config import PruneConfig
 
 WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")

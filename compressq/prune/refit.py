@@ -33,7 +33,7 @@ import onnx
 from numpy.lib.stride_tricks import sliding_window_view
 
 from compressq.data import Dataset
-from compressq.graph import GraphIndex, node_attributes
+from compressq.graph.index import GraphIndex, node_attributes
 from compressq.prune.structured import replace_constant_input
 from compressq.runtime import create_session
 

@@ -27,7 +27,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from compressq.graph import GraphIndex, NameGenerator, node_attributes, remove_unused, tensor_types
+from compressq.graph.edit import NameGenerator, remove_unused
+from compressq.graph.index import GraphIndex, node_attributes, tensor_types
 from compressq.prune.masks import channel_l2_norms, kept_channel_counts, strongest_channels
 
 ELEMENTWISE_UNARY_OPS = frozenset({

@@ -11,7 +11,7 @@ import onnx
 
 from compressq.data import Dataset, synthetic_dataset
 from compressq.errors import UsageError
-from compressq.graph import GraphIndex
+from compressq.graph.index import GraphIndex
 from compressq.measure.speed import measure_speedup, meets
 from compressq.quantize.accuracy import (
     AccuracyFallback,

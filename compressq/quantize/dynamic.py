@@ -13,7 +13,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from compressq.graph import GraphIndex, NameGenerator, node_attributes, remove_unused, toposort
+from compressq.graph.edit import NameGenerator, remove_unused, toposort
+from compressq.graph.index import GraphIndex, node_attributes
 from compressq.quantize import scheme
 from compressq.quantize.plan import Skipped, check_exclude, matches
 

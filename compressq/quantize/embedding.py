@@ -14,7 +14,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from compressq.graph import GraphIndex, NameGenerator, node_attributes, remove_unused
+from compressq.graph.edit import NameGenerator, remove_unused
+from compressq.graph.index import GraphIndex, node_attributes
 
 MICROSOFT_DOMAIN = "com.microsoft"
 MIN_TABLE_ELEMENTS = 65536  # below this the table is too small to matter for size

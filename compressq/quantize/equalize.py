@@ -21,7 +21,8 @@ import onnx
 from onnx import helper, numpy_helper
 
 from compressq.errors import UsageError
-from compressq.graph import GraphIndex, NameGenerator, node_attributes, remove_unused, toposort
+from compressq.graph.edit import NameGenerator, remove_unused, toposort
+from compressq.graph.index import GraphIndex, node_attributes
 
 HOMOGENEOUS_ACTIVATIONS = ("Relu", "LeakyRelu", "PRelu")
 SCALE_LIMITS = (1e-4, 1e4)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import onnx
 
-from compressq.graph import GraphIndex
+from compressq.graph.index import GraphIndex
 from compressq.runtime import optimized_graph
 
 FLOAT_COMPUTE_OPS = frozenset({"Conv", "Gemm", "MatMul", "FusedConv", "FusedGemm", "FusedMatMul", "ConvTranspose"})

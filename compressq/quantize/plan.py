@@ -20,7 +20,7 @@ import numpy as np
 import onnx
 
 from compressq.errors import UsageError
-from compressq.graph import GraphIndex, node_attributes
+from compressq.graph.index import GraphIndex, node_attributes
 
 COMPUTE_OPS = ("Conv", "Gemm", "MatMul")
 ALREADY_INT8 = "already int8"  # how a skip reason starts when the node is quantized already (not float)

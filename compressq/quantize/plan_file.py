@@ -19,9 +19,9 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from compressq.calibration import TensorRange
 from compressq.errors import UsageError
-from compressq.graph import METADATA_PREFIX
+from compressq.io import METADATA_PREFIX
+from compressq.stats.collect import TensorRange
 
 PLAN_FORMAT = "compressq-plan"
 PLAN_VERSION = 1

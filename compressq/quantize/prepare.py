@@ -16,7 +16,9 @@ import onnx
 import onnxruntime as ort
 from onnx import numpy_helper
 
-from compressq.graph import EXTERNAL_DATA_THRESHOLD, GraphIndex, NameGenerator
+from compressq.graph.edit import NameGenerator
+from compressq.graph.index import GraphIndex
+from compressq.io import EXTERNAL_DATA_THRESHOLD
 from compressq.quantize.plan import name_nodes
 from compressq.runtime import create_session
 

@@ -13,11 +13,12 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from compressq.calibration import TensorRange
-from compressq.graph import GraphIndex, NameGenerator, node_attributes, remove_unused, toposort
+from compressq.graph.edit import NameGenerator, remove_unused, toposort
+from compressq.graph.index import GraphIndex, node_attributes
 from compressq.quantize import scheme
 from compressq.quantize.bias_correction import weight_error_shift
 from compressq.quantize.plan import ComputeNode, QuantPlan
+from compressq.stats.collect import TensorRange
 
 
 @dataclass

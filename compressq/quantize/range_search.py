@@ -15,11 +15,12 @@ from dataclasses import dataclass, field
 
 import onnx
 
-from compressq.calibration import TensorRange
 from compressq.data import Dataset
-from compressq.graph import GraphIndex, NameGenerator, toposort
+from compressq.graph.edit import NameGenerator, toposort
+from compressq.graph.index import GraphIndex
 from compressq.quantize.plan import QuantPlan
 from compressq.quantize.recovery import GraphWriter, summed_outputs
+from compressq.stats.collect import TensorRange
 
 PREFERRED = "minmax"  # kept on ties: the range that clips nothing
 

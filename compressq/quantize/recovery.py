@@ -23,12 +23,13 @@ import onnx
 from onnx import helper, numpy_helper
 
 from compressq import runtime
-from compressq.calibration import TensorRange
 from compressq.data import Dataset
-from compressq.graph import GraphIndex, NameGenerator, toposort
+from compressq.graph.edit import NameGenerator, toposort
+from compressq.graph.index import GraphIndex
 from compressq.quantize import scheme
 from compressq.quantize.plan import QuantPlan
 from compressq.runtime import create_session, with_outputs
+from compressq.stats.collect import TensorRange
 
 TWIN_SUFFIX = "_cq_twin"
 # Measuring graphs run unoptimized: onnxruntime's basic graph rewrites changed a twin Conv (QDQ input, float

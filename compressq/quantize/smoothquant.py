@@ -23,7 +23,8 @@ from onnx import helper, numpy_helper
 
 from compressq.data import Dataset
 from compressq.errors import DataError, UsageError
-from compressq.graph import GraphIndex, NameGenerator, node_attributes, remove_unused, toposort
+from compressq.graph.edit import NameGenerator, remove_unused, toposort
+from compressq.graph.index import GraphIndex, node_attributes
 from compressq.runtime import create_session, with_outputs
 
 NORMALIZATIONS = ("LayerNormalization", "RMSNormalization", "SimplifiedLayerNormalization")

@@ -18,10 +18,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from compressq.calibration import TensorRange, collect_range_candidates, collect_ranges
 from compressq.data import Dataset
 from compressq.errors import UsageError
-from compressq.graph import check_model, ensure_opset
+from compressq.graph.edit import ensure_opset
+from compressq.io import check_model
 from compressq.measure.speed import (
     FASTER_ENOUGH,
     LONG_RUNS,
@@ -44,6 +44,7 @@ from compressq.quantize.qdq import RewriteStats, rewrite_qdq
 from compressq.quantize.range_search import RangeChoice, choose_ranges
 from compressq.quantize.range_search import summarize as summarize_choices
 from compressq.quantize.smoothquant import collect_channel_absmax, smooth, smoothable_activations
+from compressq.stats.collect import TensorRange, collect_range_candidates, collect_ranges
 
 __all__ = ["FASTER_ENOUGH", "StaticQuantizer", "quantize_static", "measure_speedup"]
 

@@ -34,7 +34,8 @@ import onnx
 from onnx import helper, numpy_helper
 
 from compressq.errors import DataError, UsageError
-from compressq.graph import GraphIndex, NameGenerator, node_attributes, remove_unused, toposort
+from compressq.graph.edit import NameGenerator, remove_unused, toposort
+from compressq.graph.index import GraphIndex, node_attributes
 from compressq.quantize.plan import check_exclude, matches
 
 MS_DOMAIN = "com.microsoft"

@@ -11,18 +11,14 @@ import html
 import io
 import json
 import math
-import os
-import tempfile
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from compressq.errors import OutputError
+from compressq.cli.views.console import human_bytes
 from compressq.evaluate.report import SYNTHETIC, CandidateReport, ModelReport, OutputComparison, Report, verdict
-from compressq.render import human_bytes
 
 FORMATS = ("table", "json", "markdown", "html")
 LAYER_ROWS_SHOWN = 15
@@ -455,30 +451,3 @@ def latency_chart(series: list[tuple[str, list[float]]]) -> str:
 def render_text(report: Report, output_format: str) -> str:
     views = {"table": table_text, "json": json_text, "markdown": markdown_text, "html": html_text}
     return views[output_format](report)
-
-
-def _umask() -> int:
-    current = os.umask(0)
-    os.umask(current)
-    return current
-
-
-def write_atomically(path: Path, text: str) -> None:
-    """Write to a temporary file next to `path`, then rename: readers never see half a report."""
-    folder = path.parent if str(path.parent) else Path(".")
-    if path.is_dir():
-        raise OutputError(f"{path} is a directory", hint="pass a file path such as report.html")
-    if not folder.is_dir():
-        raise OutputError(f"output folder {folder} does not exist", hint="create it first")
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as stream:
-            stream.write(text)
-        os.chmod(temporary, 0o666 & ~_umask())  # mkstemp makes 0600; a report is as readable as any file
-        os.replace(temporary, path)
-    except OSError as exc:
-        raise OutputError(f"cannot write {path}: {exc.strerror or exc}", hint="check permissions and free space") \
-            from exc
-    finally:
-        if os.path.exists(temporary):
-            os.unlink(temporary)

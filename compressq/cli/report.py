@@ -8,12 +8,12 @@ from pathlib import Path
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from compressq import render
+from compressq.cli.views import console as render
+from compressq.cli.views.report import print_table, render_text, table_console
 from compressq.data import DATA_LAYOUT_HELP
 from compressq.errors import EXIT_GATE_FAILED, OutputError, UsageError
-from compressq.evaluate.render import print_table, render_text, table_console, write_atomically
 from compressq.evaluate.report import GateLimits, Report, ReportConfig, StartTask, build_report, verdict
-from compressq.io import check_output_path
+from compressq.io import check_output_path, write_text_atomically
 
 
 class ReportFormat(str, Enum):
@@ -93,7 +93,7 @@ def report(
 
 def _emit(result: Report, output_format: str, output: Path | None) -> None:
     if output is not None:
-        write_atomically(output, render_text(result, output_format))
+        write_text_atomically(output, render_text(result, output_format))
         render.stderr.print(f"wrote {output_format} report to {output}", highlight=False)
     elif output_format == "table":
         print_table(result, table_console(render.stdout))

@@ -6,10 +6,10 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from compressq import render
-from compressq.commands.progress import stage_progress
+from compressq.cli.views import console as render
+from compressq.cli.views.progress import stage_progress
 from compressq.data import DATA_LAYOUT_HELP, load_dataset
-from compressq.graph import load_model
+from compressq.io import load_model
 from compressq.quantize.api import METHODS, analyze_sensitivity
 from compressq.quantize.config import QuantizeConfig
 

@@ -38,7 +38,8 @@ import traceback  # noqa: E402
 import typer  # noqa: E402
 from typer.core import TyperGroup  # noqa: E402
 
-from compressq import __version__, render  # noqa: E402
+from compressq import __version__  # noqa: E402
+from compressq.cli.views import console as render  # noqa: E402
 from compressq.errors import EXIT_INTERNAL, CompressqError, Terminated  # noqa: E402
 
 try:  # typer >= 0.2x carries its own click
@@ -139,12 +140,12 @@ def options(
 
 
 def _register_commands() -> None:
-    from compressq.commands.data import data
-    from compressq.commands.inspect import inspect
-    from compressq.commands.prune import prune
-    from compressq.commands.quantize import quantize
-    from compressq.commands.report import report
-    from compressq.commands.sensitivity import sensitivity
+    from compressq.cli.data import data
+    from compressq.cli.inspect import inspect
+    from compressq.cli.prune import prune
+    from compressq.cli.quantize import quantize
+    from compressq.cli.report import report
+    from compressq.cli.sensitivity import sensitivity
 
     for command in (inspect, data, quantize, report, prune, sensitivity):
         app.command()(reports_errors(command))

@@ -4,9 +4,9 @@ from pathlib import Path
 
 import typer
 
-from compressq import render
-from compressq.graph import load_model
-from compressq.summary import summarize
+from compressq.cli.views import console as render
+from compressq.evaluate.summary import summarize
+from compressq.io import load_model
 
 
 def inspect(

@@ -6,10 +6,10 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from compressq import render
+from compressq.cli.views import console as render
 from compressq.data_build import BuildRequest, BuiltDataset, ImageOptions, build_dataset, write_npz
 from compressq.errors import UsageError
-from compressq.graph import load_model
+from compressq.io import load_model
 
 
 def data(

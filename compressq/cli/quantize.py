@@ -5,16 +5,23 @@ from pathlib import Path
 
 import typer
 
-from compressq import render
-from compressq.commands.progress import stage_progress
+from compressq.cli.views import console as render
+from compressq.cli.views.progress import stage_progress
+from compressq.cli.views.quantize import render_quantize_summary
 from compressq.data import DATA_LAYOUT_HELP, load_dataset
 from compressq.errors import UsageError
-from compressq.evaluate.render import write_atomically
-from compressq.graph import check_output_path, default_output_path, file_size, load_model, save_model, stamp
+from compressq.io import (
+    check_output_path,
+    default_output_path,
+    file_size,
+    load_model,
+    save_model,
+    stamp,
+    write_text_atomically,
+)
 from compressq.quantize.api import quantize_model
 from compressq.quantize.config import QuantizeConfig
 from compressq.quantize.plan_file import QuantizationPlan, check_plan_fits, read_plan, record_plan
-from compressq.render_quantize import render_quantize_summary
 from compressq.runtime import provider_chain
 
 
@@ -102,7 +109,7 @@ def quantize(
             record_plan(result.model, result.plan)
     save_model(result.model, target, protect=read_paths)
     if save_plan is not None and result.plan is not None:
-        write_atomically(save_plan, result.plan.to_json())
+        write_text_atomically(save_plan, result.plan.to_json())
     sizes = {"input_bytes": file_size(model), "output_bytes": file_size(target)}
     if as_json:
         render.print_json({"output": str(target), **sizes, **result.summary.to_dict(),

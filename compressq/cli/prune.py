@@ -16,9 +16,9 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from compressq import render
+from compressq.cli.views import console as render
 from compressq.data import DATA_LAYOUT_HELP, load_dataset
-from compressq.graph import check_output_path, default_output_path, file_size, load_model, save_model, stamp
+from compressq.io import check_output_path, default_output_path, file_size, load_model, save_model, stamp
 from compressq.prune import PruneConfig, PruneSummary, prune_model
 from compressq.prune.config import DEFAULT_MIN_PARAMETERS
 

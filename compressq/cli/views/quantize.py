@@ -7,9 +7,9 @@ from pathlib import Path
 from rich.markup import escape
 from rich.table import Table
 
+from compressq.cli.views.console import human_bytes, printable, stderr, stdout
 from compressq.quantize.api import QuantizeSummary
 from compressq.quantize.plan import ALREADY_INT8
-from compressq.render import human_bytes, printable, stderr, stdout
 
 FLOAT_ROWS_SHOWN = 20
 ACCURACY_WARNING_AGREEMENT = 0.99

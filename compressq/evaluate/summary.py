@@ -11,7 +11,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from compressq.graph import GraphIndex, file_size, opset_version, read_stamp, value_type
+from compressq.graph.index import GraphIndex, opset_version, value_type
+from compressq.io import file_size, read_stamp
 
 QUANTIZED_OPS = frozenset({
     "QLinearConv", "QLinearMatMul", "QLinearAdd", "QLinearMul", "QLinearConcat", "QLinearSigmoid",

@@ -1,0 +1,1 @@
+"""Rendering only: what the commands print and write for people."""

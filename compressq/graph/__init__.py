@@ -1,0 +1,1 @@
+"""Graph structure: queries (index), edits, the pass contract and the import-time normalization."""

@@ -1,0 +1,96 @@
+"""Editing graphs: fresh names, topological order, removing what nothing uses, opset upgrades."""
+
+from __future__ import annotations
+
+import onnx
+
+from compressq.errors import ModelError
+from compressq.graph.index import opset_version
+from compressq.io import first_line
+
+
+def ensure_opset(model: onnx.ModelProto, minimum: int) -> onnx.ModelProto:
+    """A copy of `model` at default-domain opset >= `minimum` (converted when older)."""
+    if opset_version(model) >= minimum:
+        return model
+    try:
+        return onnx.version_converter.convert_version(model, minimum)
+    except Exception as exc:  # the converter raises bare RuntimeErrors for unsupported ops
+        raise ModelError(
+            f"the model uses opset {opset_version(model)}; converting it to {minimum} failed: "
+            f"{first_line(exc)}",
+            hint=f"re-export the model with opset >= {minimum}",
+        ) from exc
+
+
+class NameGenerator:
+    """Fresh tensor/node names that collide with nothing in the graph."""
+
+    def __init__(self, graph: onnx.GraphProto):
+        self.taken: set[str] = set()
+        for node in graph.node:
+            self.taken.update(node.output)
+            self.taken.update(node.input)
+            self.taken.add(node.name)
+        self.taken.update(t.name for t in graph.initializer)
+        self.taken.update(v.name for v in [*graph.input, *graph.output, *graph.value_info])
+
+    def __call__(self, base: str) -> str:
+        name, counter = base, 1
+        while name in self.taken:
+            name = f"{base}_{counter}"
+            counter += 1
+        self.taken.add(name)
+        return name
+
+
+def toposort(graph: onnx.GraphProto) -> None:
+    """Reorder graph.node so that every node follows the producers of its inputs (in place)."""
+    available = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
+    pending = list(graph.node)
+    ordered: list[onnx.NodeProto] = []
+    while pending:
+        still_pending = []
+        for node in pending:
+            if all(name in available for name in _node_dependencies(node)):
+                ordered.append(node)
+                available.update(node.output)
+            else:
+                still_pending.append(node)
+        if len(still_pending) == len(pending):
+            missing = sorted({n for node in pending for n in _node_dependencies(node)} - available)
+            raise ModelError(f"graph has a cycle or dangling inputs: {', '.join(missing[:5])}")
+        pending = still_pending
+    del graph.node[:]
+    graph.node.extend(ordered)
+
+
+def _node_dependencies(node: onnx.NodeProto) -> list[str]:
+    # A subgraph body (If/Loop/Scan) may read tensors of the enclosing graph: those count too.
+    names = list(node.input)
+    for attribute in node.attribute:
+        for subgraph in [attribute.g] if attribute.HasField("g") else list(attribute.graphs):
+            produced = {n for sub in subgraph.node for n in sub.output}
+            local = produced | {i.name for i in subgraph.input} | {t.name for t in subgraph.initializer}
+            names.extend(n for sub in subgraph.node for n in sub.input if n and n not in local)
+    return names
+
+
+def remove_unused(graph: onnx.GraphProto) -> None:
+    """Drop nodes, initializers and value_info that no graph output depends on (in place)."""
+    needed = {o.name for o in graph.output}
+    kept_nodes = []
+    for node in reversed(list(graph.node)):
+        if any(o in needed for o in node.output):
+            kept_nodes.append(node)
+            needed.update(_node_dependencies(node))
+    kept_nodes.reverse()
+    del graph.node[:]
+    graph.node.extend(kept_nodes)
+    kept_inits = [t for t in graph.initializer if t.name in needed]
+    del graph.initializer[:]
+    graph.initializer.extend(kept_inits)
+    produced = {n for node in graph.node for n in node.output}
+    kept_info = [v for v in graph.value_info if v.name in produced]
+    del graph.value_info[:]
+    graph.value_info.extend(kept_info)

@@ -1,0 +1,1 @@
+"""Statistics over a model run on data: streaming observers and the one collection loop."""
