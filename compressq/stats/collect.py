@@ -1,178 +1,338 @@
-"""Activation ranges from calibration data, collected batch by batch with streaming observers.
+"""THE loop: every statistic a pipeline step asked for, gathered in as few passes over the data as it needs.
 
-Each observer folds one batch at a time into a fixed-size state (running min/max, or a histogram whose
-range widens as batches arrive), so memory does not grow with the number of samples. One onnxruntime
-session exposes every tensor the plan needs; each batch's outputs are dropped as soon as they are folded.
+    collect(model, dataset, [Request(tensor, observer), ...], provider=..., budget=...)
+
+Pass 1 runs a copy of the graph with reduction nodes added on the wanted tensors (ReduceMin/ReduceMax for
+ranges and per-channel abs-max, ReduceSum for channel means, Size for every tensor): only those small
+results leave onnxruntime, as in onnxruntime's own MinMax calibration. Tensors whose values must reach
+Python (histograms, or a reduction the graph cannot express for lack of a known rank) are fetched in a
+second pass, only when asked for, in chunks of outputs sized to `budget`: several runs per batch if
+needed, so peak memory depends neither on the number of samples nor on the model's width. The second pass
+also knows each tensor's exact range from the first, so histograms are binned once into their final bins.
+
+Batches are split into runs of fewer samples when the tensors of one sample already weigh much (measured
+on the first sample with the Size outputs): an activation map of a 640x480 detector at batch 32 would
+otherwise hold gigabytes inside onnxruntime alone.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
+from onnx import TensorProto, helper, numpy_helper
 
 from compressq.data import Dataset
-from compressq.runtime import create_session, with_outputs
+from compressq.graph.edit import NameGenerator
+from compressq.graph.index import TensorType, opset_version, tensor_types
+from compressq.runtime import create_session
+from compressq.stats.observers import (
+    CANDIDATE_METHODS,
+    HISTOGRAM_BINS,
+    SENTINEL_MAGNITUDE,
+    CandidatesObserver,
+    HistogramObserver,
+    MinMaxObserver,
+    Reduction,
+    TensorRange,
+    range_observer,
+)
+
+__all__ = ["CANDIDATE_METHODS", "DEFAULT_BUDGET", "HISTOGRAM_BINS", "METHODS", "SENTINEL_MAGNITUDE",
+           "CandidatesObserver", "HistogramObserver", "MinMaxObserver", "Request", "TensorRange", "collect",
+           "collect_range_candidates", "collect_ranges", "main_graph_tensors", "passes_needed"]
 
 METHODS = ("minmax", "percentile", "entropy", "mse", "auto")
-# What `--method auto` chooses among, per tensor (compressq.quantize.range_search picks by the error caused).
-# Entropy is not a candidate: on PP-OCRv4 rec it clipped so hard that no decoded line survived (0 % vs 22 %).
-CANDIDATE_METHODS = (("minmax", None), ("percentile", 99.999), ("percentile", 99.99), ("mse", None))
-HISTOGRAM_BINS = 2048
-# Beyond this magnitude a value is a sentinel (float-min attention masks, -inf padding), not a signal
-# that 8 bits could represent next to ordinary activations.
-SENTINEL_MAGNITUDE = 1e6
+# Bytes of tensors one session run may hand to Python, and the per-run activation weight a batch is
+# split to stay under (the sum of the wanted tensors of the samples in one run, an upper bound of what
+# onnxruntime's planner keeps alive at once).
+DEFAULT_BUDGET = 256 * 2**20
+REDUCIBLE_TYPES = (TensorProto.FLOAT, TensorProto.DOUBLE)
+Progress = Callable[[int], None]
 
 
-@dataclass(frozen=True)
-class TensorRange:
-    low: float
-    high: float
-    finite: bool = True  # False: the tensor carries inf/NaN or sentinel values and must stay float
+@dataclass(frozen=True, eq=False)
+class Request:
+    """One statistic of one tensor: `observer` receives it (reduced in the graph when it can be)."""
 
-    def describe(self) -> str:
-        return f"[{self.low:.4g}, {self.high:.4g}]" if self.finite else "non-finite or sentinel values"
+    tensor: str
+    observer: object  # update(values), result(); `reduction` + update_reduced(...) when reducible
 
 
-class MinMaxObserver:
-    def __init__(self) -> None:
-        self.low = np.inf
-        self.high = -np.inf
-        self.finite = True
+@dataclass
+class _Tap:
+    """What pass 1 adds for one (tensor, reduction): output names, and who receives them."""
 
-    def update(self, values: np.ndarray) -> None:
-        if values.size == 0:
-            return
-        low, high = float(values.min()), float(values.max())
-        if not (np.isfinite(low) and np.isfinite(high)) or max(abs(low), abs(high)) > SENTINEL_MAGNITUDE:
-            self.finite = False
-            return
-        self.low, self.high = min(self.low, low), max(self.high, high)
-
-    def result(self) -> TensorRange:
-        if not self.finite or self.low > self.high:
-            return TensorRange(0.0, 0.0, finite=self.finite and self.low <= self.high)
-        return TensorRange(self.low, self.high)
+    outputs: tuple[str, ...]
+    receivers: list = field(default_factory=list)
 
 
-class HistogramObserver(MinMaxObserver):
-    """A histogram of values over a range that doubles whenever a batch falls outside it."""
+def collect(model: onnx.ModelProto, dataset: Dataset, requests: Iterable[Request], *, provider: str = "cpu",
+            budget: int = DEFAULT_BUDGET, batch_size: int = 32, samples: int | None = None,
+            progress: Progress | None = None) -> None:
+    """Feed every request's observer from `samples` samples of `dataset` (the observers hold the results).
 
-    def __init__(self, method: str, percentile: float = 99.999, bins: int = HISTOGRAM_BINS) -> None:
-        super().__init__()
-        self.method = method
-        self.percentile = percentile
-        self.bins = bins
-        self.counts = np.zeros(bins, np.float64)
-        self.edge_low = 0.0
-        self.edge_high = 0.0
-
-    def update(self, values: np.ndarray) -> None:
-        super().update(values)
-        if not self.finite or values.size == 0:
-            return
-        self._cover(self.low, self.high)
-        counts, _ = np.histogram(values, bins=self.bins, range=(self.edge_low, self.edge_high))
-        self.counts += counts
-
-    def _cover(self, low: float, high: float) -> None:
-        if self.edge_high == self.edge_low:  # first batch: take its range exactly
-            self.edge_low, self.edge_high = low, high if high > low else low + 1e-6
-            return
-        if low >= self.edge_low and high <= self.edge_high:
-            return
-        new_low, new_high = min(low, self.edge_low), max(high, self.edge_high)
-        old_centres = self._centres()
-        self.edge_low, self.edge_high = new_low, new_high
-        self.counts, _ = np.histogram(old_centres, bins=self.bins, range=(new_low, new_high), weights=self.counts)
-
-    def _centres(self) -> np.ndarray:
-        width = (self.edge_high - self.edge_low) / self.bins
-        return self.edge_low + (np.arange(self.bins) + 0.5) * width
-
-    def result(self) -> TensorRange:
-        base = super().result()
-        if not base.finite or self.counts.sum() == 0:
-            return base
-        choose = {"percentile": self._percentile_range, "entropy": self._entropy_range, "mse": self._mse_range}
-        low, high = choose[self.method]()
-        return TensorRange(max(low, base.low), min(high, base.high))
-
-    def _percentile_range(self) -> tuple[float, float]:
-        cumulative = np.cumsum(self.counts) / self.counts.sum()
-        tail = (100.0 - self.percentile) / 100.0
-        centres = self._centres()
-        low = centres[min(np.searchsorted(cumulative, tail), self.bins - 1)]
-        high = centres[min(np.searchsorted(cumulative, 1.0 - tail), self.bins - 1)]
-        return float(low), float(high)
-
-    def _candidate_ranges(self, steps: int = 64) -> np.ndarray:
-        # Shrink the observed range towards zero; keeps the zero point fixed in relative position.
-        fractions = np.linspace(1.0, 0.05, steps)
-        return np.stack([self.low * fractions, self.high * fractions], axis=1)
-
-    def _mse_range(self) -> tuple[float, float]:
-        errors = [_expected_squared_error(self._centres(), self.counts, low, high)
-                  for low, high in self._candidate_ranges()]
-        low, high = self._candidate_ranges()[int(np.argmin(errors))]
-        return float(low), float(high)
-
-    def _entropy_range(self) -> tuple[float, float]:
-        divergences = [_kl_divergence(self._centres(), self.counts, low, high)
-                       for low, high in self._candidate_ranges()]
-        low, high = self._candidate_ranges()[int(np.argmin(divergences))]
-        return float(low), float(high)
+    `progress(count)` is called after each batch of each pass (passes_needed(requests) passes in all)."""
+    requests = list(requests)
+    if not requests:
+        return
+    tappable, elsewhere = main_graph_tensors(model, {r.tensor for r in requests})
+    if elsewhere:
+        # The seam for tensors inside If/Loop/Scan bodies: nothing in the main graph can reach them yet.
+        requests = [r for r in requests if r.tensor in tappable]
+    types = tensor_types(model)
+    opset = opset_version(model)
+    fetched = [r for r in requests if _reduction_for(r.observer, types.get(r.tensor)) is None]
+    ranges_first = {r.tensor: MinMaxObserver() for r in fetched}
+    graph = _Augmented(model, opset)
+    for request in requests:
+        reduction = _reduction_for(request.observer, types.get(request.tensor))
+        if reduction is not None:
+            graph.tap(request.tensor, reduction, types.get(request.tensor), request.observer)
+    for tensor, observer in ranges_first.items():
+        graph.tap(tensor, Reduction("minmax"), types.get(tensor), observer)
+    for tensor in sorted({r.tensor for r in requests}):
+        graph.size_of(tensor)
+    graph.expose(r.tensor for r in fetched)
+    splittable = _splittable(dataset)
+    session = create_session(graph.model(), provider)
+    sizes = _reduced_pass(session, graph, dataset, batch_size, samples, splittable, budget, progress)
+    if not fetched:
+        return
+    for request in fetched:
+        if isinstance(request.observer, HistogramObserver):
+            request.observer.fix_range(ranges_first[request.tensor])
+    wanted = sorted({r.tensor for r in fetched if ranges_first[r.tensor].finite})
+    if wanted:
+        itemsize = {t: _itemsize(types.get(t)) for t in wanted}
+        per_sample = {t: sizes.get(t, 0) * itemsize[t] for t in wanted}
+        _fetching_pass(session, fetched, wanted, per_sample, graph.activation_bytes(sizes, types), dataset,
+                       batch_size, samples, splittable, budget, progress)
 
 
-def _levels(low: float, high: float, levels: int = 256) -> tuple[float, float]:
-    low, high = min(low, 0.0), max(high, 0.0)
-    scale = (high - low) / (levels - 1) if high > low else 1.0
-    return low, scale
+def passes_needed(requests: Iterable[Request]) -> int:
+    """1, or 2 when some statistic needs the values themselves (histograms) and a second pass fetches them."""
+    return 2 if any(getattr(r.observer, "reduction", None) is None for r in requests) else 1
 
 
-def _expected_squared_error(centres: np.ndarray, counts: np.ndarray, low: float, high: float) -> float:
-    low, scale = _levels(low, high)
-    snapped = np.clip(np.rint((centres - low) / scale), 0, 255) * scale + low
-    return float(np.sum(counts * (centres - snapped) ** 2))
+def main_graph_tensors(model: onnx.ModelProto, names: Iterable[str]) -> tuple[set[str], set[str]]:
+    """(names the main graph produces or takes as input: collect can tap them, the other names).
+
+    Tensors inside If/Loop/Scan bodies are in the second set: exposing them needs a rewrite of the
+    enclosing node (compressq.stats.subgraphs, when it exists), not one more graph output."""
+    graph = model.graph
+    present = {o for node in graph.node for o in node.output} | {i.name for i in graph.input}
+    present |= {t.name for t in graph.initializer}
+    names = set(names)
+    return names & present, names - present
 
 
-def _kl_divergence(centres: np.ndarray, counts: np.ndarray, low: float, high: float) -> float:
-    """KL(P || Q) where Q is P after 8-bit quantization over [low, high] (clipped mass joins the ends)."""
-    low, scale = _levels(low, high)
-    level = np.clip(np.rint((centres - low) / scale), 0, 255).astype(np.int64)
-    mass_per_level = np.bincount(level, weights=counts, minlength=256)
-    bins_per_level = np.bincount(level, weights=(counts > 0).astype(np.float64), minlength=256)
-    spread = np.where(bins_per_level[level] > 0, mass_per_level[level] / np.maximum(bins_per_level[level], 1), 0)
-    p = counts / counts.sum()
-    q = np.where(counts > 0, spread, 0) / max(spread[counts > 0].sum(), 1e-12)
-    mask = p > 0
-    return float(np.sum(p[mask] * np.log(p[mask] / np.maximum(q[mask], 1e-12))))
+# -- pass 1: reductions in the graph ----------------------------------------------------------------
 
 
-class CandidatesObserver(HistogramObserver):
-    """One histogram, every candidate range of CANDIDATE_METHODS from it: {"minmax": ..., "p99.99": ...}."""
+def _reduced_pass(session, graph: _Augmented, dataset: Dataset, batch_size: int, samples: int | None,
+                  splittable: bool, budget: int, progress: Progress | None) -> dict[str, float]:
+    """Run every batch once (in runs of `rows` samples); returns the element count per sample per tensor."""
+    names = graph.reduced_outputs()
+    size_outputs = graph.size_outputs()
+    per_sample: dict[str, float] = {}
+    rows = 1  # the first run takes one sample: its Size outputs say how much one sample weighs
+    for feed in dataset.batches(batch_size, samples):
+        count = _rows_in(feed)
+        start = 0
+        while start < count:
+            part = _slice(feed, start, rows) if splittable else feed
+            taken = _rows_in(part) if splittable else count
+            outputs = names + list(size_outputs.values())
+            values = dict(zip(outputs, session.run(outputs, part)))
+            graph.deliver(values)
+            if not per_sample:
+                per_sample = {t: float(values[o]) / max(taken, 1) for t, o in size_outputs.items()}
+                rows = _rows_within(budget, sum(per_sample[t] * graph.itemsize(t) for t in per_sample), batch_size)
+            start += taken
+        if progress:
+            progress(count)
+    return per_sample
 
-    def __init__(self) -> None:
-        super().__init__("mse")
 
-    def candidates(self) -> dict[str, TensorRange]:
-        base = MinMaxObserver.result(self)
-        if not base.finite or self.counts.sum() == 0:
-            return {"minmax": base}
-        found: dict[str, TensorRange] = {}
-        for method, percentile in CANDIDATE_METHODS:
-            self.method, self.percentile = method, percentile or self.percentile
-            label = f"p{percentile:g}" if method == "percentile" else method
-            found[label] = base if method == "minmax" else HistogramObserver.result(self)
-        return found
+# -- pass 2: tensors fetched in chunks ---------------------------------------------------------------
 
 
-def make_observer(method: str, percentile: float) -> MinMaxObserver:
-    if method == "auto":
-        return CandidatesObserver()
-    return MinMaxObserver() if method == "minmax" else HistogramObserver(method, percentile)
+def _fetching_pass(session, fetched: list[Request], wanted: list[str], per_sample: dict[str, float],
+                   activation_bytes: float, dataset: Dataset, batch_size: int, samples: int | None,
+                   splittable: bool, budget: int, progress: Progress | None) -> None:
+    heaviest = max(per_sample.values(), default=0.0)
+    rows = min(_rows_within(budget, heaviest, batch_size), _rows_within(budget, activation_bytes, batch_size))
+    chunks = _chunks(wanted, {t: per_sample[t] * rows for t in wanted}, budget)
+    receivers: dict[str, list] = {}
+    for request in fetched:
+        receivers.setdefault(request.tensor, []).append(request.observer)
+    for feed in dataset.batches(batch_size, samples):
+        count = _rows_in(feed)
+        for start in range(0, count, rows if splittable else max(count, 1)):
+            part = _slice(feed, start, rows) if splittable else feed
+            for chunk in chunks:
+                for tensor, values in zip(chunk, session.run(chunk, part)):
+                    for observer in receivers.get(tensor, []):
+                        observer.update(values)
+                    del values
+        if progress:
+            progress(count)
+
+
+def _chunks(names: Sequence[str], weights: dict[str, float], budget: int) -> list[list[str]]:
+    """Consecutive groups of names whose weights add up to at most `budget` (a heavier name goes alone)."""
+    chunks: list[list[str]] = []
+    current: list[str] = []
+    total = 0.0
+    for name in names:
+        if current and total + weights[name] > budget:
+            chunks.append(current)
+            current, total = [], 0.0
+        current.append(name)
+        total += weights[name]
+    if current:
+        chunks.append(current)
+    return chunks
+
+
+def _rows_within(budget: int, bytes_per_sample: float, batch_size: int) -> int:
+    if bytes_per_sample <= 0:
+        return max(batch_size, 1)
+    return max(1, min(max(batch_size, 1), int(budget // bytes_per_sample)))
+
+
+def _splittable(dataset: Dataset) -> bool:
+    """Batches may be cut into runs of fewer samples: axis 0 is a free batch axis of every input."""
+    return dataset.layout == "batch" and not any(spec.fixed_batch for spec in dataset.inputs)
+
+
+def _rows_in(feed: dict[str, np.ndarray]) -> int:
+    first = next(iter(feed.values()), None)
+    return int(first.shape[0]) if first is not None and first.ndim else 1
+
+
+def _slice(feed: dict[str, np.ndarray], start: int, rows: int) -> dict[str, np.ndarray]:
+    return {name: values[start:start + rows] for name, values in feed.items()}
+
+
+def _itemsize(kind: TensorType | None) -> int:
+    dtype = kind.dtype if kind is not None else None
+    return dtype.itemsize if dtype is not None else 4
+
+
+# -- the augmented graph ------------------------------------------------------------------------------
+
+
+def _reduction_for(observer, kind: TensorType | None) -> Reduction | None:
+    """The reduction collect adds for `observer` on a tensor of type `kind`, or None: fetch the values.
+
+    Per-channel reductions need the rank (axes are listed); floats other than float32/64 are cast first."""
+    reduction = getattr(observer, "reduction", None)
+    if reduction is None or reduction.axis is None:
+        return reduction
+    if kind is None or kind.shape is None:
+        return None
+    return reduction
+
+
+class _Augmented:
+    """A copy of the model with reduction and Size outputs; routes the run's results to the observers."""
+
+    def __init__(self, model: onnx.ModelProto, opset: int):
+        self.source = model
+        self.opset = opset
+        self.names = NameGenerator(model.graph)
+        self.nodes: list[onnx.NodeProto] = []
+        self.initializers: list[onnx.TensorProto] = []
+        self.taps: dict[tuple[str, Reduction], _Tap] = {}
+        self.sizes: dict[str, str] = {}
+        self.itemsizes: dict[str, int] = {}
+        self.exposed: list[str] = []
+
+    def tap(self, tensor: str, reduction: Reduction, kind: TensorType | None, observer) -> None:
+        key = (tensor, reduction)
+        if key not in self.taps:
+            self.taps[key] = _Tap(self._reduce(tensor, reduction, kind))
+        self.taps[key].receivers.append(observer)
+        self.itemsizes[tensor] = _itemsize(kind)
+
+    def size_of(self, tensor: str) -> None:
+        if tensor not in self.sizes:
+            self.sizes[tensor] = self._node("Size", [tensor], f"{tensor}/size")
+
+    def expose(self, tensors: Iterable[str]) -> None:
+        """Tensors a later pass fetches whole become graph outputs."""
+        self.exposed = sorted(set(self.exposed) | set(tensors))
+
+    def itemsize(self, tensor: str) -> int:
+        return self.itemsizes.get(tensor, 4)
+
+    def reduced_outputs(self) -> list[str]:
+        return [name for tap in self.taps.values() for name in tap.outputs]
+
+    def size_outputs(self) -> dict[str, str]:
+        return dict(self.sizes)
+
+    def activation_bytes(self, per_sample: dict[str, float], types: dict[str, TensorType]) -> float:
+        return sum(count * _itemsize(types.get(t)) for t, count in per_sample.items())
+
+    def deliver(self, values: dict[str, np.ndarray]) -> None:
+        for tap in self.taps.values():
+            results = [values[name] for name in tap.outputs]
+            for observer in tap.receivers:
+                observer.update_reduced(*results)
+
+    def model(self) -> onnx.ModelProto:
+        augmented = onnx.ModelProto()
+        augmented.CopyFrom(self.source)
+        graph = augmented.graph
+        graph.node.extend(self.nodes)
+        graph.initializer.extend(self.initializers)
+        present = {o.name for o in graph.output}
+        for name in [*self.reduced_outputs(), *self.sizes.values(), *self.exposed]:
+            if name not in present:
+                graph.output.append(onnx.ValueInfoProto(name=name))
+        return augmented
+
+    def _reduce(self, tensor: str, reduction: Reduction, kind: TensorType | None) -> tuple[str, ...]:
+        source = tensor
+        if kind is None or kind.elem_type not in REDUCIBLE_TYPES:  # float16/bf16 or unknown: reduce in float32
+            source = self._node("Cast", [tensor], f"{tensor}/float", to=TensorProto.FLOAT)
+        axes = None
+        if reduction.axis is not None:
+            rank = len(kind.shape)
+            channel = reduction.axis % rank
+            axes = [a for a in range(rank) if a != channel]
+        if reduction.kind == "minmax":
+            return (self._reduction_node("ReduceMin", source, axes, f"{tensor}/min"),
+                    self._reduction_node("ReduceMax", source, axes, f"{tensor}/max"))
+        return (self._reduction_node("ReduceSum", source, axes, f"{tensor}/sum"),
+                self._node("Size", [tensor], f"{tensor}/count"))
+
+    def _reduction_node(self, op: str, source: str, axes: list[int] | None, label: str) -> str:
+        # ReduceSum takes its axes as an input from opset 13, ReduceMin/ReduceMax from opset 18.
+        axes_as_input = self.opset >= (13 if op == "ReduceSum" else 18)
+        if axes is None or not axes:
+            if axes is not None and not axes:  # a rank-1 tensor is all channels: nothing to reduce
+                return self._node("Identity", [source], label)
+            return self._node(op, [source], label, keepdims=0)
+        if axes_as_input:
+            axes_name = self.names(f"compressq_stats/{label}/axes")
+            self.initializers.append(numpy_helper.from_array(np.array(axes, np.int64), axes_name))
+            return self._node(op, [source, axes_name], label, keepdims=0)
+        return self._node(op, [source], label, keepdims=0, axes=axes)
+
+    def _node(self, op: str, inputs: list[str], label: str, **attributes) -> str:
+        output = self.names(f"compressq_stats/{label}")
+        self.nodes.append(helper.make_node(op, inputs, [output], name=self.names(f"compressq_stats/{label}/node"),
+                                           **attributes))
+        return output
+
+
+# -- the calibration requests of quantize ------------------------------------------------------------
 
 
 def collect_ranges(
@@ -185,34 +345,27 @@ def collect_ranges(
     batch_size: int = 32,
     samples: int | None = None,
     provider: str = "cpu",
-    progress: Callable[[int], None] | None = None,
+    budget: int = DEFAULT_BUDGET,
+    progress: Progress | None = None,
 ) -> dict[str, TensorRange]:
-    """Run the model once over the data and return the range of every requested tensor."""
-    names = sorted(set(tensor_names))
-    if not names:
-        return {}
-    session = create_session(with_outputs(model, names), provider)
-    observers = {name: make_observer(method, percentile) for name in names}
-    for feed in dataset.batches(batch_size, samples):
-        for name, values in zip(names, session.run(names, feed)):
-            observers[name].update(values)
-        if progress:
-            progress(next(iter(feed.values())).shape[0])
-    return {name: observer.result() for name, observer in observers.items()}
+    """The range of every requested tensor by `method`, from one collect() over the data."""
+    observers = {name: range_observer(method, percentile) for name in sorted(set(tensor_names))}
+    collect(model, dataset, [Request(n, o) for n, o in observers.items()], provider=provider, budget=budget,
+            batch_size=batch_size, samples=samples, progress=progress)
+    return {name: _finished(observer) for name, observer in observers.items()}
 
 
 def collect_range_candidates(model: onnx.ModelProto, dataset: Dataset, tensor_names: Iterable[str], *,
-                             batch_size: int = 32, samples: int | None = None,
-                             progress: Callable[[int], None] | None = None) -> dict[str, dict[str, TensorRange]]:
-    """One pass; per tensor, every candidate range of CANDIDATE_METHODS (one entry when it is not finite)."""
-    names = sorted(set(tensor_names))
-    if not names:
-        return {}
-    session = create_session(with_outputs(model, names))
-    observers = {name: CandidatesObserver() for name in names}
-    for feed in dataset.batches(batch_size, samples):
-        for name, values in zip(names, session.run(names, feed)):
-            observers[name].update(values)
-        if progress:
-            progress(next(iter(feed.values())).shape[0])
+                             batch_size: int = 32, samples: int | None = None, provider: str = "cpu",
+                             budget: int = DEFAULT_BUDGET, progress: Progress | None = None,
+                             ) -> dict[str, dict[str, TensorRange]]:
+    """Per tensor, every candidate range of CANDIDATE_METHODS (one entry when it is not finite)."""
+    observers = {name: CandidatesObserver() for name in sorted(set(tensor_names))}
+    collect(model, dataset, [Request(n, o) for n, o in observers.items()], provider=provider, budget=budget,
+            batch_size=batch_size, samples=samples, progress=progress)
     return {name: observer.candidates() for name, observer in observers.items()}
+
+
+def _finished(observer) -> TensorRange:
+    result = observer.result()
+    return result if isinstance(result, TensorRange) else result["minmax"]

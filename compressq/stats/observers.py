@@ -1,0 +1,262 @@
+"""Streaming reducers: each folds one batch at a time into a fixed-size state (`update(batch)`, `result()`).
+
+No observer keeps activations: memory is flat in the number of samples. Observers whose statistic can be
+reduced inside the graph say so (`reduction`); compressq.stats.collect then adds the reduction nodes and
+hands the observer only their tiny results (`update_reduced`). Every observer also accepts the whole tensor
+(`update`), the path used for tensors the graph cannot reduce (unknown type or rank) and in tests: both
+paths give the same statistic.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+HISTOGRAM_BINS = 2048
+# Beyond this magnitude a value is a sentinel (float-min attention masks, -inf padding), not a signal
+# that 8 bits could represent next to ordinary activations.
+SENTINEL_MAGNITUDE = 1e6
+# What `--method auto` chooses among, per tensor (compressq.quantize.range_search picks by the error caused).
+# Entropy is not a candidate: on PP-OCRv4 rec it clipped so hard that no decoded line survived (0 % vs 22 %).
+CANDIDATE_METHODS = (("minmax", None), ("percentile", 99.999), ("percentile", 99.99), ("mse", None))
+# np.histogram allocates several float64 temporaries per element: binning a fetched tensor in slices of
+# this many values keeps that overhead small next to the tensor itself (the counts do not change).
+HISTOGRAM_SLICE = 1 << 20
+
+
+@dataclass(frozen=True)
+class TensorRange:
+    low: float
+    high: float
+    finite: bool = True  # False: the tensor carries inf/NaN or sentinel values and must stay float
+
+    def describe(self) -> str:
+        return f"[{self.low:.4g}, {self.high:.4g}]" if self.finite else "non-finite or sentinel values"
+
+
+@dataclass(frozen=True)
+class Reduction:
+    """What collect adds to the graph for one observer: `kind` over every axis but `axis` (None: all axes)."""
+
+    kind: str               # "minmax" (ReduceMin + ReduceMax) | "sum" (ReduceSum + Size)
+    axis: int | None = None
+
+
+class MinMaxObserver:
+    """The global range of a tensor; a tensor with inf/NaN or sentinel values is marked not finite."""
+
+    reduction = Reduction("minmax")
+
+    def __init__(self) -> None:
+        self.low = np.inf
+        self.high = -np.inf
+        self.finite = True
+
+    def update(self, values: np.ndarray) -> None:
+        if values.size == 0:
+            return
+        self.update_reduced(values.min(), values.max())
+
+    def update_reduced(self, low, high) -> None:
+        low, high = float(low), float(high)
+        if not (np.isfinite(low) and np.isfinite(high)) or max(abs(low), abs(high)) > SENTINEL_MAGNITUDE:
+            self.finite = False
+            return
+        self.low, self.high = min(self.low, low), max(self.high, high)
+
+    def result(self) -> TensorRange:
+        if not self.finite or self.low > self.high:
+            return TensorRange(0.0, 0.0, finite=self.finite and self.low <= self.high)
+        return TensorRange(self.low, self.high)
+
+
+class HistogramObserver(MinMaxObserver):
+    """A histogram of values over a range that widens (keeping its bin count) whenever a batch falls outside.
+
+    collect() first finds each tensor's exact range (in the graph) and `fix_range`s it, so the second pass
+    bins every value once into the final bins: no re-binning, and the counts do not depend on the batching.
+    """
+
+    reduction = None  # the values themselves are needed
+
+    def __init__(self, method: str, percentile: float = 99.999, bins: int = HISTOGRAM_BINS) -> None:
+        super().__init__()
+        self.method = method
+        self.percentile = percentile
+        self.bins = bins
+        self.counts = np.zeros(bins, np.float64)
+        self.edge_low = 0.0
+        self.edge_high = 0.0
+
+    def fix_range(self, observed: MinMaxObserver) -> None:
+        """Start from a range already measured over all the data (values binned later fall inside it)."""
+        self.low, self.high, self.finite = observed.low, observed.high, observed.finite
+        if self.finite and self.low <= self.high:
+            self._cover(self.low, self.high)
+
+    def update(self, values: np.ndarray) -> None:
+        super().update(values)
+        if not self.finite or values.size == 0:
+            return
+        self._cover(self.low, self.high)
+        flat = values.reshape(-1)
+        for start in range(0, flat.size, HISTOGRAM_SLICE):
+            counts, _ = np.histogram(flat[start:start + HISTOGRAM_SLICE], bins=self.bins,
+                                     range=(self.edge_low, self.edge_high))
+            self.counts += counts
+
+    def _cover(self, low: float, high: float) -> None:
+        if self.edge_high == self.edge_low:  # first batch: take its range exactly
+            # A constant tensor still needs bins that float32 can tell apart (results clip to [low, high]).
+            self.edge_low, self.edge_high = low, high if high > low else low + max(1e-6, abs(low) * 1e-3)
+            return
+        if low >= self.edge_low and high <= self.edge_high:
+            return
+        new_low, new_high = min(low, self.edge_low), max(high, self.edge_high)
+        old_centres = self._centres()
+        self.edge_low, self.edge_high = new_low, new_high
+        self.counts, _ = np.histogram(old_centres, bins=self.bins, range=(new_low, new_high), weights=self.counts)
+
+    def _centres(self) -> np.ndarray:
+        width = (self.edge_high - self.edge_low) / self.bins
+        return self.edge_low + (np.arange(self.bins) + 0.5) * width
+
+    def result(self) -> TensorRange:
+        base = super().result()
+        if not base.finite or self.counts.sum() == 0:
+            return base
+        choose = {"percentile": self._percentile_range, "entropy": self._entropy_range, "mse": self._mse_range}
+        low, high = choose[self.method]()
+        return TensorRange(max(low, base.low), min(high, base.high))
+
+    def _percentile_range(self) -> tuple[float, float]:
+        cumulative = np.cumsum(self.counts) / self.counts.sum()
+        tail = (100.0 - self.percentile) / 100.0
+        centres = self._centres()
+        low = centres[min(np.searchsorted(cumulative, tail), self.bins - 1)]
+        high = centres[min(np.searchsorted(cumulative, 1.0 - tail), self.bins - 1)]
+        return float(low), float(high)
+
+    def _candidate_ranges(self, steps: int = 64) -> np.ndarray:
+        # Shrink the observed range towards zero; keeps the zero point fixed in relative position.
+        fractions = np.linspace(1.0, 0.05, steps)
+        return np.stack([self.low * fractions, self.high * fractions], axis=1)
+
+    def _mse_range(self) -> tuple[float, float]:
+        errors = [_expected_squared_error(self._centres(), self.counts, low, high)
+                  for low, high in self._candidate_ranges()]
+        low, high = self._candidate_ranges()[int(np.argmin(errors))]
+        return float(low), float(high)
+
+    def _entropy_range(self) -> tuple[float, float]:
+        divergences = [_kl_divergence(self._centres(), self.counts, low, high)
+                       for low, high in self._candidate_ranges()]
+        low, high = self._candidate_ranges()[int(np.argmin(divergences))]
+        return float(low), float(high)
+
+
+def _levels(low: float, high: float, levels: int = 256) -> tuple[float, float]:
+    low, high = min(low, 0.0), max(high, 0.0)
+    scale = (high - low) / (levels - 1) if high > low else 1.0
+    return low, scale
+
+
+def _expected_squared_error(centres: np.ndarray, counts: np.ndarray, low: float, high: float) -> float:
+    low, scale = _levels(low, high)
+    snapped = np.clip(np.rint((centres - low) / scale), 0, 255) * scale + low
+    return float(np.sum(counts * (centres - snapped) ** 2))
+
+
+def _kl_divergence(centres: np.ndarray, counts: np.ndarray, low: float, high: float) -> float:
+    """KL(P || Q) where Q is P after 8-bit quantization over [low, high] (clipped mass joins the ends)."""
+    low, scale = _levels(low, high)
+    level = np.clip(np.rint((centres - low) / scale), 0, 255).astype(np.int64)
+    mass_per_level = np.bincount(level, weights=counts, minlength=256)
+    bins_per_level = np.bincount(level, weights=(counts > 0).astype(np.float64), minlength=256)
+    spread = np.where(bins_per_level[level] > 0, mass_per_level[level] / np.maximum(bins_per_level[level], 1), 0)
+    p = counts / counts.sum()
+    q = np.where(counts > 0, spread, 0) / max(spread[counts > 0].sum(), 1e-12)
+    mask = p > 0
+    return float(np.sum(p[mask] * np.log(p[mask] / np.maximum(q[mask], 1e-12))))
+
+
+class CandidatesObserver(HistogramObserver):
+    """One histogram, every candidate range of CANDIDATE_METHODS from it: {"minmax": ..., "p99.99": ...}."""
+
+    def __init__(self) -> None:
+        super().__init__("mse")
+
+    def candidates(self) -> dict[str, TensorRange]:
+        base = MinMaxObserver.result(self)
+        if not base.finite or self.counts.sum() == 0:
+            return {"minmax": base}
+        found: dict[str, TensorRange] = {}
+        for method, percentile in CANDIDATE_METHODS:
+            self.method, self.percentile = method, percentile or self.percentile
+            label = f"p{percentile:g}" if method == "percentile" else method
+            found[label] = base if method == "minmax" else HistogramObserver.result(self)
+        return found
+
+    def result(self) -> dict[str, TensorRange]:  # type: ignore[override]
+        return self.candidates()
+
+
+def range_observer(method: str, percentile: float = 99.999) -> MinMaxObserver:
+    """The observer behind a calibration method (minmax | percentile | entropy | mse | auto)."""
+    if method == "auto":
+        return CandidatesObserver()
+    return MinMaxObserver() if method == "minmax" else HistogramObserver(method, percentile)
+
+
+class ChannelAbsMaxObserver:
+    """max |x| per channel (`axis`, the last by default): max(|max|, |min|) of per-channel ranges."""
+
+    def __init__(self, axis: int = -1) -> None:
+        self.reduction = Reduction("minmax", axis)
+        self.axis = axis
+        self.absmax: np.ndarray | None = None
+
+    def update(self, values: np.ndarray) -> None:
+        rows = _channels_last(values, self.axis)
+        if rows.shape[0] == 0:
+            return
+        self.update_reduced(rows.min(axis=0), rows.max(axis=0))
+
+    def update_reduced(self, low: np.ndarray, high: np.ndarray) -> None:
+        batch = np.maximum(np.abs(np.asarray(low)), np.abs(np.asarray(high))).reshape(-1).astype(np.float32)
+        self.absmax = batch if self.absmax is None else np.maximum(self.absmax, batch)
+
+    def result(self) -> np.ndarray | None:
+        return self.absmax
+
+
+class ChannelMeanObserver:
+    """Mean per channel (`axis`): running float64 sums of per-channel sums and the count behind them."""
+
+    def __init__(self, axis: int = -1) -> None:
+        self.reduction = Reduction("sum", axis)
+        self.axis = axis
+        self.total: np.ndarray | None = None
+        self.count = 0
+
+    def update(self, values: np.ndarray) -> None:
+        rows = _channels_last(values, self.axis).astype(np.float64)
+        self._add(rows.sum(axis=0), rows.shape[0])
+
+    def update_reduced(self, sums: np.ndarray, size) -> None:
+        sums = np.asarray(sums, np.float64).reshape(-1)
+        self._add(sums, int(size) // max(sums.size, 1))
+
+    def _add(self, sums: np.ndarray, count: int) -> None:
+        self.total = sums if self.total is None else self.total + sums
+        self.count += count
+
+    def result(self) -> np.ndarray | None:
+        return None if self.total is None else self.total / max(self.count, 1)
+
+
+def _channels_last(values: np.ndarray, axis: int) -> np.ndarray:
+    """[rows, channels] view of `values` with `axis` as the channels."""
+    axis = axis if axis >= 0 else values.ndim + axis
+    return np.moveaxis(values, axis, -1).reshape(-1, values.shape[axis])

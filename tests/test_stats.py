@@ -1,0 +1,241 @@
+"""compressq.stats: streaming observers and THE collect loop, against numpy on every tensor of tiny models."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from compressq.data import load_dataset
+from compressq.runtime import create_session, with_outputs
+from compressq.stats import collect as collect_module
+from compressq.stats.collect import Request, collect, collect_range_candidates, collect_ranges, main_graph_tensors
+from compressq.stats.observers import (
+    ChannelAbsMaxObserver,
+    ChannelMeanObserver,
+    HistogramObserver,
+    MinMaxObserver,
+    range_observer,
+)
+from tests.conftest import make_model
+
+TENSORS = ("x", "conv", "relu", "scaled", "flat", "y")
+
+
+def conv_model(opset: int = 13) -> onnx.ModelProto:
+    """x [N,3,5,5] -> Conv 1x1 (6 ch) -> Relu -> Mul -> Flatten -> MatMul [150, 4] -> y."""
+    rng = np.random.default_rng(0)
+    weight = numpy_helper.from_array(rng.normal(size=(6, 3, 1, 1)).astype(np.float32), "w")
+    factor = numpy_helper.from_array(np.array(1.5, np.float32), "k")
+    dense = numpy_helper.from_array(rng.normal(size=(150, 4)).astype(np.float32), "d")
+    nodes = [helper.make_node("Conv", ["x", "w"], ["conv"], name="c"),
+             helper.make_node("Relu", ["conv"], ["relu"], name="r"),
+             helper.make_node("Mul", ["relu", "k"], ["scaled"], name="m"),
+             helper.make_node("Flatten", ["scaled"], ["flat"], name="f"),
+             helper.make_node("MatMul", ["flat", "d"], ["y"], name="mm")]
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 5, 5])]
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])]
+    return make_model(nodes, inputs, outputs, [weight, factor, dense], opset=opset)
+
+
+@pytest.fixture
+def data(tmp_path: Path):
+    def make(model: onnx.ModelProto, samples: int = 37, scale: float = 1.0):
+        rng = np.random.default_rng(1)
+        path = tmp_path / "calib.npz"
+        np.savez(path, x=(rng.normal(size=(samples, 3, 5, 5)) * scale).astype(np.float32))
+        return load_dataset(path, model), path
+    return make
+
+
+def every_tensor(model: onnx.ModelProto, path: Path) -> dict[str, np.ndarray]:
+    """The numpy reference: each tensor over all samples, fetched at once."""
+    with np.load(path) as archive:
+        feed = {"x": archive["x"]}
+    session = create_session(with_outputs(model, TENSORS))
+    return dict(zip(TENSORS, session.run(list(TENSORS), feed)))
+
+
+@pytest.mark.parametrize("opset", [13, 18])
+def test_in_graph_ranges_and_channel_statistics_match_numpy(data, opset):
+    model = conv_model(opset)
+    dataset, path = data(model)
+    reference = every_tensor(model, path)
+    ranges = {t: MinMaxObserver() for t in TENSORS}
+    absmax = {t: ChannelAbsMaxObserver(axis=1) for t in ("conv", "scaled")}
+    means = {"conv": ChannelMeanObserver(axis=1), "flat": ChannelMeanObserver(axis=-1)}
+    requests = [Request(t, o) for group in (ranges, absmax, means) for t, o in group.items()]
+    collect(model, dataset, requests, batch_size=8)
+    for tensor, values in reference.items():
+        assert ranges[tensor].result().low == pytest.approx(values.min(), rel=1e-6)
+        assert ranges[tensor].result().high == pytest.approx(values.max(), rel=1e-6)
+    for tensor, observer in absmax.items():
+        expected = np.abs(reference[tensor]).max(axis=(0, 2, 3))
+        np.testing.assert_allclose(observer.result(), expected, rtol=1e-6)
+    np.testing.assert_allclose(means["conv"].result(), reference["conv"].mean(axis=(0, 2, 3)), rtol=1e-4)
+    np.testing.assert_allclose(means["flat"].result(), reference["flat"].mean(axis=0), rtol=1e-4, atol=1e-6)
+
+
+def test_only_reductions_leave_onnxruntime_for_in_graph_statistics(data, monkeypatch):
+    """MinMax and channel statistics: each run hands back scalars and per-channel vectors, never a map."""
+    model = conv_model()
+    dataset, _ = data(model)
+    fetched = spy_on_runs(monkeypatch)
+    requests = [Request(t, MinMaxObserver()) for t in TENSORS] + [Request("conv", ChannelMeanObserver(axis=1))]
+    collect(model, dataset, requests, batch_size=8)
+    assert fetched and max(max(sizes) for sizes in fetched) <= 6
+
+
+def test_histograms_are_fetched_in_budget_sized_chunks_and_do_not_depend_on_the_budget(data, monkeypatch):
+    model = conv_model()
+    dataset, _ = data(model)
+    generous = collect_ranges(model, dataset, TENSORS, method="percentile", percentile=99.0, batch_size=8)
+    fetched = spy_on_runs(monkeypatch)
+    one_sample_of_conv = 6 * 5 * 5 * 4
+    tight = collect_ranges(model, dataset, TENSORS, method="percentile", percentile=99.0, batch_size=8,
+                           budget=one_sample_of_conv)
+    assert tight == generous  # exact range first, then one binning: batching cannot change the counts
+    maps = [size for sizes in fetched for size in sizes if size > 6]
+    assert maps and max(maps) * 4 <= one_sample_of_conv
+
+
+def test_percentile_from_collect_follows_numpy(data):
+    model = conv_model()
+    dataset, path = data(model, samples=64)
+    reference = every_tensor(model, path)
+    ranges = collect_ranges(model, dataset, ["conv"], method="percentile", percentile=99.0, batch_size=16)
+    values = reference["conv"]
+    # The range cuts ~1 % of the values off each end (to within the mass of a bin or two)
+    assert np.mean(values > ranges["conv"].high) == pytest.approx(0.01, abs=0.002)
+    assert np.mean(values < ranges["conv"].low) == pytest.approx(0.01, abs=0.002)
+
+
+def test_fixed_range_histogram_equals_one_histogram_of_everything():
+    rng = np.random.default_rng(3)
+    batches = [rng.normal(scale=1 + i, size=5000).astype(np.float32) for i in range(3)]
+    everything = np.concatenate(batches)
+    whole = MinMaxObserver()
+    whole.update(everything)
+    streamed = HistogramObserver("percentile", 99.0)
+    streamed.fix_range(whole)
+    for batch in batches:
+        streamed.update(batch)
+    counts, _ = np.histogram(everything, bins=streamed.bins, range=(float(everything.min()), float(everything.max())))
+    np.testing.assert_array_equal(streamed.counts, counts)
+
+
+@pytest.mark.parametrize("observer", [lambda: ChannelAbsMaxObserver(axis=1), lambda: ChannelMeanObserver(axis=1)])
+def test_reduced_and_whole_tensor_updates_agree(observer):
+    rng = np.random.default_rng(4)
+    batches = [rng.normal(size=(3, 4, 2, 2)).astype(np.float32) for _ in range(3)]
+    whole, reduced = observer(), observer()
+    for batch in batches:
+        whole.update(batch)
+        if isinstance(reduced, ChannelMeanObserver):
+            reduced.update_reduced(batch.sum(axis=(0, 2, 3)), batch.size)
+        else:
+            reduced.update_reduced(batch.min(axis=(0, 2, 3)), batch.max(axis=(0, 2, 3)))
+    np.testing.assert_allclose(whole.result(), reduced.result(), rtol=1e-6)
+
+
+def test_sentinels_found_in_the_graph_mark_the_tensor_not_finite(tmp_path):
+    mask = numpy_helper.from_array(np.array([0.0, np.finfo(np.float32).min], np.float32), "mask")
+    nodes = [helper.make_node("Add", ["x", "mask"], ["masked"], name="a"),
+             helper.make_node("Relu", ["x"], ["y"], name="r")]
+    model = make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 2])],
+                       [helper.make_tensor_value_info("masked", TensorProto.FLOAT, ["N", 2]),
+                        helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 2])], [mask])
+    dataset = _dataset(model, {"x": np.ones((4, 2), np.float32)}, tmp_path)
+    for method in ("minmax", "percentile"):
+        ranges = collect_ranges(model, dataset, ["masked", "y"], method=method, batch_size=2)
+        assert ranges["masked"].finite is False
+        assert ranges["y"].finite and ranges["y"].high == 1.0
+
+
+def test_float16_tensors_are_reduced_in_float32(tmp_path):
+    nodes = [helper.make_node("Cast", ["x"], ["half"], name="c", to=TensorProto.FLOAT16),
+             helper.make_node("Cast", ["half"], ["y"], name="back", to=TensorProto.FLOAT)]
+    model = make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3])],
+                       [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])])
+    values = np.array([[-2.5, 0.0, 7.0], [1.0, 3.0, -1.0]], np.float32)
+    ranges = collect_ranges(model, _dataset(model, {"x": values}, tmp_path), ["half"], batch_size=1)
+    assert (ranges["half"].low, ranges["half"].high) == (-2.5, 7.0)
+
+
+def test_auto_candidates_come_from_one_histogram(data):
+    model = conv_model()
+    dataset, path = data(model)
+    candidates = collect_range_candidates(model, dataset, ["y"], batch_size=8)["y"]
+    reference = every_tensor(model, path)["y"]
+    assert set(candidates) == {"minmax", "p99.999", "p99.99", "mse"}
+    assert candidates["minmax"].high == pytest.approx(reference.max(), rel=1e-6)
+    assert all(c.high <= candidates["minmax"].high for c in candidates.values())
+
+
+def test_outputs_are_identical_run_to_run(data):
+    model = conv_model()
+    dataset, _ = data(model)
+    first = collect_ranges(model, dataset, TENSORS, method="mse", batch_size=8)
+    assert collect_ranges(model, dataset, TENSORS, method="mse", batch_size=8) == first
+
+
+def test_a_batch_is_split_into_runs_that_fit_the_budget(data, monkeypatch):
+    """One sample weighs ~3 KB of tensors here: a 4 KB budget runs batches of 8 one sample at a time."""
+    model = conv_model()
+    dataset, _ = data(model, samples=16)
+    rows = []
+    original = collect_module._slice
+    monkeypatch.setattr(collect_module, "_slice", lambda feed, start, count: rows.append(count) or
+                        original(feed, start, count))
+    ranges = collect_ranges(model, dataset, TENSORS, batch_size=8, budget=4096)
+    assert rows[0] == 1 and set(rows[1:]) == {1}
+    rows.clear()
+    assert collect_ranges(model, dataset, TENSORS, batch_size=8) == ranges
+    assert rows[0] == 1 and max(rows) == 8
+
+
+def test_main_graph_tensors_names_what_collect_cannot_tap_yet():
+    body = helper.make_graph([helper.make_node("Relu", ["x"], ["inner"], name="br")], "then", [],
+                             [helper.make_tensor_value_info("inner", TensorProto.FLOAT, ["N", 2])])
+    nodes = [helper.make_node("If", ["cond"], ["out"], name="if", then_branch=body, else_branch=body)]
+    model = make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 2]),
+                               helper.make_tensor_value_info("cond", TensorProto.BOOL, [])],
+                       [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["N", 2])])
+    assert main_graph_tensors(model, ["x", "out", "inner"]) == ({"x", "out"}, {"inner"})
+
+
+def test_range_observer_names_each_method():
+    assert type(range_observer("minmax")) is MinMaxObserver
+    assert range_observer("entropy").method == "entropy"
+    assert range_observer("auto").reduction is None
+
+
+# -- helpers ----------------------------------------------------------------------------------------
+
+
+def spy_on_runs(monkeypatch) -> list[list[int]]:
+    """Record the element count of every array each session run of collect() returns."""
+    seen: list[list[int]] = []
+    real = collect_module.create_session
+
+    def spying(*args, **kwargs):
+        session = real(*args, **kwargs)
+
+        class Spy:
+            def run(self, names, feed):
+                values = session.run(names, feed)
+                seen.append([int(np.asarray(v).size) for v in values])
+                return values
+        return Spy()
+
+    monkeypatch.setattr(collect_module, "create_session", spying)
+    return seen
+
+
+def _dataset(model: onnx.ModelProto, arrays: dict[str, np.ndarray], folder: Path):
+    path = folder / "data.npz"
+    np.savez(path, **arrays)
+    return load_dataset(path, model)
