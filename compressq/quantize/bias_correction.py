@@ -2,7 +2,8 @@
 
 For a linear layer, the expected output error of quantized weights is E[(W_q - W) x] = (W_q - W) E[x]:
 it depends only on the weight error and the per-channel mean of the layer's input. One pass of the float
-model over the calibration data gives those means (a running mean per channel, memory flat); the shift is
+model over the calibration data gives those means (per-channel sums reduced inside the graph, memory flat;
+a calibration pass carries them along: `mean_observers`); the shift is
 subtracted from the layer's bias before the bias is quantized. Measuring the input means on the float
 model keeps layers independent: correcting one layer never double-counts another's correction.
 (Zero padding at image borders makes the Conv estimate slightly approximate there.)
@@ -17,25 +18,26 @@ import onnx
 
 from compressq.data import Dataset
 from compressq.quantize.plan import ComputeNode, QuantPlan
-from compressq.runtime import create_session, with_outputs
+from compressq.stats.collect import Request, collect
+from compressq.stats.observers import ChannelMeanObserver
 
 
-class _ChannelMean:
-    """Running mean per channel (axis 1 for Conv outputs, the last axis otherwise)."""
+def mean_observers(plan: QuantPlan) -> dict[str, ChannelMeanObserver]:
+    """One running channel mean per input tensor of a quantized node with a bias (axis 1 for Conv inputs,
+    the last axis otherwise): requests a calibration pass can carry along (compressq.stats.collect)."""
+    nodes = [c for c in plan.compute.values() if c.bias is not None]
+    return {c.activation: ChannelMeanObserver(1 if c.op_type == "Conv" else -1)
+            for c in sorted(nodes, key=lambda c: c.name)}
 
-    def __init__(self, axis: int):
-        self.axis = axis
-        self.total: np.ndarray | None = None
-        self.count = 0
 
-    def update(self, values: np.ndarray) -> None:
-        axis = self.axis if self.axis >= 0 else values.ndim + self.axis
-        moved = np.moveaxis(values, axis, -1).reshape(-1, values.shape[axis]).astype(np.float64)
-        self.total = moved.sum(axis=0) if self.total is None else self.total + moved.sum(axis=0)
-        self.count += moved.shape[0]
-
-    def result(self) -> np.ndarray:
-        return self.total / max(self.count, 1)
+def node_means(plan: QuantPlan, observers: dict[str, ChannelMeanObserver]) -> dict[str, np.ndarray]:
+    """Per quantized node of `plan` with a bias: the mean of its float input per input channel."""
+    means = {}
+    for name, compute in plan.compute.items():
+        observer = observers.get(compute.activation)
+        if compute.bias is not None and observer is not None and observer.result() is not None:
+            means[name] = observer.result()
+    return means
 
 
 def input_channel_means(
@@ -45,22 +47,17 @@ def input_channel_means(
     *,
     batch_size: int = 32,
     samples: int | None = None,
+    provider: str = "cpu",
     progress: Callable[[int], None] | None = None,
 ) -> dict[str, np.ndarray]:
-    """Per quantized node with a bias: the mean of its float input per input channel."""
-    nodes = {name: c for name, c in plan.compute.items() if c.bias is not None}
-    tensors = sorted({c.activation for c in nodes.values()})
-    if not tensors:
+    """Per quantized node with a bias: the mean of its float input per input channel (one collect pass,
+    the sums reduced inside the graph)."""
+    observers = mean_observers(plan)
+    if not observers:
         return {}
-    session = create_session(with_outputs(reference, tensors))
-    axis_of = {c.activation: 1 if c.op_type == "Conv" else -1 for c in nodes.values()}
-    means = {t: _ChannelMean(axis_of[t]) for t in tensors}
-    for feed in dataset.batches(batch_size, samples):
-        for tensor, values in zip(tensors, session.run(tensors, feed)):
-            means[tensor].update(values)
-        if progress:
-            progress(next(iter(feed.values())).shape[0])
-    return {name: means[c.activation].result() for name, c in nodes.items()}
+    collect(reference, dataset, [Request(t, o) for t, o in observers.items()], provider=provider,
+            batch_size=batch_size, samples=samples, progress=progress)
+    return node_means(plan, observers)
 
 
 def weight_error_shift(compute: ComputeNode, weight: np.ndarray, quantized_weight: np.ndarray,

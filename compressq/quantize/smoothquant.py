@@ -8,8 +8,8 @@ constant, and otherwise by inserting one Mul by the constant 1/s in front of the
 sharing X (Q, K and V) share one s. Folding needs X to feed nothing else (Shape aside); a residual branch
 reading X keeps the original X and the consumers read a new, smoothed tensor.
 
-`collect_channel_absmax` gathers the per-channel (last axis) abs-max of the activations in one streamed
-pass: a running maximum per tensor, so memory does not grow with the number of samples.
+`collect_channel_absmax` gathers the per-channel (last axis) abs-max of the activations in one collect()
+pass (per-channel min/max reduced inside the graph), so memory does not grow with the samples or the width.
 """
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ from compressq.data import Dataset
 from compressq.errors import DataError, UsageError
 from compressq.graph.edit import NameGenerator, remove_unused, toposort
 from compressq.graph.index import GraphIndex, node_attributes
-from compressq.runtime import create_session, with_outputs
+from compressq.stats.collect import Request, collect
+from compressq.stats.observers import ChannelAbsMaxObserver
 
 NORMALIZATIONS = ("LayerNormalization", "RMSNormalization", "SimplifiedLayerNormalization")
 SCALE_INVARIANT_READERS = ("Shape", "Size")
@@ -73,20 +74,16 @@ def smoothable_activations(model: onnx.ModelProto) -> list[str]:
 
 
 def collect_channel_absmax(model: onnx.ModelProto, dataset: Dataset, tensor_names: Iterable[str],
-                           batch_size: int = 32, *, limit: int | None = None,
+                           batch_size: int = 32, *, limit: int | None = None, provider: str = "cpu",
                            progress: Callable[[int], None] | None = None) -> dict[str, np.ndarray]:
-    """Per-channel (last axis) max |x| of each named tensor over the dataset, one batch at a time."""
+    """Per-channel (last axis) max |x| of each named tensor over the dataset: one collect pass, per-channel
+    ReduceMin/ReduceMax inside the graph."""
     names = list(dict.fromkeys(tensor_names))
     _check_tensors_exist(model, names)
-    session = create_session(with_outputs(model, names))
-    running: dict[str, np.ndarray] = {}
-    for feed in dataset.batches(batch_size, limit):
-        for name, value in zip(names, session.run(names, feed)):
-            channel_max = np.abs(value.reshape(-1, value.shape[-1])).max(axis=0).astype(np.float32)
-            running[name] = np.maximum(running[name], channel_max) if name in running else channel_max
-        if progress is not None:
-            progress(len(next(iter(feed.values()))))
-    return running
+    observers = {name: ChannelAbsMaxObserver(axis=-1) for name in names}
+    collect(model, dataset, [Request(n, o) for n, o in observers.items()], provider=provider,
+            batch_size=batch_size, samples=limit, progress=progress)
+    return {name: observer.result() for name, observer in observers.items() if observer.result() is not None}
 
 
 def _check_tensors_exist(model: onnx.ModelProto, names: list[str]) -> None:

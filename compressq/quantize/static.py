@@ -32,7 +32,7 @@ from compressq.measure.speed import (
     measure_speedup,
     meets,
 )
-from compressq.quantize.bias_correction import input_channel_means
+from compressq.quantize.bias_correction import input_channel_means, mean_observers, node_means
 from compressq.quantize.config import QuantizeConfig
 from compressq.quantize.embedding import quantize_embeddings
 from compressq.quantize.equalize import equalize, fold_batchnorm
@@ -44,7 +44,7 @@ from compressq.quantize.qdq import RewriteStats, rewrite_qdq
 from compressq.quantize.range_search import RangeChoice, choose_ranges
 from compressq.quantize.range_search import summarize as summarize_choices
 from compressq.quantize.smoothquant import collect_channel_absmax, smooth, smoothable_activations
-from compressq.stats.collect import TensorRange, collect_range_candidates, collect_ranges
+from compressq.stats.collect import Request, TensorRange, collect_range_candidates, collect_ranges, passes_for_method
 
 __all__ = ["FASTER_ENOUGH", "StaticQuantizer", "quantize_static", "measure_speedup"]
 
@@ -109,6 +109,8 @@ class StaticQuantizer:
         self.decisions: list[dict] = []
         self.smooth_absmax: dict[str, np.ndarray] = {}
         self.bias_means: dict[str, np.ndarray] = {}
+        # Bias correction's input means ride along with calibration (one pass over the data for both).
+        self.input_mean_observers: dict = {}
         self.range_choices: dict[str, RangeChoice] = {}
         self._speeds: dict[int, SpeedMeasurement] = {}
         self.prepared, self.notes = prepare_for_quantization(ensure_opset(model, QDQ_MIN_OPSET))
@@ -243,7 +245,7 @@ class StaticQuantizer:
         if self.config.smoothquant is not None:
             absmax = self.pinned.smoothquant_absmax if self.pinned else collect_channel_absmax(
                 prepared, self.dataset, smoothable_activations(prepared), batch_size=self.config.batch_size,
-                limit=self.config.samples)
+                limit=self.config.samples, provider=self.config.provider)
             self.smooth_absmax = dict(absmax)
             prepared, summary = smooth(prepared, absmax, alpha=self.config.smoothquant)
             self.smoothing_muls = list(summary.inserted_muls)
@@ -252,7 +254,11 @@ class StaticQuantizer:
         return prepared
 
     def _calibrate(self, plan: QuantPlan) -> dict[str, TensorRange]:
-        total = min(self.dataset.num_samples, self.config.samples or self.dataset.num_samples)
+        passes = passes_for_method(self.config.method)
+        total = passes * min(self.dataset.num_samples, self.config.samples or self.dataset.num_samples)
+        if self.config.bias_correction:
+            self.input_mean_observers = mean_observers(plan)
+        means = [Request(tensor, observer) for tensor, observer in self.input_mean_observers.items()]
         done = [0]
 
         def advance(count: int) -> None:
@@ -263,16 +269,17 @@ class StaticQuantizer:
         # Every quantized tensor, not only today's scale-group roots: a later plan with more nodes kept
         # float can split a group, and its tensors must not need a second calibration pass.
         if self.config.method == "auto":
-            return self._ranges_by_error(plan, advance)
+            return self._ranges_by_error(plan, advance, means)
         return collect_ranges(self.prepared, self.dataset, plan.quantized_tensors, method=self.config.method,
                               percentile=self.config.percentile, batch_size=self.config.batch_size,
-                              samples=self.config.samples, provider="cpu", progress=advance)
+                              samples=self.config.samples, provider=self.config.provider, progress=advance,
+                                 extra=means)
 
-    def _ranges_by_error(self, plan: QuantPlan, advance: Progress) -> dict[str, TensorRange]:
+    def _ranges_by_error(self, plan: QuantPlan, advance: Progress, means=()) -> dict[str, TensorRange]:
         """`--method auto`: per tensor, the candidate range that changes its consumers' outputs least."""
         candidates = collect_range_candidates(self.prepared, self.dataset, plan.quantized_tensors,
                                               batch_size=self.config.batch_size, samples=self.config.samples,
-                                              progress=advance)
+                                              provider=self.config.provider, progress=advance, extra=means)
         samples = min(self.config.samples or RANGE_SEARCH_SAMPLES, RANGE_SEARCH_SAMPLES)
         ranges, self.range_choices = choose_ranges(self.prepared, plan, candidates, self.dataset,
                                                    signed=self.signed, batch_size=self.config.batch_size,
@@ -340,8 +347,9 @@ class StaticQuantizer:
                                "how": attempt.speed.describe() if attempt.speed else "output is the input model"})
 
     def _correct_biases(self, current: Attempt) -> Attempt:
-        means = input_channel_means(self.prepared, current.plan, self.dataset, batch_size=self.config.batch_size,
-                                    samples=self.config.samples)
+        means = node_means(current.plan, self.input_mean_observers) if self.input_mean_observers \
+            else input_channel_means(self.prepared, current.plan, self.dataset, batch_size=self.config.batch_size,
+                                     samples=self.config.samples, provider=self.config.provider)
         self.bias_means = dict(means)
         corrected = self.attempt(current.keep_float, input_means=means)
         # Only bias values change: the speed measured for the uncorrected graph holds for this one.

@@ -117,6 +117,11 @@ def passes_needed(requests: Iterable[Request]) -> int:
     return 2 if any(getattr(r.observer, "reduction", None) is None for r in requests) else 1
 
 
+def passes_for_method(method: str) -> int:
+    """Passes over the data collect_ranges makes for a calibration method (histograms need a second)."""
+    return 1 if method == "minmax" else 2
+
+
 def main_graph_tensors(model: onnx.ModelProto, names: Iterable[str]) -> tuple[set[str], set[str]]:
     """(names the main graph produces or takes as input: collect can tap them, the other names).
 
@@ -347,22 +352,24 @@ def collect_ranges(
     provider: str = "cpu",
     budget: int = DEFAULT_BUDGET,
     progress: Progress | None = None,
+    extra: Sequence[Request] = (),
 ) -> dict[str, TensorRange]:
-    """The range of every requested tensor by `method`, from one collect() over the data."""
+    """The range of every requested tensor by `method`, from one collect() over the data; `extra` requests
+    (another statistic the same step needs, e.g. bias correction's channel means) ride along."""
     observers = {name: range_observer(method, percentile) for name in sorted(set(tensor_names))}
-    collect(model, dataset, [Request(n, o) for n, o in observers.items()], provider=provider, budget=budget,
-            batch_size=batch_size, samples=samples, progress=progress)
+    collect(model, dataset, [*(Request(n, o) for n, o in observers.items()), *extra], provider=provider,
+            budget=budget, batch_size=batch_size, samples=samples, progress=progress)
     return {name: _finished(observer) for name, observer in observers.items()}
 
 
 def collect_range_candidates(model: onnx.ModelProto, dataset: Dataset, tensor_names: Iterable[str], *,
                              batch_size: int = 32, samples: int | None = None, provider: str = "cpu",
                              budget: int = DEFAULT_BUDGET, progress: Progress | None = None,
-                             ) -> dict[str, dict[str, TensorRange]]:
+                             extra: Sequence[Request] = ()) -> dict[str, dict[str, TensorRange]]:
     """Per tensor, every candidate range of CANDIDATE_METHODS (one entry when it is not finite)."""
     observers = {name: CandidatesObserver() for name in sorted(set(tensor_names))}
-    collect(model, dataset, [Request(n, o) for n, o in observers.items()], provider=provider, budget=budget,
-            batch_size=batch_size, samples=samples, progress=progress)
+    collect(model, dataset, [*(Request(n, o) for n, o in observers.items()), *extra], provider=provider,
+            budget=budget, batch_size=batch_size, samples=samples, progress=progress)
     return {name: observer.candidates() for name, observer in observers.items()}
 
 
