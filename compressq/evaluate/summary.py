@@ -11,7 +11,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from compressq.graph.index import GraphIndex, opset_version, value_type
+from compressq.graph.index import GraphIndex, all_nodes, opset_version, scopes, value_type
 from compressq.io import file_size, read_stamp
 
 QUANTIZED_OPS = frozenset({
@@ -62,6 +62,16 @@ class QuantizationState:
                     or self.low_bit_initializers)
 
 
+@dataclass(frozen=True)
+class GraphTotals:
+    """Nodes and weights of one graph: the main graph, or an If/Loop/Scan body (its own bodies not counted)."""
+
+    graph: str
+    nodes: int
+    parameters: int
+    bytes: int
+
+
 @dataclass
 class ModelSummary:
     path: str
@@ -81,6 +91,7 @@ class ModelSummary:
     initializers: list[InitializerInfo]
     quantization: QuantizationState
     compressq: dict[str, str] = field(default_factory=dict)
+    graphs: list[GraphTotals] = field(default_factory=list)  # more than one when the model has bodies
 
     def to_dict(self) -> dict:
         data = asdict(self)
@@ -93,7 +104,9 @@ def summarize(model: onnx.ModelProto, path: str | os.PathLike) -> ModelSummary:
     sparsity, what is already quantized, and the file's size on disk (`path`, external data included)."""
     index = GraphIndex(model.graph)
     nodes = list(all_nodes(model.graph))
-    initializers = [_initializer_info(t) for t in stored_tensors(model.graph)]
+    per_graph = [(scope.label, scope.graph, [_initializer_info(t) for t in stored_tensors(scope.graph)])
+                 for scope in scopes(model.graph)]
+    initializers = [info for _, _, infos in per_graph for info in infos]
     parameters = sum(i.parameters for i in initializers)
     zeros = sum(round(i.zero_fraction * i.parameters) for i in initializers)
     return ModelSummary(
@@ -112,8 +125,10 @@ def summarize(model: onnx.ModelProto, path: str | os.PathLike) -> ModelSummary:
         by_dtype=_totals_by_dtype(initializers),
         zero_fraction=zeros / parameters if parameters else 0.0,
         initializers=initializers,
-        quantization=_quantization_state(nodes, stored_tensors(model.graph)),
+        quantization=_quantization_state(nodes, [t for _, graph, _ in per_graph for t in stored_tensors(graph)]),
         compressq=read_stamp(model),
+        graphs=[GraphTotals(label, len(graph.node), sum(i.parameters for i in infos), sum(i.bytes for i in infos))
+                for label, graph, infos in per_graph] if len(per_graph) > 1 else [],
     )
 
 
@@ -137,17 +152,6 @@ def stored_tensors(graph: onnx.GraphProto) -> list[onnx.TensorProto]:
                 tensor.name = node.output[0]
                 tensors.append(tensor)
     return tensors
-
-
-def all_nodes(graph: onnx.GraphProto):
-    """Nodes of a graph and of every subgraph inside it (If/Loop/Scan bodies)."""
-    for node in graph.node:
-        yield node
-        for attribute in node.attribute:
-            if attribute.HasField("g"):
-                yield from all_nodes(attribute.g)
-            for subgraph in attribute.graphs:
-                yield from all_nodes(subgraph)
 
 
 def _tensor_info(value: onnx.ValueInfoProto) -> TensorInfo:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import onnx
 
 from compressq.errors import ModelError
-from compressq.graph.index import opset_version
+from compressq.graph.index import implicit_inputs, opset_version
 from compressq.io import first_line
 
 
@@ -44,9 +44,10 @@ class NameGenerator:
         return name
 
 
-def toposort(graph: onnx.GraphProto) -> None:
-    """Reorder graph.node so that every node follows the producers of its inputs (in place)."""
-    available = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
+def toposort(graph: onnx.GraphProto, outer: set[str] | frozenset[str] = frozenset()) -> None:
+    """Reorder graph.node so that every node follows the producers of its inputs (in place). In a body,
+    `outer` names the enclosing graphs' tensors it may read."""
+    available = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""} | set(outer)
     pending = list(graph.node)
     ordered: list[onnx.NodeProto] = []
     while pending:
@@ -66,14 +67,8 @@ def toposort(graph: onnx.GraphProto) -> None:
 
 
 def _node_dependencies(node: onnx.NodeProto) -> list[str]:
-    # A subgraph body (If/Loop/Scan) may read tensors of the enclosing graph: those count too.
-    names = list(node.input)
-    for attribute in node.attribute:
-        for subgraph in [attribute.g] if attribute.HasField("g") else list(attribute.graphs):
-            produced = {n for sub in subgraph.node for n in sub.output}
-            local = produced | {i.name for i in subgraph.input} | {t.name for t in subgraph.initializer}
-            names.extend(n for sub in subgraph.node for n in sub.input if n and n not in local)
-    return names
+    # A subgraph body (If/Loop/Scan) may read tensors of the enclosing graph, at any depth: those count too.
+    return [*node.input, *implicit_inputs(node)]
 
 
 def remove_unused(graph: onnx.GraphProto) -> None:

@@ -14,21 +14,26 @@ from onnx import numpy_helper
 
 
 class GraphIndex:
-    """Producers, consumers and constants of one graph, built once and queried by name."""
+    """Producers, consumers and constants of one graph, built once and queried by name.
 
-    def __init__(self, graph: onnx.GraphProto):
+    A node whose bodies (If/Loop/Scan) read a tensor of this graph counts as one of its consumers. In a
+    body, `outer` holds the initializers of the enclosing graphs it can read (its own ones shadow them).
+    """
+
+    def __init__(self, graph: onnx.GraphProto, outer: dict[str, onnx.TensorProto] | None = None):
         self.graph = graph
-        self.initializers: dict[str, onnx.TensorProto] = {t.name: t for t in graph.initializer}
+        local = {t.name: t for t in graph.initializer}
+        self.initializers: dict[str, onnx.TensorProto] = {**(outer or {}), **local}
         self.producer: dict[str, onnx.NodeProto] = {}
         self.consumers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
         for node in graph.node:
             for output in node.output:
                 if output:
                     self.producer[output] = node
-            for name in node.input:
+            for name in dict.fromkeys([*node.input, *implicit_inputs(node)]):
                 if name:
                     self.consumers[name].append(node)
-        self.graph_inputs = [i.name for i in graph.input if i.name not in self.initializers]
+        self.graph_inputs = [i.name for i in graph.input if i.name not in local]
         self.graph_outputs = [o.name for o in graph.output]
 
     def constant(self, name: str) -> np.ndarray | None:
@@ -51,6 +56,103 @@ class GraphIndex:
         if len(users) == 1 and name not in self.graph_outputs:
             return users[0]
         return None
+
+
+# ---------------------------------------------------------------------------------------------------
+# Subgraphs: If branches, Loop and Scan bodies
+
+
+@dataclass(frozen=True, eq=False)
+class Scope:
+    """One graph of a model: the main graph, or a body of an If/Loop/Scan node (at any depth)."""
+
+    graph: onnx.GraphProto
+    label: str                          # "main graph", "If 'vad' then_branch", "Loop 'l' body > If 'x' ..."
+    owner: onnx.NodeProto | None = None  # the If/Loop/Scan node holding this body
+    attribute: str = ""                 # then_branch, else_branch or body
+    parent: Scope | None = None
+
+    @property
+    def is_main(self) -> bool:
+        return self.owner is None
+
+    def outer_initializers(self) -> dict[str, onnx.TensorProto]:
+        """Initializers of the enclosing graphs this body can read (inner ones shadow outer ones)."""
+        found: dict[str, onnx.TensorProto] = {}
+        scope = self.parent
+        while scope is not None:
+            found = {**{t.name: t for t in scope.graph.initializer}, **found}
+            scope = scope.parent
+        return found
+
+    def index(self) -> GraphIndex:
+        return GraphIndex(self.graph, self.outer_initializers())
+
+
+MAIN_GRAPH = "main graph"
+
+
+def bodies(node: onnx.NodeProto) -> list[tuple[str, onnx.GraphProto]]:
+    """(attribute name, graph) of every subgraph a node holds."""
+    found = []
+    for attribute in node.attribute:
+        if attribute.type == onnx.AttributeProto.GRAPH:
+            found.append((attribute.name, attribute.g))
+        elif attribute.type == onnx.AttributeProto.GRAPHS:
+            found.extend((attribute.name, graph) for graph in attribute.graphs)
+    return found
+
+
+def scopes(graph: onnx.GraphProto) -> list[Scope]:
+    """The main graph, then every body inside it, depth first (a parent before its children)."""
+    found = [Scope(graph, MAIN_GRAPH)]
+    position = 0
+    while position < len(found):
+        parent = found[position]
+        children = []
+        for node in parent.graph.node:
+            for attribute, body in bodies(node):
+                where = f"{node.op_type} '{node.name}' {attribute}"
+                label = where if parent.is_main else f"{parent.label} > {where}"
+                children.append(Scope(body, label, node, attribute, parent))
+        found[position + 1:position + 1] = children
+        position += 1
+    return found
+
+
+def all_nodes(graph: onnx.GraphProto):
+    """Nodes of a graph and of every subgraph inside it (If/Loop/Scan bodies)."""
+    for node in graph.node:
+        yield node
+        for _, body in bodies(node):
+            yield from all_nodes(body)
+
+
+def implicit_inputs(node: onnx.NodeProto) -> list[str]:
+    """Tensors of the enclosing graph that a node's bodies read (at any depth), in first-use order."""
+    names: dict[str, None] = {}
+    for _, body in bodies(node):
+        local = {i.name for i in body.input} | {t.name for t in body.initializer}
+        local.update(o for inner in body.node for o in inner.output)
+        for inner in body.node:
+            for name in [*inner.input, *implicit_inputs(inner)]:
+                if name and name not in local:
+                    names[name] = None
+    return list(names)
+
+
+def tensor_names(graph: onnx.GraphProto) -> set[str]:
+    """Every tensor and node name in a graph and its bodies: fresh names must avoid them all."""
+    taken: set[str] = set()
+    for scope in scopes(graph):
+        body = scope.graph
+        for node in body.node:
+            taken.update(node.input)
+            taken.update(node.output)
+            taken.add(node.name)
+        taken.update(t.name for t in body.initializer)
+        taken.update(v.name for v in [*body.input, *body.output, *body.value_info])
+    return taken
 
 
 def node_attributes(node: onnx.NodeProto) -> dict:

@@ -12,8 +12,8 @@ What was changed is recorded (`Normalized.changes`) and said once on stderr at l
 
 The contract every transformation keeps is checked here too: `interface(model)` is the model's inputs
 and outputs (names, element types, order, shapes up to symbolic dims) and `check_interface` proves a
-rewrite kept it. Only the main graph's Constants and inputs are touched; subgraphs (If/Loop/Scan bodies)
-keep theirs, but their unnamed nodes are named like the rest.
+rewrite kept it. Constant-held weights inside subgraphs (If/Loop/Scan bodies) become initializers of their
+body; only the main graph's inputs are touched.
 """
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 from onnx import numpy_helper
+
+from compressq.graph.index import scopes
 
 logger = logging.getLogger("compressq")
 
@@ -167,7 +169,9 @@ def normalize(model: onnx.ModelProto, *, in_place: bool = False, check: bool = T
         model = copy
     result = Normalized(model)
     graph = model.graph
-    result.constants_to_initializers = _constants_to_initializers(graph)
+    # Bodies first: moving a graph's nodes copies them, bodies included, so a parent goes after its children.
+    result.constants_to_initializers = [name for scope in reversed(scopes(graph))
+                                        for name in _constants_to_initializers(scope.graph)]
     weights = {t.name for t in graph.initializer} | {s.values.name for s in graph.sparse_initializer}
     kept_inputs = [v for v in graph.input if v.name not in weights]
     result.inputs_dropped = [v.name for v in graph.input if v.name in weights]
@@ -195,12 +199,13 @@ def normalize_at_load(model: onnx.ModelProto, source: object = "the model") -> o
 def _needs_work(model: onnx.ModelProto) -> bool:
     graph = model.graph
     weights = {t.name for t in graph.initializer} | {s.values.name for s in graph.sparse_initializer}
-    outputs = {o.name for o in graph.output}
     if any(v.name in weights for v in graph.input):
         return True
-    if any(_constant_tensor(node, "") is not None for node in graph.node
-           if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and node.output[0] not in outputs):
-        return True
+    for scope in scopes(graph):
+        outputs = {o.name for o in scope.graph.output}
+        if any(_constant_tensor(node, "") is not None for node in scope.graph.node
+               if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and node.output[0] not in outputs):
+            return True
     seen: set[str] = set()
     for node in _all_nodes(graph):
         if not node.name or node.name in seen:

@@ -14,7 +14,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from compressq.graph.edit import NameGenerator, remove_unused, toposort
-from compressq.graph.index import GraphIndex, node_attributes
+from compressq.graph.index import GraphIndex, node_attributes, scopes, tensor_names
 from compressq.quantize import scheme
 from compressq.quantize.plan import Skipped, check_exclude, matches
 
@@ -31,11 +31,23 @@ class DynamicResult:
 def quantize_dynamic(model: onnx.ModelProto, exclude: tuple[str, ...] = (), per_channel: bool = True) -> DynamicResult:
     result = onnx.ModelProto()
     result.CopyFrom(model)
-    graph = result.graph
-    check_exclude(graph, exclude)
-    index = GraphIndex(graph)
-    names = NameGenerator(graph)
+    check_exclude(result.graph, exclude)
+    names = NameGenerator(result.graph)
+    names.taken |= tensor_names(result.graph)
     outcome = DynamicResult(result)
+    # Innermost bodies first (If/Loop/Scan): a body's int8 copy of an outer weight leaves the float one unused,
+    # and the outer graph then drops it. Nodes are replaced where they stand: no reordering is needed.
+    for scope in reversed(scopes(result.graph)):
+        _quantize_graph(scope.graph, scope.index(), names, exclude, per_channel, outcome)
+    if outcome.quantized and not any(o.domain == MICROSOFT_DOMAIN for o in result.opset_import):
+        result.opset_import.append(helper.make_opsetid(MICROSOFT_DOMAIN, 1))
+    toposort(result.graph)
+    remove_unused(result.graph)
+    return outcome
+
+
+def _quantize_graph(graph: onnx.GraphProto, index: GraphIndex, names: NameGenerator, exclude, per_channel: bool,
+                    outcome: DynamicResult) -> None:
     replacements: dict[int, onnx.NodeProto] = {}
     for position, node in enumerate(graph.node):
         if node.op_type not in ("MatMul", "Gemm"):
@@ -51,11 +63,6 @@ def quantize_dynamic(model: onnx.ModelProto, exclude: tuple[str, ...] = (), per_
         outcome.quantized.append(node.name)
     for position, replacement in replacements.items():
         graph.node[position].CopyFrom(replacement)
-    if replacements and not any(o.domain == MICROSOFT_DOMAIN for o in result.opset_import):
-        result.opset_import.append(helper.make_opsetid(MICROSOFT_DOMAIN, 1))
-    toposort(graph)
-    remove_unused(graph)
-    return outcome
 
 
 def _weight_matrix(node: onnx.NodeProto, index: GraphIndex, exclude) -> tuple[np.ndarray | None, str | None]:

@@ -20,7 +20,7 @@ import numpy as np
 import onnx
 
 from compressq.errors import UsageError
-from compressq.graph.index import GraphIndex, node_attributes
+from compressq.graph.index import MAIN_GRAPH, GraphIndex, all_nodes, node_attributes, scopes
 
 COMPUTE_OPS = ("Conv", "Gemm", "MatMul")
 ALREADY_INT8 = "already int8"  # how a skip reason starts when the node is quantized already (not float)
@@ -82,6 +82,23 @@ class QuantPlan:
     # tensors whose producer becomes an integer kernel: consumers read the dequantized value by its name
     produced_quantized: set[str] = field(default_factory=set)
     skipped: list[Skipped] = field(default_factory=list)
+    # With If/Loop/Scan bodies: one plan per graph (label -> plan), each rewritten in its own graph; the
+    # fields above are then their union (node names are unique model-wide; see graph.normalize).
+    parts: dict[str, QuantPlan] = field(default_factory=dict)
+
+    def main_part(self) -> QuantPlan:
+        """The plan of the main graph alone (statistics that only the main graph can expose)."""
+        return self.parts.get(MAIN_GRAPH, self)
+
+    def absorb(self, part: QuantPlan) -> None:
+        self.compute.update(part.compute)
+        self.quantized_tensors |= part.quantized_tensors
+        self.param_source.update(part.param_source)
+        self.absorbed.update(part.absorbed)
+        self.own_scale_nodes |= part.own_scale_nodes
+        self.shared_scale_nodes |= part.shared_scale_nodes
+        self.produced_quantized |= part.produced_quantized
+        self.skipped += part.skipped
 
 
 
@@ -105,8 +122,8 @@ def matches(node: onnx.NodeProto, patterns: tuple[str, ...]) -> bool:
 def check_exclude(graph: onnx.GraphProto, patterns: tuple[str, ...] | list[str]) -> None:
     """An --exclude pattern that matches no node name or op type is a typo, not a no-op: say so, with the
     node names closest to it."""
-    names = [node.name for node in graph.node]
-    op_types = sorted({node.op_type for node in graph.node})
+    names = [node.name for node in all_nodes(graph)]
+    op_types = sorted({node.op_type for node in all_nodes(graph)})
     for pattern in patterns:
         if any(fnmatch.fnmatchcase(text, pattern) for text in (*names, *op_types)):
             continue
@@ -124,11 +141,26 @@ def build_plan(
     absorb_activations: bool = True,
     quantize_depthwise: bool = True,
 ) -> QuantPlan:
-    """`keep_float` maps node names to the reason they must stay float (from earlier measurements)."""
-    graph = model.graph
-    index = GraphIndex(graph)
+    """`keep_float` maps node names to the reason they must stay float (from earlier measurements).
+
+    Nodes inside If/Loop/Scan bodies are planned graph by graph (a body sees the weights of the graphs
+    around it); `plan.parts` keeps each graph's plan for the rewrite."""
     keep_float = keep_float or {}
-    check_exclude(graph, exclude)
+    check_exclude(model.graph, exclude)
+    found = scopes(model.graph)
+    if len(found) == 1:
+        return _graph_plan(model.graph, GraphIndex(model.graph), exclude, keep_float, absorb_activations,
+                           quantize_depthwise)
+    plan = QuantPlan()
+    for scope in found:
+        part = _graph_plan(scope.graph, scope.index(), exclude, keep_float, absorb_activations, quantize_depthwise)
+        plan.parts[scope.label] = part
+        plan.absorb(part)
+    return plan
+
+
+def _graph_plan(graph: onnx.GraphProto, index: GraphIndex, exclude, keep_float, absorb_activations: bool,
+                quantize_depthwise: bool) -> QuantPlan:
     plan = QuantPlan()
     already_quantized = _nodes_touching_qdq(index)
     for node in graph.node:

@@ -14,7 +14,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from compressq.graph.edit import NameGenerator, remove_unused, toposort
-from compressq.graph.index import GraphIndex, node_attributes
+from compressq.graph.index import Scope, implicit_inputs, node_attributes, scopes, tensor_names
 from compressq.quantize import scheme
 from compressq.quantize.bias_correction import weight_error_shift
 from compressq.quantize.plan import ComputeNode, QuantPlan
@@ -32,17 +32,19 @@ class RewriteStats:
 
 
 class _Rewriter:
-    def __init__(self, model: onnx.ModelProto, plan: QuantPlan, ranges: dict[str, TensorRange], signed: bool,
-                 per_channel: bool, input_means: dict[str, np.ndarray]):
-        self.model = model
-        self.graph = model.graph
+    """Rewrites one graph (the main graph or one If/Loop/Scan body) by its part of the plan."""
+
+    def __init__(self, scope: Scope, plan: QuantPlan, ranges: dict[str, TensorRange], signed: bool,
+                 per_channel: bool, input_means: dict[str, np.ndarray], names: NameGenerator):
+        self.scope = scope
+        self.graph = scope.graph
         self.plan = plan
         self.ranges = ranges
         self.signed = signed
         self.per_channel = per_channel
         self.input_means = input_means
-        self.index = GraphIndex(self.graph)
-        self.names = NameGenerator(self.graph)
+        self.index = scope.index()
+        self.names = names
         self.nodes_by_name = {n.name: n for n in self.graph.node}
         self.new_nodes: list[onnx.NodeProto] = []
         self.new_initializers: list[onnx.TensorProto] = []
@@ -64,7 +66,7 @@ class _Rewriter:
         self._drop_replaced_initializers()
         self.graph.node.extend(self.new_nodes)
         self.graph.initializer.extend(self.new_initializers)
-        toposort(self.graph)
+        toposort(self.graph, _outer_names(self.scope))
         remove_unused(self.graph)
         return self.stats
 
@@ -205,7 +207,9 @@ class _Rewriter:
         self.graph.node.extend(kept)
 
     def _drop_replaced_initializers(self) -> None:
-        still_used = {name for node in [*self.graph.node, *self.new_nodes] for name in node.input}
+        # Bodies are rewritten first: what they still read of this graph's weights stays.
+        still_used = {name for node in [*self.graph.node, *self.new_nodes]
+                      for name in [*node.input, *implicit_inputs(node)]}
         kept = [t for t in self.graph.initializer if t.name in still_used]
         del self.graph.initializer[:]
         self.graph.initializer.extend(kept)
@@ -220,6 +224,29 @@ def rewrite_qdq(model: onnx.ModelProto, plan: QuantPlan, ranges: dict[str, Tenso
     """
     result = onnx.ModelProto()
     result.CopyFrom(model)
-    stats = _Rewriter(result, plan, ranges, signed_activations, per_channel, input_means or {}).rewrite()
+    names = NameGenerator(result.graph)
+    names.taken |= tensor_names(result.graph)  # fresh names must not shadow anything in any body
+    stats = RewriteStats()
+    # Innermost bodies first: a weight of an outer graph that a body quantized into its own int8 copy is
+    # then unused there, and the outer graph drops its float copy.
+    for scope in reversed(scopes(result.graph)):
+        part = plan.parts.get(scope.label, plan) if plan.parts else plan
+        if plan.parts and scope.label not in plan.parts:
+            continue
+        done = _Rewriter(scope, part, ranges, signed_activations, per_channel, input_means or {}, names).rewrite()
+        for key, value in vars(done).items():
+            setattr(stats, key, getattr(stats, key) + value)
     return result, stats
 
+
+def _outer_names(scope: Scope) -> set[str]:
+    """Tensors of the graphs around a body, which it may read."""
+    names: set[str] = set()
+    parent = scope.parent
+    while parent is not None:
+        graph = parent.graph
+        names.update(i.name for i in graph.input)
+        names.update(t.name for t in graph.initializer)
+        names.update(o for node in graph.node for o in node.output)
+        parent = parent.parent
+    return names

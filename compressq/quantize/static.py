@@ -21,6 +21,7 @@ import onnx
 from compressq.data import Dataset
 from compressq.errors import UsageError
 from compressq.graph.edit import ensure_opset
+from compressq.graph.index import all_nodes
 from compressq.io import check_model
 from compressq.measure.speed import (
     FASTER_ENOUGH,
@@ -45,6 +46,7 @@ from compressq.quantize.range_search import RangeChoice, choose_ranges
 from compressq.quantize.range_search import summarize as summarize_choices
 from compressq.quantize.smoothquant import collect_channel_absmax, smooth, smoothable_activations
 from compressq.stats.collect import Request, TensorRange, collect_range_candidates, collect_ranges, passes_for_method
+from compressq.stats.subgraphs import NOT_REACHED, body_ranges, split_by_scope
 
 __all__ = ["FASTER_ENOUGH", "StaticQuantizer", "quantize_static", "measure_speedup"]
 
@@ -257,7 +259,7 @@ class StaticQuantizer:
         passes = passes_for_method(self.config.method)
         total = passes * min(self.dataset.num_samples, self.config.samples or self.dataset.num_samples)
         if self.config.bias_correction:
-            self.input_mean_observers = mean_observers(plan)
+            self.input_mean_observers = mean_observers(plan.main_part())
         means = [Request(tensor, observer) for tensor, observer in self.input_mean_observers.items()]
         done = [0]
 
@@ -268,12 +270,26 @@ class StaticQuantizer:
 
         # Every quantized tensor, not only today's scale-group roots: a later plan with more nodes kept
         # float can split a group, and its tensors must not need a second calibration pass.
+        # Tensors inside If/Loop/Scan bodies: min/max measured where they live (stats/subgraphs.py).
+        main_tensors, body_tensors = split_by_scope(self.prepared, plan.quantized_tensors)
+        inner = body_ranges(self.prepared, self.dataset, body_tensors, batch_size=self.config.batch_size,
+                            samples=self.config.samples)
+        if inner and self.config.method != "minmax":
+            self.notes.append(f"{len(inner)} tensors inside If/Loop/Scan bodies: min/max ranges "
+                              f"(--method {self.config.method} applies to the main graph)")
+        unreached = sorted(t for t, r in inner.items() if r == NOT_REACHED)
+        if unreached:
+            self.notes.append(f"{len(unreached)} tensors inside bodies were never reached by the data (first: "
+                              f"'{unreached[0]}'): the nodes that need them stay float")
         if self.config.method == "auto":
-            return self._ranges_by_error(plan, advance, means)
-        return collect_ranges(self.prepared, self.dataset, plan.quantized_tensors, method=self.config.method,
-                              percentile=self.config.percentile, batch_size=self.config.batch_size,
-                              samples=self.config.samples, provider=self.config.provider, progress=advance,
-                                 extra=means)
+            ranges = self._ranges_by_error(plan.main_part(), advance, means)
+            outer = set(main_tensors) - set(ranges)  # main-graph tensors that only bodies quantize
+            return {**ranges, **collect_ranges(self.prepared, self.dataset, outer, batch_size=self.config.batch_size,
+                                               samples=self.config.samples), **inner}
+        return {**collect_ranges(self.prepared, self.dataset, main_tensors, method=self.config.method,
+                                 percentile=self.config.percentile, batch_size=self.config.batch_size,
+                                 samples=self.config.samples, provider=self.config.provider, progress=advance,
+                                 extra=means), **inner}
 
     def _ranges_by_error(self, plan: QuantPlan, advance: Progress, means=()) -> dict[str, TensorRange]:
         """`--method auto`: per tensor, the candidate range that changes its consumers' outputs least."""
@@ -347,9 +363,10 @@ class StaticQuantizer:
                                "how": attempt.speed.describe() if attempt.speed else "output is the input model"})
 
     def _correct_biases(self, current: Attempt) -> Attempt:
-        means = node_means(current.plan, self.input_mean_observers) if self.input_mean_observers \
-            else input_channel_means(self.prepared, current.plan, self.dataset, batch_size=self.config.batch_size,
-                                     samples=self.config.samples, provider=self.config.provider)
+        means = node_means(current.plan.main_part(), self.input_mean_observers) if self.input_mean_observers \
+            else input_channel_means(self.prepared, current.plan.main_part(), self.dataset,
+                                     batch_size=self.config.batch_size, samples=self.config.samples,
+                                     provider=self.config.provider)
         self.bias_means = dict(means)
         corrected = self.attempt(current.keep_float, input_means=means)
         # Only bias values change: the speed measured for the uncorrected graph holds for this one.
@@ -372,7 +389,7 @@ def _nodes_needing(model: onnx.ModelProto, plan: QuantPlan, tensors: set[str], r
         final = plan.absorbed[compute.output].output if compute.output in plan.absorbed else compute.output
         if compute.activation in tensors or final in tensors:
             names[compute.name] = reason
-    for node in model.graph.node:
+    for node in all_nodes(model.graph):
         if node.name in plan.own_scale_nodes and (set(node.input) | set(node.output)) & tensors:
             names[node.name] = reason
     return names

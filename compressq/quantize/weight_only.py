@@ -35,7 +35,7 @@ from onnx import helper, numpy_helper
 
 from compressq.errors import DataError, UsageError
 from compressq.graph.edit import NameGenerator, remove_unused, toposort
-from compressq.graph.index import GraphIndex, node_attributes
+from compressq.graph.index import GraphIndex, node_attributes, scopes, tensor_names
 from compressq.quantize.plan import check_exclude, matches
 
 MS_DOMAIN = "com.microsoft"
@@ -223,26 +223,36 @@ def quantize_weights_only(
     result = onnx.ModelProto()
     result.CopyFrom(model)
     graph = result.graph
-    index = GraphIndex(graph)
     summary = WeightOnlySummary(bits, block_size, symmetric)
     check_exclude(graph, tuple(exclude))
-    candidates = _candidates(graph, index, exclude, summary.skipped)
-    samples = _calibration_samples(calibration or {}, candidates, _matmul_inputs(graph))
+    # Every graph, If/Loop/Scan bodies included; a body's packed weights are stored in that body (innermost
+    # first, so an outer float weight that only bodies read is dropped from its graph afterwards).
+    found = list(reversed(scopes(graph)))
+    candidates, home = [], {}
+    for scope in found:
+        for candidate in _candidates(scope.graph, scope.index(), exclude, summary.skipped):
+            candidates.append(candidate)
+            home[id(candidate)] = scope.graph
+    samples = _calibration_samples(calibration or {}, candidates,
+                                   set().union(*(_matmul_inputs(scope.graph) for scope in found)))
     names = NameGenerator(graph)
-    packed_weights: dict[str, tuple[list[str], BlockQuantized]] = {}
+    names.taken |= tensor_names(graph)
+    packed_weights: dict[tuple[int, str], tuple[list[str], BlockQuantized]] = {}
     for candidate in candidates:
-        if candidate.weight_name not in packed_weights or candidate.node.input[0] in samples:
+        target = home[id(candidate)]
+        key = (id(target), candidate.weight_name)  # tied weights share one packed copy per graph
+        if key not in packed_weights or candidate.node.input[0] in samples:
             quantized = quantize_weight(candidate.weight_kn, bits, block_size, symmetric,
                                         samples.get(candidate.node.input[0]))
-            inputs = _add_quantized_initializers(graph, names, candidate.weight_name, quantized)
-            packed_weights[candidate.weight_name] = (inputs, quantized)
+            inputs = _add_quantized_initializers(target, names, candidate.weight_name, quantized)
+            packed_weights[key] = (inputs, quantized)
             summary.float_weight_bytes += candidate.weight_kn.size * 4
             summary.packed_weight_bytes += _packed_bytes(quantized)
-        inputs, quantized = packed_weights[candidate.weight_name]
+        inputs, quantized = packed_weights[key]
         summary.layers.append(WeightOnlyLayer(
             candidate.node.name, candidate.weight_name, *candidate.weight_kn.shape,
             _relative_error(candidate.weight_kn, quantized.dequantize()), candidate.node.input[0] in samples))
-        _replace_with_matmul_nbits(graph, names, candidate, inputs, quantized, block_size, accuracy_level)
+        _replace_with_matmul_nbits(target, names, candidate, inputs, quantized, block_size, accuracy_level)
         if progress is not None:
             progress(1)
     if summary.layers:
