@@ -122,9 +122,11 @@ def with_outputs(model: onnx.ModelProto, names: Iterable[str]) -> onnx.ModelProt
     return exposed
 
 
-def optimized_graph(model: onnx.ModelProto, provider: str = "cpu") -> onnx.ModelProto:
-    """The graph onnxruntime actually runs after its optimizer fused what it could (for `provider`)."""
+def optimized_graph(model: onnx.ModelProto, provider: str = "cpu", *, basic: bool = False) -> onnx.ModelProto:
+    """The graph onnxruntime actually runs after its optimizer fused what it could (for `provider`); with
+    `basic`, only the provider-independent clean-ups (constant folding, redundant nodes, BatchNorm folding)."""
+    level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC if basic else ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     with tempfile.TemporaryDirectory(prefix="compressq-optimized-") as folder:
         path = os.path.join(folder, "optimized.onnx")
-        create_session(model, provider, threads=1, optimized_path=path)
+        create_session(model, provider, threads=1, optimized_path=path, level=level)
         return onnx.load(path)

@@ -52,9 +52,8 @@ _debug = {"on": os.environ.get("COMPRESSQ_DEBUG") == "1"}
 
 def print_error(message: str, hint: str | None = None, *, label: str = "error") -> None:
     """The one error line: `error: MESSAGE hint: HINT`; user strings are shown, never interpreted."""
-    hint_text = f" [dim]hint: {render.shown(hint)}[/]" if hint else ""
-    render.stderr.print(f"[bold red]{label}:[/] {render.shown(message)}{hint_text}", highlight=False,
-                        soft_wrap=True)
+    hint_part = (f" hint: {hint}", "dim") if hint else ""
+    render.stderr.print(render.styled((f"{label}:", "bold red"), f" {message}", hint_part), soft_wrap=True)
 
 
 class OneLineErrors(TyperGroup):

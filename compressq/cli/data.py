@@ -3,11 +3,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-from rich.markup import escape
-from rich.table import Table
 
 from compressq.cli.views import console as render
-from compressq.data_build import BuildRequest, BuiltDataset, ImageOptions, build_dataset, write_npz
+from compressq.cli.views.data import render_built_dataset
+from compressq.data_build import BuildRequest, ImageOptions, build_dataset, write_npz
 from compressq.errors import UsageError
 from compressq.io import load_model
 
@@ -51,7 +50,7 @@ def data(
     if as_json:
         render.print_json(report)
     else:
-        _render(built, report)
+        render_built_dataset(built, report)
 
 
 def _size(text: str | None) -> tuple[int, int] | None:
@@ -71,23 +70,3 @@ def _floats(text: str, option: str) -> tuple[float, ...]:
     except ValueError:
         raise UsageError(f"{option} '{text}' is not a comma-separated list of numbers",
                          hint=f"e.g. {option} 0.5 or {option} 0.485,0.456,0.406") from None
-
-
-def _render(built: BuiltDataset, report: dict) -> None:
-    console = render.stdout
-    what = {"images": "images", "npy": ".npy files", "npz": ".npz files"}[built.kind]
-    console.print(f"[bold]{escape(report['output'])}[/]: {report['samples']} samples from "
-                  f"{report['files']} {what} in {escape(report['source'])}")
-    if built.geometry is not None:
-        g = built.geometry
-        console.print(f"images: {g.height}x{g.width}, {g.channels} channel(s), layout {g.layout}")
-    table = Table(title="Arrays written", title_justify="left")
-    for column in ("array", "shape", "dtype", "min", "max", "mean"):
-        table.add_column(column, justify="left" if column in ("array", "shape", "dtype") else "right")
-    for row in report["arrays"]:
-        table.add_row(escape(row["name"]), render.shape_text(row["shape"]), row["dtype"],
-                      f"{row['min']:.4g}", f"{row['max']:.4g}", f"{row['mean']:.4g}")
-    console.print(table)
-    for note in built.notes:
-        console.print(f"[dim]note: {escape(note)}[/]")
-    console.print(f"use it: compressq quantize {escape(report['model'])} --calibration-data {escape(report['output'])}")

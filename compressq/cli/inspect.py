@@ -5,6 +5,7 @@ from pathlib import Path
 import typer
 
 from compressq.cli.views import console as render
+from compressq.cli.views.inspect import render_summary
 from compressq.evaluate.summary import summarize
 from compressq.io import load_model
 
@@ -18,4 +19,4 @@ def inspect(
     if as_json:
         render.print_json(summary)
     else:
-        render.render_summary(summary)
+        render_summary(summary)

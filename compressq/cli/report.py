@@ -1,18 +1,16 @@
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from enum import Enum
 from pathlib import Path
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from compressq.cli.views import console as render
+from compressq.cli.views.progress import stage_progress
 from compressq.cli.views.report import print_table, render_text, table_console
 from compressq.data import DATA_LAYOUT_HELP
 from compressq.errors import EXIT_GATE_FAILED, OutputError, UsageError
-from compressq.evaluate.report import GateLimits, Report, ReportConfig, StartTask, build_report, verdict
+from compressq.evaluate.report import GateLimits, Report, ReportConfig, build_report, verdict
 from compressq.io import check_output_path, write_text_atomically
 
 
@@ -80,8 +78,8 @@ def report(
     if output is not None:  # devices, pipes and directories are refused; a symlink is written through
         _refuse_to_replace_models(output, config)
         output = check_output_path(output)
-    with _progress_bars() as start_task:
-        result = build_report(config, start_task)
+    with stage_progress(quiet=not render.stderr.is_terminal) as progress:  # CI logs and pipes get no bars
+        result = build_report(config, progress)
     _emit(result, output_format.value, output)
     if output is not None or output_format != ReportFormat.table:  # the table shows the verdict itself
         typer.echo(verdict(result), err=True)
@@ -94,7 +92,7 @@ def report(
 def _emit(result: Report, output_format: str, output: Path | None) -> None:
     if output is not None:
         write_text_atomically(output, render_text(result, output_format))
-        render.stderr.print(f"wrote {output_format} report to {output}", highlight=False)
+        render.stderr.print(f"wrote {output_format} report to {output}")
     elif output_format == "table":
         print_table(result, table_console(render.stdout))
     else:
@@ -106,17 +104,3 @@ def _refuse_to_replace_models(output: Path, config: ReportConfig) -> None:
         if output.resolve() == model.resolve():
             raise OutputError(f"refusing to overwrite the model {model} with the report",
                               hint="pass another --output path")
-
-
-@contextlib.contextmanager
-def _progress_bars() -> Iterator[StartTask]:
-    """Progress on stderr, only when a person watches it (CI logs and pipes get none)."""
-    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                        console=render.stderr, transient=True, disable=not render.stderr.is_terminal)
-
-    def start_task(description: str, total: int):
-        task = progress.add_task(description, total=total)
-        return lambda steps: progress.advance(task, steps)
-
-    with progress:
-        yield start_task

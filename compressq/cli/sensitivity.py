@@ -43,7 +43,7 @@ def sensitivity(
         render.stderr.print("note: measured on the calibration data; pass --data for held-out samples")
     scored = ", ".join(rows[0]["task_outputs"]) if rows else ""
     table = Table(title="Sensitivity: each node quantized alone, worst first", title_justify="left",
-                  caption=f"scored outputs (those that carry the task): {render.shown(scored)}" if scored else None,
+                  caption=f"scored outputs (those that carry the task): {render.printable(scored)}" if scored else None,
                   caption_justify="left")
     # Name the worst output per row only where there is a choice (several task outputs, or detector slices).
     several = len({row["cosine_output"] for row in rows}) > 1 or bool(rows and len(rows[0]["task_outputs"]) > 1)
@@ -52,9 +52,9 @@ def sensitivity(
         table.add_column(column, justify="left" if column in ("node", "op", "worst output") else "right",
                          overflow="fold", min_width=30 if column == "node" else None)
     for row in rows:
-        table.add_row(render.shown(row["node"]), row["op_type"], _figure(row["agreement"], "{:.2%}"),
+        table.add_row(render.printable(row["node"]), row["op_type"], _figure(row["agreement"], "{:.2%}"),
                       _figure(row["drop_points"], "{:.2f}"), _figure(row["min_cosine"], "{:.6f}"),
-                      _figure(row["min_sqnr_db"], "{:.1f}"), *[render.shown(row["cosine_output"] or "-")] * several)
+                      _figure(row["min_sqnr_db"], "{:.1f}"), *[render.printable(row["cosine_output"] or "-")] * several)
     render.stdout.print(table)
 
 

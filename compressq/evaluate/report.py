@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import zlib
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from itertools import islice
 from pathlib import Path
@@ -40,6 +39,7 @@ from compressq.measure.task import (
     worst_agreement,
     worst_cosine,
 )
+from compressq.progress import Progress, Stage
 from compressq.runtime import create_session, provider_chain, with_outputs
 
 SCHEMA = "compressq.report/1"
@@ -59,7 +59,6 @@ INTEGER_WEIGHTED_OPS = frozenset({
 FLOAT_WEIGHTED_OPS = frozenset({"Conv", "MatMul", "Gemm"})
 
 # Called with (what is running, how many steps); returns the callback that advances by n steps.
-StartTask = Callable[[str, int], Callable[[int], None]]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -287,10 +286,10 @@ class _Model:
     proto: onnx.ModelProto
 
 
-def build_report(config: ReportConfig, start_task: StartTask | None = None) -> Report:
+def build_report(config: ReportConfig, progress: Progress | None = None) -> Report:
     """Compare the baseline with each candidate: size, accuracy on the outputs that carry the task, latency
-    (wall clock) and work (CPU time), and the gates' verdicts. `start_task(label, total)` returns a
-    callable that advances a progress bar."""
+    (wall clock) and work (CPU time), and the gates' verdicts. `progress(stage, done, total)` is told how
+    far each stage is."""
     check_gate_usage(config)
     check_providers(config.providers)
     names = display_names([config.baseline, *config.candidates])
@@ -299,9 +298,9 @@ def build_report(config: ReportConfig, start_task: StartTask | None = None) -> R
     for candidate in candidates:
         _check_same_interface(baseline, candidate)
     dataset = _dataset(config, baseline.proto)
-    evaluation = _evaluate(baseline, candidates, dataset, config, start_task)
-    latencies = _time_all([baseline, *candidates], dataset, config, start_task)
-    work = _work_speedups(baseline, candidates, dataset, config, start_task)
+    evaluation = _evaluate(baseline, candidates, dataset, config, progress)
+    latencies = _time_all([baseline, *candidates], dataset, config, progress)
+    work = _work_speedups(baseline, candidates, dataset, config, progress)
     baseline_report = ModelReport(baseline.name, model_facts(baseline.proto, baseline.path),
                                   evaluation.accuracy(baseline.name), latencies[baseline.name])
     candidate_reports = [_candidate_report(c, baseline_report, evaluation, latencies[c.name], work)
@@ -388,19 +387,18 @@ def _speedup(baseline: LatencyResult, candidate: LatencyResult, work: SpeedMeasu
 
 
 def _work_speedups(baseline: _Model, candidates: list[_Model], dataset: Dataset, config: ReportConfig,
-                   start_task: StartTask | None) -> dict[tuple[str, str], SpeedMeasurement]:
+                   progress: Progress | None) -> dict[tuple[str, str], SpeedMeasurement]:
     """Each candidate against the baseline by CPU time (measure.speed): the figure the speed gate decides on,
     so that a gate in CI does not fail because a neighbour was busy. Wall clock stays in the latency table."""
     feeds = _timing_feeds(dataset, config.batch_size)
     threads = config.threads or 1
-    advance = start_task("measuring work (CPU time)", len(candidates) * len(config.providers)) if start_task else None
+    stage = Stage(progress, "measuring work (CPU time)", len(candidates) * len(config.providers))
     work = {}
     for provider in config.providers:
         for candidate in candidates:
             work[(candidate.name, provider)] = measure_speedup(baseline.path, candidate.path, feeds, provider,
                                                                threads=threads)
-            if advance:
-                advance(1)
+            stage.advance()
     return work
 
 
@@ -542,7 +540,7 @@ def _labels_match_nothing(labels: np.ndarray, roles: list[OutputRole], values: d
 
 
 def _evaluate(baseline: _Model, candidates: list[_Model], dataset: Dataset, config: ReportConfig,
-              start_task: StartTask | None) -> _Evaluation:
+              progress: Progress | None) -> _Evaluation:
     layer_names = {c.name: matched_tensors(baseline.proto, c.proto) for c in candidates} if config.per_layer else {}
     evaluation = _Evaluation(baseline, candidates, SYNTHETIC if dataset.synthetic else REAL, layer_names,
                              config.task_outputs)
@@ -552,13 +550,12 @@ def _evaluate(baseline: _Model, candidates: list[_Model], dataset: Dataset, conf
         exposed = list(layer_names.get(candidate.name, {}).values())
         sessions[candidate.name] = _accuracy_session(candidate.proto, exposed, config)
     total = min(dataset.num_samples, config.samples) if config.samples else dataset.num_samples
-    advance = start_task("evaluating", total) if start_task else None
+    stage = Stage(progress, "evaluating", total)
     batch_size = PER_LAYER_BATCH if config.per_layer else EVAL_BATCH
     for feed, labels in dataset.labelled_batches(batch_size, config.samples):
         outputs = {name: _run_named(session, feed) for name, session in sessions.items()}
         evaluation.update(feed, outputs, labels)
-        if advance:
-            advance(len(next(iter(feed.values()))))
+        stage.advance(len(next(iter(feed.values()))))
     return evaluation
 
 
@@ -578,14 +575,14 @@ def _run_named(session, feed: dict) -> dict[str, np.ndarray]:
 
 
 def _time_all(models: list[_Model], dataset: Dataset, config: ReportConfig,
-              start_task: StartTask | None) -> dict[str, list[LatencyResult]]:
+              progress: Progress | None) -> dict[str, list[LatencyResult]]:
     feeds = _timing_feeds(dataset, config.batch_size)
     batch = len(next(iter(feeds[0].values())))
     results: dict[str, list[LatencyResult]] = {model.name: [] for model in models}
     for provider in config.providers:
         sessions = {m.name: create_session(m.path, provider, threads=config.threads or None) for m in models}
-        advance = start_task(f"timing on {provider}", config.runs) if start_task else None
-        stats = time_interleaved(sessions, feeds, runs=config.runs, warmup=config.warmup, progress=advance)
+        stage = Stage(progress, f"timing on {provider}", config.runs)
+        stats = time_interleaved(sessions, feeds, runs=config.runs, warmup=config.warmup, progress=stage.advance)
         for name, timing in stats.items():
             results[name].append(LatencyResult(provider, batch, timing.median_ms, timing.p90_ms, timing.mean_ms,
                                                timing.throughput(batch), timing.samples_ms))

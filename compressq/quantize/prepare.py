@@ -8,19 +8,15 @@ and leaves standard ONNX ops, so it is the same graph onnxruntime would run anyw
 
 from __future__ import annotations
 
-import os
-import tempfile
-
 import numpy as np
 import onnx
-import onnxruntime as ort
 from onnx import numpy_helper
 
 from compressq.graph.edit import NameGenerator
 from compressq.graph.index import GraphIndex
 from compressq.io import EXTERNAL_DATA_THRESHOLD
 from compressq.quantize.plan import name_nodes
-from compressq.runtime import create_session
+from compressq.runtime import optimized_graph
 
 
 def prepare_for_quantization(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
@@ -31,7 +27,7 @@ def prepare_for_quantization(model: onnx.ModelProto) -> tuple[onnx.ModelProto, l
         prepared.CopyFrom(model)
         notes.append("model over 2 GB: onnxruntime's pre-quantization clean-up skipped")
     else:
-        prepared = _basic_optimized(model)
+        prepared = optimized_graph(model, "cpu", basic=True)
     # onnxruntime drops metadata and may bump nothing else; keep what the user's model recorded.
     del prepared.metadata_props[:]
     prepared.metadata_props.extend(model.metadata_props)
@@ -57,9 +53,3 @@ def _divisions_as_multiplications(graph: onnx.GraphProto) -> None:
         node.input[1] = reciprocal
 
 
-def _basic_optimized(model: onnx.ModelProto) -> onnx.ModelProto:
-    with tempfile.TemporaryDirectory(prefix="compressq-prepare-") as folder:
-        path = os.path.join(folder, "prepared.onnx")
-        create_session(model, "cpu", threads=1, optimized_path=path,
-                       level=ort.GraphOptimizationLevel.ORT_ENABLE_BASIC)
-        return onnx.load(path)

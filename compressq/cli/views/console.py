@@ -1,9 +1,9 @@
-"""Rich terminal views of command results (the data comes from the algorithms, untouched).
+"""The consoles every view prints on, and the small text helpers they share.
 
-Every string that comes from a user or a model (paths, node and tensor names, messages) goes through
-`printable` (control characters shown as visible escapes, so a name cannot drive the terminal) and, on
-these markup consoles, through `escape` (so `cnn[int8].onnx` is printed, not read as a style): `shown`
-does both.
+Consoles are made here only, all with markup off: a string is printed as it is, so `cnn[int8].onnx` or
+`d[/x].onnx` can never be read as a style. Styles are given as data (`styled`), never spelled inside text.
+Every string that comes from a user or a model also goes through `printable` (control characters shown as
+visible escapes), so a name cannot drive the terminal.
 """
 
 from __future__ import annotations
@@ -13,14 +13,16 @@ import sys
 from dataclasses import asdict, is_dataclass
 
 from rich.console import Console
-from rich.markup import escape
-from rich.table import Table
+from rich.text import Text
 
-from compressq.evaluate.summary import ModelSummary
 
-stdout = Console(soft_wrap=True)
-stderr = Console(stderr=True, soft_wrap=True)
-SPARSE_ROWS_SHOWN = 15
+def make_console(**options) -> Console:
+    """The one way a view gets a console: markup, highlighting and emoji codes off."""
+    return Console(markup=False, highlight=False, emoji=False, **options)
+
+
+stdout = make_console(soft_wrap=True)
+stderr = make_console(stderr=True, soft_wrap=True)
 
 
 _NAMED_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
@@ -45,9 +47,9 @@ def _visible_escape(char: str) -> str:
     return f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
 
 
-def shown(text: object) -> str:
-    """A user or model string ready for a markup console: printable, and never read as markup."""
-    return escape(printable(text))
+def styled(*parts: str | tuple[str, str]) -> Text:
+    """One line from plain parts and (text, style) pairs; every part is made printable first."""
+    return Text.assemble(*((printable(p[0]), p[1]) if isinstance(p, tuple) else printable(p) for p in parts))
 
 
 def human_bytes(count: float) -> str:
@@ -75,74 +77,4 @@ def _json_default(value):
 
 
 def shape_text(shape: list) -> str:
-    return shown("[" + ", ".join(str(d) for d in shape) + "]")
-
-
-def render_summary(summary: ModelSummary, console: Console = stdout) -> None:
-    console.print(f"[bold]{shown(summary.path)}[/]  {human_bytes(summary.file_bytes)} on disk, "
-                  f"IR v{summary.ir_version}, opset {summary.opset}"
-                  + (f", produced by {shown(summary.producer)}" if summary.producer else ""), highlight=False)
-    console.print(_io_table(summary))
-    console.print(_ops_table(summary))
-    console.print(_parameters_table(summary))
-    sparse = [i for i in summary.initializers if i.parameters >= 16]
-    if sparse:
-        console.print(_sparsity_table(sparse))
-    console.print(_quantization_line(summary))
-    if summary.compressq:
-        console.print(f"written by compressq {shown(summary.compressq.get('version', '?'))}: "
-                      f"{shown(summary.compressq.get('command', '?'))} "
-                      f"{shown(summary.compressq.get('settings', ''))}", highlight=False)
-
-
-def _io_table(summary: ModelSummary) -> Table:
-    table = Table(title="Inputs and outputs", title_justify="left")
-    for column in ("", "name", "dtype", "shape"):
-        table.add_column(column)
-    for kind, tensors in (("input", summary.inputs), ("output", summary.outputs)):
-        for tensor in tensors:
-            table.add_row(kind, shown(tensor.name), shown(tensor.dtype), shape_text(tensor.shape))
-    return table
-
-
-def _ops_table(summary: ModelSummary) -> Table:
-    table = Table(title=f"Operators ({summary.node_count} nodes)", title_justify="left")
-    table.add_column("op type")
-    table.add_column("count", justify="right")
-    for op, count in summary.op_histogram.items():
-        table.add_row(shown(op), str(count))
-    return table
-
-
-def _parameters_table(summary: ModelSummary) -> Table:
-    table = Table(title=f"Parameters: {summary.parameters:,} in {human_bytes(summary.parameter_bytes)}, "
-                        f"{summary.zero_fraction:.1%} exact zeros", title_justify="left")
-    for column in ("dtype", "parameters", "bytes"):
-        table.add_column(column, justify="right" if column != "dtype" else "left")
-    for dtype, totals in summary.by_dtype.items():
-        table.add_row(shown(dtype), f"{totals.parameters:,}", human_bytes(totals.bytes))
-    return table
-
-
-def _sparsity_table(initializers) -> Table:
-    ranked = sorted(initializers, key=lambda i: (-i.zero_fraction, -i.parameters))
-    top = ranked[:SPARSE_ROWS_SHOWN]
-    more = len(ranked) - len(top)
-    title = "Initializers by sparsity" + (f" (top {len(top)}; {more} more in --json)" if more else "")
-    table = Table(title=title, title_justify="left")
-    for column in ("name", "dtype", "shape", "parameters", "zeros"):
-        table.add_column(column, justify="right" if column in ("parameters", "zeros") else "left")
-    for info in top:
-        table.add_row(shown(info.name), shown(info.dtype), shape_text(info.shape), f"{info.parameters:,}",
-                      f"{info.zero_fraction:.1%}")
-    return table
-
-
-def _quantization_line(summary: ModelSummary) -> str:
-    state = summary.quantization
-    if not state.is_quantized:
-        return "Quantization: none (all weights and activations in float)"
-    parts = [f"{state.quantize_linear} QuantizeLinear", f"{state.dequantize_linear} DequantizeLinear"]
-    parts += [f"{n} {dtype} initializers" for dtype, n in state.low_bit_initializers.items()]
-    parts += [f"{n} {op}" for op, n in state.quantized_ops.items()]
-    return "Quantization: " + shown(", ".join(parts))
+    return printable("[" + ", ".join(str(d) for d in shape) + "]")

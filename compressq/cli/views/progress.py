@@ -1,21 +1,36 @@
-"""A rich progress bar on stderr that algorithms drive through a plain callback."""
+"""The one progress view: rich bars on stderr that algorithms drive through a plain callback.
+
+Algorithms call `update(stage, done, total)` and never import rich; each new stage gets its own bar with a
+total, elapsed time and an ETA. Quiet (`--json`) runs get a callback that draws nothing.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    SpinnerColumn,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
 from compressq.cli.views import console as render
 
+ProgressCallback = Callable[[str, int, int], None]
+
 
 @contextmanager
-def stage_progress() -> Iterator[Callable[[str, int, int], None]]:
-    """Yields `update(stage, done, total)`; each new stage gets its own bar."""
-    bars = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    console=render.stderr, transient=True)
-    tasks: dict[str, int] = {}
+def stage_progress(quiet: bool = False) -> Iterator[ProgressCallback]:
+    bars = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
+                    console=render.stderr, transient=True, disable=quiet)
+    tasks: dict[str, TaskID] = {}
 
     def update(stage: str, done: int, total: int) -> None:
         if stage not in tasks:

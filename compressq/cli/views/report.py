@@ -14,10 +14,9 @@ import math
 from dataclasses import dataclass, field
 
 from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
 
-from compressq.cli.views.console import human_bytes
+from compressq.cli.views.console import human_bytes, make_console, printable, styled
 from compressq.evaluate.report import SYNTHETIC, CandidateReport, ModelReport, OutputComparison, Report, verdict
 
 FORMATS = ("table", "json", "markdown", "html")
@@ -238,24 +237,24 @@ def _heading(report: Report) -> str:
 
 
 def print_table(report: Report, console: Console) -> None:
-    console.print(f"[bold]{escape(_heading(report))}[/]")
-    console.print(escape(data_kind_note(report)))
+    console.print(styled((_heading(report), "bold")))
+    console.print(printable(data_kind_note(report)))
     for section in sections(report):
         if section.rows:
             console.print(_rich_table(section))
         if section.note:
-            console.print(escape(section.note) if section.rows else f"[bold]{escape(section.title)}[/]: "
-                          f"{escape(section.note)}")
+            console.print(printable(section.note) if section.rows
+                          else styled((section.title, "bold"), f": {section.note}"))
 
 
 def _rich_table(section: Section) -> Table:
-    table = Table(title=escape(section.title), title_justify="left")
+    table = Table(title=printable(section.title), title_justify="left")
     for index, column in enumerate(section.columns):
         # fold, never truncate: a cut model or tensor name is worse than a taller table
         table.add_column(column, justify="left" if index == 0 or not _numeric(section, index) else "right",
                          overflow="fold")
     for row in section.rows:
-        table.add_row(*(escape(cell) for cell in row))
+        table.add_row(*(printable(cell) for cell in row))
     return table
 
 
@@ -267,13 +266,13 @@ def _numeric(section: Section, column: int) -> bool:
 
 def table_text(report: Report) -> str:
     buffer = io.StringIO()
-    print_table(report, Console(file=buffer, width=FILE_WIDTH, color_system=None, force_terminal=False))
+    print_table(report, make_console(file=buffer, width=FILE_WIDTH, color_system=None, force_terminal=False))
     return buffer.getvalue()
 
 
 def table_console(terminal: Console) -> Console:
     """The terminal's console, or a wide plain one for pipes and CI logs (rich assumes 80 columns there)."""
-    return terminal if terminal.is_terminal else Console(width=FILE_WIDTH, color_system=None, soft_wrap=True)
+    return terminal if terminal.is_terminal else make_console(width=FILE_WIDTH, color_system=None, soft_wrap=True)
 
 
 # ---------------------------------------------------------------------------------------------------

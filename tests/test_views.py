@@ -1,0 +1,112 @@
+"""The views print what users and models name things exactly as they are: no markup, no terminal control.
+
+Also the layering that keeps rendering in one room: consoles are made in one place, and ruff's banned-api
+rules (pyproject.toml, compressq/cli/ruff.toml) hold for the whole package.
+"""
+
+from __future__ import annotations
+
+import ast
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import onnx
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "compressq"
+MARKUP_NAMES = ["cnn[int8].onnx", "[bold]x[red].onnx", "r[link=a]v[dim].onnx"]
+
+
+@pytest.mark.parametrize("name", MARKUP_NAMES)
+def test_inspect_prints_bracketed_paths_as_they_are(run_cli, tmp_path, tiny_model, name):
+    path = tmp_path / name
+    onnx.save_model(tiny_model(), str(path))
+    result = run_cli("inspect", path)
+    assert result.exit_code == 0, result.stderr
+    assert name in result.stdout
+
+
+def test_inspect_a_path_with_a_closing_tag_in_its_folder(run_cli, tmp_path, tiny_model):
+    folder = tmp_path / "d["
+    folder.mkdir()
+    path = folder / "x].onnx"  # the path reads d[/x].onnx: a closing tag if it ever reached markup
+    onnx.save_model(tiny_model(), str(path))
+    result = run_cli("inspect", path)
+    assert result.exit_code == 0, result.stderr
+    assert "d[/x].onnx" in result.stdout
+
+
+def test_producer_and_metadata_markup_is_printed_not_applied(run_cli, tmp_path, tiny_model):
+    model = tiny_model()
+    model.producer_name = "[bold red]exporter[/]"
+    onnx.helper.set_model_props(model, {"compressq.version": "[/]", "compressq.command": "[link=x]q",
+                                        "compressq.settings": "[blink]"})
+    path = tmp_path / "m.onnx"
+    onnx.save_model(model, str(path))
+    result = run_cli("inspect", path)
+    assert result.exit_code == 0, result.stderr
+    assert "[bold red]exporter[/]" in result.stdout
+
+
+def test_node_names_with_markup_survive_quantize_output(run_cli, tmp_path, tiny_model):
+    model = tiny_model()
+    for node in model.graph.node:
+        node.name = f"[/]{node.name}[bold]"
+    path = tmp_path / "m.onnx"
+    onnx.save_model(model, str(path))
+    result = run_cli("quantize", path, "--mode", "dynamic", "--no-speed-check", "-o", tmp_path / "q[1].onnx")
+    assert result.exit_code == 0, result.stderr
+    assert "q[1].onnx" in result.stdout
+    assert (tmp_path / "q[1].onnx").exists()
+
+
+def test_report_names_the_file_it_wrote(run_cli, tmp_path, tiny_model):
+    path = tmp_path / "m.onnx"
+    onnx.save_model(tiny_model(), str(path))
+    target = tmp_path / "r[v2].html"
+    result = run_cli("report", path, "--format", "html", "-o", target)
+    assert result.exit_code == 0, result.stderr
+    assert target.exists()
+    assert "r[v2].html" in result.stderr
+
+
+def test_error_lines_show_brackets(run_cli, tmp_path):
+    missing = tmp_path / "no[such]/[/]m.onnx"
+    result = run_cli("inspect", missing)
+    assert result.exit_code == 2
+    assert "no[such]/[/]m.onnx" in result.stderr
+
+
+def test_control_characters_in_names_are_escaped(run_cli, tmp_path, tiny_model):
+    model = tiny_model()
+    model.producer_name = "evil\x1b]0;title\x07"
+    path = tmp_path / "m.onnx"
+    onnx.save_model(model, str(path))
+    result = run_cli("inspect", path)
+    assert result.exit_code == 0
+    assert "\x1b" not in result.stdout and "\\x1b" in result.stdout
+
+
+def test_help_shows_defaults(run_cli):
+    result = run_cli("quantize", "--help")
+    assert result.exit_code == 0
+    assert "[default: " in result.stdout
+
+
+def test_consoles_are_made_in_one_place():
+    makers = []
+    for path in PACKAGE.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and getattr(node.func, "id", getattr(node.func, "attr", None)) == "Console":
+                makers.append(path.relative_to(PACKAGE).as_posix())
+    assert makers == ["cli/views/console.py"]
+
+
+@pytest.mark.skipif(shutil.which("ruff", path=str(Path(sys.executable).parent)) is None, reason="ruff not installed")
+def test_layering_rules_hold():
+    """Only runtime.py imports onnxruntime, only cli/ imports typer/click/rich, nothing imports cli/."""
+    ruff = Path(sys.executable).parent / "ruff"
+    done = subprocess.run([str(ruff), "check", "--select", "TID251", str(PACKAGE)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout
