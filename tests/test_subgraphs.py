@@ -382,3 +382,37 @@ def test_quantize_reaches_inner_nodes(run_cli, case, tmp_path, mode):
     if mode != "static":
         assert "MatMul" not in inner, "every inner MatMul with a constant weight is replaced"
     _close_to_reference(name, out, weights, evaluation, 0.99)
+
+
+@pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
+def test_prune_zeroes_inner_weights(run_cli, case, tmp_path, pattern):
+    name, path, data, layout, evaluation, weights = case
+    out = tmp_path / "pruned.onnx"
+    args = ["prune", path, "-o", out, "--json", "--prune-first", "--prune-last", "--min-params", "1"]
+    args += ["-s", "0.5"] if pattern == "unstructured" else ["--pattern", "2:4"]
+    result = run_cli(*args, "--calibration-data", data, "--data-layout", layout)
+    assert result.exit_code == 0, result.stderr
+    summary = json.loads(result.stdout)
+    model = check_written(path, out)
+    pruned = {layer["node"] for layer in summary["layers"]}
+    inner_nodes = {node.name for scope in scopes(model.graph) if not scope.is_main for node in scope.graph.node}
+    assert pruned & inner_nodes, "layers inside bodies are pruned"
+    stored = inner_weights(model)
+    for scope in scopes(model.graph)[1:]:
+        for node in scope.graph.node:
+            if node.name in pruned:  # its weight: a body-local copy when the dense one was an outer weight
+                assert 0.45 <= np.mean(stored[node.input[1]] == 0) <= 0.55, node.name
+    if name != "if":  # the If model's weights all live in its branches
+        assert any("without refit" in note for note in summary["notes"])
+    for index, feed in feeds(name, evaluation)[:2]:
+        for got, want in zip(_run(out, feed), reference(name, weights, evaluation, index)):
+            assert got.shape == want.shape and np.isfinite(got).all()
+
+
+def test_channel_pruning_leaves_bodies_dense_and_says_why(run_cli, tmp_path):
+    model, _ = if_model()
+    path = tmp_path / "if.onnx"
+    onnx.save_model(model, str(path))
+    result = run_cli("prune", path, "-o", tmp_path / "out.onnx", "--structured", "-s", "0.5", "--json")
+    assert result.exit_code == 2, result.stderr
+    assert "inside an If/Loop/Scan body" in result.stderr and "Traceback" not in result.stderr

@@ -20,11 +20,12 @@ from onnx import numpy_helper
 from compressq.data import Dataset
 from compressq.errors import UsageError
 from compressq.graph.edit import NameGenerator
-from compressq.graph.index import GraphIndex
+from compressq.graph.index import GraphIndex, implicit_inputs, scopes
+from compressq.graph.passes import check_if_enabled
 from compressq.io import check_model
 from compressq.prune.config import PruneConfig
 from compressq.prune.masks import global_masks, local_mask, n_m_mask, weight_scores, zero_fraction
-from compressq.prune.plan import DenseLayer, PrunePlan, plan_pruning
+from compressq.prune.plan import DenseLayer, PrunePlan, graph_order, plan_pruning
 from compressq.prune.refit import RefitRecord, RefitSettings, RefitTarget, refit_layers
 from compressq.prune.structured import (
     ChannelGroup,
@@ -105,12 +106,24 @@ def prune_model(model: onnx.ModelProto, config: PruneConfig, dataset: Dataset | 
         _refuse_nothing_to_prune(outcome.dense)
     records = []
     if dataset is not None:
+        outcome.refit_targets = _main_graph_targets(outcome)
         settings = RefitSettings(config.calibration_samples, config.batch_size, config.refit_ridge, seed=config.seed)
         records = refit_layers(outcome.model, teacher, outcome.refit_targets, dataset, settings,
                                _counter(progress, "refitting layers", len(outcome.refit_targets)))
         outcome.notes += [f"'{r.node}' {r.note}" for r in records if r.note]
     check_model(outcome.model)
+    check_if_enabled(model, outcome.model, "prune")
     return PruneResult(outcome.model, _summary(teacher, outcome, config, records, dataset))
+
+
+def _main_graph_targets(outcome: _Outcome) -> list[RefitTarget]:
+    """Refit reads each layer's input as a graph output: layers inside bodies are pruned but not refit."""
+    main = {node.name for node in outcome.model.graph.node}
+    inner = [target for target in outcome.refit_targets if target.node not in main]
+    if inner:
+        outcome.notes.append(f"{len(inner)} layers inside If/Loop/Scan bodies pruned without refit (their "
+                             "inputs cannot be read out of the body yet)")
+    return [target for target in outcome.refit_targets if target.node in main]
 
 
 def _counter(progress: Progress | None, stage: str, total: int) -> Callable[[int], None] | None:
@@ -166,20 +179,36 @@ def weight_masks(weights: dict[str, np.ndarray], input_axes: dict[str, int],
 def _prune_weights(teacher: onnx.ModelProto, plan: PrunePlan, config: PruneConfig,
                    progress: Progress | None) -> _Outcome:
     model = _named_copy(teacher)
-    index = GraphIndex(model.graph)
-    nodes = {node.name: node for node in model.graph.node}
-    weights = {layer.node: index.constant(layer.weight) for layer in plan.layers}
+    found = scopes(model.graph)
+    # Every node with the graph it lives in and what that graph can read (bodies see outer weights).
+    where = {node.name: (node, scope) for scope in found for node in scope.graph.node}
+    indexes = {scope.label: scope.index() for scope in found}
+    weights = {layer.node: indexes[where[layer.node][1].label].constant(layer.weight) for layer in plan.layers}
     masks = weight_masks(weights, {layer.node: layer.input_axis for layer in plan.layers}, config)
     layers = []
     for position, layer in enumerate(plan.layers, start=1):
         pruned = np.where(masks[layer.node], weights[layer.node], 0).astype(weights[layer.node].dtype)
-        replace_constant_input(model.graph, nodes[layer.node], 1, pruned)
+        node, scope = where[layer.node]
+        # A body pruning an outer weight gets its own copy; the outer graph drops the dense one if unused.
+        replace_constant_input(scope.graph, node, 1, pruned)
         layers.append(LayerResult(layer.node, layer.op_type, layer.weight, layer.shape, layer.shape,
                                   zero_fraction(pruned)))
         if progress:
             progress("pruning layers", position, len(plan.layers))
     targets = [RefitTarget(layer.node) for layer in plan.layers]
+    if len(found) > 1:
+        _drop_unused_initializers(model.graph)
     return _Outcome(model, layers, list(plan.dense), targets)
+
+
+def _drop_unused_initializers(graph: onnx.GraphProto) -> None:
+    """Initializers nothing reads any more, bodies' outer reads included (a body now holds its own copy)."""
+    used = {name for node in graph.node for name in [*node.input, *implicit_inputs(node)]}
+    used |= {o.name for o in graph.output}
+    kept = [t for t in graph.initializer if t.name in used]
+    if len(kept) < len(graph.initializer):
+        del graph.initializer[:]
+        graph.initializer.extend(kept)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -188,17 +217,34 @@ def _prune_weights(teacher: onnx.ModelProto, plan: PrunePlan, config: PruneConfi
 
 def _prune_channels(model: onnx.ModelProto, plan: PrunePlan, config: PruneConfig,
                     progress: Progress | None) -> _Outcome:
+    plan = _body_layers_dense(model, plan)
     dense_reasons = {d.node: d.reason for d in plan.dense}
     groups = trace_channel_groups(model, {layer.node: None for layer in plan.layers} | dense_reasons)
     kept = choose_channels(model, groups, config.sparsity, config.criterion, config.seed, config.channel_multiple)
     rewritten = remove_channels(model, groups, kept)
     layers = _channel_results(model, rewritten, groups, kept)
-    order = {node.name: i for i, node in enumerate(model.graph.node)}
+    order = {name: i for i, name in enumerate(graph_order(model))}
     dense = sorted([*plan.dense, *_blocked_layers(plan, groups, kept, config)], key=lambda d: order[d.node])
     if progress:
         progress("pruning channels", len(layers), len(layers))
     targets = _channel_refit_targets(model, groups, kept)
     return _Outcome(rewritten, layers, dense, targets, _granularity_notes(groups, kept, config))
+
+
+BODY_CHANNELS_REASON = ("inside an If/Loop/Scan body: removing channels there would change the body's "
+                        "outputs (unstructured and N:M pruning reach it)")
+
+
+def _body_layers_dense(model: onnx.ModelProto, plan: PrunePlan) -> PrunePlan:
+    """Channel pruning stays in the main graph: a body's outputs must keep their shapes in every branch and
+    iteration, which channel groups do not track across the body boundary."""
+    main = {node.name for node in model.graph.node}
+    inner = [layer for layer in plan.layers if layer.node not in main]
+    if not inner:
+        return plan
+    dense = [DenseLayer(layer.node, layer.op_type, layer.weight, layer.parameters, BODY_CHANNELS_REASON)
+             for layer in inner]
+    return PrunePlan(tuple(layer for layer in plan.layers if layer.node in main), (*plan.dense, *dense))
 
 
 def _channel_results(before: onnx.ModelProto, after: onnx.ModelProto, groups: list[ChannelGroup],
@@ -312,7 +358,7 @@ def _achieved(layers: list[LayerResult], config: PruneConfig) -> float:
 
 def _parameter_counts(model: onnx.ModelProto) -> tuple[int, int]:
     total = nonzero = 0
-    for tensor in model.graph.initializer:
+    for tensor in (t for scope in scopes(model.graph) for t in scope.graph.initializer):
         value = numpy_helper.to_array(tensor)
         if value.dtype.kind == "f":
             total += value.size

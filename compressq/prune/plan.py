@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 
 from compressq.errors import UsageError
-from compressq.graph.index import GraphIndex, node_attributes
+from compressq.graph.index import GraphIndex, all_nodes, node_attributes, scopes
 from compressq.prune.config import PruneConfig
 
 WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
@@ -73,19 +73,20 @@ def weight_axes(node: onnx.NodeProto, weight_rank: int) -> tuple[int, int] | Non
 
 def plan_pruning(model: onnx.ModelProto, config: PruneConfig) -> PrunePlan:
     """Every weighted layer, sorted into pruned and dense (with the reason), in graph order."""
-    index = GraphIndex(model.graph)
     _check_exclude(model.graph, config.exclude)
     candidates: list[WeightedLayer] = []
     dense: list[DenseLayer] = []
-    for node in model.graph.node:
-        if node.op_type not in WEIGHTED_OPS or len(node.input) < 2 or not index.is_constant(node.input[1]):
-            continue
-        layer_or_reason = _weighted_layer(node, index)
-        if isinstance(layer_or_reason, str):
-            dense.append(DenseLayer(node.name, node.op_type, node.input[1], _size(index, node.input[1]),
-                                    layer_or_reason))
-        else:
-            candidates.append(layer_or_reason)
+    for scope in scopes(model.graph):  # If/Loop/Scan bodies too; a body reads the weights around it
+        index = scope.index()
+        for node in scope.graph.node:
+            if node.op_type not in WEIGHTED_OPS or len(node.input) < 2 or not index.is_constant(node.input[1]):
+                continue
+            layer_or_reason = _weighted_layer(node, index)
+            if isinstance(layer_or_reason, str):
+                dense.append(DenseLayer(node.name, node.op_type, node.input[1], _size(index, node.input[1]),
+                                        layer_or_reason))
+            else:
+                candidates.append(layer_or_reason)
     pruned = []
     for position, layer in enumerate(candidates):
         reason = _dense_reason(layer, position, len(candidates), config)
@@ -93,9 +94,14 @@ def plan_pruning(model: onnx.ModelProto, config: PruneConfig) -> PrunePlan:
             dense.append(DenseLayer(layer.node, layer.op_type, layer.weight, layer.parameters, reason))
         else:
             pruned.append(layer)
-    order = {node.name: i for i, node in enumerate(model.graph.node)}
+    order = {name: i for i, name in enumerate(graph_order(model))}
     dense.sort(key=lambda d: order[d.node])
     return PrunePlan(tuple(pruned), tuple(dense))
+
+
+def graph_order(model: onnx.ModelProto) -> list[str]:
+    """Node names, main graph first, then each body in walk order: the order layers are listed in."""
+    return [node.name for scope in scopes(model.graph) for node in scope.graph.node]
 
 
 def _weighted_layer(node: onnx.NodeProto, index: GraphIndex) -> WeightedLayer | str:
@@ -117,7 +123,7 @@ def _weighted_layer(node: onnx.NodeProto, index: GraphIndex) -> WeightedLayer | 
 
 def _check_exclude(graph: onnx.GraphProto, patterns: tuple[str, ...]) -> None:
     """A pattern that matches no node name, op type or weight name is an error naming the closest names."""
-    texts = sorted({text for node in graph.node for text in (node.name, node.op_type, *node.input[1:2]) if text})
+    texts = sorted({text for node in all_nodes(graph) for text in (node.name, node.op_type, *node.input[1:2]) if text})
     for pattern in patterns:
         if any(fnmatchcase(text, pattern) for text in texts):
             continue
