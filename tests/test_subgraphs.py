@@ -416,3 +416,32 @@ def test_channel_pruning_leaves_bodies_dense_and_says_why(run_cli, tmp_path):
     result = run_cli("prune", path, "-o", tmp_path / "out.onnx", "--structured", "-s", "0.5", "--json")
     assert result.exit_code == 2, result.stderr
     assert "inside an If/Loop/Scan body" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_sensitivity_lists_inner_nodes(run_cli, case):
+    name, path, data, layout, *_ = case
+    result = run_cli("sensitivity", path, "-d", data, "--data-layout", layout, "--json")
+    assert result.exit_code == 0, result.stderr
+    ranked = {row["node"] for row in json.loads(result.stdout)["nodes"]}
+    inner = {"if": {"then_conv1", "then_fc", "else_fc1"}, "loop": {"loop_recurrent", "loop_input"},
+             "loop_if": {"loop_recurrent", "odd_fc", "even_fc"}, "scan": {"cell_input", "cell_recurrent"}}[name]
+    # onnxruntime's basic rewrites (run before planning) may fuse a MatMul with its Add: named after it
+    assert all(any(row == node or row.startswith(node + "/") for row in ranked) for node in inner), ranked
+
+
+def test_static_with_the_speed_check_stays_honest(run_cli, tmp_path):
+    """The usual rule holds inside branches: int8 is kept only where it measured faster; either way the
+    written model runs, keeps its interface, and says what it did."""
+    model, weights = loop_model()
+    path = tmp_path / "loop.onnx"
+    onnx.save_model(model, str(path))
+    data = tmp_path / "calibration.npz"
+    np.savez(data, **_loop_arrays(1))
+    out = tmp_path / "out.onnx"
+    result = run_cli("quantize", path, "-d", data, "-o", out, "--json")
+    assert result.exit_code == 0, result.stderr
+    summary = json.loads(result.stdout)
+    check_written(path, out)
+    evaluation = _loop_arrays(2)
+    _close_to_reference("loop", out, weights, evaluation, 0.99)
+    assert summary["speedup"] is None or summary["speedup"] > 0

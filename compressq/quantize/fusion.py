@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import onnx
 
-from compressq.graph.index import GraphIndex
+from compressq.graph.index import GraphIndex, all_nodes, scopes
 from compressq.runtime import optimized_graph
 
 FLOAT_COMPUTE_OPS = frozenset({"Conv", "Gemm", "MatMul", "FusedConv", "FusedGemm", "FusedMatMul", "ConvTranspose"})
@@ -33,9 +33,9 @@ class FusionReport:
 
 def inspect_fusion(model: onnx.ModelProto, provider: str = "cpu") -> FusionReport:
     optimized = optimized_graph(model, provider)
-    index = GraphIndex(optimized.graph)
-    ops = Counter(node.op_type for node in optimized.graph.node)
-    unfused = tuple(node.name for node in optimized.graph.node
+    ops = Counter(node.op_type for node in all_nodes(optimized.graph))
+    unfused = tuple(node.name for scope in scopes(optimized.graph) for index in [GraphIndex(scope.graph)]
+                    for node in scope.graph.node  # If/Loop/Scan bodies too: onnxruntime fuses inside them
                     if node.op_type in FLOAT_COMPUTE_OPS and _reads_dequantized(node, index))
     return FusionReport(
         integer_kernels={op: n for op, n in sorted(ops.items()) if op in INTEGER_KERNELS},
