@@ -413,7 +413,7 @@ def test_channel_pruning_leaves_bodies_dense_and_says_why(run_cli, tmp_path):
     model, _ = if_model()
     path = tmp_path / "if.onnx"
     onnx.save_model(model, str(path))
-    result = run_cli("prune", path, "-o", tmp_path / "out.onnx", "--structured", "-s", "0.5", "--json")
+    result = run_cli("prune", path, "-o", tmp_path / "out.onnx", "--pattern", "channel", "-s", "0.5", "--json")
     assert result.exit_code == 2, result.stderr
     assert "inside an If/Loop/Scan body" in result.stderr and "Traceback" not in result.stderr
 
