@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NamedTuple
@@ -13,6 +14,12 @@ from onnx import TensorProto, helper, numpy_helper
 from typer.testing import CliRunner
 
 from compressq.cli import app as cli
+from compressq.graph import passes
+
+# Every pass proves its postcondition (checker clean, interface unchanged) in the tests, in-process and in the
+# CLI subprocesses they start.
+os.environ["COMPRESSQ_CHECK_PASSES"] = "1"
+passes.enable_checks()
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = REPO_ROOT / "sample_models"

@@ -11,14 +11,8 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from compressq.graph.normalize import (
-    InterfaceChanged,
-    Port,
-    check_contract,
-    check_interface,
-    interface,
-    normalize,
-)
+from compressq.graph.normalize import normalize
+from compressq.graph.passes import InterfaceChanged, Port, check_contract, check_interface, interface
 from compressq.io import load_model
 
 W = np.arange(12, dtype=np.float32).reshape(4, 3) / 10

@@ -41,6 +41,7 @@ from typer.core import TyperGroup  # noqa: E402
 from compressq import __version__  # noqa: E402
 from compressq.cli.views import console as render  # noqa: E402
 from compressq.errors import EXIT_INTERNAL, CompressqError, Terminated  # noqa: E402
+from compressq.graph import passes  # noqa: E402
 
 try:  # typer >= 0.2x carries its own click
     from typer._click.exceptions import ClickException  # noqa: E402
@@ -136,6 +137,7 @@ def options(
 ) -> None:
     if debug:
         _debug["on"] = True
+        passes.enable_checks()  # every pass proves it kept the model valid and its interface unchanged
 
 
 def _register_commands() -> None:
@@ -166,4 +168,5 @@ def main() -> None:
     if "--debug" in sys.argv[2:]:
         sys.argv.remove("--debug")
         _debug["on"] = True
+        passes.enable_checks()
     app(prog_name="compressq")

@@ -10,10 +10,8 @@ Three habits of real exporters make every later pass special-case them; `normali
   * unnamed nodes (and repeated names) get unique names, so `--exclude`, plans and reports can name them.
 What was changed is recorded (`Normalized.changes`) and said once on stderr at load.
 
-The contract every transformation keeps is checked here too: `interface(model)` is the model's inputs
-and outputs (names, element types, order, shapes up to symbolic dims) and `check_interface` proves a
-rewrite kept it. Constant-held weights inside subgraphs (If/Loop/Scan bodies) become initializers of their
-body; only the main graph's inputs are touched.
+The result is held to the contract every pass keeps (graph/passes.py). Constant-held weights inside
+subgraphs (If/Loop/Scan bodies) become initializers of their body; only the main graph's inputs are touched.
 """
 
 from __future__ import annotations
@@ -26,6 +24,7 @@ import onnx
 from onnx import numpy_helper
 
 from compressq.graph.index import scopes
+from compressq.graph.passes import check_contract, interface
 
 logger = logging.getLogger("compressq")
 
@@ -33,90 +32,6 @@ logger = logging.getLogger("compressq")
 FIRST_IR_WITH_FREE_INITIALIZERS = 4
 # A Constant holds a weight when it is one of these types with more than one element (as inspect counts).
 FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE}
-# Above this, onnx.checker cannot check a model in memory (protobuf's 2 GB limit, with headroom).
-IN_MEMORY_CHECK_LIMIT = int(1.8 * 2**30)
-
-
-class InterfaceChanged(AssertionError):
-    """A transformation changed the model's inputs or outputs: a bug of ours (exit 3), never the user's."""
-
-
-# ---------------------------------------------------------------------------------------------------
-# The interface
-
-
-Dim = int | str | None  # a fixed size, a symbolic name, or unknown
-
-
-@dataclass(frozen=True)
-class Port:
-    """One graph input or output as a caller sees it."""
-
-    name: str
-    elem_type: int | None          # onnx.TensorProto element type; None for non-tensor values
-    dims: tuple[Dim, ...] | None   # None: rank unknown
-
-    def matches(self, other: Port) -> bool:
-        """Same name and type; same rank and fixed sizes (a symbolic or unknown dim matches any non-fixed one)."""
-        if (self.name, self.elem_type) != (other.name, other.elem_type):
-            return False
-        if self.dims is None or other.dims is None:
-            return self.dims is None and other.dims is None
-        if len(self.dims) != len(other.dims):
-            return False
-        return all((a == b) if isinstance(a, int) or isinstance(b, int) else True
-                   for a, b in zip(self.dims, other.dims))
-
-    def text(self) -> str:
-        kind = onnx.TensorProto.DataType.Name(self.elem_type) if self.elem_type else "non-tensor"
-        shape = "?" if self.dims is None else "[" + ", ".join("?" if d is None else str(d) for d in self.dims) + "]"
-        return f"{self.name} {kind}{shape}"
-
-
-@dataclass(frozen=True)
-class Interface:
-    inputs: tuple[Port, ...]   # the inputs a caller feeds: initializers listed as inputs are not among them
-    outputs: tuple[Port, ...]
-
-
-def interface(model: onnx.ModelProto) -> Interface:
-    graph = model.graph
-    weights = {t.name for t in graph.initializer} | {s.values.name for s in graph.sparse_initializer}
-    return Interface(tuple(_port(v) for v in graph.input if v.name not in weights),
-                     tuple(_port(v) for v in graph.output))
-
-
-def _port(value: onnx.ValueInfoProto) -> Port:
-    if not value.type.HasField("tensor_type"):
-        return Port(value.name, None, None)
-    tensor = value.type.tensor_type
-    if not tensor.HasField("shape"):
-        return Port(value.name, tensor.elem_type, None)
-    dims = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tensor.shape.dim)
-    return Port(value.name, tensor.elem_type, dims)
-
-
-def check_interface(before: Interface, after: Interface, what: str) -> None:
-    """Raise InterfaceChanged naming the first difference between two interfaces."""
-    for role, old, new in (("inputs", before.inputs, after.inputs), ("outputs", before.outputs, after.outputs)):
-        if len(old) != len(new):
-            raise InterfaceChanged(f"{what} changed the number of model {role}: {len(old)} -> {len(new)} "
-                                   f"({', '.join(p.name for p in old)} -> {', '.join(p.name for p in new)})")
-        for position, (a, b) in enumerate(zip(old, new)):
-            if not a.matches(b):
-                raise InterfaceChanged(f"{what} changed model {role[:-1]} {position}: {a.text()} -> {b.text()}")
-
-
-def check_contract(before: onnx.ModelProto | Interface, after: onnx.ModelProto, what: str) -> None:
-    """The postcondition of every pass: onnx.checker passes and the interface is unchanged."""
-    expected = before if isinstance(before, Interface) else interface(before)
-    check_interface(expected, interface(after), what)
-    if after.ByteSize() <= IN_MEMORY_CHECK_LIMIT:
-        try:
-            onnx.checker.check_model(after)
-        except (onnx.checker.ValidationError, ValueError) as exc:
-            raise InterfaceChanged(f"{what} left a model that fails the ONNX checker: "
-                                   f"{str(exc).strip().splitlines()[0][:300]}") from exc
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ import onnx
 from compressq.data import Dataset, synthetic_dataset
 from compressq.errors import UsageError
 from compressq.graph.index import GraphIndex
+from compressq.graph.passes import check_if_enabled
 from compressq.measure.speed import measure_speedup, meets
 from compressq.quantize.accuracy import (
     AccuracyFallback,
@@ -106,6 +107,7 @@ def quantize_model(model: onnx.ModelProto, dataset: Dataset | None, config: Quan
             result.summary.latency_batch, result.summary.threads = config.latency_batch, config.threads
             if config.mode == "dynamic" and not meets(measured.ratio):
                 result = _undo_slower_dynamic(model, result)
+    check_if_enabled(model, result.model, f"quantize --mode {config.mode}")
     result.summary.seconds = time.perf_counter() - started
     return result
 

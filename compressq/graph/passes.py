@@ -1,0 +1,138 @@
+"""The contract every graph transformation keeps, and the way passes are run under it.
+
+A pass takes a model and returns `PassResult(model, modified, skipped)`: the new model (the input is never
+modified), the nodes it changed, and the nodes it looked at and left alone, each with its reason. Its
+postcondition: onnx.checker passes and the model's interface is unchanged (inputs and outputs: names,
+element types, order, shapes up to symbolic dims). The check costs a checker run, so it runs in the tests
+(COMPRESSQ_CHECK_PASSES=1, set by tests/conftest.py) and under `--debug`; a failure is a bug of ours (exit 3).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import onnx
+
+# Above this, onnx.checker cannot check a model in memory (protobuf's 2 GB limit, with headroom).
+IN_MEMORY_CHECK_LIMIT = int(1.8 * 2**30)
+
+_checks = {"on": os.environ.get("COMPRESSQ_CHECK_PASSES") == "1"}
+
+
+def enable_checks(on: bool = True) -> None:
+    _checks["on"] = on
+
+
+def checks_enabled() -> bool:
+    return _checks["on"]
+
+
+class InterfaceChanged(AssertionError):
+    """A transformation changed the model's inputs or outputs: a bug of ours (exit 3), never the user's."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# The interface
+
+
+Dim = int | str | None  # a fixed size, a symbolic name, or unknown
+
+
+@dataclass(frozen=True)
+class Port:
+    """One graph input or output as a caller sees it."""
+
+    name: str
+    elem_type: int | None          # onnx.TensorProto element type; None for non-tensor values
+    dims: tuple[Dim, ...] | None   # None: rank unknown
+
+    def matches(self, other: Port) -> bool:
+        """Same name and type; same rank and fixed sizes (a symbolic or unknown dim matches any non-fixed one)."""
+        if (self.name, self.elem_type) != (other.name, other.elem_type):
+            return False
+        if self.dims is None or other.dims is None:
+            return self.dims is None and other.dims is None
+        if len(self.dims) != len(other.dims):
+            return False
+        return all((a == b) if isinstance(a, int) or isinstance(b, int) else True
+                   for a, b in zip(self.dims, other.dims))
+
+    def text(self) -> str:
+        kind = onnx.TensorProto.DataType.Name(self.elem_type) if self.elem_type else "non-tensor"
+        shape = "?" if self.dims is None else "[" + ", ".join("?" if d is None else str(d) for d in self.dims) + "]"
+        return f"{self.name} {kind}{shape}"
+
+
+@dataclass(frozen=True)
+class Interface:
+    inputs: tuple[Port, ...]   # the inputs a caller feeds: initializers listed as inputs are not among them
+    outputs: tuple[Port, ...]
+
+
+def interface(model: onnx.ModelProto) -> Interface:
+    graph = model.graph
+    weights = {t.name for t in graph.initializer} | {s.values.name for s in graph.sparse_initializer}
+    return Interface(tuple(_port(v) for v in graph.input if v.name not in weights),
+                     tuple(_port(v) for v in graph.output))
+
+
+def _port(value: onnx.ValueInfoProto) -> Port:
+    if not value.type.HasField("tensor_type"):
+        return Port(value.name, None, None)
+    tensor = value.type.tensor_type
+    if not tensor.HasField("shape"):
+        return Port(value.name, tensor.elem_type, None)
+    dims = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tensor.shape.dim)
+    return Port(value.name, tensor.elem_type, dims)
+
+
+def check_interface(before: Interface, after: Interface, what: str) -> None:
+    """Raise InterfaceChanged naming the first difference between two interfaces."""
+    for role, old, new in (("inputs", before.inputs, after.inputs), ("outputs", before.outputs, after.outputs)):
+        if len(old) != len(new):
+            raise InterfaceChanged(f"{what} changed the number of model {role}: {len(old)} -> {len(new)} "
+                                   f"({', '.join(p.name for p in old)} -> {', '.join(p.name for p in new)})")
+        for position, (a, b) in enumerate(zip(old, new)):
+            if not a.matches(b):
+                raise InterfaceChanged(f"{what} changed model {role[:-1]} {position}: {a.text()} -> {b.text()}")
+
+
+def check_contract(before: onnx.ModelProto | Interface, after: onnx.ModelProto, what: str) -> None:
+    """The postcondition of every pass: onnx.checker passes and the interface is unchanged."""
+    expected = before if isinstance(before, Interface) else interface(before)
+    check_interface(expected, interface(after), what)
+    if after.ByteSize() <= IN_MEMORY_CHECK_LIMIT:
+        try:
+            onnx.checker.check_model(after)
+        except (onnx.checker.ValidationError, ValueError) as exc:
+            raise InterfaceChanged(f"{what} left a model that fails the ONNX checker: "
+                                   f"{str(exc).strip().splitlines()[0][:300]}") from exc
+
+
+# ---------------------------------------------------------------------------------------------------
+# Running passes
+
+
+@dataclass
+class PassResult:
+    model: onnx.ModelProto
+    modified: list[str] = field(default_factory=list)   # node names changed or added
+    skipped: list[Any] = field(default_factory=list)    # entries with .node, .op_type and .reason
+
+
+def run_pass(what: str, transform: Callable[[onnx.ModelProto], PassResult], model: onnx.ModelProto) -> PassResult:
+    """`transform(model)`, with its postcondition checked when checks are on."""
+    before = interface(model) if checks_enabled() else None
+    result = transform(model)
+    if before is not None:
+        check_contract(before, result.model, what)
+    return result
+
+
+def check_if_enabled(before: onnx.ModelProto, after: onnx.ModelProto, what: str) -> None:
+    """The postcondition of a whole pipeline (quantize, prune), when checks are on."""
+    if checks_enabled():
+        check_contract(before, after, what)

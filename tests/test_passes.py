@@ -1,0 +1,135 @@
+"""The pass contract (graph/passes.py): a pass that changes the model's interface or leaves an invalid graph
+is caught; every pipeline keeps the interface of tricky graphs (checks are on in all tests: conftest.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from compressq.data import Dataset, load_dataset
+from compressq.graph import passes
+from compressq.graph.passes import InterfaceChanged, PassResult, interface, run_pass
+from compressq.prune import prune_model
+from compressq.prune.config import PruneConfig
+from compressq.quantize.api import quantize_model
+from compressq.quantize.config import QuantizeConfig
+
+RNG = np.random.default_rng(0)
+
+
+def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    return copy
+
+
+def test_checks_are_on_in_the_tests():
+    assert passes.checks_enabled()
+
+
+def test_a_pass_that_renames_an_output_is_caught(tiny_model):
+    def rename_output(model):
+        changed = _copy(model)
+        changed.graph.node[-1].output[0] = "z"
+        changed.graph.output[0].name = "z"
+        return PassResult(changed, ["relu"])
+
+    with pytest.raises(InterfaceChanged, match="output 0: y FLOAT"):
+        run_pass("renaming", rename_output, tiny_model())
+
+
+def test_a_pass_that_changes_an_input_type_is_caught(tiny_model):
+    def retype_input(model):
+        changed = _copy(model)
+        changed.graph.input[0].type.tensor_type.elem_type = TensorProto.DOUBLE
+        return PassResult(changed)
+
+    with pytest.raises(InterfaceChanged, match="input 0"):
+        run_pass("retyping", retype_input, tiny_model())
+
+
+def test_a_pass_that_leaves_a_dangling_input_is_caught(tiny_model):
+    def dangle(model):
+        changed = _copy(model)
+        changed.graph.node[0].input[1] = "no_such_tensor"
+        return PassResult(changed)
+
+    with pytest.raises(InterfaceChanged, match="ONNX checker"):
+        run_pass("dangling", dangle, tiny_model())
+
+
+def test_a_pass_that_keeps_the_contract_returns_its_result(tiny_model):
+    model = tiny_model()
+    result = run_pass("identity", lambda m: PassResult(_copy(m), [], []), model)
+    assert interface(result.model) == interface(model)
+
+
+def test_checks_off_run_the_pass_unchecked(tiny_model):
+    passes.enable_checks(False)
+    try:
+        broken = run_pass("dangling", lambda m: PassResult(onnx.ModelProto()), tiny_model())
+    finally:
+        passes.enable_checks()
+    assert not broken.model.graph.node
+
+
+# ---------------------------------------------------------------------------------------------------
+# Tricky graphs through every pipeline: the postcondition inside quantize_model/prune_model must hold.
+
+
+def _tricky_model() -> onnx.ModelProto:
+    """Two outputs (one also consumed inside), a pass-through output, symbolic batch, Conv + MatMul + Gemm."""
+    conv_w = RNG.standard_normal((8, 3, 3, 3)).astype(np.float32)
+    mat_w = RNG.standard_normal((8, 16)).astype(np.float32)
+    gemm_w = RNG.standard_normal((16, 4)).astype(np.float32)
+    nodes = [
+        helper.make_node("Conv", ["x", "conv_w"], ["conv"], name="conv", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["conv"], ["features"], name="relu"),
+        helper.make_node("GlobalAveragePool", ["features"], ["pooled"], name="pool"),
+        helper.make_node("Flatten", ["pooled"], ["flat"], name="flatten"),
+        helper.make_node("MatMul", ["flat", "mat_w"], ["hidden"], name="matmul"),
+        helper.make_node("Gemm", ["hidden", "gemm_w"], ["logits"], name="gemm"),
+        helper.make_node("Identity", ["mask"], ["mask_out"], name="pass_mask"),
+    ]
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3, 8, 8]),
+              helper.make_tensor_value_info("mask", TensorProto.INT64, ["batch", "seq"])]
+    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 4]),
+               helper.make_tensor_value_info("hidden", TensorProto.FLOAT, ["batch", 16]),
+               helper.make_tensor_value_info("mask_out", TensorProto.INT64, ["batch", "seq"])]
+    weights = [numpy_helper.from_array(conv_w, "conv_w"), numpy_helper.from_array(mat_w, "mat_w"),
+               numpy_helper.from_array(gemm_w, "gemm_w")]
+    graph = helper.make_graph(nodes, "tricky", inputs, outputs, weights)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
+def _data(model: onnx.ModelProto, folder: Path, samples: int = 16) -> Dataset:
+    path = folder / "data.npz"
+    np.savez(path, x=RNG.standard_normal((samples, 3, 8, 8)).astype(np.float32), mask=np.ones((samples, 5), np.int64))
+    return load_dataset(path, model)
+
+
+@pytest.mark.parametrize("settings", [
+    dict(mode="static", speed_check=False),
+    dict(mode="dynamic", speed_check=False),
+    dict(mode="weight-only", bits=4, block_size=16, speed_check=False),
+])
+def test_quantize_keeps_the_interface_of_a_tricky_graph(settings, tmp_path):
+    model = _tricky_model()
+    result = quantize_model(model, _data(model, tmp_path), QuantizeConfig(**settings))
+    assert interface(result.model) == interface(model)
+
+
+@pytest.mark.parametrize("pattern,data", [("unstructured", None), ("unstructured", "refit"), ("channel", None)])
+def test_prune_keeps_the_interface_of_a_tricky_graph(pattern, data, tmp_path):
+    model = _tricky_model()
+    config = PruneConfig.from_options(0.5, pattern, keep_first=False, keep_last=False, min_parameters=1,
+                                      channel_multiple=1)
+    result = prune_model(model, config, _data(model, tmp_path) if data else None)
+    assert interface(result.model) == interface(model)
