@@ -41,8 +41,9 @@ def quantize_dynamic(model: onnx.ModelProto, exclude: tuple[str, ...] = (), per_
         _quantize_graph(scope.graph, scope.index(), names, exclude, per_channel, outcome)
     if outcome.quantized and not any(o.domain == MICROSOFT_DOMAIN for o in result.opset_import):
         result.opset_import.append(helper.make_opsetid(MICROSOFT_DOMAIN, 1))
+    for scope in reversed(scopes(result.graph)):  # float weights a body no longer reads go too
+        remove_unused(scope.graph)
     toposort(result.graph)
-    remove_unused(result.graph)
     return outcome
 
 

@@ -34,7 +34,9 @@ class FusionReport:
 def inspect_fusion(model: onnx.ModelProto, provider: str = "cpu") -> FusionReport:
     optimized = optimized_graph(model, provider)
     ops = Counter(node.op_type for node in all_nodes(optimized.graph))
-    unfused = tuple(node.name for scope in scopes(optimized.graph) for index in [GraphIndex(scope.graph)]
+    # onnxruntime names a Gemm+activation fusion "fused <gemm name>": the plan knows the Gemm's name.
+    unfused = tuple(node.name.removeprefix("fused ") for scope in scopes(optimized.graph)
+                    for index in [GraphIndex(scope.graph)]
                     for node in scope.graph.node  # If/Loop/Scan bodies too: onnxruntime fuses inside them
                     if node.op_type in FLOAT_COMPUTE_OPS and _reads_dequantized(node, index))
     return FusionReport(

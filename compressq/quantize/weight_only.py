@@ -257,7 +257,8 @@ def quantize_weights_only(
             progress(1)
     if summary.layers:
         _import_ms_domain(result)
-    remove_unused(graph)
+    for scope in reversed(scopes(graph)):  # float weights a body no longer reads go too
+        remove_unused(scope.graph)
     toposort(graph)
     return result, summary
 
