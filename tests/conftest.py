@@ -171,3 +171,51 @@ def run_cli() -> Callable[..., CliResult]:
         return CliResult(result.exit_code, result.stdout, result.stderr, result.exception)
 
     return invoke
+
+
+# ---------------------------------------------------------------------------------------------------
+# A model with one fragile layer (accuracy fallback, recovery search, sensitivity)
+
+
+class Fragile(NamedTuple):
+    model: onnx.ModelProto
+    data: object            # compressq.data.Dataset over data_path
+    model_path: Path
+    data_path: Path
+
+
+def fragile_mlp(first_activation: str = "Tanh") -> onnx.ModelProto:
+    """fc1 -> act1 -> fc2 -> Tanh -> fc3; fc2's weight has one huge entry, so per-tensor int8 rounds all its
+    other weights to zero: the one node a fallback or recovery search must find."""
+    rng = np.random.default_rng(0)
+    w1 = rng.normal(size=(16, 32)).astype(np.float32) * 0.3
+    w2 = rng.normal(size=(32, 32)).astype(np.float32) * 0.3
+    w2[0, 0] = 500.0
+    w3 = rng.normal(size=(32, 10)).astype(np.float32) * 0.3
+    nodes = [
+        helper.make_node("MatMul", ["x", "w1"], ["h1"], name="fc1"),
+        helper.make_node(first_activation, ["h1"], ["a1"], name="act1"),
+        helper.make_node("MatMul", ["a1", "w2"], ["h2"], name="fc2"),
+        helper.make_node("Tanh", ["h2"], ["a2"], name="act2"),
+        helper.make_node("MatMul", ["a2", "w3"], ["logits"], name="fc3"),
+    ]
+    graph = helper.make_graph(
+        nodes, "fragile", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 16])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 10])],
+        [numpy_helper.from_array(w, n) for w, n in ((w1, "w1"), (w2, "w2"), (w3, "w3"))])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def write_fragile(folder: Path, samples: int = 256, first_activation: str = "Tanh") -> Fragile:
+    from compressq.data import load_dataset
+
+    model = fragile_mlp(first_activation)
+    data_path, model_path = folder / "data.npz", folder / "fragile.onnx"
+    np.savez(data_path, x=np.random.default_rng(1).normal(size=(samples, 16)).astype(np.float32))
+    onnx.save(model, str(model_path))
+    return Fragile(model, load_dataset(data_path, model), model_path, data_path)
+
+
+@pytest.fixture
+def fragile(tmp_path) -> Fragile:
+    return write_fragile(tmp_path)

@@ -2,51 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
-import numpy as np
-import onnx
 import pytest
-from onnx import TensorProto, helper, numpy_helper
 
-from compressq.data import load_dataset
 from compressq.errors import TargetNotMet
 from compressq.quantize.api import analyze_sensitivity, quantize_model
 from compressq.quantize.config import QuantizeConfig
 from tests.conftest import SAMPLES
 
 CONFIG = QuantizeConfig(speed_check=False, per_channel=False)
-
-
-def _fragile_mlp() -> onnx.ModelProto:
-    """fc2's weight has one huge entry, so per-tensor int8 flattens all its other weights to zero."""
-    rng = np.random.default_rng(0)
-    w1 = rng.normal(size=(16, 32)).astype(np.float32) * 0.3
-    w2 = rng.normal(size=(32, 32)).astype(np.float32) * 0.3
-    w2[0, 0] = 500.0
-    w3 = rng.normal(size=(32, 10)).astype(np.float32) * 0.3
-    nodes = [
-        helper.make_node("MatMul", ["x", "w1"], ["h1"], name="fc1"),
-        helper.make_node("Tanh", ["h1"], ["a1"], name="act1"),
-        helper.make_node("MatMul", ["a1", "w2"], ["h2"], name="fc2"),
-        helper.make_node("Tanh", ["h2"], ["a2"], name="act2"),
-        helper.make_node("MatMul", ["a2", "w3"], ["logits"], name="fc3"),
-    ]
-    graph = helper.make_graph(
-        nodes, "fragile", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 16])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 10])],
-        [numpy_helper.from_array(w, n) for w, n in ((w1, "w1"), (w2, "w2"), (w3, "w3"))])
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
-
-
-@pytest.fixture
-def fragile(tmp_path):
-    model = _fragile_mlp()
-    rng = np.random.default_rng(1)
-    np.savez(tmp_path / "data.npz", x=rng.normal(size=(256, 16)).astype(np.float32))
-    path = tmp_path / "fragile.onnx"
-    onnx.save(model, str(path))
-    return model, load_dataset(tmp_path / "data.npz", model), path, tmp_path / "data.npz"
 
 
 def test_sensitivity_ranks_the_fragile_layer_worst(fragile):
@@ -122,3 +88,23 @@ def test_sensitivity_scores_the_named_task_output_only(run_cli, fragile):
     rows = json.loads(named.stdout)["nodes"]
     assert all(row["task_outputs"] == ["logits (class scores)"] for row in rows)
     assert rows[0]["node"] == "fc2" and rows[0]["cosine_output"] == "logits (class scores)"
+
+
+def test_cli_exits_1_when_the_target_is_missed_and_writes_nothing(run_cli, fragile, tmp_path, monkeypatch):
+    """The whole fallback path runs; only the measurement is made to say 'never close enough', as an evaluation
+    set that disagrees with fp32 itself would. Exit 1 (a target missed), one line, no output file."""
+    import compressq.quantize.accuracy as accuracy
+
+    real_measure = accuracy.AccuracyProbe.measure
+
+    def never_close_enough(self, candidate):
+        return dataclasses.replace(real_measure(self, candidate), agreement=0.5)
+
+    monkeypatch.setattr(accuracy.AccuracyProbe, "measure", never_close_enough)
+    output = tmp_path / "out.onnx"
+    result = run_cli("quantize", fragile.model_path, "--calibration-data", fragile.data_path, "--min-agreement", "0.99",
+                     "--per-tensor", "--no-speed-check", "-o", output)
+    assert result.exit_code == 1, result.stderr
+    assert "accuracy target missed" in result.stderr
+    assert not output.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data.npz", "fragile.onnx"]

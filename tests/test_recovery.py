@@ -3,48 +3,24 @@
 from __future__ import annotations
 
 import numpy as np
-import onnx
 import pytest
-from onnx import TensorProto, helper, numpy_helper
+from onnx import numpy_helper
 
-from compressq.data import load_dataset
 from compressq.quantize import scheme
 from compressq.quantize.accuracy import AccuracyFallback, AccuracyProbe, AccuracyTarget
 from compressq.quantize.api import quantize_model
 from compressq.quantize.config import QuantizeConfig
 from compressq.quantize.recovery import node_errors, smallest_count
 from compressq.quantize.static import StaticQuantizer
+from tests.conftest import write_fragile
 
 CONFIG = QuantizeConfig(speed_check=False, per_channel=False)
 
 
-def _mlp() -> onnx.ModelProto:
-    """fc2's weight has one huge entry: per-tensor int8 rounds all its other weights to zero."""
-    rng = np.random.default_rng(0)
-    w1 = rng.normal(size=(16, 32)).astype(np.float32) * 0.3
-    w2 = rng.normal(size=(32, 32)).astype(np.float32) * 0.3
-    w2[0, 0] = 500.0
-    w3 = rng.normal(size=(32, 10)).astype(np.float32) * 0.3
-    nodes = [
-        helper.make_node("MatMul", ["x", "w1"], ["h1"], name="fc1"),
-        helper.make_node("Relu", ["h1"], ["a1"], name="act1"),
-        helper.make_node("MatMul", ["a1", "w2"], ["h2"], name="fc2"),
-        helper.make_node("Tanh", ["h2"], ["a2"], name="act2"),
-        helper.make_node("MatMul", ["a2", "w3"], ["logits"], name="fc3"),
-    ]
-    graph = helper.make_graph(
-        nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 16])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 10])],
-        [numpy_helper.from_array(w, n) for w, n in ((w1, "w1"), (w2, "w2"), (w3, "w3"))])
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
-
-
 @pytest.fixture
 def mlp(tmp_path):
-    model = _mlp()
-    rng = np.random.default_rng(1)
-    np.savez(tmp_path / "data.npz", x=rng.normal(size=(128, 16)).astype(np.float32))
-    return model, load_dataset(tmp_path / "data.npz", model)
+    fragile = write_fragile(tmp_path, samples=128, first_activation="Relu")
+    return fragile.model, fragile.data
 
 
 def _fake_quantize(x: np.ndarray, low: float, high: float) -> np.ndarray:

@@ -18,7 +18,7 @@ import onnx
 from onnx.external_data_helper import ExternalDataInfo
 
 from compressq import __version__
-from compressq.data import Dataset, load_dataset, model_inputs, synthetic_dataset
+from compressq.data import DATA_LAYOUTS, Dataset, load_dataset, model_inputs, synthetic_dataset
 from compressq.errors import DataError, ModelError, UsageError
 from compressq.evaluate.latency import LatencyStats, speedup, time_interleaved
 from compressq.evaluate.metrics import TopKCounter
@@ -40,7 +40,7 @@ from compressq.measure.task import (
     worst_cosine,
 )
 from compressq.progress import Progress, Stage
-from compressq.runtime import create_session, provider_chain, with_outputs
+from compressq.runtime import PROVIDER_NAMES, create_session, provider_chain, with_outputs
 
 SCHEMA = "compressq.report/1"
 SYNTHETIC = "synthetic inputs"
@@ -73,9 +73,25 @@ class GateLimits:
     min_speedup: float | None = None  # baseline median / candidate median
     max_size_ratio: float | None = None  # candidate file bytes / baseline file bytes
 
+    def __post_init__(self) -> None:
+        for gate, limit in self.requested().items():
+            low, high = _GATE_RANGES[gate]
+            if not math.isfinite(limit):
+                raise UsageError(f"--{gate} must be a finite number, got {limit}",
+                                 hint=f"pass the limit as a plain number, e.g. --{gate} {_EXAMPLE_LIMITS[gate]}")
+            if not low <= limit <= high:
+                raise UsageError(f"--{gate} must lie in [{low:g}, {high:g}], got {limit:g}",
+                                 hint=f"for example --{gate} {_EXAMPLE_LIMITS[gate]}")
+
     def requested(self) -> dict[str, float]:
         """Gate name (as spelled on the command line, without dashes) -> limit, for gates that were set."""
         return {name.replace("_", "-"): limit for name, limit in asdict(self).items() if limit is not None}
+
+
+_GATE_RANGES = {"max-accuracy-drop": (0.0, 100.0), "min-agreement": (0.0, 1.0), "min-cosine": (-1.0, 1.0),
+                "min-speedup": (0.0, 1000.0), "max-size-ratio": (0.0, 1000.0)}
+_EXAMPLE_LIMITS = {"max-accuracy-drop": "1.0", "min-agreement": "0.99", "min-cosine": "0.99",
+                   "min-speedup": "1.2", "max-size-ratio": "0.3"}
 
 
 @dataclass(frozen=True)
@@ -93,8 +109,34 @@ class ReportConfig:
     samples: int | None = None
     per_layer: bool = False
     gates: GateLimits = field(default_factory=GateLimits)
-    task_outputs: tuple[str, ...] = ()  # --output NAME: the outputs that carry the task (empty: the rule decides)
+    task_outputs: tuple[str, ...] = ()  # --task-output NAME: the outputs that carry the task (empty: the rule decides)
     data_layout: str = "batch"  # --data-layout: batch | stack (compressq.data)
+
+    def __post_init__(self) -> None:
+        """Every invalid value is one UsageError naming its option, before any model is read."""
+        _at_least(1, runs=self.runs, batch_size=self.batch_size, samples=self.samples, threads=self.threads)
+        _at_least(0, warmup=self.warmup)
+        if self.data_layout not in DATA_LAYOUTS:
+            raise UsageError(f"unknown --data-layout '{self.data_layout}'",
+                             hint=f"use one of: {', '.join(DATA_LAYOUTS)}")
+        for provider in self.providers:
+            if provider.lower() not in PROVIDER_NAMES:
+                raise UsageError(f"unknown provider '{provider}'", hint=f"use one of: {', '.join(PROVIDER_NAMES)}")
+        requested = self.gates.requested()
+        if requested and not self.candidates:
+            raise UsageError(f"--{next(iter(requested))} compares a candidate with the baseline, but only one "
+                             "model was given", hint="pass the compressed model after the baseline")
+        if "max-accuracy-drop" in requested and self.data is None:
+            raise UsageError("--max-accuracy-drop needs labelled data; without --data the inputs would be synthetic",
+                             hint="pass --data eval.npz holding the model inputs and a 'labels' array")
+
+
+def _at_least(minimum: int, **values: int | None) -> None:
+    for name, value in values.items():
+        if value is not None and value < minimum:
+            option = "--" + name.replace("_", "-")
+            raise UsageError(f"{option} must be at least {minimum}, got {value}",
+                             hint=f"for example {option} {max(minimum, 1)}")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -252,24 +294,6 @@ def _json_safe(value):
 # Checks before any model runs
 
 
-def check_gate_usage(config: ReportConfig) -> None:
-    requested = config.gates.requested()
-    for gate, limit in requested.items():
-        if not math.isfinite(limit):
-            raise UsageError(f"--{gate} must be a finite number, got {limit}",
-                             hint=f"pass the limit as a plain number, e.g. --{gate} {_EXAMPLE_LIMITS[gate]}")
-    if requested and not config.candidates:
-        raise UsageError(f"--{next(iter(requested))} compares a candidate with the baseline, but only one "
-                         "model was given", hint="pass the compressed model after the baseline")
-    if "max-accuracy-drop" in requested and config.data is None:
-        raise UsageError("--max-accuracy-drop needs labelled data; without --data the inputs would be synthetic",
-                         hint="pass --data eval.npz holding the model inputs and a 'labels' array")
-
-
-_EXAMPLE_LIMITS = {"max-accuracy-drop": "1.0", "min-agreement": "0.99", "min-cosine": "0.99",
-                   "min-speedup": "1.2", "max-size-ratio": "0.3"}
-
-
 def check_providers(providers: tuple[str, ...]) -> None:
     for provider in providers:
         provider_chain(provider)  # raises ProviderError with the install hint
@@ -290,7 +314,6 @@ def build_report(config: ReportConfig, progress: Progress | None = None) -> Repo
     """Compare the baseline with each candidate: size, accuracy on the outputs that carry the task, latency
     (wall clock) and work (CPU time), and the gates' verdicts. `progress(stage, done, total)` is told how
     far each stage is."""
-    check_gate_usage(config)
     check_providers(config.providers)
     names = display_names([config.baseline, *config.candidates])
     baseline = _Model(names[0], config.baseline, load_model(config.baseline))
