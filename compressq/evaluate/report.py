@@ -39,6 +39,7 @@ from compressq.measure.task import (
     worst_agreement,
     worst_cosine,
 )
+from compressq.ops import FLOAT_WEIGHTED_OPS, INTEGER_WEIGHTED_OPS
 from compressq.progress import Progress, Stage
 from compressq.runtime import PROVIDER_NAMES, create_session, provider_chain, with_outputs
 
@@ -52,11 +53,6 @@ EVAL_BATCH = 64  # accuracy batches; --batch-size is the batch that latency is m
 PER_LAYER_BATCH = 8
 TIMING_FEEDS = 4  # distinct batches cycled through while timing
 
-INTEGER_WEIGHTED_OPS = frozenset({
-    "QLinearConv", "ConvInteger", "MatMulInteger", "QGemm", "QLinearMatMul", "MatMulNBits",
-    "DynamicQuantizeMatMul", "MatMulIntegerToFloat", "QAttention", "QOrderedMatMul",
-})
-FLOAT_WEIGHTED_OPS = frozenset({"Conv", "MatMul", "Gemm"})
 
 # Called with (what is running, how many steps); returns the callback that advances by n steps.
 

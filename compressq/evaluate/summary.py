@@ -13,13 +13,8 @@ from onnx import numpy_helper
 
 from compressq.graph.index import GraphIndex, all_nodes, opset_version, scopes, value_type
 from compressq.io import file_size, read_stamp
+from compressq.ops import QUANTIZED_OPS
 
-QUANTIZED_OPS = frozenset({
-    "QLinearConv", "QLinearMatMul", "QLinearAdd", "QLinearMul", "QLinearConcat", "QLinearSigmoid",
-    "QLinearLeakyRelu", "QLinearGlobalAveragePool", "QLinearAveragePool", "QLinearSoftmax", "QGemm",
-    "QAttention", "ConvInteger", "MatMulInteger", "DynamicQuantizeMatMul", "MatMulIntegerToFloat",
-    "MatMulNBits", "DynamicQuantizeLinear", "QOrderedMatMul", "GatherBlockQuantized",
-})
 LOW_BIT_TYPES = {
     onnx.TensorProto.INT8: "int8", onnx.TensorProto.UINT8: "uint8",
     onnx.TensorProto.INT4: "int4", onnx.TensorProto.UINT4: "uint4",

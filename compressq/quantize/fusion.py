@@ -13,14 +13,8 @@ from dataclasses import dataclass
 import onnx
 
 from compressq.graph.index import GraphIndex, all_nodes, scopes
+from compressq.ops import FLOAT_COMPUTE_OPS, INTEGER_KERNELS
 from compressq.runtime import optimized_graph
-
-FLOAT_COMPUTE_OPS = frozenset({"Conv", "Gemm", "MatMul", "FusedConv", "FusedGemm", "FusedMatMul", "ConvTranspose"})
-INTEGER_KERNELS = frozenset({
-    "QLinearConv", "QLinearMatMul", "MatMulIntegerToFloat", "QGemm", "ConvInteger", "MatMulInteger",
-    "DynamicQuantizeMatMul", "QLinearAdd", "QLinearMul", "QLinearConcat", "QLinearGlobalAveragePool",
-    "QLinearAveragePool", "QLinearSigmoid", "QLinearLeakyRelu", "QLinearSoftmax", "MatMulNBits", "QAttention",
-})
 
 
 @dataclass(frozen=True)

@@ -21,13 +21,10 @@ import onnx
 
 from compressq.errors import UsageError
 from compressq.graph.index import MAIN_GRAPH, GraphIndex, all_nodes, node_attributes, scopes
+from compressq.ops import INTEGER_WEIGHTED_OPS
 
 COMPUTE_OPS = ("Conv", "Gemm", "MatMul")
 ALREADY_INT8 = "already int8"  # how a skip reason starts when the node is quantized already (not float)
-INTEGER_OPS = frozenset({  # quantized already: reported as such, left as they are
-    "QLinearConv", "QLinearMatMul", "QGemm", "ConvInteger", "MatMulInteger", "MatMulIntegerToFloat",
-    "DynamicQuantizeMatMul", "MatMulNBits",
-})
 SHARED_SCALE_OPS = frozenset({
     "MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Identity", "Resize",
     "SpaceToDepth", "DepthToSpace",
@@ -164,7 +161,7 @@ def _graph_plan(graph: onnx.GraphProto, index: GraphIndex, exclude, keep_float, 
     plan = QuantPlan()
     already_quantized = _nodes_touching_qdq(index)
     for node in graph.node:
-        if node.op_type in INTEGER_OPS:
+        if node.op_type in INTEGER_WEIGHTED_OPS:  # quantized already: reported as such, left as it is
             bits = "4-bit weights, " if node.op_type == "MatMulNBits" and node_attributes(node).get("bits") == 4 else ""
             plan.skipped.append(Skipped(node.name, node.op_type, f"{ALREADY_INT8} ({bits}{node.op_type} kept as is)"))
         if node.op_type not in COMPUTE_OPS:
