@@ -14,8 +14,24 @@ Every name below is imported on first use, so `import compressq` (and the comman
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+import os as _os
+import signal as _signal
+import sys as _sys
+
+
+def _leave_quietly(signum, frame) -> None:  # pragma: no cover - runs in a starting command line only
+    _os.write(2, b"interrupted\n")
+    _os._exit(143 if signum == _signal.SIGTERM else 130)
+
+
+# The command line starting (`compressq ...` or `python -m compressq`): Ctrl-C before compressq.cli.app has
+# installed its own handlers ends quietly, not in a KeyboardInterrupt traceback. Importers keep theirs.
+if _sys.argv and (_sys.argv[0] == "-m" or _os.path.basename(_sys.argv[0]) == "compressq"):
+    for _signum in (_signal.SIGINT, _signal.SIGTERM):
+        _signal.signal(_signum, _leave_quietly)
+
+import importlib  # noqa: E402
+from typing import TYPE_CHECKING, Any  # noqa: E402
 
 __version__ = "0.1.0"
 

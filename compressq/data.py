@@ -207,7 +207,8 @@ def load_dataset(path: str | os.PathLike, model: onnx.ModelProto, *,
     source = Path(path)
     specs = model_inputs(model)
     if not source.exists():
-        raise DataError(f"data not found: {source}", hint="pass an .npz file or a folder of .npz/.npy files")
+        what = "a symlink to nothing (a loop, or its target is gone)" if source.is_symlink() else "not found"
+        raise DataError(f"data {what}: {source}", hint="pass an .npz file or a folder of .npz/.npy files")
     if source.is_dir():
         shards = _folder_shards(source, specs)
     elif source.suffix == ".npz":

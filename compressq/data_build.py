@@ -26,9 +26,9 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from compressq.data import DEFAULT_LABELS_KEY, InputSpec, load_dataset, model_inputs
-from compressq.errors import DataError, OutputError, UsageError
-from compressq.io import write_atomically
+from compressq.data import DATA_LAYOUTS, DEFAULT_LABELS_KEY, InputSpec, load_dataset, model_inputs
+from compressq.errors import DataError, UsageError
+from compressq.io import check_output_path, write_atomically
 
 NETPBM_SUFFIXES = frozenset({".ppm", ".pgm", ".pnm"})
 PILLOW_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"})
@@ -79,6 +79,14 @@ class BuildRequest:
     seed: int = 0
     labels: str | None = None  # "folders" | path of a `file,label` text file
     image: ImageOptions = field(default_factory=ImageOptions)
+    # batch: a file holds samples of the model's batch axis (one without it, or a stack with it);
+    # stack: a file holds complete feeds exactly as fed (one as the model's shape, or a stack on a new axis 0)
+    data_layout: str = "batch"
+
+    def __post_init__(self):
+        if self.data_layout not in DATA_LAYOUTS:
+            raise UsageError(f"unknown data layout '{self.data_layout}'",
+                             hint=f"pass one of: {', '.join(DATA_LAYOUTS)}")
 
 
 @dataclass(frozen=True)
@@ -98,6 +106,7 @@ class BuiltDataset:
     files: list[Path]
     geometry: ImageGeometry | None = None
     notes: list[str] = field(default_factory=list)
+    data_layout: str = "batch"  # how --calibration-data / --data must read the written file
 
     @property
     def num_samples(self) -> int:
@@ -121,20 +130,24 @@ def build_dataset(model: onnx.ModelProto, request: BuildRequest) -> BuiltDataset
     specs = model_inputs(model)
     files, kind = _source_files(request.source)
     files = _subset(files, request.samples, request.seed) if kind != "stack" else files
+    stack = request.data_layout == "stack"
     if kind == "npz":
-        arrays = _from_npz_files(files, specs)
-        built = BuiltDataset(arrays, kind, files)
+        arrays = _from_npz_files(files, specs, stack)
+        built = BuiltDataset(arrays, kind, files, data_layout=request.data_layout)
     else:
         spec = _single_input(specs, kind)
+        if kind == "images" and stack:
+            raise UsageError("--data-layout stack is for inputs fed as stored (scalars, state tensors); images are "
+                             "samples of the batch axis", hint="drop --data-layout stack for image folders")
         if kind == "images":
             geometry = image_geometry(spec, request.image)
             stacked = np.stack([image_to_input(read_image(f), geometry, request.image, spec.dtype) for f in files])
             built = BuiltDataset({spec.name: stacked}, kind, files, geometry)
         else:
-            stacked = _stack_npy(files, spec, kind)
+            stacked = _stack_npy(files, spec, stack)
             if kind == "stack" and request.samples is not None and stacked.shape[0] > request.samples:
                 stacked = stacked[_subset_indices(stacked.shape[0], request.samples, request.seed)]
-            built = BuiltDataset({spec.name: stacked}, "npy", files)
+            built = BuiltDataset({spec.name: stacked}, "npy", files, data_layout=request.data_layout)
     if request.labels is not None:
         if kind == "stack":
             raise UsageError("labels need one file per sample", hint="split the stack into per-sample .npy files")
@@ -146,17 +159,14 @@ def write_npz(dataset: BuiltDataset, target: Path, model: onnx.ModelProto,
               protect: Iterable[str | os.PathLike] = ()) -> Path:
     """Write atomically, after checking that `load_dataset` accepts the file for `model`."""
     target = Path(target)
-    resolved = target.resolve()
-    if any(resolved == Path(p).resolve() for p in [*protect, *dataset.files]):
-        raise OutputError(f"refusing to overwrite the input file {target}", hint="pass a different path with -o")
     if target.suffix != ".npz":
         raise UsageError(f"output {target} must end in .npz", hint="e.g. -o calibration.npz")
-    if target.is_dir() or not target.parent.is_dir():
-        raise OutputError(f"cannot write {target}: not a file in an existing folder", hint="create the folder first")
+    check_output_path(target, protect=[*protect, *dataset.files])
     def savez(stream) -> None:
         np.savez(stream, **dataset.arrays)
 
-    write_atomically(target, savez, verify=lambda staged: load_dataset(staged, model))  # what --calibration-data reads
+    # verified as --calibration-data reads it, with the layout it was built for
+    write_atomically(target, savez, verify=lambda staged: load_dataset(staged, model, layout=dataset.data_layout))
     return target
 
 
@@ -217,15 +227,21 @@ def _cast(array: np.ndarray, spec: InputSpec, source: Path) -> np.ndarray:
     return array.astype(spec.dtype)
 
 
-def _as_samples(array: np.ndarray, spec: InputSpec, source: Path) -> np.ndarray:
-    """One sample (the model's shape without the batch axis) or a stack of them -> [samples, ...]."""
-    rank = len(spec.shape) if spec.shape is not None else array.ndim + 1
-    if array.ndim == rank - 1:
+def _as_samples(array: np.ndarray, spec: InputSpec, source: Path, stack: bool = False) -> np.ndarray:
+    """One sample or a stack of them -> [samples, ...]. A sample is the model's shape without the batch
+    axis (layout batch) or the whole feed as the model takes it, a scalar included (layout stack)."""
+    if not stack and spec.shape is not None and len(spec.shape) == 0:
+        raise DataError(f"input '{spec.name}' is a scalar: it has no batch axis to stack samples on",
+                        hint="pass --data-layout stack (each file holds complete feeds, a scalar as it is fed)")
+    one = len(spec.shape) - 1 + stack if spec.shape is not None else array.ndim  # unknown rank: one sample
+    if array.ndim == one:
         array = array[None]
-    elif array.ndim != rank:
+    elif array.ndim != one + 1:
+        shape = _shape_text(spec.shape)
         raise DataError(f"{source}: array of shape {list(array.shape)} does not fit input '{spec.name}' "
-                        f"(model shape {_shape_text(spec.shape)})",
-                        hint="save one sample per file without the batch axis, or stacks with it")
+                        f"(model shape {shape})",
+                        hint=f"save one complete feed {shape} per file, or a stack of them on a new first axis"
+                        if stack else "save one sample per file without the batch axis, or stacks with it")
     return _cast(array, spec, source)
 
 
@@ -239,8 +255,8 @@ def _concatenate(parts: list[np.ndarray], name: str, files: list[Path]) -> np.nd
     return np.concatenate(parts)
 
 
-def _stack_npy(files: list[Path], spec: InputSpec, kind: str) -> np.ndarray:
-    parts = [_as_samples(_load_npy(f), spec, f) for f in files]
+def _stack_npy(files: list[Path], spec: InputSpec, stack: bool) -> np.ndarray:
+    parts = [_as_samples(_load_npy(f), spec, f, stack) for f in files]
     return _concatenate(parts, spec.name, files)
 
 
@@ -251,7 +267,7 @@ def _load_npy(path: Path) -> np.ndarray:
         raise DataError(f"cannot read {path}: {exc}", hint="save arrays with numpy.save") from exc
 
 
-def _from_npz_files(files: list[Path], specs: Sequence[InputSpec]) -> dict[str, np.ndarray]:
+def _from_npz_files(files: list[Path], specs: Sequence[InputSpec], stack: bool) -> dict[str, np.ndarray]:
     parts: dict[str, list[np.ndarray]] = {spec.name: [] for spec in specs}
     for path in files:
         try:
@@ -263,7 +279,7 @@ def _from_npz_files(files: list[Path], specs: Sequence[InputSpec]) -> dict[str, 
             if spec.name not in arrays:
                 raise DataError(f"{path} has no array for model input '{spec.name}'",
                                 hint=f"arrays found: {', '.join(sorted(arrays)) or 'none'}")
-            parts[spec.name].append(_as_samples(arrays[spec.name], spec, path))
+            parts[spec.name].append(_as_samples(arrays[spec.name], spec, path, stack))
     return {name: _concatenate(found, name, files) for name, found in parts.items()}
 
 

@@ -13,6 +13,8 @@ in is never modified.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import os
 import re
@@ -27,6 +29,7 @@ from typing import BinaryIO
 import numpy as np
 import onnx
 from google.protobuf.message import DecodeError
+from onnx import numpy_helper
 
 from compressq import __version__
 from compressq.errors import ModelError, OutputError
@@ -140,6 +143,11 @@ def check_model_file(path: str | os.PathLike) -> Path:
 
 
 def _existing_model_file(path: Path) -> Path:
+    if "\x00" in str(path):
+        raise ModelError("the model path contains a NUL byte", hint="pass a plain file path")
+    if path.is_symlink() and not path.exists():
+        raise ModelError(f"{path} is a symlink to nothing (a loop, or its target is gone)",
+                         hint="point the link at the model file, or pass the file itself")
     if not path.exists():
         raise ModelError(f"model file not found: {path}", hint="check the path and the current directory")
     if path.is_dir():
@@ -334,7 +342,12 @@ def save_model(
     data_name = f"{target.name}.data"
     if needs_external:
         check_output_path(folder / data_name, protect)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.{STAGING_MARK}{os.getpid()}-", dir=folder))
+    refuse_non_finite_weights(model, "the output")
+    try:
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.{STAGING_MARK}{os.getpid()}-", dir=folder))
+    except OSError as exc:
+        raise OutputError(f"cannot write {given}: {exc.strerror or exc}",
+                          hint="check free disk space and permissions") from exc
     try:
         staged = staging / target.name
         if needs_external:
@@ -349,6 +362,40 @@ def save_model(
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return given
+
+
+_FLOAT_TYPES = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.FLOAT16: np.float16,
+                onnx.TensorProto.DOUBLE: np.float64}
+
+
+def non_finite_weights(model: onnx.ModelProto) -> list[str]:
+    """Labels of the float tensors stored in `model` that hold NaN or infinity (bfloat16/fp8 not read)."""
+    found = []
+    for stored in model_tensors(model):
+        tensor = stored.tensor
+        dtype = _FLOAT_TYPES.get(tensor.data_type)
+        if dtype is None or is_external(tensor):
+            continue
+        if tensor.HasField("raw_data"):
+            values = np.frombuffer(tensor.raw_data, dtype=np.dtype(dtype).newbyteorder("<"))
+        else:
+            values = numpy_helper.to_array(tensor)
+        if values.size and not np.isfinite(values).all():
+            found.append(stored.label)
+    return found
+
+
+def refuse_non_finite_weights(model: onnx.ModelProto, whose: str) -> None:
+    """No command writes a NaN or infinite weight: checked on the input before the work and on every output."""
+    found = non_finite_weights(model)
+    if not found:
+        return
+    more = f" and {len(found) - 1} more" if len(found) > 1 else ""
+    if whose == "the output":
+        raise ModelError(f"the output would hold NaN or infinite values in {found[0]}{more}; nothing was written",
+                         hint="check the model's weights and the data for extreme values, or --exclude that layer")
+    raise ModelError(f"{whose} holds NaN or infinite values in {found[0]}{more}; refused",
+                     hint="fix the exported weights first (numpy.nan_to_num on the initializer)")
 
 
 def write_with_external_data(model: onnx.ModelProto, path: Path, data_name: str) -> None:
@@ -407,7 +454,10 @@ def check_output_path(path: str | os.PathLike, protect: Iterable[str | os.PathLi
                       overwrite: bool = True) -> Path:
     """Refuse an output path before any work is done on it (commands call this first, save_model again).
 
-    Returns the file that will be written: the path itself, or where it points when it is a symlink.
+    `protect` names what the command reads (models, data files or folders, plans): the output may be none
+    of them, nor a model's external data file, nor a file inside a data folder. The folder is probed with a
+    staging file, so an unwritable place fails now, not after the work. Returns the file that will be
+    written: the path itself, or where it points when it is a symlink.
     """
     target = Path(path)
     if "\x00" in str(target):
@@ -429,17 +479,43 @@ def check_output_path(path: str | os.PathLike, protect: Iterable[str | os.PathLi
                               hint="pass a file path such as model.int8.onnx")
         if not overwrite:
             raise OutputError(f"{target} already exists", hint="pass another -o path or remove the file")
-    written = target.resolve() if target.is_symlink() else target
+    written = _resolved(target) if target.is_symlink() else target
     absolute = Path(os.path.abspath(target))
-    if any(Path(root) in (absolute, *absolute.parents, written, *written.parents) for root in ("/dev", "/proc")):
+    if any(Path(root) in (absolute, *absolute.parents, written, *written.parents)
+           for root in ("/dev", "/proc", "/sys")):
         # /dev/stdout and /proc/self/fd/N name whatever this process has open: never renamed over
         raise OutputError(f"{target} is a device or process file; refused, it is never replaced",
                           hint="pass a file path such as model.int8.onnx")
-    if not written.parent.exists():
-        raise OutputError(f"output folder {written.parent} does not exist", hint="create it first")
-    if not written.parent.is_dir():
-        raise OutputError(f"output folder {written.parent} is not a folder", hint="pass a path in a folder")
+    folder = written.parent
+    if not folder.exists():
+        raise OutputError(f"output folder {folder} does not exist", hint="create it first")
+    if not folder.is_dir():
+        raise OutputError(f"output folder {folder} is not a folder", hint="pass a path in a folder")
+    _probe_writable(folder, written)
     return written
+
+
+def _resolved(path: Path) -> Path:
+    """`path.resolve()`, with a symlink loop said in one line instead of a RuntimeError."""
+    try:
+        return path.resolve()
+    except (RuntimeError, OSError) as exc:  # Python < 3.13 raises RuntimeError on a loop, later OSError
+        raise OutputError(f"{path} is a symlink loop (or too many links deep)",
+                          hint="point the link at a real file, or pass another path") from exc
+
+
+def _probe_writable(folder: Path, target: Path) -> None:
+    """Create and remove a staging file where the output will be staged: permissions, read-only file systems
+    and full inode tables show up before the work, not after it."""
+    try:
+        handle, probe = tempfile.mkstemp(prefix=f".{target.name}.{STAGING_MARK}{os.getpid()}-", dir=folder)
+    except OSError as exc:
+        raise OutputError(f"cannot write in {folder}: {exc.strerror or exc}",
+                          hint="pass an output path in a folder you can write") from exc
+    try:
+        os.close(handle)
+    finally:
+        os.unlink(probe)
 
 
 def _file_kind(mode: int) -> str:
@@ -451,13 +527,48 @@ def _file_kind(mode: int) -> str:
 
 
 def _refuse_to_replace_inputs(target: Path, protect: Iterable[str | os.PathLike]) -> None:
-    resolved = target.resolve()
+    resolved = _resolved(target)
     for protected in protect:
-        protected_path = Path(protected).resolve()
+        protected_path = _resolved(Path(protected))
+        if protected_path.is_dir():
+            if protected_path == resolved or protected_path in resolved.parents:
+                raise OutputError(f"refusing to write {target} inside {protected}, a folder this command reads",
+                                  hint="pass an output path outside the data folder with -o")
+            continue
         data_path = protected_path.with_name(protected_path.name + ".data")
         if resolved in (protected_path, data_path):
             raise OutputError(f"refusing to overwrite the input file {target}",
                               hint="pass a different output path with -o")
+        if resolved in _external_files_of(protected_path, resolved):
+            raise OutputError(f"refusing to overwrite {target}: it holds the external data of the model "
+                              f"{protected}", hint="pass a different output path with -o")
+
+
+def _external_files_of(model_path: Path, candidate: Path) -> set[Path]:
+    """The external data files of the model at `model_path`, looked up only when `candidate` could be one:
+    an existing file inside the model's folder (a missing file is no input; data never sits elsewhere)."""
+    if model_path.suffix != ".onnx" or not candidate.is_file() or model_path.parent not in candidate.parents:
+        return set()
+    try:
+        stamp_ = model_path.stat()
+    except OSError:
+        return set()
+    return _cached_external_files(model_path, stamp_.st_mtime_ns, stamp_.st_size)
+
+
+@functools.lru_cache(maxsize=16)
+def _cached_external_files(model_path: Path, mtime_ns: int, size: int) -> set[Path]:
+    try:
+        model = onnx.load(str(model_path), load_external_data=False)
+    except Exception:  # not a model: load_model says so in its own words
+        return set()
+    base = model_path.parent
+    locations = {_external_entries(s.tensor).get("location", "") for s in external_tensors(model)}
+    found = set()
+    for location in locations - {""}:
+        with contextlib.suppress(OSError, RuntimeError, ValueError):
+            found.add((base / location).resolve())
+    return found
 
 
 def remove_stale_staging(target: Path) -> list[Path]:
@@ -533,8 +644,12 @@ def write_atomically(path: str | os.PathLike, write: Callable[[BinaryIO], None],
         raise OutputError(f"{path} is a directory", hint=f"pass a file path such as {folder / ('out' + path.suffix)}")
     if not folder.is_dir():
         raise OutputError(f"output folder {folder} does not exist", hint="create it first")
-    handle, staged = tempfile.mkstemp(prefix=f".{path.name}.{STAGING_MARK}{os.getpid()}-",
-                                      suffix=path.suffix or ".tmp", dir=folder)
+    try:
+        handle, staged = tempfile.mkstemp(prefix=f".{path.name}.{STAGING_MARK}{os.getpid()}-",
+                                          suffix=path.suffix or ".tmp", dir=folder)
+    except OSError as exc:
+        raise OutputError(f"cannot write {path}: {exc.strerror or exc}", hint="check permissions and free space") \
+            from exc
     try:
         with os.fdopen(handle, "wb") as stream:
             write(stream)

@@ -8,7 +8,7 @@ from compressq.cli.views import console as render
 from compressq.cli.views.data import render_built_dataset
 from compressq.data_build import BuildRequest, ImageOptions, build_dataset, write_npz
 from compressq.errors import UsageError
-from compressq.io import load_model
+from compressq.io import check_output_path, load_model
 
 
 def data(
@@ -34,6 +34,10 @@ def data(
     std: str = typer.Option("1", "--std", help="Images: divided by after the mean, 1 or 3 values, "
                                                "e.g. 0.229,0.224,0.225."),
     channels: str = typer.Option("rgb", "--channels", help="Images: rgb | bgr (3-channel inputs)."),
+    data_layout: str = typer.Option("batch", "--data-layout", help="batch: each file holds samples without the "
+                                    "model's batch axis (or stacks with it) | stack: each file holds complete "
+                                    "inputs as fed (scalars, state tensors), stacked on a new first axis; pass "
+                                    "the same --data-layout to the commands that read the result."),
     layout: str | None = typer.Option(None, "--layout",
                                       help="Images: nchw | nhwc (default: guessed from the model's input shape)."),
     as_json: bool = typer.Option(False, "--json", help="Print what was written as JSON on stdout, nothing else."),
@@ -41,10 +45,13 @@ def data(
     """Build the .npz for --calibration-data / --data from a folder of images, .npy or .npz files."""
     options = ImageOptions(size=_size(size), resize=resize, scale=scale, mean=_floats(mean, "--mean"),
                            std=_floats(std, "--std"), channels=channels, layout=layout)
+    check_output_path(output, protect=[model, source])  # before the work: never an input, always writable
     onnx_model = load_model(model)
-    built = build_dataset(onnx_model, BuildRequest(source, samples=samples, seed=seed, labels=labels, image=options))
+    built = build_dataset(onnx_model, BuildRequest(source, samples=samples, seed=seed, labels=labels, image=options,
+                                                   data_layout=data_layout))
     write_npz(built, output, onnx_model, protect=[model])
     report = {"model": str(model), "source": str(source), "output": str(output), "kind": built.kind,
+              "data_layout": built.data_layout,
               "samples": built.num_samples, "files": len(built.files),
               "image": None if built.geometry is None else vars(built.geometry), "arrays": built.describe()}
     if as_json:

@@ -8,7 +8,15 @@ from compressq.cli.views import console as render
 from compressq.cli.views.progress import stage_progress
 from compressq.cli.views.prune import render_prune_summary
 from compressq.data import DATA_LAYOUT_HELP, load_dataset
-from compressq.io import check_output_path, default_output_path, file_size, load_model, save_model, stamp
+from compressq.io import (
+    check_output_path,
+    default_output_path,
+    file_size,
+    load_model,
+    refuse_non_finite_weights,
+    save_model,
+    stamp,
+)
 from compressq.prune import PruneConfig, prune_model
 from compressq.prune.config import DEFAULT_MIN_PARAMETERS
 
@@ -44,9 +52,11 @@ def prune(
         sparsity, pattern, scope=scope, criterion=criterion, seed=seed, exclude=tuple(exclude),
         keep_first=not prune_first, keep_last=not prune_last, min_parameters=min_params,
         calibration_samples=calibration_samples, channel_multiple=channel_multiple)
-    source = load_model(model)
     target = output or default_output_path(model, "pruned")
-    check_output_path(target, protect=[model])
+    read_paths = [p for p in (model, calibration_data) if p is not None]
+    check_output_path(target, protect=read_paths)
+    source = load_model(model)
+    refuse_non_finite_weights(source, str(model))
     dataset = load_dataset(calibration_data, source, layout=data_layout) if calibration_data else None
     if dataset is not None:
         for note in dataset.notes:
@@ -58,7 +68,7 @@ def prune(
                                           "the accuracy cost is unmeasured; pass --calibration-data DATA to refit, "
                                           "then check with compressq report --data DATA"))
     stamp(result.model, "prune", config.settings())
-    save_model(result.model, target, protect=[model])
+    save_model(result.model, target, protect=read_paths)
     report = {"input": str(model), "output": str(target), "input_bytes": file_size(model),
               "output_bytes": file_size(target), **result.summary.to_dict()}
     if as_json:

@@ -15,6 +15,7 @@ from compressq.io import (
     default_output_path,
     file_size,
     load_model,
+    refuse_non_finite_weights,
     save_model,
     stamp,
     write_text_atomically,
@@ -92,6 +93,7 @@ def quantize(
     if save_plan is not None:
         check_output_path(save_plan, protect=[*read_paths, target])
     source = load_model(model)
+    refuse_non_finite_weights(source, str(model))
     if pinned is not None:
         check_plan_fits(pinned, source, plan)
     dataset = load_dataset(calibration_data, source, layout=data_layout) \

@@ -9,7 +9,7 @@ from compressq.cli.views import console as render
 from compressq.cli.views.progress import stage_progress
 from compressq.cli.views.report import print_table, render_text, table_console
 from compressq.data import DATA_LAYOUT_HELP
-from compressq.errors import EXIT_GATE_FAILED, OutputError, UsageError
+from compressq.errors import EXIT_GATE_FAILED, UsageError
 from compressq.evaluate.report import GateLimits, Report, ReportConfig, build_report, verdict
 from compressq.io import check_output_path, write_text_atomically
 
@@ -76,8 +76,7 @@ def report(
     if output is not None and str(output) == "-":
         output = None
     if output is not None:  # devices, pipes and directories are refused; a symlink is written through
-        _refuse_to_replace_models(output, config)
-        output = check_output_path(output)
+        output = check_output_path(output, protect=[p for p in (baseline, *config.candidates, data) if p is not None])
     with stage_progress(quiet=not render.stderr.is_terminal) as progress:  # CI logs and pipes get no bars
         result = build_report(config, progress)
     _emit(result, output_format.value, output)
@@ -97,10 +96,3 @@ def _emit(result: Report, output_format: str, output: Path | None) -> None:
         print_table(result, table_console(render.stdout))
     else:
         typer.echo(render_text(result, output_format), nl=False)
-
-
-def _refuse_to_replace_models(output: Path, config: ReportConfig) -> None:
-    for model in (config.baseline, *config.candidates):
-        if output.resolve() == model.resolve():
-            raise OutputError(f"refusing to overwrite the model {model} with the report",
-                              hint="pass another --output path")
