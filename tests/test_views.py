@@ -110,3 +110,13 @@ def test_layering_rules_hold():
     ruff = Path(sys.executable).parent / "ruff"
     done = subprocess.run([str(ruff), "check", "--select", "TID251", str(PACKAGE)], capture_output=True, text=True)
     assert done.returncode == 0, done.stdout
+
+
+def test_no_blank_lines_on_stderr_when_it_is_not_a_terminal(run_cli, tmp_path, tiny_model):
+    """Progress bars draw on terminals only: a pipe or a CI log gets the messages and nothing else."""
+    path = tmp_path / "m.onnx"
+    onnx.save_model(tiny_model(), str(path))
+    result = run_cli("quantize", path, "--mode", "dynamic", "-o", tmp_path / "q.onnx")
+    assert result.exit_code == 0, result.stderr
+    assert "" not in result.stderr.splitlines()
+    assert not result.stderr.startswith("\n")

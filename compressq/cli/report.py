@@ -77,7 +77,7 @@ def report(
         output = None
     if output is not None:  # devices, pipes and directories are refused; a symlink is written through
         output = check_output_path(output, protect=[p for p in (baseline, *config.candidates, data) if p is not None])
-    with stage_progress(quiet=not render.stderr.is_terminal) as progress:  # CI logs and pipes get no bars
+    with stage_progress() as progress:
         result = build_report(config, progress)
     _emit(result, output_format.value, output)
     if output is not None or output_format != ReportFormat.table:  # the table shows the verdict itself
