@@ -51,6 +51,7 @@ class LayerResult:
     channels_before: int | None = None
     channels_after: int | None = None
     note: str = ""
+    follows_input: bool = False  # a depthwise Conv whose channels follow its producer's: not counted twice
 
 
 @dataclass
@@ -261,13 +262,15 @@ def _channel_results(before: onnx.ModelProto, after: onnx.ModelProto, groups: li
             results.append(_channel_result(name, shapes_before, shapes_after, group, keep, removed, joined))
         for name in group.followers:
             results.append(_channel_result(name, shapes_before, shapes_after, group, keep, removed,
-                                           "depthwise: follows its input's channels"))
+                                           "depthwise: follows its input's channels", follows_input=True))
     return sorted(results, key=lambda r: order[r.node])
 
 
-def _channel_result(name, shapes_before, shapes_after, group, keep, removed, note) -> LayerResult:
+def _channel_result(name, shapes_before, shapes_after, group, keep, removed, note, *,
+                    follows_input: bool = False) -> LayerResult:
     op_type, weight, shape = shapes_before[name]
-    return LayerResult(name, op_type, weight, shape, shapes_after[name][2], removed, group.channels, len(keep), note)
+    return LayerResult(name, op_type, weight, shape, shapes_after[name][2], removed, group.channels, len(keep), note,
+                       follows_input)
 
 
 def _weight_shapes(model: onnx.ModelProto) -> dict[str, tuple[str, str, tuple[int, ...]]]:
@@ -349,7 +352,7 @@ def _summary(teacher: onnx.ModelProto, outcome: _Outcome, config: PruneConfig, r
 
 def _achieved(layers: list[LayerResult], config: PruneConfig) -> float:
     if config.structured:
-        producers = [r for r in layers if not r.note.startswith("depthwise")]
+        producers = [r for r in layers if not r.follows_input]
         total = sum(r.channels_before for r in producers)
         return 1 - sum(r.channels_after for r in producers) / total if total else 0.0
     sizes = [int(np.prod(r.shape_before)) for r in layers]
