@@ -180,6 +180,17 @@ def test_clip_with_a_negative_floor_is_left_alone(clip_inputs: list[str], reason
     np.testing.assert_array_equal(conv_weights(equalized)["conv1"], conv_weights(model)["conv1"])
 
 
+def test_conv_whose_bias_is_computed_at_run_time_is_left_alone() -> None:
+    # The bias would have to be divided by the scale too; a graph input cannot be (this crashed with an
+    # AttributeError before, found by mypy).
+    model = conv_chain(ACTIVATIONS["relu"], 1, 4)
+    model.graph.initializer.remove(next(i for i in model.graph.initializer if i.name == "b1"))
+    model.graph.input.append(helper.make_tensor_value_info("b1", TensorProto.FLOAT, [8]))
+    equalized, summary = equalize(model)
+    assert not summary.pairs and "computed at run time" in summary.skipped["conv1"]
+    np.testing.assert_array_equal(conv_weights(equalized)["conv1"], conv_weights(model)["conv1"])
+
+
 def test_sigmoid_between_layers_is_not_equalized() -> None:
     model = conv_chain([helper.make_node("Sigmoid", ["h"], ["a"], name="act")], 1, 4)
     _, summary = equalize(model)

@@ -58,11 +58,11 @@ def _fold_one_batchnorm(graph: onnx.GraphProto, index: GraphIndex, names: NameGe
         return False
     if only_reader.output[0] != bn.output[0]:  # compared by name: protobuf wrappers need not be identical
         return False
-    params = [index.constant(name) for name in bn.input[1:5]]
+    params = [param for name in bn.input[1:5] if (param := index.constant(name)) is not None]
     weight = index.constant(producer.input[1])
-    if weight is None or any(p is None for p in params):
+    if weight is None or len(params) != 4:  # a statistic computed at run time cannot be folded
         return False
-    gamma, beta, mean, variance = (p.astype(np.float64) for p in params)
+    gamma, beta, mean, variance = (param.astype(np.float64) for param in params)
     factor = gamma / np.sqrt(variance + node_attributes(bn).get("epsilon", 1e-5))
     shift = beta - mean * factor
     fold = _fold_into_conv if producer.op_type == "Conv" else _fold_into_gemm
@@ -291,9 +291,16 @@ def _find_pair(first: _Layer, index: GraphIndex, rewrite_bounded_clips: bool) ->
         return None
     if second.family != first.family or second.in_channels != first.out_channels:
         return f"'{second.node.name}' does not read the {first.out_channels} channels of '{first.node.name}' one by one"
-    if clip_max is not None and not rewrite_bounded_clips:
+    if activation is not None and clip_max is not None and not rewrite_bounded_clips:
         return f"Clip '{activation.name}' has a max bound (rewrite_bounded_clips=False)"
+    if bias_slot is not None and _computed_input(*bias_slot, index):
+        return f"the bias of '{first.node.name}' is computed at run time, so it cannot be rescaled"
     return _Pair(first, second, activation, bias_slot, clip_max)
+
+
+def _computed_input(node: onnx.NodeProto, position: int, index: GraphIndex) -> bool:
+    """The input is there and is not a constant."""
+    return len(node.input) > position and bool(node.input[position]) and not index.is_constant(node.input[position])
 
 
 def _why_no_single_consumer(tensor: str, index: GraphIndex) -> str | None:
@@ -329,11 +336,17 @@ class _Tensors:
         self.nodes: dict[tuple[str, int], onnx.NodeProto] = {}
 
     def get(self, node: onnx.NodeProto, position: int) -> np.ndarray | None:
+        """The working copy of an optional input (a bias); None when the node has no such input."""
+        if len(node.input) <= position or not node.input[position]:
+            return None
+        return self.require(node, position)
+
+    def require(self, node: onnx.NodeProto, position: int) -> np.ndarray:
         key = (node.output[0], position)
         if key not in self.values:
-            if len(node.input) <= position or not node.input[position]:
-                return None
-            self.values[key] = self.index.constant(node.input[position]).astype(np.float64)
+            constant = self.index.constant(node.input[position])
+            assert constant is not None, "_find_pair pairs only layers whose weights and biases are constants"
+            self.values[key] = constant.astype(np.float64)
             self.nodes[key] = node
         return self.values[key]
 
@@ -381,8 +394,8 @@ def equalize(model: onnx.ModelProto, iterations: int = 10, *, rewrite_bounded_cl
 
 def _equalize_pair(pair: _Pair, tensors: _Tensors) -> float:
     """One rescaling of a pair; returns the largest |log s_i| it applied."""
-    first_weight = tensors.get(pair.first.node, 1)
-    second_weight = tensors.get(pair.second.node, 1)
+    first_weight = tensors.require(pair.first.node, 1)
+    second_weight = tensors.require(pair.second.node, 1)
     scale = equalizing_scale(output_channel_ranges(first_weight, pair.first.layout),
                              input_channel_ranges(pair.second, second_weight))
     tensors.set(pair.first.node, 1, scale_output_channels(first_weight, pair.first.layout, scale))
@@ -397,6 +410,7 @@ def _equalize_pair(pair: _Pair, tensors: _Tensors) -> float:
 def _clip_per_channel(graph: onnx.GraphProto, names: NameGenerator, pair: _Pair) -> str:
     """Clip(x, 0, max) on the rescaled tensor -> Min(Relu(x), max / s) with the bound per channel."""
     clip = pair.activation
+    assert clip is not None and pair.clip_max is not None, "only a pair through a bounded Clip has a clip_max"
     spatial_dims = pair.first.weight.ndim - 2 if pair.first.family == "conv" else 0
     bound = (pair.clip_max / pair.scale).astype(np.float32).reshape(-1, *[1] * spatial_dims)
     bound_name = names(f"{clip.name or clip.output[0]}_per_channel_max")
