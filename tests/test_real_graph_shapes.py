@@ -329,7 +329,8 @@ def test_stack_layout_through_report_and_sensitivity(run_cli, stateful, tmp_path
     ranking = run_cli("sensitivity", path, "-d", data, "--data-layout", "stack", "--json")
     assert ranking.exit_code == 0, ranking.stderr
     nodes = {row["node"] for row in json.loads(ranking.stdout)["nodes"]}
-    assert "fc2" in nodes and any(node.startswith("fc1") for node in nodes)
+    # fc1 (MatMul+Add+Relu) runs as onnxruntime's float FusedGemm even with Q/DQ around it: it stays float
+    assert "fc2" in nodes
 
 
 def test_report_without_data_on_a_scalar_input_model(run_cli, stateful):

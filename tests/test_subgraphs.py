@@ -458,3 +458,31 @@ def test_static_with_the_speed_check_stays_honest(run_cli, tmp_path):
     evaluation = _loop_arrays(2)
     _close_to_reference("loop", out, weights, evaluation, 0.99)
     assert summary["speedup"] is None or summary["speedup"] > 0
+
+
+def test_constant_folding_does_not_copy_a_weight_into_every_branch():
+    """onnxruntime folds Unsqueeze(outer weight) in each branch that has one: both branches then held their
+    own copy (the real voice-activity model came out 1 MB bigger). One copy is kept, where both can read it."""
+    rng = np.random.default_rng(0)
+    weight = _array(rng, 64, 64)
+
+    def branch(tag: str) -> onnx.GraphProto:
+        return helper.make_graph(
+            [helper.make_node("Unsqueeze", ["W", "axis0"], [f"{tag}_w3"], name=f"{tag}_unsqueeze"),
+             helper.make_node("MatMul", ["x", f"{tag}_w3"], [f"{tag}_y"], name=f"{tag}_fc")],
+            tag, [], [helper.make_tensor_value_info(f"{tag}_y", TensorProto.FLOAT, [1, "batch", 64])])
+    model = _model([helper.make_node("If", ["flag"], ["y"], name="choose", then_branch=branch("a"),
+                                     else_branch=branch("b"))],
+                   [helper.make_tensor_value_info("flag", TensorProto.BOOL, []),
+                    helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 64])],
+                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, "batch", 64])],
+                   [numpy_helper.from_array(weight, "W"), numpy_helper.from_array(np.array([0], np.int64), "axis0")])
+    from compressq.quantize.prepare import prepare_for_quantization
+    prepared, _ = prepare_for_quantization(model)
+    onnx.checker.check_model(prepared, full_check=True)
+    stored = [t for scope in scopes(prepared.graph) for t in scope.graph.initializer if np.prod(t.dims) == 64 * 64]
+    assert len(stored) == 1
+    x = rng.standard_normal((3, 64)).astype(np.float32)
+    for flag in (True, False):
+        feed = {"flag": np.array(flag), "x": x}
+        np.testing.assert_allclose(_run(prepared, feed)[0], _run(model, feed)[0], rtol=1e-5, atol=1e-5)

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
+
+import numpy as np
 import onnx
+from onnx import numpy_helper
 
 from compressq.errors import ModelError
-from compressq.graph.index import implicit_inputs, opset_version
+from compressq.graph.index import Scope, all_nodes, implicit_inputs, opset_version, scopes
 from compressq.io import first_line
 
 
@@ -89,3 +93,65 @@ def remove_unused(graph: onnx.GraphProto) -> None:
     kept_info = [v for v in graph.value_info if v.name in produced]
     del graph.value_info[:]
     graph.value_info.extend(kept_info)
+
+
+def share_duplicate_initializers(graph: onnx.GraphProto, min_elements: int = 1024) -> int:
+    """Bodies holding the same constant under different names keep one copy, in their closest common
+    enclosing graph (in place); returns the number of copies removed.
+
+    onnxruntime's constant folding materializes a reshaped outer weight in every branch that reshapes it
+    (the voice-activity model's LSTM weights came out twice per rate branch, 1 MB more than the input)."""
+    found = scopes(graph)
+    groups: dict[tuple, list[tuple[Scope, onnx.TensorProto]]] = {}
+    for scope in found[1:]:
+        outputs = {o.name for o in scope.graph.output}
+        for tensor in scope.graph.initializer:
+            if int(np.prod(tensor.dims)) >= min_elements and tensor.name not in outputs:
+                digest = hashlib.sha256(numpy_helper.to_array(tensor).tobytes()).hexdigest()
+                groups.setdefault((tensor.data_type, tuple(tensor.dims), digest), []).append((scope, tensor))
+    removed = 0
+    for copies in groups.values():
+        if len({id(scope.graph) for scope, _ in copies}) < 2:
+            continue
+        home = _common_enclosing(copies[0][0], [scope for scope, _ in copies[1:]])
+        kept = onnx.TensorProto()
+        kept.CopyFrom(copies[0][1])
+        for scope, tensor in copies:
+            _rename_reads(scope.graph, tensor.name, kept.name)
+            _drop_initializer(scope.graph, tensor.name)
+            removed += 1
+        home.graph.initializer.append(kept)
+        removed -= 1
+    return removed
+
+
+def _common_enclosing(first: Scope, others: list[Scope]) -> Scope:
+    chain = []
+    scope: Scope | None = first
+    while scope is not None:
+        chain.append(scope)
+        scope = scope.parent
+    for other in others:
+        ancestors = set()
+        scope = other
+        while scope is not None:
+            ancestors.add(id(scope.graph))
+            scope = scope.parent
+        chain = [s for s in chain if id(s.graph) in ancestors]
+    return chain[0]
+
+
+def _rename_reads(graph: onnx.GraphProto, old: str, new: str) -> None:
+    """Every read of `old` in a graph and its bodies now reads `new` (names are unique model-wide)."""
+    if old == new:
+        return
+    for node in all_nodes(graph):
+        for position, name in enumerate(node.input):
+            if name == old:
+                node.input[position] = new
+
+
+def _drop_initializer(graph: onnx.GraphProto, name: str) -> None:
+    kept = [t for t in graph.initializer if t.name != name]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)

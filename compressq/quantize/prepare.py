@@ -12,7 +12,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from compressq.graph.edit import NameGenerator
+from compressq.graph.edit import NameGenerator, share_duplicate_initializers
 from compressq.graph.index import GraphIndex
 from compressq.io import EXTERNAL_DATA_THRESHOLD
 from compressq.quantize.plan import name_nodes
@@ -28,6 +28,7 @@ def prepare_for_quantization(model: onnx.ModelProto) -> tuple[onnx.ModelProto, l
         notes.append("model over 2 GB: onnxruntime's pre-quantization clean-up skipped")
     else:
         prepared = optimized_graph(model, "cpu", basic=True)
+        share_duplicate_initializers(prepared.graph)  # constant folding copies weights into every branch
     # onnxruntime drops metadata and may bump nothing else; keep what the user's model recorded.
     del prepared.metadata_props[:]
     prepared.metadata_props.extend(model.metadata_props)
