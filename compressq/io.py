@@ -398,6 +398,23 @@ def refuse_non_finite_weights(model: onnx.ModelProto, whose: str) -> None:
                      hint="fix the exported weights first (numpy.nan_to_num on the initializer)")
 
 
+def copy_unchanged_model(source: str | os.PathLike, path: str | os.PathLike, *,
+                         protect: Iterable[str | os.PathLike] = ()) -> bool:
+    """Write the bytes of the model file `source` to `path` unchanged, atomically; False (nothing written)
+    when the model keeps weights in external data files, whose relative locations a copy elsewhere would
+    break: the caller then saves the loaded model instead.
+
+    An output compressq decided not to change is the user's own file: never bigger, never re-encoded (the
+    load-time normalization, e.g. names given to unnamed nodes, is not worth a byte more on disk)."""
+    source = Path(source)
+    if any(is_external(stored.tensor) for stored in model_tensors(_parse_model(source))):
+        return False
+    target = check_output_path(path, protect)
+    content = source.read_bytes()
+    write_atomically(target, lambda stream: stream.write(content))
+    return True
+
+
 def write_with_external_data(model: onnx.ModelProto, path: Path, data_name: str) -> None:
     """Write `model` to `path` with its large tensors in `path.parent / data_name`; `model` is untouched.
 

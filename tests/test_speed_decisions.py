@@ -416,3 +416,23 @@ def test_report_speed_gate_decides_on_work_not_wall_clock(run_cli, monkeypatch):
     assert result.exit_code == 1
     gate = next(g for g in json.loads(result.stdout)["gates"] if g["gate"] == "min-speedup")
     assert gate["measured"] == 0.5 and "fake work clock" in gate["on"]
+
+
+def test_an_unchanged_model_that_normalization_touched_is_still_written_as_it_came(run_cli, tmp_path, monkeypatch):
+    """Unnamed nodes get names at load (normalize); when nothing pays off, the output is still the user's
+    bytes, not the normalized re-encoding a few bytes larger."""
+    def always_slower(baseline, candidate, feeds, provider="cpu", threads=1, runs=None):
+        ratio = 1.0 if _is_float(candidate) else 0.5
+        return SpeedMeasurement(ratio, ratio, ratio, 1.0, 1.0 / ratio, runs or RUNS, threads, 1, "synthetic")
+
+    _fake_speed(monkeypatch, always_slower)
+    model = onnx.load(str(SAMPLES / "digits_cnn.onnx"))
+    for node in model.graph.node:
+        node.name = ""
+    source = tmp_path / "unnamed.onnx"
+    onnx.save(model, str(source))
+    out = tmp_path / "out.onnx"
+    result = run_cli("quantize", source, "-d", SAMPLES / "digits_calib.npz", "--samples", "16", "-o", out)
+    assert result.exit_code == 0, result.stderr
+    assert out.read_bytes() == source.read_bytes()
+    assert "larger" not in result.stderr

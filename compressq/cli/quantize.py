@@ -12,6 +12,7 @@ from compressq.data import DATA_LAYOUT_HELP, load_dataset
 from compressq.errors import UsageError
 from compressq.io import (
     check_output_path,
+    copy_unchanged_model,
     default_output_path,
     file_size,
     load_model,
@@ -105,11 +106,13 @@ def quantize(
                             "(int8 weights, activations quantized at run time)", highlight=False)
     with stage_progress() as progress:
         result = quantize_model(source, dataset, config, progress, eval_dataset=evaluation, pinned=pinned)
-    if result.model is not source:  # an unchanged model is written as it came: never bigger than the input
+    if result.model is not source:
         stamp(result.model, "quantize", config.to_dict())
         if result.plan is not None:
             record_plan(result.model, result.plan)
-    save_model(result.model, target, protect=read_paths)
+        save_model(result.model, target, protect=read_paths)
+    elif not copy_unchanged_model(model, target, protect=read_paths):  # the user's own bytes: never bigger
+        save_model(result.model, target, protect=read_paths)
     if save_plan is not None and result.plan is not None:
         write_text_atomically(save_plan, result.plan.to_json())
     sizes = {"input_bytes": file_size(model), "output_bytes": file_size(target)}
