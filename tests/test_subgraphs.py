@@ -363,6 +363,13 @@ def test_inspect_counts_weights_per_graph(run_cli, case):
     summary = json.loads(result.stdout)
     assert {g["graph"]: g["parameters"] for g in summary["graphs"]} == EXPECTED_PARAMETERS[name]
     assert summary["parameters"] == sum(EXPECTED_PARAMETERS[name].values())
+    text = run_cli("inspect", path)
+    assert text.exit_code == 0, text.stderr
+    assert "Weights per graph" in text.stdout
+    for label, count in EXPECTED_PARAMETERS[name].items():
+        assert (label in text.stdout) == (count > 0 or label == "main graph"), label
+        if count:
+            assert f"{count:,}" in text.stdout
 
 
 def _close_to_reference(name: str, written: Path, weights, evaluation, minimum_cosine: float) -> None:

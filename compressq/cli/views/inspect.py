@@ -18,6 +18,8 @@ def render_summary(summary: ModelSummary, console: Console = stdout) -> None:
     console.print(_io_table(summary))
     console.print(_ops_table(summary))
     console.print(_parameters_table(summary))
+    if summary.graphs:
+        console.print(_graphs_table(summary))
     sparse = [i for i in summary.initializers if i.parameters >= 16]
     if sparse:
         console.print(_sparsity_table(sparse))
@@ -53,6 +55,21 @@ def _parameters_table(summary: ModelSummary) -> Table:
         table.add_column(column, justify="right" if column != "dtype" else "left")
     for dtype, totals in summary.by_dtype.items():
         table.add_row(printable(dtype), f"{totals.parameters:,}", human_bytes(totals.bytes))
+    return table
+
+
+def _graphs_table(summary: ModelSummary) -> Table:
+    """Where the weights live when the model has If/Loop/Scan bodies: the main graph, then every body that
+    holds weights (bodies without any are counted in the last row)."""
+    shown = [g for position, g in enumerate(summary.graphs) if position == 0 or g.parameters]
+    table = Table(title=f"Weights per graph ({len(summary.graphs) - 1} If/Loop/Scan bodies)", title_justify="left")
+    for column in ("graph", "nodes", "parameters", "bytes"):
+        table.add_column(column, justify="left" if column == "graph" else "right")
+    for graph in shown:
+        table.add_row(printable(graph.graph), str(graph.nodes), f"{graph.parameters:,}", human_bytes(graph.bytes))
+    empty = len(summary.graphs) - len(shown)
+    if empty:
+        table.add_row(f"{empty} more bodies without weights", "", "0", "")
     return table
 
 
