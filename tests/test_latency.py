@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from compressq.evaluate.latency import LatencyStats, speedup, time_interleaved
+from compressq.measure import speed
 
 
 class RecordingSession:
@@ -61,3 +62,22 @@ def test_speedup_is_the_median_ratio_with_the_paired_spread():
     assert result.ratio == pytest.approx(4.0 / 2.0)
     paired = np.array([2.0, 4.0, 2.0, 2.0])
     assert (result.ratio_q1, result.ratio_q3) == pytest.approx(tuple(np.percentile(paired, [25, 75])))
+
+
+def test_measure_speedup_opens_both_models_and_times_them_in_turns(monkeypatch):
+    # The report passes paths, quantize passes ModelProtos: each reaches create_session as given, baseline first.
+    log: list = []
+    opened: list = []
+
+    def fake_session(model, *args, **kwargs):
+        opened.append(model)
+        return RecordingSession(str(model), log)
+
+    monkeypatch.setattr(speed, "create_session", fake_session)
+    feeds = [{"id": np.full((3, 2), turn, np.float32)} for turn in range(2)]
+    measured = speed.measure_speedup("fp32.onnx", "int8.onnx", feeds, runs=4)
+    assert opened == ["fp32.onnx", "int8.onnx"]
+    assert log[0][0] == "fp32.onnx" and {name for name, _ in log} == {"fp32.onnx", "int8.onnx"}
+    assert sum(name == "fp32.onnx" for name, _ in log) == sum(name == "int8.onnx" for name, _ in log) + 2
+    assert (measured.runs, measured.batch, measured.threads) == (4, 3, 1)
+    assert measured.clock_name == "calling thread's CPU time"

@@ -102,7 +102,7 @@ def exact_match(a: np.ndarray, b: np.ndarray) -> float:
 
 def _equal_samples(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     same = np.asarray(np.asarray(a) == np.asarray(b))
-    return same.reshape(same.shape[0], -1).all(axis=1) if same.ndim > 1 else same
+    return np.all(same.reshape(same.shape[0], -1), axis=1) if same.ndim > 1 else same
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ same command reach the same decision.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -37,6 +38,8 @@ FASTER_ENOUGH = 1.0 - NOISE_TOLERANCE
 # A speedup this large needs no search for a better variant. Below it, smaller int8 variants are measured
 # too, so that a plan near 1.0x is never kept by the luck of one measurement while a clearly faster one exists.
 CONVINCING = 1.0 + CLOSE_CALL
+
+ModelOrPath = onnx.ModelProto | str | os.PathLike  # what create_session opens; report passes paths
 
 
 @dataclass(frozen=True)
@@ -122,16 +125,17 @@ def settle(measure: Callable[[int], SpeedMeasurement], bar: float = 1.0) -> Spee
     return first
 
 
-def measure_speedup(baseline: onnx.ModelProto, candidate: onnx.ModelProto, feeds: list[dict], provider: str = "cpu",
+def measure_speedup(baseline: ModelOrPath, candidate: ModelOrPath, feeds: list[dict], provider: str = "cpu",
                     threads: int = 1, runs: int | None = None) -> SpeedMeasurement:
     """How many times less work `candidate` does than `baseline` on `feeds` (never wall clock).
 
     With `runs` given, one measurement of that many runs; otherwise `settle`'s close-call rule.
     """
-    sessions = [create_session(model, provider, threads=threads, spinning=False) for model in (baseline, candidate)]
+    baseline_session = create_session(baseline, provider, threads=threads, spinning=False)
+    candidate_session = create_session(candidate, provider, threads=threads, spinning=False)
 
     def measure(count: int) -> SpeedMeasurement:
-        return time_pair(*sessions, feeds, runs=count, threads=threads, provider=provider)
+        return time_pair(baseline_session, candidate_session, feeds, runs=count, threads=threads, provider=provider)
 
     return measure(runs) if runs else settle(measure)
 

@@ -167,6 +167,7 @@ def _slices(output: TensorFacts, role: str) -> tuple[Slice, ...]:
     if role != DETECTOR:
         return ()
     channels = output.shape[1]
+    assert channels is not None, "_is_detector_head names a detector head only when its channels are known"
     boxes = Slice(output.name, 0, BOX_COORDINATES, BOXES)
     if channels - BOX_COORDINATES <= PER_CLASS_SLICES_UP_TO:
         return (boxes, *(Slice(output.name, c, c + 1, CLASS_SCORES) for c in range(BOX_COORDINATES, channels)))
@@ -284,7 +285,7 @@ class OutputScore:
         """What a cosine / SQNR verdict reads: the slices of a detector head, else the whole output."""
         if self.slices:
             return self.slices
-        if self.cosine is None:
+        if self.cosine is None or self.sqnr_db is None or self.max_abs_error is None:  # integer labels
             return []
         return [PartScore(self.output, self.role, self.cosine, self.sqnr_db, self.max_abs_error, self.non_finite)]
 
