@@ -89,7 +89,7 @@ class LayerErrors:
             if name in self.skipped:
                 continue
             reference, test = baseline_values.get(name), candidate_values.get(self.matches[name])
-            if not _comparable(reference, test):
+            if reference is None or test is None or not _comparable(reference, test):
                 self.skipped.add(name)
                 continue
             reducer.update(reference, test)
@@ -106,9 +106,7 @@ class LayerErrors:
         return sorted(rows, key=lambda row: (row.sqnr_db, row.cosine))
 
 
-def _comparable(reference: np.ndarray | None, test: np.ndarray | None) -> bool:
-    if reference is None or test is None:
-        return False
+def _comparable(reference: np.ndarray, test: np.ndarray) -> bool:
     reference, test = np.asarray(reference), np.asarray(test)
     return (reference.shape == test.shape and np.issubdtype(reference.dtype, np.floating)
             and np.issubdtype(test.dtype, np.floating))

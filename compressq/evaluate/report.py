@@ -503,7 +503,7 @@ class _Evaluation:
             self.roles = roles_for_batch(self.baseline.proto, feed, task_values, self.task_outputs)
             self.scorers = {name: TaskScorer(self.roles) for name in self.candidate_names}
         if labels is not None:
-            self._update_accuracy(outputs, labels)
+            self._update_accuracy(outputs, labels, self.roles)
         for candidate, scorer in self.scorers.items():
             for name in self.output_names:
                 _check_same_shape(candidate, name, reference[name], outputs[candidate][name])
@@ -511,14 +511,15 @@ class _Evaluation:
             if candidate in self.layer_errors:
                 self.layer_errors[candidate].update(reference, outputs[candidate])
 
-    def _update_accuracy(self, outputs: dict[str, dict[str, np.ndarray]], labels: np.ndarray) -> None:
+    def _update_accuracy(self, outputs: dict[str, dict[str, np.ndarray]], labels: np.ndarray,
+                         roles: list[OutputRole]) -> None:
         first = outputs[self.baseline.name]
         labels = np.asarray(labels)
         if self.label_role is None:
             shapes = {name: first[name].shape[1:] for name in self.output_names}
-            self.label_role = label_output(self.roles, shapes, labels.shape[1:])
+            self.label_role = label_output(roles, shapes, labels.shape[1:])
             if self.label_role is None:
-                raise _labels_match_nothing(labels, self.roles, first)
+                raise _labels_match_nothing(labels, roles, first)
             self.classes = first[self.label_role.name].shape[-1] if self.label_role.role == CLASS_SCORES else 0
         name = self.label_role.name
         for model, values in outputs.items():
@@ -643,7 +644,7 @@ def _measure(gate: str, candidate: CandidateReport) -> tuple[float, bool, str]:
     """The candidate's value for a gate (worst over the task outputs, slices and providers), whether higher
     is better, and where it was measured."""
     if gate == "max-accuracy-drop":
-        if candidate.accuracy_drop_points is None:
+        if candidate.accuracy_drop_points is None or candidate.accuracy is None:
             raise UsageError("--max-accuracy-drop needs labels matching an output that carries the task")
         return candidate.accuracy_drop_points, False, f"{candidate.accuracy.output} (accuracy against labels)"
     if gate == "min-agreement":
@@ -678,7 +679,7 @@ def headline(candidate: CandidateReport) -> str:
     """The deltas that matter, each with where it was measured: size, speed, accuracy, agreement, cosine."""
     parts = [f"size {candidate.size_ratio:.2f}x"]
     parts += [f"speedup {s.ratio:.2f}x on {s.provider}" for s in candidate.speedup]
-    if candidate.accuracy_drop_points is not None:
+    if candidate.accuracy_drop_points is not None and candidate.accuracy is not None:
         parts.append(f"top-1 drop {candidate.accuracy_drop_points:.2f} points on {candidate.accuracy.output}")
     broken = non_finite_outputs(candidate.outputs)
     if broken:

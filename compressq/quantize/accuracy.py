@@ -127,20 +127,26 @@ class AccuracyTarget:
     min_agreement: float | None = None
 
     def check(self, probe: AccuracyProbe) -> None:
-        if self.max_drop is not None and probe.labels is None:
-            raise DataError("--max-drop needs labels in the evaluation data",
-                            hint="add a 'labels' array to --eval-data, or use --min-agreement")
-        if self.max_drop is not None and probe.label_role is None:
-            scored = ", ".join(role.describe() for role in probe.roles if role.task)
-            raise DataError(f"--max-drop: labels of shape {list(probe.labels.shape)} match no output that "
-                            f"carries the task ({scored})",
-                            hint="labels hold one class per sample (or per position); name the class-score "
-                                 "output with --task-output")
+        if self.max_drop is not None:
+            self._check_labels(probe)
         if self.min_agreement is not None and not any(role.agreement for role in probe.roles if role.task):
             scored = ", ".join(role.describe() for role in probe.roles if role.task)
             raise DataError(f"--min-agreement needs class scores or integer labels among the outputs that "
                             f"carry the task; scored: {scored}",
                             hint="name the class-score output with --output, or use --max-drop with labels")
+
+    @staticmethod
+    def _check_labels(probe: AccuracyProbe) -> None:
+        """--max-drop compares top-1 accuracy: it needs labels, and an output they are the classes of."""
+        if probe.labels is None:
+            raise DataError("--max-drop needs labels in the evaluation data",
+                            hint="add a 'labels' array to --eval-data, or use --min-agreement")
+        if probe.label_role is None:
+            scored = ", ".join(role.describe() for role in probe.roles if role.task)
+            raise DataError(f"--max-drop: labels of shape {list(probe.labels.shape)} match no output that "
+                            f"carries the task ({scored})",
+                            hint="labels hold one class per sample (or per position); name the class-score "
+                                 "output with --task-output")
 
     def met(self, figures: Figures) -> bool:
         if figures.non_finite:
@@ -199,7 +205,7 @@ class AccuracyFallback:
     probe: AccuracyProbe
     progress: Callable[[str, int, int], None] | None = None
     final_figures: Figures | None = None
-    returned_to_float: list[str] | None = None
+    returned_to_float: list[str] = field(default_factory=list)
     node_errors: list[NodeError] = field(default_factory=list)  # own error per node, worst first (bisect)
     search: list[SearchStep] = field(default_factory=list)      # every candidate the search measured
 
@@ -233,7 +239,7 @@ class AccuracyFallback:
         return {"search": "one-by-one" if not self.node_errors else "bisect",
                 "candidates_measured": len(self.search) if self.node_errors else None,
                 "steps": [step.to_dict() for step in self.search],
-                "returned_to_float": list(self.returned_to_float or []),
+                "returned_to_float": list(self.returned_to_float),
                 "node_errors": [error.to_dict() for error in self.node_errors]}
 
     def _one_by_one(self, quantizer, current, figures: Figures):

@@ -68,7 +68,7 @@ def _table(node: onnx.NodeProto, index: GraphIndex, block_size: int, min_element
         return None
     if node.input[0] not in index.initializers or len(index.consumers.get(node.input[0], [])) != 1:
         return None
-    table = index.constant(node.input[0])
+    table = numpy_helper.to_array(index.initializers[node.input[0]])
     if table.dtype != np.float32 or table.ndim != 2 or table.size < min_elements or table.shape[1] % block_size:
         return None
     return table

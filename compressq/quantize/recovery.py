@@ -186,6 +186,7 @@ class _TwinBuilder:
 
     def _weight(self, name: str, axis: int | None) -> str:
         weight = self.index.constant(name)
+        assert weight is not None, f"the plan quantizes only constant weights, not '{name}'"
         params = scheme.weight_params(weight, axis if self.per_channel else None)
         return self._constant(name, scheme.dequantize(scheme.quantize(weight, params), params))
 

@@ -62,7 +62,7 @@ def human_bytes(count: float) -> str:
 
 def print_json(data) -> None:
     """Machine-readable output: JSON on stdout and nothing else."""
-    if is_dataclass(data):
+    if is_dataclass(data) and not isinstance(data, type):  # an instance: a dataclass type is not data
         data = data.to_dict() if hasattr(data, "to_dict") else asdict(data)
     sys.stdout.write(json.dumps(data, indent=2, default=_json_default) + "\n")
     sys.stdout.flush()

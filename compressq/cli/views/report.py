@@ -12,6 +12,7 @@ import io
 import json
 import math
 from dataclasses import dataclass, field
+from typing import TypeGuard
 
 from rich.console import Console
 from rich.table import Table
@@ -378,7 +379,7 @@ def _charts(report: Report) -> list[str]:
     return charts
 
 
-def _drawable(value: float | None) -> bool:
+def _drawable(value: float | None) -> TypeGuard[float]:
     return value is not None and math.isfinite(value)
 
 
