@@ -493,3 +493,39 @@ def test_constant_folding_does_not_copy_a_weight_into_every_branch():
     for flag in (True, False):
         feed = {"flag": np.array(flag), "x": x}
         np.testing.assert_allclose(_run(prepared, feed)[0], _run(model, feed)[0], rtol=1e-5, atol=1e-5)
+
+
+def _if_files(tmp_path: Path, rates: np.ndarray) -> tuple[Path, Path, dict]:
+    model, weights = if_model()
+    path = tmp_path / "if.onnx"
+    onnx.save_model(model, str(path))
+    arrays = _if_arrays(1)
+    arrays["sr"] = rates
+    data = tmp_path / "calibration.npz"
+    np.savez(data, **arrays)
+    return path, data, weights
+
+
+def test_both_branches_calibrated_and_quantized_exclusions_reach_bodies(run_cli, tmp_path):
+    path, data, weights = _if_files(tmp_path, np.tile(np.array([16000, 8000], np.int64), IF_SAMPLES // 2))
+    out = tmp_path / "out.onnx"
+    result = run_cli("quantize", path, "-d", data, "--data-layout", "stack", "--no-speed-check", "--exclude",
+                     "then_fc", "--method", "percentile", "-o", out, "--json")
+    assert result.exit_code == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert {"then_conv1", "then_conv2", "else_fc1", "else_fc2"} <= set(summary["quantized_nodes"])
+    assert {"node": "then_fc", "op_type": "MatMul", "reason": "excluded by --exclude"} in summary["float_nodes"]
+    assert any("inside If/Loop/Scan bodies: min/max ranges" in note for note in summary["notes"])
+    _close_to_reference("if", out, weights, _if_arrays(2), 0.99)
+
+
+def test_a_branch_no_sample_takes_stays_float_and_is_said(run_cli, tmp_path):
+    path, data, weights = _if_files(tmp_path, np.full(IF_SAMPLES, 16000, np.int64))
+    out = tmp_path / "out.onnx"
+    result = run_cli("quantize", path, "-d", data, "--data-layout", "stack", "--no-speed-check", "-o", out, "--json")
+    assert result.exit_code == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert "then_conv1" in summary["quantized_nodes"]
+    assert not {"else_fc1", "else_fc2"} & set(summary["quantized_nodes"])
+    assert any("never reached by the data" in note for note in summary["notes"])
+    _close_to_reference("if", out, weights, _if_arrays(2), 0.99)
