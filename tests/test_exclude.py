@@ -94,3 +94,21 @@ def test_integer_kernels_in_the_input_are_listed_as_already_int8():
                        [numpy_helper.from_array(rng.integers(-5, 5, (4, 2)).astype(np.int8), "b")])
     (skipped,) = build_plan(model).skipped
     assert skipped.node == "mmi" and skipped.reason == "already int8 (MatMulInteger kept as is)"
+
+
+@pytest.mark.parametrize("command", [
+    ("prune", CNN, "-s", "0.5", "--prune-last"),
+    ("quantize", CNN, "--no-speed-check"),  # dynamic
+    ("quantize", CNN, "-d", CALIB, "--no-speed-check"),  # static
+])
+def test_a_weight_name_excludes_its_layer_in_every_command(run_cli, tmp_path, command):
+    """One meaning of --exclude everywhere: node name, op type or weight name (graph/index.py)."""
+    result = run_cli(*command, "--exclude", "classifier.4.weight", "-o", tmp_path / "out.onnx", "--json")
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)
+    if command[0] == "prune":
+        dense = {layer["node"]: layer["reason"] for layer in report["dense_layers"]}
+        assert "excluded by --exclude 'classifier.4.weight'" in dense.values()
+    else:
+        assert "/classifier/classifier.4/Gemm" not in report["quantized_nodes"]
+        assert any(n["node"] == "/classifier/classifier.4/Gemm" for n in report["float_nodes"])

@@ -15,12 +15,13 @@ from hypothesis.extra.numpy import arrays
 from onnx import TensorProto, helper, numpy_helper
 
 from compressq.data import load_dataset
+from compressq.graph.edit import name_nodes
 from compressq.measure.speed import FASTER_ENOUGH
 from compressq.quantize import scheme
 from compressq.quantize.api import quantize_model
 from compressq.quantize.config import QuantizeConfig
 from compressq.quantize.fusion import inspect_fusion
-from compressq.quantize.plan import build_plan, name_nodes
+from compressq.quantize.plan import build_plan
 from compressq.runtime import create_session
 from compressq.stats.collect import HistogramObserver, MinMaxObserver
 from tests.conftest import SAMPLES

@@ -155,3 +155,27 @@ def _drop_initializer(graph: onnx.GraphProto, name: str) -> None:
     kept = [t for t in graph.initializer if t.name != name]
     del graph.initializer[:]
     graph.initializer.extend(kept)
+
+
+def name_nodes(graph: onnx.GraphProto) -> int:
+    """Give every unnamed node, and every repeat of a name, a unique name, bodies included (in place), so
+    --exclude, plans and reports can name every node; returns how many were (re)named."""
+    nodes = list(all_nodes(graph))
+    taken = {node.name for node in nodes if node.name}
+    seen: set[str] = set()
+    counters: dict[str, int] = {}
+    renamed = 0
+    for node in nodes:
+        if node.name and node.name not in seen:
+            seen.add(node.name)
+            continue
+        stem = node.name or node.op_type or "node"
+        number = counters.get(stem, 0)
+        while f"{stem}_{number}" in taken:
+            number += 1
+        node.name = f"{stem}_{number}"
+        counters[stem] = number + 1
+        taken.add(node.name)
+        seen.add(node.name)
+        renamed += 1
+    return renamed

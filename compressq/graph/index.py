@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import difflib
+import fnmatch
 from collections import defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
 import onnx
 from onnx import numpy_helper
+
+from compressq.errors import UsageError
 
 # ---------------------------------------------------------------------------------------------------
 # Reading graphs
@@ -214,3 +219,43 @@ def tensor_types(model: onnx.ModelProto) -> dict[str, TensorType]:
 
 # ---------------------------------------------------------------------------------------------------
 # Editing graphs
+
+
+# ---------------------------------------------------------------------------------------------------
+# --exclude: one meaning for every command
+
+
+def exclusion_names(node: onnx.NodeProto) -> tuple[str, ...]:
+    """What an --exclude glob is matched against: the node's name, its op type and its weight's name."""
+    weight = node.input[1:2] if node.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul") else []
+    return tuple(text for text in (node.name, node.op_type, *weight) if text)
+
+
+def excluded_by(node: onnx.NodeProto, patterns: Iterable[str]) -> str | None:
+    """The first pattern that matches the node, or None."""
+    return first_match(exclusion_names(node), patterns)
+
+
+def first_match(names: Iterable[str], patterns: Iterable[str]) -> str | None:
+    names = [text for text in names if text]
+    return next((p for p in patterns if any(fnmatch.fnmatchcase(text, p) for text in names)), None)
+
+
+def unmatched_exclusion(graph: onnx.GraphProto, patterns: Iterable[str]) -> tuple[str, list[str]] | None:
+    """The first pattern that matches no node of the graph or its bodies, with the names closest to it."""
+    names = sorted({text for node in all_nodes(graph) for text in exclusion_names(node)})
+    for pattern in patterns:
+        if not any(fnmatch.fnmatchcase(text, pattern) for text in names):
+            return pattern, difflib.get_close_matches(pattern, names, n=5, cutoff=0.5)
+    return None
+
+
+def check_exclude(graph: onnx.GraphProto, patterns: Iterable[str]) -> None:
+    """An --exclude pattern that matches nothing is a typo, not a no-op: one line naming the closest names."""
+    unmatched = unmatched_exclusion(graph, patterns)
+    if unmatched is None:
+        return
+    pattern, close = unmatched
+    hint = ("closest: " + ", ".join(close)) if close else "see the node names with compressq inspect MODEL --json"
+    raise UsageError(f"--exclude '{pattern}' matches no node name, op type or weight name",
+                     hint=hint + "; patterns are globs, e.g. '/classifier/*' or Gemm")

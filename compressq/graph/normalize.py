@@ -23,7 +23,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from compressq.graph.index import scopes
+from compressq.graph.edit import name_nodes
+from compressq.graph.index import all_nodes, scopes
 from compressq.graph.passes import check_contract, interface
 
 logger = logging.getLogger("compressq")
@@ -97,7 +98,7 @@ def normalize(model: onnx.ModelProto, *, in_place: bool = False, check: bool = T
     if moved_weights and model.ir_version < FIRST_IR_WITH_FREE_INITIALIZERS:
         result.ir_version_raised = (model.ir_version, FIRST_IR_WITH_FREE_INITIALIZERS)
         model.ir_version = FIRST_IR_WITH_FREE_INITIALIZERS
-    result.nodes_named = _name_nodes(graph)
+    result.nodes_named = name_nodes(graph)
     if check:
         check_contract(before, model, "normalizing the model at load")
     return result
@@ -122,7 +123,7 @@ def _needs_work(model: onnx.ModelProto) -> bool:
                if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and node.output[0] not in outputs):
             return True
     seen: set[str] = set()
-    for node in _all_nodes(graph):
+    for node in all_nodes(graph):
         if not node.name or node.name in seen:
             return True
         seen.add(node.name)
@@ -166,37 +167,3 @@ def _constants_to_initializers(graph: onnx.GraphProto) -> list[str]:
         del graph.node[:]
         graph.node.extend(kept)
     return moved
-
-
-def _all_nodes(graph: onnx.GraphProto):
-    for node in graph.node:
-        yield node
-        for attribute in node.attribute:
-            if attribute.type == onnx.AttributeProto.GRAPH:
-                yield from _all_nodes(attribute.g)
-            elif attribute.type == onnx.AttributeProto.GRAPHS:
-                for subgraph in attribute.graphs:
-                    yield from _all_nodes(subgraph)
-
-
-def _name_nodes(graph: onnx.GraphProto) -> int:
-    """Give every unnamed node, and every repeat of a name, a unique name (subgraphs included)."""
-    nodes = list(_all_nodes(graph))
-    taken = {node.name for node in nodes if node.name}
-    seen: set[str] = set()
-    counters: dict[str, int] = {}
-    renamed = 0
-    for node in nodes:
-        if node.name and node.name not in seen:
-            seen.add(node.name)
-            continue
-        stem = node.name or node.op_type or "node"
-        number = counters.get(stem, 0)
-        while f"{stem}_{number}" in taken:
-            number += 1
-        node.name = f"{stem}_{number}"
-        counters[stem] = number + 1
-        taken.add(node.name)
-        seen.add(node.name)
-        renamed += 1
-    return renamed

@@ -7,15 +7,12 @@ default: they are the most sensitive), or when they hold fewer parameters than `
 
 from __future__ import annotations
 
-import difflib
 from dataclasses import dataclass
-from fnmatch import fnmatchcase
 
 import numpy as np
 import onnx
 
-from compressq.errors import UsageError
-from compressq.graph.index import GraphIndex, all_nodes, node_attributes, scopes
+from compressq.graph.index import GraphIndex, check_exclude, first_match, node_attributes, scopes
 from compressq.prune.config import PruneConfig
 
 WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
@@ -73,7 +70,7 @@ def weight_axes(node: onnx.NodeProto, weight_rank: int) -> tuple[int, int] | Non
 
 def plan_pruning(model: onnx.ModelProto, config: PruneConfig) -> PrunePlan:
     """Every weighted layer, sorted into pruned and dense (with the reason), in graph order."""
-    _check_exclude(model.graph, config.exclude)
+    check_exclude(model.graph, config.exclude)
     candidates: list[WeightedLayer] = []
     dense: list[DenseLayer] = []
     for scope in scopes(model.graph):  # If/Loop/Scan bodies too; a body reads the weights around it
@@ -121,22 +118,10 @@ def _weighted_layer(node: onnx.NodeProto, index: GraphIndex) -> WeightedLayer | 
     return WeightedLayer(node.name, node.op_type, weight_name, tuple(tensor.dims), *axes)
 
 
-def _check_exclude(graph: onnx.GraphProto, patterns: tuple[str, ...]) -> None:
-    """A pattern that matches no node name, op type or weight name is an error naming the closest names."""
-    texts = sorted({text for node in all_nodes(graph) for text in (node.name, node.op_type, *node.input[1:2]) if text})
-    for pattern in patterns:
-        if any(fnmatchcase(text, pattern) for text in texts):
-            continue
-        close = difflib.get_close_matches(pattern, texts, n=5, cutoff=0.5)
-        hint = ("closest: " + ", ".join(close)) if close else "see the layer names with compressq inspect MODEL --json"
-        raise UsageError(f"--exclude '{pattern}' matches no node name, op type or weight name",
-                         hint=hint + "; patterns are globs, e.g. '/classifier/*' or Gemm")
-
-
 def _dense_reason(layer: WeightedLayer, position: int, count: int, config: PruneConfig) -> str | None:
-    for pattern in config.exclude:
-        if any(fnmatchcase(text, pattern) for text in (layer.node, layer.op_type, layer.weight)):
-            return f"excluded by --exclude '{pattern}'"
+    pattern = first_match((layer.node, layer.op_type, layer.weight), config.exclude)
+    if pattern is not None:
+        return f"excluded by --exclude '{pattern}'"
     if config.keep_first and position == 0:
         return "first weighted layer (pass --prune-first to prune it)"
     if config.keep_last and position == count - 1:

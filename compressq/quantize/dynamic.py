@@ -14,9 +14,9 @@ import onnx
 from onnx import helper, numpy_helper
 
 from compressq.graph.edit import NameGenerator, remove_unused, toposort
-from compressq.graph.index import GraphIndex, node_attributes, scopes, tensor_names
+from compressq.graph.index import GraphIndex, check_exclude, node_attributes, scopes, tensor_names
 from compressq.quantize import scheme
-from compressq.quantize.plan import Skipped, check_exclude, matches
+from compressq.quantize.plan import Skipped, matches
 
 MICROSOFT_DOMAIN = "com.microsoft"
 

@@ -12,15 +12,12 @@ The plan aims at graphs that onnxruntime's QDQ fusion turns into integer kernels
 
 from __future__ import annotations
 
-import difflib
-import fnmatch
 from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
 
-from compressq.errors import UsageError
-from compressq.graph.index import MAIN_GRAPH, GraphIndex, all_nodes, node_attributes, scopes
+from compressq.graph.index import MAIN_GRAPH, GraphIndex, check_exclude, excluded_by, node_attributes, scopes
 from compressq.ops import INTEGER_WEIGHTED_OPS
 
 COMPUTE_OPS = ("Conv", "Gemm", "MatMul")
@@ -99,35 +96,8 @@ class QuantPlan:
 
 
 
-def name_nodes(graph: onnx.GraphProto) -> None:
-    """Give every node a unique name so plans, exclusions and reports can refer to it (in place)."""
-    seen: set[str] = set()
-    for position, node in enumerate(graph.node):
-        if not node.name or node.name in seen:
-            base = node.name or f"{node.op_type}_{position}"
-            candidate, counter = base, 1
-            while candidate in seen:
-                candidate, counter = f"{base}_{counter}", counter + 1
-            node.name = candidate
-        seen.add(node.name)
-
-
 def matches(node: onnx.NodeProto, patterns: tuple[str, ...]) -> bool:
-    return any(fnmatch.fnmatchcase(node.name, p) or fnmatch.fnmatchcase(node.op_type, p) for p in patterns)
-
-
-def check_exclude(graph: onnx.GraphProto, patterns: tuple[str, ...] | list[str]) -> None:
-    """An --exclude pattern that matches no node name or op type is a typo, not a no-op: say so, with the
-    node names closest to it."""
-    names = [node.name for node in all_nodes(graph)]
-    op_types = sorted({node.op_type for node in all_nodes(graph)})
-    for pattern in patterns:
-        if any(fnmatch.fnmatchcase(text, pattern) for text in (*names, *op_types)):
-            continue
-        close = difflib.get_close_matches(pattern, names + op_types, n=5, cutoff=0.5)
-        hint = ("closest: " + ", ".join(close)) if close else "see the node names with compressq inspect MODEL --json"
-        raise UsageError(f"--exclude '{pattern}' matches no node name or op type",
-                         hint=hint + "; patterns are globs, e.g. '/classifier/*' or Gemm")
+    return excluded_by(node, patterns) is not None
 
 
 def build_plan(

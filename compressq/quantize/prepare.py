@@ -12,10 +12,9 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from compressq.graph.edit import NameGenerator, share_duplicate_initializers
+from compressq.graph.edit import NameGenerator, name_nodes, share_duplicate_initializers
 from compressq.graph.index import GraphIndex
 from compressq.io import EXTERNAL_DATA_THRESHOLD
-from compressq.quantize.plan import name_nodes
 from compressq.runtime import optimized_graph
 
 

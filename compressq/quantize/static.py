@@ -20,7 +20,7 @@ import onnx
 
 from compressq.data import Dataset
 from compressq.errors import UsageError
-from compressq.graph.edit import ensure_opset
+from compressq.graph.edit import ensure_opset, name_nodes
 from compressq.graph.index import all_nodes
 from compressq.io import check_model
 from compressq.measure.speed import (
@@ -38,7 +38,9 @@ from compressq.quantize.config import QuantizeConfig
 from compressq.quantize.embedding import quantize_embeddings
 from compressq.quantize.equalize import equalize, fold_batchnorm
 from compressq.quantize.fusion import FusionReport, inspect_fusion
-from compressq.quantize.plan import QuantPlan, Skipped, build_plan, name_nodes
+from compressq.quantize.gptq import WeightCodes, static_weight_codes
+from compressq.quantize.gptq import summarize as summarize_reconstruction
+from compressq.quantize.plan import QuantPlan, Skipped, build_plan
 from compressq.quantize.plan_file import QuantizationPlan, model_sha256
 from compressq.quantize.prepare import prepare_for_quantization
 from compressq.quantize.qdq import RewriteStats, rewrite_qdq
@@ -131,13 +133,15 @@ class StaticQuantizer:
         self.base_keep_float = _nodes_needing(self.prepared, widest, set(self.non_finite), NON_FINITE_REASON)
         # Quantizing SmoothQuant's own scaling Mul would put back the outliers it moved into the weights.
         self.base_keep_float.update(dict.fromkeys(self.smoothing_muls, "SmoothQuant scaling stays float"))
+        self.weight_codes = self._reconstruct_weights(widest)
 
     # -- building blocks ----------------------------------------------------------------------------
 
     def attempt(self, keep_float: dict[str, str], input_means=None) -> Attempt:
         plan = build_plan(self.prepared, keep_float=keep_float, **self.plan_options)
         model, stats = rewrite_qdq(self.prepared, plan, self.ranges, signed_activations=self.signed,
-                                   per_channel=self.config.per_channel, input_means=input_means)
+                                   per_channel=self.config.per_channel, input_means=input_means,
+                                   weight_codes=self.weight_codes.codes if self.weight_codes else None)
         return Attempt(keep_float, model, plan, stats)
 
     def fused_attempt(self, keep_float: dict[str, str]) -> Attempt:
@@ -190,6 +194,9 @@ class StaticQuantizer:
             result.error_correction["ranges"] = {
                 "how": "per tensor, the candidate range with the least error at its consuming layers",
                 "chosen": {tensor: choice.to_dict() for tensor, choice in sorted(self.range_choices.items())}}
+        if self.weight_codes is not None:
+            reports = {n: r for n, r in self.weight_codes.reports.items() if n in current.plan.compute}
+            result.error_correction["weights"] = summarize_reconstruction(reports)
         return result
 
     def _result(self, current: Attempt, steps: list[str], decisions: list[dict]) -> StaticResult:
@@ -290,6 +297,21 @@ class StaticQuantizer:
                                  percentile=self.config.percentile, batch_size=self.config.batch_size,
                                  samples=self.config.samples, provider=self.config.provider, progress=advance,
                                  extra=means), **inner}
+
+    def _reconstruct_weights(self, plan: QuantPlan) -> WeightCodes | None:
+        """--weight-reconstruction gptq: int8 codes chosen on the layers' fp32 inputs (one more data pass)."""
+        if self.config.weight_reconstruction == "none":
+            return None
+        if self.pinned is not None:
+            raise UsageError("this plan was made with --weight-reconstruction gptq, whose weight codes come from "
+                             "calibration data: re-applying it cannot give the same bytes",
+                             hint="quantize again with --calibration-data and --weight-reconstruction gptq")
+        found = static_weight_codes(self.prepared, plan, self.dataset, per_channel=self.config.per_channel,
+                                    batch_size=self.config.batch_size, samples=self.config.samples,
+                                    provider=self.config.provider)
+        self.notes.append(f"GPTQ weight reconstruction: {len(found.codes)} MatMul/Gemm weights reconstructed, "
+                          f"{sum(not r.reconstructed for r in found.reports.values())} layers kept rounded")
+        return found
 
     def _ranges_by_error(self, plan: QuantPlan, advance: Progress, means=()) -> dict[str, TensorRange]:
         """`--method auto`: per tensor, the candidate range that changes its consumers' outputs least."""

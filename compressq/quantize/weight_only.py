@@ -35,8 +35,8 @@ from onnx import helper, numpy_helper
 
 from compressq.errors import DataError, UsageError
 from compressq.graph.edit import NameGenerator, remove_unused, toposort
-from compressq.graph.index import GraphIndex, node_attributes, scopes, tensor_names
-from compressq.quantize.plan import check_exclude, matches
+from compressq.graph.index import GraphIndex, check_exclude, node_attributes, scopes, tensor_names
+from compressq.quantize.plan import matches
 
 MS_DOMAIN = "com.microsoft"
 SUPPORTED_BITS = (4, 8)
