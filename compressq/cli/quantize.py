@@ -39,7 +39,8 @@ def quantize(
     percentile: float = typer.Option(99.999, "--percentile", help="Percentile kept by --method percentile."),
     per_channel: bool = typer.Option(True, "--per-channel/--per-tensor", help="Weight scales per output channel."),
     activations: str = typer.Option("uint8", "--activations", help="uint8 (asymmetric) | int8 (symmetric)."),
-    exclude: list[str] = typer.Option([], "--exclude", help="Node name or op type glob to keep float (repeatable)."),
+    exclude: list[str] = typer.Option([], "--exclude", help="Keep float the layers whose node name, op type or "
+                                                            "weight name matches this glob (repeatable)."),
     samples: int = typer.Option(None, "--samples", min=1, help="Calibration samples to use [default: all]."),
     batch_size: int = typer.Option(8, "--batch-size", min=1, help="Calibration batch size (memory grows with it)."),
     provider: str = typer.Option("cpu", "--provider", help="Execution provider the output is checked on: cpu | cuda."),
@@ -69,6 +70,9 @@ def quantize(
                                         help="Accuracy target: share of samples whose prediction matches fp32."),
     eval_data: Path = typer.Option(None, "--eval-data", help="Evaluation data for the accuracy target "
                                    "[default: the calibration data]."),
+    weight_reconstruction: str = typer.Option("none", "--weight-reconstruction",
+                                              help="none | gptq: choose weight codes by GPTQ error feedback "
+                                              "on calibration inputs (static and weight-only modes)."),
     bits: int = typer.Option(4, "--bits", help="Weight-only mode: 4 or 8 bits."),
     block_size: int = typer.Option(32, "--block-size", help="Weight-only mode: weights per scale (32, 64, 128)."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON on stdout, nothing else."),
@@ -82,7 +86,8 @@ def quantize(
                          batch_size, provider, speed_check, latency_batch, bits, block_size)
         config = replace(config, equalize=equalize, bias_correction=bias_correction, smoothquant=smoothquant,
                          max_drop=max_drop, min_agreement=min_agreement, threads=threads,
-                         task_outputs=tuple(task_outputs), accuracy_check=accuracy_check)
+                         task_outputs=tuple(task_outputs), accuracy_check=accuracy_check,
+                         weight_reconstruction=weight_reconstruction)
     static_only = equalize or bias_correction or smoothquant is not None or max_drop is not None \
         or min_agreement is not None or eval_data is not None or save_plan is not None
     if static_only and config.mode != "static":

@@ -24,6 +24,7 @@ from compressq.quantize.accuracy import (
 from compressq.quantize.config import METHODS, MODES, QuantizeConfig
 from compressq.quantize.dynamic import quantize_dynamic
 from compressq.quantize.embedding import quantize_embeddings
+from compressq.quantize.gptq import summarize as summarize_reconstruction
 from compressq.quantize.plan import Skipped
 from compressq.quantize.plan_file import QuantizationPlan
 from compressq.quantize.static import StaticQuantizer, quantize_static
@@ -220,9 +221,13 @@ def _undo_slower_dynamic(model: onnx.ModelProto, result: QuantizeResult) -> Quan
 def _weight_only(model, dataset: Dataset | None, config: QuantizeConfig) -> QuantizeResult:
     from compressq.quantize.weight_only import quantize_weights_only
 
+    if config.weight_reconstruction != "none" and dataset is None:
+        raise UsageError(f"--weight-reconstruction {config.weight_reconstruction} needs calibration data",
+                         hint="pass --calibration-data DATA")
     calibration = matmul_input_samples(model, dataset, config) if dataset is not None else None
     quantized, outcome = quantize_weights_only(model, bits=config.bits, block_size=config.block_size,
-                                               exclude=tuple(config.exclude), calibration=calibration)
+                                               exclude=tuple(config.exclude), calibration=calibration,
+                                               reconstruction=config.weight_reconstruction)
     refined = sum(layer.refined for layer in outcome.layers)
     summary = QuantizeSummary(mode="weight-only", method=None, weight_bits=config.bits,
                               quantized_nodes=[layer.node for layer in outcome.layers],
@@ -231,6 +236,8 @@ def _weight_only(model, dataset: Dataset | None, config: QuantizeConfig) -> Quan
                               notes=[f"{config.bits}-bit weights, blocks of {config.block_size}",
                                      f"scales refined against calibration data on {refined} layers"
                                      if calibration else "round-to-nearest scales (no calibration data)"])
+    if config.weight_reconstruction != "none":
+        summary.error_correction["weights"] = summarize_reconstruction(outcome.reconstruction)
     return QuantizeResult(quantized, summary)
 
 

@@ -11,6 +11,7 @@ MODES = ("static", "dynamic", "weight-only")
 METHODS = ("minmax", "percentile", "entropy", "mse", "auto")
 ACTIVATION_TYPES = ("uint8", "int8")
 RECOVERY_SEARCHES = ("bisect", "one-by-one")
+WEIGHT_RECONSTRUCTIONS = ("none", "gptq")
 
 
 @dataclass(frozen=True)
@@ -20,7 +21,7 @@ class QuantizeConfig:
     percentile: float = 99.999
     per_channel: bool = True
     activations: str = "uint8"        # uint8 (asymmetric) | int8 (symmetric)
-    exclude: tuple[str, ...] = ()     # glob patterns on node names or op types
+    exclude: tuple[str, ...] = ()     # glob patterns on node names, op types or weight names
     samples: int | None = None        # calibration samples to use (None: all)
     batch_size: int = 8
     provider: str = "cpu"
@@ -38,12 +39,17 @@ class QuantizeConfig:
     task_outputs: tuple[str, ...] = ()  # outputs that carry the task (empty: chosen by measure.task's rule)
     accuracy_check: bool = True       # measure what int8 cost against fp32 after quantizing
     recovery: str = "bisect"          # accuracy target search: bisect (one-pass errors) | one-by-one
+    weight_reconstruction: str = "none"  # none (round to nearest) | gptq (codes by error feedback, per layer)
 
     def __post_init__(self) -> None:
         _one_of("--mode", self.mode, MODES)
         _one_of("--method", self.method, METHODS)
         _one_of("--activations", self.activations, ACTIVATION_TYPES)
         _one_of("--recovery", self.recovery, RECOVERY_SEARCHES)
+        _one_of("--weight-reconstruction", self.weight_reconstruction, WEIGHT_RECONSTRUCTIONS)
+        if self.weight_reconstruction != "none" and self.mode == "dynamic":
+            raise UsageError("--weight-reconstruction needs calibration data: it applies to static and "
+                             "weight-only modes", hint="pass --calibration-data, or drop --weight-reconstruction")
         _finite_in("--percentile", self.percentile, 0.0, 100.0, low_open=True)
         _finite_in("--max-drop", self.max_drop, 0.0, 100.0)
         _finite_in("--min-agreement", self.min_agreement, 0.0, 1.0)

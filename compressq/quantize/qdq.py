@@ -35,7 +35,8 @@ class _Rewriter:
     """Rewrites one graph (the main graph or one If/Loop/Scan body) by its part of the plan."""
 
     def __init__(self, scope: Scope, plan: QuantPlan, ranges: dict[str, TensorRange], signed: bool,
-                 per_channel: bool, input_means: dict[str, np.ndarray], names: NameGenerator):
+                 per_channel: bool, input_means: dict[str, np.ndarray], names: NameGenerator,
+                 weight_codes: dict[str, np.ndarray] | None = None):
         self.scope = scope
         self.graph = scope.graph
         self.plan = plan
@@ -43,6 +44,7 @@ class _Rewriter:
         self.signed = signed
         self.per_channel = per_channel
         self.input_means = input_means
+        self.weight_codes = weight_codes or {}
         self.index = scope.index()
         self.names = names
         self.nodes_by_name = {n.name: n for n in self.graph.node}
@@ -99,7 +101,7 @@ class _Rewriter:
     def _weight_error_shift(self, compute: ComputeNode, node: onnx.NodeProto,
                             params: scheme.QuantParams) -> np.ndarray:
         weight = self.index.constant(compute.weight)
-        restored = scheme.dequantize(scheme.quantize(weight, params), params)
+        restored = scheme.dequantize(self._weight_codes(compute.weight, weight, params), params)
         group = node_attributes(node).get("group", 1)
         shift = weight_error_shift(compute, weight, restored, self.input_means[compute.name], group)
         self.stats.biases_corrected += 1
@@ -111,10 +113,18 @@ class _Rewriter:
         weight = self.index.constant(compute.weight)
         axis = compute.weight_axis if self.per_channel else None
         params = scheme.weight_params(weight, axis)
-        name = self._dequantize_constant(compute.weight, scheme.quantize(weight, params), params)
+        name = self._dequantize_constant(compute.weight, self._weight_codes(compute.weight, weight, params), params)
         self.dequantized_weights[compute.weight] = (name, params)
         self.stats.weights_quantized += 1
         return name, params
+
+    def _weight_codes(self, name: str, weight: np.ndarray, params: scheme.QuantParams) -> np.ndarray:
+        """Round-to-nearest codes, or the reconstructed ones given for this weight (same scales: only the
+        integer codes differ, see compressq.quantize.gptq)."""
+        given = self.weight_codes.get(name)
+        if given is not None and given.shape == weight.shape and given.dtype == params.dtype:
+            return given
+        return scheme.quantize(weight, params)
 
     def _dequantize_constant(self, source: str, values: np.ndarray, params: scheme.QuantParams) -> str:
         quantized_name = self.names(f"{source}_quantized")
@@ -217,10 +227,12 @@ class _Rewriter:
 
 def rewrite_qdq(model: onnx.ModelProto, plan: QuantPlan, ranges: dict[str, TensorRange], *,
                 signed_activations: bool = False, per_channel: bool = True,
-                input_means: dict[str, np.ndarray] | None = None) -> tuple[onnx.ModelProto, RewriteStats]:
+                input_means: dict[str, np.ndarray] | None = None,
+                weight_codes: dict[str, np.ndarray] | None = None) -> tuple[onnx.ModelProto, RewriteStats]:
     """A new model with the plan applied; `model` is not modified.
 
-    `input_means` (node name -> mean of its float input per channel) turns on bias correction.
+    `input_means` (node name -> mean of its float input per channel) turns on bias correction;
+    `weight_codes` (weight name -> int8 codes on scheme.weight_params' grid) replaces round-to-nearest.
     """
     result = onnx.ModelProto()
     result.CopyFrom(model)
@@ -233,7 +245,8 @@ def rewrite_qdq(model: onnx.ModelProto, plan: QuantPlan, ranges: dict[str, Tenso
         part = plan.parts.get(scope.label, plan) if plan.parts else plan
         if plan.parts and scope.label not in plan.parts:
             continue
-        done = _Rewriter(scope, part, ranges, signed_activations, per_channel, input_means or {}, names).rewrite()
+        done = _Rewriter(scope, part, ranges, signed_activations, per_channel, input_means or {}, names,
+                         weight_codes).rewrite()
         for key, value in vars(done).items():
             setattr(stats, key, getattr(stats, key) + value)
     return result, stats

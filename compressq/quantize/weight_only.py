@@ -27,7 +27,7 @@ not grow with the samples). 1.0 is in the grid, so no block gets worse than roun
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import onnx
@@ -36,6 +36,7 @@ from onnx import helper, numpy_helper
 from compressq.errors import DataError, UsageError
 from compressq.graph.edit import NameGenerator, remove_unused, toposort
 from compressq.graph.index import GraphIndex, check_exclude, node_attributes, scopes, tensor_names
+from compressq.quantize.gptq import LayerReport, block_grid, reconstruct, sample_gram
 from compressq.quantize.plan import matches
 
 MS_DOMAIN = "com.microsoft"
@@ -68,6 +69,7 @@ class WeightOnlySummary:
     skipped: dict[str, str] = field(default_factory=dict)  # node name -> why it stayed float
     float_weight_bytes: int = 0   # fp32 bytes of the weights that were quantized
     packed_weight_bytes: int = 0  # bytes of their codes + scales + zero points
+    reconstruction: dict[str, LayerReport] = field(default_factory=dict)  # node -> GPTQ report (if asked)
 
     @property
     def compression(self) -> float:
@@ -212,12 +214,14 @@ def quantize_weights_only(
     *,
     accuracy_level: int | None = None,
     progress: Callable[[int], None] | None = None,
+    reconstruction: str = "none",
 ) -> tuple[onnx.ModelProto, WeightOnlySummary]:
     """Rewrite MatMul (and plain Gemm) nodes with a constant 2-D float32 weight into MatMulNBits.
 
     `calibration` maps a MatMul's input tensor name to samples [n, K] of it (refines the scales);
     `exclude` holds glob patterns on node names or op types; `progress` is called with 1 per layer
-    done. The input model is not modified.
+    done; `reconstruction="gptq"` chooses the codes of calibrated layers by GPTQ error feedback
+    (compressq.quantize.gptq) on the same scales. The input model is not modified.
     """
     _check_settings(bits, block_size)
     result = onnx.ModelProto()
@@ -244,6 +248,9 @@ def quantize_weights_only(
         if key not in packed_weights or candidate.node.input[0] in samples:
             quantized = quantize_weight(candidate.weight_kn, bits, block_size, symmetric,
                                         samples.get(candidate.node.input[0]))
+            if reconstruction == "gptq" and candidate.node.input[0] in samples:
+                quantized, summary.reconstruction[candidate.node.name] = _reconstructed(
+                    candidate.weight_kn, quantized, samples[candidate.node.input[0]], block_size)
             inputs = _add_quantized_initializers(target, names, candidate.weight_name, quantized)
             packed_weights[key] = (inputs, quantized)
             summary.float_weight_bytes += candidate.weight_kn.size * 4
@@ -261,6 +268,18 @@ def quantize_weights_only(
         remove_unused(scope.graph)
     toposort(graph)
     return result, summary
+
+
+def _reconstructed(weight_kn: np.ndarray, quantized: BlockQuantized, samples: np.ndarray,
+                   block_size: int) -> tuple[BlockQuantized, LayerReport]:
+    """The same scales and zero points, codes chosen by GPTQ on the layer's calibration rows."""
+    grid = block_grid(quantized.scales, quantized.zero_points, quantized.bits, quantized.k, block_size)
+    codes_kn, report = reconstruct(weight_kn, sample_gram(samples), grid)
+    if not report.reconstructed:
+        return quantized, report
+    codes = quantized.codes.copy()  # rows past K (padding) keep their codes
+    codes.reshape(codes.shape[0], -1)[:, : quantized.k] = codes_kn.T
+    return replace(quantized, codes=codes), report
 
 
 def _check_settings(bits: int, block_size: int) -> None:

@@ -260,3 +260,36 @@ def _channels_last(values: np.ndarray, axis: int) -> np.ndarray:
     """[rows, channels] view of `values` with `axis` as the channels."""
     axis = axis if axis >= 0 else values.ndim + axis
     return np.moveaxis(values, axis, -1).reshape(-1, values.shape[axis])
+
+
+class GramObserver:
+    """H = X^T X [K, K] of a tensor's rows (the last axis is the feature axis K), accumulated in float64:
+    the statistic behind least-squares weight reconstruction (compressq.quantize.gptq). Memory is K x K
+    whatever the number of samples; a batch is widened to float64 in slices of GRAM_SLICE_ROWS rows."""
+
+    reduction = None  # the rows themselves are needed (a K x K product per batch)
+
+    def __init__(self) -> None:
+        self.gram: np.ndarray | None = None
+        self.rows = 0
+        self.finite = True
+
+    def update(self, values: np.ndarray) -> None:
+        if values.ndim == 0 or values.size == 0:
+            return
+        rows = values.reshape(-1, values.shape[-1])
+        if self.gram is None:
+            self.gram = np.zeros((rows.shape[1], rows.shape[1]))
+        for start in range(0, rows.shape[0], GRAM_SLICE_ROWS):
+            part = rows[start:start + GRAM_SLICE_ROWS].astype(np.float64)
+            if not np.all(np.isfinite(part)):
+                self.finite = False
+                return
+            self.gram += part.T @ part
+        self.rows += rows.shape[0]
+
+    def result(self) -> np.ndarray | None:
+        return self.gram if self.finite and self.rows else None
+
+
+GRAM_SLICE_ROWS = 4096
