@@ -61,13 +61,14 @@ class Figures:
 class AccuracyProbe:
     """fp32 outputs of an evaluation set, and the figures of any candidate against them.
 
-    `task_outputs` (`--output NAME`) names the outputs that carry the task; empty: the rule decides.
+    `task_outputs` (`--task-output NAME`) names the outputs that carry the task; empty: the rule decides.
     """
 
     def __init__(self, reference: onnx.ModelProto, dataset: Dataset, limit: int | None = None,
-                 task_outputs: Sequence[str] = (), batch_size: int = EVAL_BATCH):
+                 task_outputs: Sequence[str] = (), batch_size: int = EVAL_BATCH, provider: str = "cpu"):
         self.dataset = dataset
-        session = create_session(reference)
+        self.provider = provider  # fp32 and candidates run where the user serves them (--provider)
+        session = create_session(reference, provider)
         self.output_names = [o.name for o in session.get_outputs()]
         self.feeds_and_outputs = [(feed, self._run(session, feed)) for feed in dataset.batches(batch_size, limit)]
         self.samples = sum(next(iter(feed.values())).shape[0] for feed, _ in self.feeds_and_outputs)
@@ -84,7 +85,7 @@ class AccuracyProbe:
         return dict(zip(self.output_names, session.run(self.output_names, feed)))
 
     def measure(self, candidate: onnx.ModelProto) -> Figures:
-        session = create_session(candidate)
+        session = create_session(candidate, self.provider)
         candidate_outputs = [self._run(session, feed) for feed, _ in self.feeds_and_outputs]
         scorer = TaskScorer(self.roles)
         for (_, reference), outputs in zip(self.feeds_and_outputs, candidate_outputs):
