@@ -529,3 +529,16 @@ def test_a_branch_no_sample_takes_stays_float_and_is_said(run_cli, tmp_path):
     assert not {"else_fc1", "else_fc2"} & set(summary["quantized_nodes"])
     assert any("never reached by the data" in note for note in summary["notes"])
     _close_to_reference("if", out, weights, _if_arrays(2), 0.99)
+
+
+def test_a_saved_plan_replays_the_same_inner_decisions(run_cli, tmp_path):
+    path, data, weights = _if_files(tmp_path, np.tile(np.array([16000, 8000], np.int64), IF_SAMPLES // 2))
+    first, second, plan = tmp_path / "first.onnx", tmp_path / "second.onnx", tmp_path / "plan.json"
+    made = run_cli("quantize", path, "-d", data, "--data-layout", "stack", "--no-speed-check", "-o", first,
+                   "--save-plan", plan)
+    assert made.exit_code == 0, made.stderr
+    record = json.loads(plan.read_text())
+    assert "then_conv1" in record["int8_nodes"] and {"t2", "f3"} <= set(record["activation_ranges"])
+    replayed = run_cli("quantize", path, "--plan", plan, "-o", second)
+    assert replayed.exit_code == 0, replayed.stderr
+    assert first.read_bytes() == second.read_bytes()
