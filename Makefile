@@ -33,6 +33,7 @@ endif
 
 lint: $(STAMP)
 	$(BIN)/ruff check compressq tests bench sample_models
+	$(BIN)/mypy compressq
 
 # onnxruntime's quant_pre_process needs sympy for its symbolic shape inference: without it the baseline
 # silently skips that step and is not run the way its documentation says.
