@@ -211,9 +211,9 @@ def static_weight_codes(model: onnx.ModelProto, plan: QuantPlan, dataset: Datase
                 batch_size=batch_size, samples=samples, progress=progress)
         for weight_name in group:
             consumers = layers[weight_name]
-            grams = [observers[c.activation].result() for c in consumers]
-            gram = None if any(g is None for g in grams) else sum(grams[1:], grams[0])
-            found, report = _static_layer(index.constant(weight_name), consumers[0], gram, per_channel)
+            grams = [gram for c in consumers if (gram := observers[c.activation].result()) is not None]
+            summed = sum(grams[1:], grams[0]) if len(grams) == len(consumers) else None  # None: a Gram not finite
+            found, report = _static_layer(_constant_weight(index, weight_name), consumers[0], summed, per_channel)
             if found is not None and report.reconstructed:
                 codes[weight_name] = found
             for compute in consumers:
@@ -225,7 +225,7 @@ def _groups_within_budget(layers: dict[str, list[ComputeNode]], index: GraphInde
     groups: list[list[str]] = [[]]
     held = 0
     for weight_name in layers:
-        width = index.constant(weight_name).shape[1 - _output_axis(layers[weight_name][0])]
+        width = _constant_weight(index, weight_name).shape[1 - _output_axis(layers[weight_name][0])]
         size = 8 * width * width * len({c.activation for c in layers[weight_name]})
         if groups[-1] and held + size > GRAM_BUDGET_BYTES:
             groups.append([])
@@ -233,6 +233,13 @@ def _groups_within_budget(layers: dict[str, list[ComputeNode]], index: GraphInde
         groups[-1].append(weight_name)
         held += size
     return [g for g in groups if g]
+
+
+def _constant_weight(index: GraphIndex, name: str) -> np.ndarray:
+    """Read again when needed rather than held: `layers` takes only weights that are constants."""
+    weight = index.constant(name)
+    assert weight is not None, f"'{name}' was chosen as a constant weight"
+    return weight
 
 
 def _output_axis(compute: ComputeNode) -> int:
