@@ -3,20 +3,21 @@
     collect(model, dataset, [Request(tensor, observer), ...], provider=..., budget=...)
 
 Pass 1 runs a copy of the graph with reduction nodes added on the wanted tensors (ReduceMin/ReduceMax for
-ranges and per-channel abs-max, ReduceSum for channel means, Size for every tensor): only those small
+ranges and per-channel abs-max, ReduceSum and Size for channel means): only those small
 results leave onnxruntime, as in onnxruntime's own MinMax calibration. Tensors whose values must reach
 Python (histograms, or a reduction the graph cannot express for lack of a known rank) are fetched in a
 second pass, only when asked for, in chunks of outputs sized to `budget`: several runs per batch if
 needed, so peak memory depends neither on the number of samples nor on the model's width. The second pass
 also knows each tensor's exact range from the first, so histograms are binned once into their final bins.
 
-Batches are split into runs of fewer samples when the tensors of one sample already weigh much (measured
-on the first sample with the Size outputs): an activation map of a 640x480 detector at batch 32 would
-otherwise hold gigabytes inside onnxruntime alone.
+Batches are split into runs of fewer samples when one sample's tensors already weigh much (their shapes
+inferred for one sample on a weightless skeleton of the model): an activation map of a 640x480 detector at
+batch 32 would otherwise hold gigabytes inside onnxruntime alone.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -26,7 +27,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from compressq.data import Dataset
 from compressq.graph.edit import NameGenerator
-from compressq.graph.index import TensorType, opset_version, tensor_types
+from compressq.graph.index import TensorType, infer_shapes, opset_version, value_type
 from compressq.runtime import create_session
 from compressq.stats.observers import (
     CANDIDATE_METHODS,
@@ -48,7 +49,8 @@ METHODS = ("minmax", "percentile", "entropy", "mse", "auto")
 # Bytes of tensors one session run may hand to Python, and the per-run activation weight a batch is
 # split to stay under (the sum of the wanted tensors of the samples in one run, an upper bound of what
 # onnxruntime's planner keeps alive at once).
-DEFAULT_BUDGET = 256 * 2**20
+DEFAULT_BUDGET = 64 * 2**20
+SKELETON_BYTES = 4096  # initializers kept whole for shape inference (shape tensors, scalars)
 REDUCIBLE_TYPES = (TensorProto.FLOAT, TensorProto.DOUBLE)
 Progress = Callable[[int], None]
 
@@ -82,7 +84,10 @@ def collect(model: onnx.ModelProto, dataset: Dataset, requests: Iterable[Request
     if elsewhere:
         # The seam for tensors inside If/Loop/Scan bodies: nothing in the main graph can reach them yet.
         requests = [r for r in requests if r.tensor in tappable]
-    types = tensor_types(model)
+    first = next(iter(dataset.batches(1, 1)), None)
+    if first is None:
+        return
+    types, one_sample_bytes = _one_sample_types(model, first)
     opset = opset_version(model)
     fetched = [r for r in requests if _reduction_for(r.observer, types.get(r.tensor)) is None]
     ranges_first = {r.tensor: MinMaxObserver() for r in fetched}
@@ -93,12 +98,14 @@ def collect(model: onnx.ModelProto, dataset: Dataset, requests: Iterable[Request
             graph.tap(request.tensor, reduction, types.get(request.tensor), request.observer)
     for tensor, observer in ranges_first.items():
         graph.tap(tensor, Reduction("minmax"), types.get(tensor), observer)
-    for tensor in sorted({r.tensor for r in requests}):
+    for tensor in sorted(ranges_first):
         graph.size_of(tensor)
-    graph.expose(r.tensor for r in fetched)
+    graph.expose(ranges_first)
     splittable = _splittable(dataset)
-    session = create_session(graph.model(), provider)
-    sizes = _reduced_pass(session, graph, dataset, batch_size, samples, splittable, budget, progress)
+    # Samples per run: onnxruntime keeps at most every tensor of the samples it runs alive at once.
+    rows = _rows_within(budget, one_sample_bytes, batch_size) if splittable else None
+    session = graph.session(provider)
+    sizes = _reduced_pass(session, graph, dataset, batch_size, samples, rows, progress)
     if not fetched:
         return
     for request in fetched:
@@ -106,10 +113,8 @@ def collect(model: onnx.ModelProto, dataset: Dataset, requests: Iterable[Request
             request.observer.fix_range(ranges_first[request.tensor])
     wanted = sorted({r.tensor for r in fetched if ranges_first[r.tensor].finite})
     if wanted:
-        itemsize = {t: _itemsize(types.get(t)) for t in wanted}
-        per_sample = {t: sizes.get(t, 0) * itemsize[t] for t in wanted}
-        _fetching_pass(session, fetched, wanted, per_sample, graph.activation_bytes(sizes, types), dataset,
-                       batch_size, samples, splittable, budget, progress)
+        per_sample = {t: sizes.get(t, 0.0) * _itemsize(types.get(t)) for t in wanted}
+        _fetching_pass(session, fetched, wanted, per_sample, rows, dataset, batch_size, samples, budget, progress)
 
 
 def passes_needed(requests: Iterable[Request]) -> int:
@@ -138,27 +143,22 @@ def main_graph_tensors(model: onnx.ModelProto, names: Iterable[str]) -> tuple[se
 
 
 def _reduced_pass(session, graph: _Augmented, dataset: Dataset, batch_size: int, samples: int | None,
-                  splittable: bool, budget: int, progress: Progress | None) -> dict[str, float]:
-    """Run every batch once (in runs of `rows` samples); returns the element count per sample per tensor."""
+                  rows: int | None, progress: Progress | None) -> dict[str, float]:
+    """Run every batch once, in runs of `rows` samples (None: as the dataset gives them); returns the element
+    count per sample of each tensor with a Size output (measured on the first run)."""
     names = graph.reduced_outputs()
     size_outputs = graph.size_outputs()
+    outputs = names + list(size_outputs.values())
     per_sample: dict[str, float] = {}
-    rows = 1  # the first run takes one sample: its Size outputs say how much one sample weighs
     for feed in dataset.batches(batch_size, samples):
-        count = _rows_in(feed)
-        start = 0
-        while start < count:
-            part = _slice(feed, start, rows) if splittable else feed
-            taken = _rows_in(part) if splittable else count
-            outputs = names + list(size_outputs.values())
+        for part in _runs(feed, rows):
             values = dict(zip(outputs, session.run(outputs, part)))
             graph.deliver(values)
-            if not per_sample:
-                per_sample = {t: float(values[o]) / max(taken, 1) for t, o in size_outputs.items()}
-                rows = _rows_within(budget, sum(per_sample[t] * graph.itemsize(t) for t in per_sample), batch_size)
-            start += taken
+            if size_outputs and not per_sample:
+                taken = max(_rows_in(part), 1)
+                per_sample = {t: float(values[o]) / taken for t, o in size_outputs.items()}
         if progress:
-            progress(count)
+            progress(_rows_in(feed))
     return per_sample
 
 
@@ -166,25 +166,33 @@ def _reduced_pass(session, graph: _Augmented, dataset: Dataset, batch_size: int,
 
 
 def _fetching_pass(session, fetched: list[Request], wanted: list[str], per_sample: dict[str, float],
-                   activation_bytes: float, dataset: Dataset, batch_size: int, samples: int | None,
-                   splittable: bool, budget: int, progress: Progress | None) -> None:
-    heaviest = max(per_sample.values(), default=0.0)
-    rows = min(_rows_within(budget, heaviest, batch_size), _rows_within(budget, activation_bytes, batch_size))
-    chunks = _chunks(wanted, {t: per_sample[t] * rows for t in wanted}, budget)
+                   rows: int | None, dataset: Dataset, batch_size: int, samples: int | None, budget: int,
+                   progress: Progress | None) -> None:
+    if rows is not None:
+        rows = min(rows, _rows_within(budget, max(per_sample.values(), default=0.0), batch_size))
+    chunks = _chunks(wanted, {t: per_sample[t] * (rows or batch_size) for t in wanted}, budget)
     receivers: dict[str, list] = {}
     for request in fetched:
         receivers.setdefault(request.tensor, []).append(request.observer)
     for feed in dataset.batches(batch_size, samples):
-        count = _rows_in(feed)
-        for start in range(0, count, rows if splittable else max(count, 1)):
-            part = _slice(feed, start, rows) if splittable else feed
+        for part in _runs(feed, rows):
             for chunk in chunks:
                 for tensor, values in zip(chunk, session.run(chunk, part)):
                     for observer in receivers.get(tensor, []):
                         observer.update(values)
                     del values
         if progress:
-            progress(count)
+            progress(_rows_in(feed))
+
+
+def _runs(feed: dict[str, np.ndarray], rows: int | None) -> Iterable[dict[str, np.ndarray]]:
+    """The feed in runs of `rows` samples (views, no copies); the whole feed when rows is None."""
+    count = _rows_in(feed)
+    if rows is None or rows >= count:
+        yield feed
+        return
+    for start in range(0, count, rows):
+        yield _slice(feed, start, rows)
 
 
 def _chunks(names: Sequence[str], weights: dict[str, float], budget: int) -> list[list[str]]:
@@ -221,6 +229,52 @@ def _rows_in(feed: dict[str, np.ndarray]) -> int:
 
 def _slice(feed: dict[str, np.ndarray], start: int, rows: int) -> dict[str, np.ndarray]:
     return {name: values[start:start + rows] for name, values in feed.items()}
+
+
+def _one_sample_types(model: onnx.ModelProto, feed: dict[str, np.ndarray]) -> tuple[dict[str, TensorType], float]:
+    """Type and shape of every tensor for the shapes of `feed` (one sample), and the bytes of all the main
+    graph's tensors whose shapes are then known: what one sample weighs inside onnxruntime at most.
+
+    Shapes are inferred on a skeleton of the model (weights above SKELETON_BYTES keep their type and dims,
+    not their data): no copy of the weights is made, whatever the model's size."""
+    inferred = infer_shapes(_skeleton(model, feed))
+    graph = inferred.graph
+    types = {v.name: value_type(v) for v in [*graph.input, *graph.value_info, *graph.output]}
+    for tensor in model.graph.initializer:
+        types[tensor.name] = TensorType(tensor.data_type, tuple(tensor.dims))
+    produced = {o for node in model.graph.node for o in node.output} | set(feed)
+    total = 0.0
+    for name in produced:
+        kind = types.get(name)
+        if kind is not None and kind.shape is not None and all(isinstance(d, int) and d >= 0 for d in kind.shape):
+            total += math.prod(kind.shape) * _itemsize(kind)
+    return types, total / max(_rows_in(feed), 1)
+
+
+def _skeleton(model: onnx.ModelProto, feed: dict[str, np.ndarray]) -> onnx.ModelProto:
+    skeleton = onnx.ModelProto(ir_version=model.ir_version)
+    skeleton.opset_import.extend(model.opset_import)
+    source, graph = model.graph, skeleton.graph
+    graph.name = source.name
+    graph.node.extend(source.node)
+    graph.output.extend(source.output)
+    graph.value_info.extend(source.value_info)
+    for value in source.input:
+        concrete = onnx.ValueInfoProto()
+        concrete.CopyFrom(value)
+        if value.name in feed and value.type.HasField("tensor_type"):
+            shape = concrete.type.tensor_type.shape
+            shape.Clear()
+            for size in feed[value.name].shape:
+                shape.dim.add().dim_value = int(size)
+        graph.input.append(concrete)
+    for tensor in source.initializer:
+        if tensor.ByteSize() <= SKELETON_BYTES:
+            graph.initializer.append(tensor)
+        else:
+            graph.initializer.append(onnx.TensorProto(name=tensor.name, data_type=tensor.data_type,
+                                                      dims=list(tensor.dims)))
+    return skeleton
 
 
 def _itemsize(kind: TensorType | None) -> int:
@@ -290,17 +344,26 @@ class _Augmented:
             for observer in tap.receivers:
                 observer.update_reduced(*results)
 
-    def model(self) -> onnx.ModelProto:
-        augmented = onnx.ModelProto()
-        augmented.CopyFrom(self.source)
-        graph = augmented.graph
+    def session(self, provider: str):
+        """A session of the model with the reductions and outputs added.
+
+        The additions are appended to the model's own graph for the time it takes to serialize it, then
+        removed (in `finally`): a copy of the model would hold its weights twice more (the copy and its
+        bytes) at the moment onnxruntime holds them too, and that moment sets the peak for large models."""
+        graph = self.source.graph
+        present = {o.name for o in graph.output}
+        outputs = [onnx.ValueInfoProto(name=name) for name in
+                   dict.fromkeys([*self.reduced_outputs(), *self.sizes.values(), *self.exposed])
+                   if name not in present]
         graph.node.extend(self.nodes)
         graph.initializer.extend(self.initializers)
-        present = {o.name for o in graph.output}
-        for name in [*self.reduced_outputs(), *self.sizes.values(), *self.exposed]:
-            if name not in present:
-                graph.output.append(onnx.ValueInfoProto(name=name))
-        return augmented
+        graph.output.extend(outputs)
+        try:
+            return create_session(self.source, provider)
+        finally:
+            _drop_last(graph.node, len(self.nodes))
+            _drop_last(graph.initializer, len(self.initializers))
+            _drop_last(graph.output, len(outputs))
 
     def _reduce(self, tensor: str, reduction: Reduction, kind: TensorType | None) -> tuple[str, ...]:
         source = tensor
@@ -335,6 +398,11 @@ class _Augmented:
         self.nodes.append(helper.make_node(op, inputs, [output], name=self.names(f"compressq_stats/{label}/node"),
                                            **attributes))
         return output
+
+
+def _drop_last(field, count: int) -> None:
+    if count:
+        del field[-count:]
 
 
 # -- the calibration requests of quantize ------------------------------------------------------------
