@@ -102,6 +102,23 @@ def test_histograms_are_fetched_in_budget_sized_chunks_and_do_not_depend_on_the_
     assert maps and max(maps) * 4 <= one_sample_of_conv
 
 
+def test_a_session_exposes_only_one_chunk(data, monkeypatch):
+    """onnxruntime keeps every graph output alive to the end of a run, fetched or not: chunks are sessions."""
+    model = conv_model()
+    dataset, _ = data(model)
+    exposed = []
+    real = collect_module.create_session
+
+    def recording(model, *args, **kwargs):
+        exposed.append([o.name for o in model.graph.output if o.name in TENSORS and o.name != "y"])
+        return real(model, *args, **kwargs)
+
+    monkeypatch.setattr(collect_module, "create_session", recording)
+    collect_ranges(model, dataset, TENSORS, method="entropy", batch_size=8, budget=6 * 5 * 5 * 4)
+    assert exposed[0] == []  # the reductions' pass returns no activation map
+    assert all(len(names) <= 1 for names in exposed[1:]) and len(exposed) > 3
+
+
 def test_percentile_from_collect_follows_numpy(data):
     model = conv_model()
     dataset, path = data(model, samples=64)
