@@ -14,6 +14,7 @@ from compressq.errors import UsageError
 from compressq.graph.index import GraphIndex
 from compressq.graph.passes import check_if_enabled
 from compressq.measure.speed import measure_speedup, meets
+from compressq.quantize import float16
 from compressq.quantize.accuracy import (
     AccuracyFallback,
     AccuracyProbe,
@@ -81,7 +82,16 @@ def quantize_model(model: onnx.ModelProto, dataset: Dataset | None, config: Quan
 
     With an accuracy target in `config`, `eval_dataset` (default: `dataset`) is what it is measured on.
     A `pinned` plan (read_plan) is re-applied as it is: no calibration, no timing, the same output bytes.
+    An fp16 model is quantized with float32 inside and keeps its fp16 interface (quantize/float16.py).
     """
+    if float16.holds_float16(model):
+        return float16.quantize_widened(model, lambda wide: _quantize_model(wide, dataset, config, progress,
+                                                                           eval_dataset, pinned))
+    return _quantize_model(model, dataset, config, progress, eval_dataset, pinned)
+
+
+def _quantize_model(model: onnx.ModelProto, dataset: Dataset | None, config: QuantizeConfig, progress,
+                    eval_dataset: Dataset | None, pinned: QuantizationPlan | None) -> QuantizeResult:
     started = time.perf_counter()
     _check_task_outputs(model, config.task_outputs)
     if pinned is not None:

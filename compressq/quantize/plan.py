@@ -30,6 +30,17 @@ SHARED_SCALE_OPS = frozenset({
 # QLinearLeakyRelu, QLinearGlobalAveragePool, QLinearAveragePool) that take their own output scale.
 OWN_SCALE_OPS = frozenset({"Add", "Mul", "Concat", "GlobalAveragePool", "AveragePool", "Sigmoid", "LeakyRelu"})
 ABSORBABLE_ACTIVATIONS = frozenset({"Relu", "Clip"})
+# Element-wise Max/Min of several int8 tensors with one scale is exact on the integers (maxout: tf2onnx's
+# Max of two convolutions). The group shares the output's range: max(a, b) >= low(out) always, so clipping
+# an input below low(out) cannot change the result (Min: symmetric at the top).
+SELECT_OPS = frozenset({"Max", "Min"})
+# Split shares its input's scale on every output (onnxruntime then runs it on int8): a maxout's halves.
+SPLIT_OPS = frozenset({"Split"})
+# Weighted layers that onnxruntime has no integer kernel for: listed as kept float with the measured reason.
+FLOAT_ONLY_WEIGHTED_OPS = {
+    "ConvTranspose": "onnxruntime has no integer ConvTranspose kernel (CPU: a QDQ ConvTranspose stays a float "
+                     "ConvTranspose between DequantizeLinear/QuantizeLinear, measured 0.82x fp32)",
+}
 CONSTANT_OPERAND_OPS = frozenset({"Add", "Mul"})  # QLinearAdd/QLinearMul take a quantized constant too
 FLOAT_TYPES = (onnx.TensorProto.FLOAT,)
 
@@ -134,6 +145,8 @@ def _graph_plan(graph: onnx.GraphProto, index: GraphIndex, exclude, keep_float, 
         if node.op_type in INTEGER_WEIGHTED_OPS:  # quantized already: reported as such, left as it is
             bits = "4-bit weights, " if node.op_type == "MatMulNBits" and node_attributes(node).get("bits") == 4 else ""
             plan.skipped.append(Skipped(node.name, node.op_type, f"{ALREADY_INT8} ({bits}{node.op_type} kept as is)"))
+        if node.op_type in FLOAT_ONLY_WEIGHTED_OPS:
+            plan.skipped.append(Skipped(node.name, node.op_type, FLOAT_ONLY_WEIGHTED_OPS[node.op_type]))
         if node.op_type not in COMPUTE_OPS:
             continue
         reason = _why_float(node, index, exclude, keep_float, already_quantized, quantize_depthwise)
@@ -265,10 +278,27 @@ def _integer_producers(plan, graph, index: GraphIndex, exclude, keep_float, alre
             if node.name not in plan.compute:
                 plan.own_scale_nodes.add(node.name)
             produced.add(_absorb_activation(plan, node, index, absorb_activations))
-        elif node.op_type in SHARED_SCALE_OPS and node.input and node.input[0] in produced \
-                and not matches(node, exclude):
-            produced.add(node.output[0])
+        elif _moves_integers(node, index, produced) and not matches(node, exclude):
+            produced.update(node.output if node.op_type in SPLIT_OPS else node.output[:1])
     return produced
+
+
+def _moves_integers(node, index: GraphIndex, produced: set[str]) -> bool:
+    if node.op_type in SHARED_SCALE_OPS | SPLIT_OPS:
+        return bool(node.input) and node.input[0] in produced
+    return node.op_type in SELECT_OPS and _selects_integers(node, index, produced)
+
+
+def _selects_integers(node, index: GraphIndex, produced: set[str]) -> bool:
+    """A Max/Min of two or more tensors that all exist as int8, each read by this node alone (the group
+    takes the output's range, which only this node may see clipped)."""
+    data = [i for i in node.input if i]
+    return len(data) > 1 and len(set(data)) == len(data) and all(
+        i in produced and not index.is_constant(i) and _read_once(i, index) for i in data)
+
+
+def _read_once(tensor: str, index: GraphIndex) -> bool:
+    return len(index.consumers.get(tensor, [])) == 1 and tensor not in index.graph_outputs
 
 
 def _all_inputs_int(node, index: GraphIndex, produced: set[str]) -> bool:
@@ -308,6 +338,10 @@ def _wanted_tensors(plan, graph, index: GraphIndex, produced_int: set[str]) -> s
             wanted.update(i for i in node.input if not index.is_constant(i))
         elif node.op_type in SHARED_SCALE_OPS and outputs_wanted and node.input[0] in produced_int:
             wanted.add(node.input[0])
+        elif node.op_type in SELECT_OPS and outputs_wanted and node.output[0] in produced_int:
+            wanted.update(node.input)
+        elif node.op_type in SPLIT_OPS and set(node.output) & wanted and node.input[0] in produced_int:
+            wanted.add(node.input[0])
     return wanted
 
 
@@ -315,11 +349,34 @@ def _share_scales(plan: QuantPlan, graph, index: GraphIndex, wanted: set[str]) -
     for tensor in plan.quantized_tensors:
         plan.param_source[tensor] = tensor
     for node in graph.node:  # graph order: a chain's source is resolved before its followers
-        if node.op_type not in SHARED_SCALE_OPS or not node.input:
+        if node.op_type not in SHARED_SCALE_OPS | SPLIT_OPS or not node.input:
             continue
-        source, output = node.input[0], node.output[0]
-        if source in plan.produced_quantized and output in wanted:
-            plan.quantized_tensors.add(output)
-            plan.produced_quantized.add(output)
-            plan.param_source[output] = plan.param_source.get(source, source)
-            plan.shared_scale_nodes.add(node.name)
+        source = node.input[0]
+        for output in node.output if node.op_type in SPLIT_OPS else node.output[:1]:
+            if source in plan.produced_quantized and output in wanted:
+                plan.quantized_tensors.add(output)
+                plan.produced_quantized.add(output)
+                plan.param_source[output] = plan.param_source.get(source, source)
+                plan.shared_scale_nodes.add(node.name)
+    for node in graph.node:
+        if node.op_type in SELECT_OPS:
+            _share_select_scale(plan, node, index, wanted)
+
+
+def _share_select_scale(plan: QuantPlan, node, index: GraphIndex, wanted: set[str]) -> None:
+    """Max/Min inputs and output in one group rooted at the output (see SELECT_OPS); chains that feed an
+    input through data-movement ops (Transpose, Reshape) move to the output's range with it, unless some
+    tensor of such a chain is read elsewhere too (then the Max stays float between its own pairs)."""
+    output = node.output[0]
+    if output not in wanted or not all(i in plan.produced_quantized for i in node.input):
+        return
+    roots = {plan.param_source.get(i, i) for i in node.input}
+    group = [tensor for tensor, root in plan.param_source.items() if root in roots]
+    if not all(_read_once(tensor, index) for tensor in group):
+        return
+    plan.quantized_tensors.add(output)
+    plan.produced_quantized.add(output)
+    for tensor in group:
+        plan.param_source[tensor] = output
+    plan.param_source[output] = output
+    plan.shared_scale_nodes.add(node.name)

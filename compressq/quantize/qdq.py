@@ -14,9 +14,10 @@ import onnx
 from onnx import helper, numpy_helper
 
 from compressq.graph.edit import NameGenerator, remove_unused, toposort
-from compressq.graph.index import Scope, implicit_inputs, node_attributes, scopes, tensor_names
+from compressq.graph.index import Scope, implicit_inputs, node_attributes, opset_version, scopes, tensor_names
 from compressq.quantize import scheme
 from compressq.quantize.bias_correction import weight_error_shift
+from compressq.quantize.integer_select import select_on_integers
 from compressq.quantize.plan import ComputeNode, QuantPlan
 from compressq.stats.collect import TensorRange
 
@@ -247,6 +248,7 @@ def rewrite_qdq(model: onnx.ModelProto, plan: QuantPlan, ranges: dict[str, Tenso
             continue
         done = _Rewriter(scope, part, ranges, signed_activations, per_channel, input_means or {}, names,
                          weight_codes).rewrite()
+        select_on_integers(scope.graph, opset_version(result))  # onnxruntime keeps a QDQ Max/Min float
         for key, value in vars(done).items():
             setattr(stats, key, getattr(stats, key) + value)
     return result, stats
