@@ -180,13 +180,13 @@ class Dataset:
     def labels(self, limit: int | None = None) -> np.ndarray | None:
         if not self.labels_key:
             return None
-        parts = [labels for _, labels in self.labelled_batches(4096, limit)]
+        parts = [labels for _, labels in self.labelled_batches(4096, limit) if labels is not None]
         return np.concatenate(parts) if parts else None
 
     def _effective_batch_size(self, requested: int) -> int:
         if self.layout == "stack":
             return 1
-        fixed = {spec.fixed_batch for spec in self.inputs} - {None}
+        fixed = {batch for spec in self.inputs if (batch := spec.fixed_batch) is not None}
         return fixed.pop() if fixed else max(1, requested)
 
 
@@ -277,7 +277,7 @@ def _read_header(member, version: tuple[int, int]):
         return np.lib.format.read_array_header_1_0(member)
     if version == (2, 0):
         return np.lib.format.read_array_header_2_0(member)
-    return np.lib.format._read_array_header(member, version)  # 3.0: no public reader
+    return np.lib.format._read_array_header(member, version)  # type: ignore[attr-defined]  # 3.0: no public reader
 
 
 def _check_header(path: Path, key: str, shape: tuple, dtype: np.dtype, stored_bytes: int) -> None:
@@ -293,10 +293,11 @@ def _check_header(path: Path, key: str, shape: tuple, dtype: np.dtype, stored_by
 
 
 def _bytes(count: int) -> str:
+    size = float(count)
     for unit in ("bytes", "KiB", "MiB", "GiB", "TiB"):
-        if count < 1024 or unit == "TiB":
-            return f"{count:.0f} {unit}" if unit == "bytes" else f"{count:.1f} {unit}"
-        count /= 1024
+        if size < 1024 or unit == "TiB":
+            return f"{size:.0f} {unit}" if unit == "bytes" else f"{size:.1f} {unit}"
+        size /= 1024
     return f"{count} bytes"
 
 
@@ -361,7 +362,7 @@ def _check_array(source: str, spec: InputSpec, shapes: dict[str, tuple], layout:
     if spec.shape is None:
         return
     if layout == "stack":
-        _check_stacked(source, spec, tuple(shape))
+        _check_stacked(source, spec.name, spec.shape, tuple(shape))
         return
     if not spec.shape:
         raise DataError(f"{source}: model input '{spec.name}' is a scalar: the batch layout cannot hold it "
@@ -384,18 +385,18 @@ def _check_array(source: str, spec: InputSpec, shapes: dict[str, tuple], layout:
             )
 
 
-def _check_stacked(source: str, spec: InputSpec, shape: tuple) -> None:
+def _check_stacked(source: str, name: str, model_shape: tuple, shape: tuple) -> None:
     """Layout `stack`: [samples, *the model's input shape], every fixed size as the model has it."""
-    if len(shape) != len(spec.shape) + 1:
+    if len(shape) != len(model_shape) + 1:
         raise DataError(
-            f"{source}: array '{spec.name}' has shape {shape}; with --data-layout stack it must be "
-            f"[samples, *{_shape_text(spec.shape)}] (rank {len(spec.shape) + 1})",
+            f"{source}: array '{name}' has shape {shape}; with --data-layout stack it must be "
+            f"[samples, *{_shape_text(model_shape)}] (rank {len(model_shape) + 1})",
             hint="stack complete inputs on a new first axis (a scalar input: shape (N,))")
-    for axis, (got, want) in enumerate(zip(shape[1:], spec.shape)):
+    for axis, (got, want) in enumerate(zip(shape[1:], model_shape)):
         if isinstance(want, int) and want > 0 and got != want:
             raise DataError(
-                f"{source}: array '{spec.name}' has size {got} on axis {axis + 1}, the model expects {want} "
-                f"on its axis {axis} (model shape {_shape_text(spec.shape)}, data layout stack)",
+                f"{source}: array '{name}' has size {got} on axis {axis + 1}, the model expects {want} "
+                f"on its axis {axis} (model shape {_shape_text(model_shape)}, data layout stack)",
                 hint="resize or re-export the data to the model's input shape")
 
 

@@ -162,8 +162,9 @@ def write_npz(dataset: BuiltDataset, target: Path, model: onnx.ModelProto,
     if target.suffix != ".npz":
         raise UsageError(f"output {target} must end in .npz", hint="e.g. -o calibration.npz")
     check_output_path(target, protect=[*protect, *dataset.files])
+
     def savez(stream) -> None:
-        np.savez(stream, **dataset.arrays)
+        np.savez(stream, **dataset.arrays)  # type: ignore[arg-type]  # numpy's stub types **kwds as allow_pickle
 
     # verified as --calibration-data reads it, with the layout it was built for
     write_atomically(target, savez, verify=lambda staged: load_dataset(staged, model, layout=dataset.data_layout))

@@ -364,7 +364,7 @@ def save_model(
     return given
 
 
-_FLOAT_TYPES = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.FLOAT16: np.float16,
+_FLOAT_TYPES: dict[int, type[np.floating]] = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.FLOAT16: np.float16,
                 onnx.TensorProto.DOUBLE: np.float64}
 
 
@@ -590,7 +590,7 @@ def _cached_external_files(model_path: Path, mtime_ns: int, size: int) -> set[Pa
 
 def remove_stale_staging(target: Path) -> list[Path]:
     """Remove staging folders of `target`'s name left by runs that were killed (their process is gone)."""
-    removed = []
+    removed: list[Path] = []
     prefix = f".{target.name}.{STAGING_MARK}"
     try:
         candidates = [p for p in target.parent.iterdir() if p.name.startswith(prefix)]
@@ -649,8 +649,8 @@ def read_stamp(model: onnx.ModelProto) -> dict[str, str]:
 # Writing files other than models: the one atomic writer
 
 
-def write_atomically(path: str | os.PathLike, write: Callable[[BinaryIO], None], *,
-                     verify: Callable[[Path], None] | None = None) -> Path:
+def write_atomically(path: str | os.PathLike, write: Callable[[BinaryIO], object], *,
+                     verify: Callable[[Path], object] | None = None) -> Path:
     """Stage `write`'s bytes next to `path`, optionally `verify` the staged file, then rename over `path`.
 
     Readers see the old file or the whole new one, never half of it; a failure leaves nothing behind.

@@ -108,8 +108,8 @@ def reports_errors(command):
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM as Terminated: `finally` blocks already ran
             terminated = isinstance(exc, Terminated)
-            render.stderr.print(f"{'terminated' if terminated else 'interrupted'}; "
-                                "unfinished output was removed")
+            # An output is renamed into place whole or never: the interrupt may have come before or after.
+            render.stderr.print(f"{'terminated' if terminated else 'interrupted'}; no partial output was left")
             raise typer.Exit(EXIT_TERMINATED if terminated else EXIT_INTERRUPTED) from None
         except (typer.Exit, typer.Abort):
             raise
@@ -169,4 +169,7 @@ def main() -> None:
         sys.argv.remove("--debug")
         _debug["on"] = True
         passes.enable_checks()
-    app(prog_name="compressq")
+    try:
+        app(prog_name="compressq")
+    finally:  # the command is over: a Ctrl-C while the interpreter shuts down must not print a traceback
+        _install({signal.SIGINT: signal.SIG_IGN, signal.SIGTERM: signal.SIG_IGN})

@@ -46,7 +46,7 @@ def report(
     task_outputs: list[str] = typer.Option([], "--task-output", help="Output that carries the task; gates and "
                                            "verdicts score it (repeatable) [default: class scores, labels, boxes "
                                            "and detector heads, else the other outputs; see docs/report.md]."),
-    output: Path = typer.Option(None, "--output", "-o", help="Write the report to this file (atomically) "
+    output: Path | None = typer.Option(None, "--output", "-o", help="Write the report to this file (atomically) "
                                 "instead of stdout ('-': stdout)."),
     max_accuracy_drop: float = typer.Option(None, "--max-accuracy-drop", help="Gate: top-1 accuracy may drop by "
                                             "at most this many points (needs labels)."),
