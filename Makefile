@@ -36,9 +36,10 @@ lint: $(STAMP)
 	$(BIN)/mypy compressq
 
 # onnxruntime's quant_pre_process needs sympy for its symbolic shape inference: without it the baseline
-# silently skips that step and is not run the way its documentation says.
+# silently skips that step and is not run the way its documentation says. Its MatMulNBits (int4) quantizer,
+# the llm section's baseline, imports onnx_ir.
 bench: $(STAMP)
-	$(BIN)/python -m pip install --quiet 'sympy>=1.12'
+	$(BIN)/python -m pip install --quiet 'sympy>=1.12' 'onnx-ir>=0.1'
 	$(BIN)/python -m bench.real_models
 	$(BIN)/python -m bench.run
 
