@@ -250,6 +250,30 @@ def test_main_graph_tensors_names_what_collect_cannot_tap_yet():
     assert main_graph_tensors(model, ["x", "out", "inner"]) == ({"x", "out"}, {"inner"})
 
 
+def test_tensors_inside_bodies_are_measured_in_the_same_pass(tmp_path, monkeypatch):
+    """min/max of a tensor inside an If branch ride along with the main graph's reductions: one session."""
+    then_body = helper.make_graph([helper.make_node("Relu", ["x"], ["inner"], name="relu")], "then", [],
+                                  [helper.make_tensor_value_info("inner", TensorProto.FLOAT, ["N", 2])])
+    else_body = helper.make_graph([helper.make_node("Neg", ["x"], ["other"], name="neg")], "else", [],
+                                  [helper.make_tensor_value_info("other", TensorProto.FLOAT, ["N", 2])])
+    nodes = [helper.make_node("ReduceSum", ["x"], ["total"], name="sum", keepdims=0),
+             helper.make_node("Greater", ["total", "zero"], ["positive"], name="gt"),
+             helper.make_node("If", ["positive"], ["out"], name="if", then_branch=then_body, else_branch=else_body),
+             helper.make_node("Sigmoid", ["out"], ["y"], name="sig")]
+    zero = numpy_helper.from_array(np.array(0.0, np.float32), "zero")
+    model = make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 2])],
+                       [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 2])], [zero])
+    values = np.array([[3.0, -1.0], [0.5, 2.0], [-0.25, 4.0]], np.float32)
+    dataset = _dataset(model, {"x": values}, tmp_path)
+    sessions = spy_on_runs(monkeypatch)
+    inner, other, out = MinMaxObserver(), MinMaxObserver(), MinMaxObserver()
+    collect(model, dataset, [Request("inner", inner), Request("other", other), Request("out", out)], batch_size=1)
+    assert (inner.result().low, inner.result().high) == (0.0, 4.0)
+    assert other.result().finite is False  # the else branch never ran: no range, the tensor stays float
+    assert (out.result().low, out.result().high) == (0.0, 4.0)
+    assert len(sessions) == 3  # one pass: one run per sample, bodies and main graph together
+
+
 def test_range_observer_names_each_method():
     assert type(range_observer("minmax")) is MinMaxObserver
     assert range_observer("entropy").method == "entropy"

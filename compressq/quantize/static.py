@@ -48,7 +48,8 @@ from compressq.quantize.range_search import RangeChoice, choose_ranges
 from compressq.quantize.range_search import summarize as summarize_choices
 from compressq.quantize.smoothquant import collect_channel_absmax, smooth, smoothable_activations
 from compressq.stats.collect import Request, TensorRange, collect_range_candidates, collect_ranges, passes_for_method
-from compressq.stats.subgraphs import NOT_REACHED, body_ranges, split_by_scope
+from compressq.stats.observers import MinMaxObserver
+from compressq.stats.subgraphs import NOT_REACHED, split_by_scope
 
 __all__ = ["FASTER_ENOUGH", "StaticQuantizer", "quantize_static", "measure_speedup"]
 
@@ -278,9 +279,21 @@ class StaticQuantizer:
         # Every quantized tensor, not only today's scale-group roots: a later plan with more nodes kept
         # float can split a group, and its tensors must not need a second calibration pass.
         # Tensors inside If/Loop/Scan bodies: min/max measured where they live (stats/subgraphs.py).
+        # They ride along with the main graph's pass (stats.collect carries them out with stats.subgraphs).
         main_tensors, body_tensors = split_by_scope(self.prepared, plan.quantized_tensors)
-        inner = body_ranges(self.prepared, self.dataset, body_tensors, batch_size=self.config.batch_size,
-                            samples=self.config.samples)
+        bodies = {tensor: MinMaxObserver() for tensor in body_tensors}
+        extra = [*means, *(Request(tensor, observer) for tensor, observer in bodies.items())]
+        if self.config.method == "auto":
+            ranges = self._ranges_by_error(plan.main_part(), advance, extra)
+            outer = set(main_tensors) - set(ranges)  # main-graph tensors that only bodies quantize
+            ranges.update(collect_ranges(self.prepared, self.dataset, outer, batch_size=self.config.batch_size,
+                                         samples=self.config.samples, provider=self.config.provider))
+        else:
+            ranges = collect_ranges(self.prepared, self.dataset, main_tensors, method=self.config.method,
+                                    percentile=self.config.percentile, batch_size=self.config.batch_size,
+                                    samples=self.config.samples, provider=self.config.provider, progress=advance,
+                                    extra=extra)
+        inner = {tensor: observer.result() for tensor, observer in sorted(bodies.items())}
         if inner and self.config.method != "minmax":
             self.notes.append(f"{len(inner)} tensors inside If/Loop/Scan bodies: min/max ranges "
                               f"(--method {self.config.method} applies to the main graph)")
@@ -288,15 +301,7 @@ class StaticQuantizer:
         if unreached:
             self.notes.append(f"{len(unreached)} tensors inside bodies were never reached by the data (first: "
                               f"'{unreached[0]}'): the nodes that need them stay float")
-        if self.config.method == "auto":
-            ranges = self._ranges_by_error(plan.main_part(), advance, means)
-            outer = set(main_tensors) - set(ranges)  # main-graph tensors that only bodies quantize
-            return {**ranges, **collect_ranges(self.prepared, self.dataset, outer, batch_size=self.config.batch_size,
-                                               samples=self.config.samples), **inner}
-        return {**collect_ranges(self.prepared, self.dataset, main_tensors, method=self.config.method,
-                                 percentile=self.config.percentile, batch_size=self.config.batch_size,
-                                 samples=self.config.samples, provider=self.config.provider, progress=advance,
-                                 extra=means), **inner}
+        return {**ranges, **inner}
 
     def _reconstruct_weights(self, plan: QuantPlan) -> WeightCodes | None:
         """--weight-reconstruction gptq: int8 codes chosen on the layers' fp32 inputs (one more data pass)."""

@@ -41,6 +41,7 @@ from compressq.stats.observers import (
     TensorRange,
     range_observer,
 )
+from compressq.stats.subgraphs import BodyProbes, probe_bodies
 
 __all__ = ["CANDIDATE_METHODS", "DEFAULT_BUDGET", "HISTOGRAM_BINS", "METHODS", "SENTINEL_MAGNITUDE",
            "CandidatesObserver", "HistogramObserver", "MinMaxObserver", "Request", "TensorRange", "collect",
@@ -82,9 +83,13 @@ def collect(model: onnx.ModelProto, dataset: Dataset, requests: Iterable[Request
     if not requests:
         return
     tappable, elsewhere = main_graph_tensors(model, {r.tensor for r in requests})
-    if elsewhere:
-        # The seam for tensors inside If/Loop/Scan bodies: nothing in the main graph can reach them yet.
-        requests = [r for r in requests if r.tensor in tappable]
+    # Tensors inside If/Loop/Scan bodies: their min/max are carried out to main-graph outputs by
+    # compressq.stats.subgraphs and read in the same pass; other statistics of them cannot be had.
+    in_bodies = [r for r in requests if r.tensor in elsewhere and isinstance(r.observer, MinMaxObserver)]
+    requests = [r for r in requests if r.tensor in tappable]
+    probes = probe_bodies(model, {r.tensor for r in in_bodies}) if in_bodies else None
+    if probes is not None and probes.probes:
+        model = probes.model  # a copy with the bodies' reductions carried out
     first = next(iter(dataset.batches(1, 1)), None)
     if first is None:
         return
@@ -97,6 +102,8 @@ def collect(model: onnx.ModelProto, dataset: Dataset, requests: Iterable[Request
     fetched = [r for r in requests if _reduction_for(r.observer, types.get(r.tensor)) is None]
     ranges_first: dict[str, MinMaxObserver] = {}  # exact range of each fetched tensor, found in pass 1
     graph = _Augmented(model, opset_version(model))
+    if probes is not None and probes.probes:
+        graph.listen_to_bodies(probes, in_bodies)
     for request in requests:
         kind = types.get(request.tensor)
         reduction = _reduction_for(request.observer, kind)
@@ -138,7 +145,7 @@ def main_graph_tensors(model: onnx.ModelProto, names: Iterable[str]) -> tuple[se
     """(names the main graph produces or takes as input: collect can tap them, the other names).
 
     Tensors inside If/Loop/Scan bodies are in the second set: exposing them needs a rewrite of the
-    enclosing node (compressq.stats.subgraphs, when it exists), not one more graph output."""
+    enclosing node (compressq.stats.subgraphs.probe_bodies), not one more graph output."""
     graph = model.graph
     present = {o for node in graph.node for o in node.output} | {i.name for i in graph.input}
     present |= {t.name for t in graph.initializer}
@@ -155,7 +162,7 @@ def _reduced_pass(session, graph: _Augmented, dataset: Dataset, batch_size: int,
     count per sample of each tensor with a Size output (measured on the first run)."""
     names = graph.reduced_outputs()
     size_outputs = graph.size_outputs()
-    outputs = names + list(size_outputs.values())
+    outputs = names + list(size_outputs.values()) + graph.body_outputs()
     per_sample: dict[str, float] = {}
     for feed in dataset.batches(batch_size, samples):
         for part in _runs(feed, rows):
@@ -329,6 +336,8 @@ class _Augmented:
         self.names = NameGenerator(model.graph)
         self.groups: dict[str, list[onnx.NodeProto]] = {}  # tensor -> the nodes that reduce it, in tap order
         self.tapping = ""
+        self.probes: BodyProbes | None = None
+        self.body_receivers: dict[str, list] = {}
         self.initializers: list[onnx.TensorProto] = []
         self.taps: dict[tuple[str, Reduction], _Tap] = {}
         self.sizes: dict[str, str] = {}
@@ -359,7 +368,19 @@ class _Augmented:
     def activation_bytes(self, per_sample: dict[str, float], types: dict[str, TensorType]) -> float:
         return sum(count * _itemsize(types.get(t)) for t, count in per_sample.items())
 
+    def listen_to_bodies(self, probes: BodyProbes, requests: list[Request]) -> None:
+        self.probes = probes
+        for request in requests:
+            self.body_receivers.setdefault(request.tensor, []).append(request.observer)
+
+    def body_outputs(self) -> list[str]:
+        return self.probes.outputs if self.probes is not None else []
+
     def deliver(self, values: dict[str, np.ndarray]) -> None:
+        if self.probes is not None:
+            for tensor, (low, high) in self.probes.decode(values).items():
+                for observer in self.body_receivers.get(tensor, []):
+                    observer.update_reduced(low, high)
         for tap in self.taps.values():
             results = [values[name] for name in tap.outputs]
             for observer in tap.receivers:
