@@ -10,6 +10,8 @@ level for nested bodies:
 A tensor name defined in several bodies (sibling branches may reuse names) is probed in each; its range is
 the union of what ran. Only minimum and maximum are observed in bodies: histograms would need every value
 carried out, so percentile/entropy/MSE ranges fall back to min/max there (the caller says so).
+compressq.stats.collect runs the probes in the same pass as the main graph's reductions and feeds each
+decoded (min, max) to the tensor's MinMaxObserver.
 """
 
 from __future__ import annotations
@@ -21,10 +23,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from compressq.data import Dataset
 from compressq.graph.index import Scope, infer_shapes, scopes, tensor_names
-from compressq.runtime import create_session
-from compressq.stats.observers import MinMaxObserver, TensorRange
+from compressq.stats.observers import TensorRange
 
 # Never reached by the data (a branch no sample took): no range can be known, the tensor stays float.
 NOT_REACHED = TensorRange(0.0, 0.0, finite=False)
@@ -99,26 +99,6 @@ def probe_bodies(model: onnx.ModelProto, names: Iterable[str]) -> BodyProbes:
             low, high = _carry_out(scope, low, high, fresh)
             probes.probes.append(BodyProbe(tensor, scope.label, low, high))
     return probes
-
-
-def body_ranges(model: onnx.ModelProto, dataset: Dataset, names: Iterable[str], *, batch_size: int = 32,
-                samples: int | None = None, provider: str = "cpu",
-                progress: Callable[[int], None] | None = None) -> dict[str, TensorRange]:
-    """Min/max range of every named tensor that lives in a body, in one pass over the data."""
-    probes = probe_bodies(model, names)
-    if not probes.probes:
-        return {}
-    outputs = probes.outputs
-    session = create_session(probes.model, provider)
-    observers = {probe.tensor: MinMaxObserver() for probe in probes.probes}
-    for feed in dataset.batches(batch_size, samples):
-        fetched = dict(zip(outputs, session.run(outputs, feed)))
-        for tensor, (low, high) in probes.decode(fetched).items():
-            observers[tensor].update(np.array([low, high], np.float64))
-        if progress:
-            progress(next(iter(feed.values())).shape[0])
-    # An observer that saw nothing (a branch no sample took) answers NOT_REACHED.
-    return {tensor: observer.result() for tensor, observer in sorted(observers.items())}
 
 
 # ---------------------------------------------------------------------------------------------------
