@@ -52,6 +52,12 @@ class GraphIndex:
                     return numpy_helper.to_array(attribute.t)
         return None
 
+    def weight(self, name: str) -> np.ndarray:
+        """The value of a constant a plan already found (an initializer or a Constant node's output)."""
+        value = self.constant(name)
+        assert value is not None, f"'{name}' was planned as a constant but is not one"
+        return value
+
     def is_constant(self, name: str) -> bool:
         return name in self.initializers or (
             name in self.producer and self.producer[name].op_type == "Constant")

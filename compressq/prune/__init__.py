@@ -184,7 +184,7 @@ def _prune_weights(teacher: onnx.ModelProto, plan: PrunePlan, config: PruneConfi
     # Every node with the graph it lives in and what that graph can read (bodies see outer weights).
     where = {node.name: (node, scope) for scope in found for node in scope.graph.node}
     indexes = {scope.label: scope.index() for scope in found}
-    weights = {layer.node: indexes[where[layer.node][1].label].constant(layer.weight) for layer in plan.layers}
+    weights = {layer.node: indexes[where[layer.node][1].label].weight(layer.weight) for layer in plan.layers}
     masks = weight_masks(weights, {layer.node: layer.input_axis for layer in plan.layers}, config)
     layers = []
     for position, layer in enumerate(plan.layers, start=1):
@@ -220,7 +220,8 @@ def _prune_channels(model: onnx.ModelProto, plan: PrunePlan, config: PruneConfig
                     progress: Progress | None) -> _Outcome:
     plan = _body_layers_dense(model, plan)
     dense_reasons = {d.node: d.reason for d in plan.dense}
-    groups = trace_channel_groups(model, {layer.node: None for layer in plan.layers} | dense_reasons)
+    prunable: dict[str, str | None] = {layer.node: None for layer in plan.layers}
+    groups = trace_channel_groups(model, {**prunable, **dense_reasons})
     kept = choose_channels(model, groups, config.sparsity, config.criterion, config.seed, config.channel_multiple)
     rewritten = remove_channels(model, groups, kept)
     layers = _channel_results(model, rewritten, groups, kept)
@@ -353,8 +354,8 @@ def _summary(teacher: onnx.ModelProto, outcome: _Outcome, config: PruneConfig, r
 def _achieved(layers: list[LayerResult], config: PruneConfig) -> float:
     if config.structured:
         producers = [r for r in layers if not r.follows_input]
-        total = sum(r.channels_before for r in producers)
-        return 1 - sum(r.channels_after for r in producers) / total if total else 0.0
+        total = sum(r.channels_before or 0 for r in producers)
+        return 1 - sum(r.channels_after or 0 for r in producers) / total if total else 0.0
     sizes = [int(np.prod(r.shape_before)) for r in layers]
     return sum(r.sparsity * n for r, n in zip(layers, sizes)) / sum(sizes) if sizes else 0.0
 

@@ -57,8 +57,8 @@ def _quantize_graph(graph: onnx.GraphProto, index: GraphIndex, names: NameGenera
                                                "(pass --calibration-data for static int8)"))
             continue
         weight, reason = _weight_matrix(node, index, exclude)
-        if reason:
-            outcome.skipped.append(Skipped(node.name, node.op_type, reason))
+        if weight is None:
+            outcome.skipped.append(Skipped(node.name, node.op_type, reason or "no constant weight"))
             continue
         replacements[position] = _dynamic_matmul(node, weight, _bias(node, index), names, graph, per_channel)
         outcome.quantized.append(node.name)

@@ -8,6 +8,7 @@ DequantizeLinear pair shared by all its consumers.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import onnx
@@ -101,7 +102,7 @@ class _Rewriter:
 
     def _weight_error_shift(self, compute: ComputeNode, node: onnx.NodeProto,
                             params: scheme.QuantParams) -> np.ndarray:
-        weight = self.index.constant(compute.weight)
+        weight = self.index.weight(compute.weight)
         restored = scheme.dequantize(self._weight_codes(compute.weight, weight, params), params)
         group = node_attributes(node).get("group", 1)
         shift = weight_error_shift(compute, weight, restored, self.input_means[compute.name], group)
@@ -111,7 +112,7 @@ class _Rewriter:
     def _dequantized_weight(self, compute: ComputeNode) -> tuple[str, scheme.QuantParams]:
         if compute.weight in self.dequantized_weights:  # tied weights: one int8 copy
             return self.dequantized_weights[compute.weight]
-        weight = self.index.constant(compute.weight)
+        weight = self.index.weight(compute.weight)
         axis = compute.weight_axis if self.per_channel else None
         params = scheme.weight_params(weight, axis)
         name = self._dequantize_constant(compute.weight, self._weight_codes(compute.weight, weight, params), params)
@@ -137,7 +138,7 @@ class _Rewriter:
             numpy_helper.from_array(params.zero_point, zero_name),
         ]
         output = self.names(f"{source}_dequantized")
-        attributes = {"axis": params.axis} if params.axis is not None and params.scale.ndim else {}
+        attributes: dict[str, Any] = {"axis": params.axis} if params.axis is not None and params.scale.ndim else {}
         self.new_nodes.append(helper.make_node("DequantizeLinear", [quantized_name, scale_name, zero_name],
                                                [output], name=self.names(f"{source}_DequantizeLinear"),
                                                **attributes))

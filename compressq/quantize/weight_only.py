@@ -257,8 +257,9 @@ def quantize_weights_only(
             summary.float_weight_bytes += candidate.weight_kn.size * 4
             summary.packed_weight_bytes += _packed_bytes(quantized)
         inputs, quantized = packed_weights[key]
+        k, n = candidate.weight_kn.shape
         summary.layers.append(WeightOnlyLayer(
-            candidate.node.name, candidate.weight_name, *candidate.weight_kn.shape,
+            candidate.node.name, candidate.weight_name, k, n,
             _relative_error(candidate.weight_kn, quantized.dequantize()), candidate.node.input[0] in samples))
         _replace_with_matmul_nbits(target, names, candidate, inputs, quantized, block_size, accuracy_level)
         if progress is not None:

@@ -150,7 +150,7 @@ def _reduce(graph: onnx.GraphProto, tensor: str, fresh: Callable[[str], str]) ->
 
 def _carry_out(scope: Scope, low: str, high: str, fresh: Callable[[str], str]) -> tuple[str, str]:
     """Carry two scalars of a body up to main-graph outputs; returns their names there."""
-    while not scope.is_main:
+    while scope.owner is not None and scope.parent is not None:
         owner, parent = scope.owner, scope.parent
         _add_scalar_outputs(scope.graph, [low, high])
         if owner.op_type == "If":
