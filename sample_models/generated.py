@@ -4,7 +4,7 @@ Every generator is deterministic in ``seed`` and returns an opset-17 ``onnx.Mode
 (IR version 8, so onnxruntime 1.18 and later load it). The weights are random, so the
 outputs mean nothing; they are only scaled so activations stay finite and non-trivial.
 
-CLI: ``python -m sample_models.generated resnet|bert OUT.onnx [--seed N]``
+CLI: ``python -m sample_models.generated resnet|bert|yolov8n OUT.onnx [--seed N]``
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import onnx
+from numpy.lib.stride_tricks import sliding_window_view
 from onnx import TensorProto, helper, numpy_helper
 
 OPSET = 17
@@ -370,6 +371,172 @@ def tiny_conv(
     )
 
 
+# --------------------------------------------------------------------------- YOLOv8n-style detector
+
+
+PROBE_IMAGES = 8  # images the BatchNorm statistics are taken on when the weights are built
+
+
+def _silu(x: np.ndarray) -> np.ndarray:
+    return x / (1.0 + np.exp(-x))
+
+
+def _conv2d(x: np.ndarray, weight: np.ndarray, stride: int) -> np.ndarray:
+    pad = weight.shape[2] // 2
+    padded = np.pad(x, ((0, 0), (0, 0), (pad, pad), (pad, pad)))
+    windows = sliding_window_view(padded, weight.shape[2:], axis=(2, 3))[:, :, ::stride, ::stride]
+    return np.einsum("nchwij,ocij->nohw", windows, weight, optimize=True)
+
+
+class _Detector:
+    """YOLOv8n layer by layer, as exported for inference: every Conv carries its BatchNorm folded into weight
+    and bias, followed by SiLU written as x * Sigmoid(x).
+
+    The weights are He-initialised, and each BatchNorm gets real running statistics: the builder runs the
+    network in numpy on a few probe images as it goes, so every folded Conv normalises its channels
+    (gain ~ N(1, 0.1), shift ~ N(0, 0.5)) as a trained network's does, instead of letting random weights
+    drift towards constant feature maps."""
+
+    def __init__(self, seed: int, image_size: int):
+        self.g = GraphBuilder(seed)
+        self.values = {"images": scene_images(PROBE_IMAGES, image_size, seed + 1)}
+
+    def conv(self, x: str, name: str, cin: int, cout: int, kernel: int, stride: int = 1, act: bool = True) -> str:
+        rng = self.g.rng
+        weight = rng.normal(0, math.sqrt(2.0 / (cin * kernel * kernel)), (cout, cin, kernel, kernel))
+        bias = np.zeros(cout)
+        if act:  # fold BatchNorm(gain, shift, running mean and variance measured on the probe images)
+            z = _conv2d(self.values[x], weight, stride)
+            gain = rng.normal(1.0, 0.1, cout) / np.sqrt(z.var(axis=(0, 2, 3)) + 1e-3)
+            bias = rng.normal(0.0, 0.5, cout) - z.mean(axis=(0, 2, 3)) * gain
+            weight = weight * gain[:, None, None, None]
+        weight, bias = weight.astype(np.float32), bias.astype(np.float32)
+        y = self.g.op("Conv", [x, self.g.tensor(f"{name}.weight", weight), self.g.tensor(f"{name}.bias", bias)],
+                      name, kernel_shape=[kernel, kernel], strides=[stride, stride], pads=[kernel // 2] * 4)
+        value = _conv2d(self.values[x], weight, stride) + bias[None, :, None, None]
+        if act:
+            y = self.g.op("Mul", [y, self.g.op("Sigmoid", [y], f"{name}.sigmoid")], f"{name}.silu")
+            value = _silu(value)
+        self.values[y] = value
+        return y
+
+    def concat(self, parts: list[str], name: str) -> str:
+        y = self.g.op("Concat", parts, name, axis=1)
+        self.values[y] = np.concatenate([self.values[p] for p in parts], axis=1)
+        return y
+
+    def c2f(self, x: str, name: str, cin: int, cout: int, blocks: int, shortcut: bool) -> str:
+        hidden = cout // 2
+        y = self.conv(x, f"{name}.cv1", cin, 2 * hidden, 1)
+        first, second = f"{name}.split_0", f"{name}.split_1"
+        sizes = self.g.constant(f"split_{hidden}", [hidden, hidden])
+        self.g.nodes.append(helper.make_node("Split", [y, sizes], [first, second], name=f"{name}.split", axis=1))
+        self.values[first], self.values[second] = self.values[y][:, :hidden], self.values[y][:, hidden:]
+        parts, last = [first, second], second
+        for block in range(blocks):
+            z = self.conv(last, f"{name}.m.{block}.cv1", hidden, hidden, 3)
+            z = self.conv(z, f"{name}.m.{block}.cv2", hidden, hidden, 3)
+            if shortcut:
+                added = self.g.op("Add", [last, z], f"{name}.m.{block}.add")
+                self.values[added] = self.values[last] + self.values[z]
+                z = added
+            parts.append(z)
+            last = z
+        return self.conv(self.concat(parts, f"{name}.cat"), f"{name}.cv2", hidden * len(parts), cout, 1)
+
+    def sppf(self, x: str, name: str, channels: int) -> str:
+        hidden = channels // 2
+        y = self.conv(x, f"{name}.cv1", channels, hidden, 1)
+        parts = [y]
+        for i in range(3):
+            y = self.g.op("MaxPool", [y], f"{name}.m.{i}", kernel_shape=[5, 5], strides=[1, 1], pads=[2] * 4)
+            padded = np.pad(self.values[parts[-1]], ((0, 0), (0, 0), (2, 2), (2, 2)), constant_values=-np.inf)
+            self.values[y] = sliding_window_view(padded, (5, 5), axis=(2, 3)).max(axis=(4, 5))
+            parts.append(y)
+        return self.conv(self.concat(parts, f"{name}.cat"), f"{name}.cv2", 4 * hidden, channels, 1)
+
+    def upsample(self, x: str, name: str) -> str:
+        scales = "upsample_scales"
+        if scales not in self.g.initializers:
+            self.g.tensor(scales, np.array([1, 1, 2, 2], np.float32))
+        y = self.g.op("Resize", [x, "", scales], name, mode="nearest")
+        self.values[y] = self.values[x].repeat(2, axis=2).repeat(2, axis=3)
+        return y
+
+
+def yolov8n_model(image_size: int = 640, num_classes: int = 80, seed: int = 0,
+                  batch: int | None = None) -> onnx.ModelProto:
+    """YOLOv8n-style detector (width 0.25, depth 0.33; 3.2 M parameters at 80 classes), folded BN, SiLU.
+
+    input `images` [batch, 3, S, S] in [0, 1] -> `output0` [batch, 64 + classes, anchors]: per anchor the
+    16-bin distance distributions of the 4 box sides (before DFL) and the class logits, over strides 8/16/32.
+    """
+    d = _Detector(seed, image_size)
+    x = d.conv("images", "model.0", 3, 16, 3, 2)
+    x = d.conv(x, "model.1", 16, 32, 3, 2)
+    x = d.c2f(x, "model.2", 32, 32, 1, True)
+    x = d.conv(x, "model.3", 32, 64, 3, 2)
+    p3 = d.c2f(x, "model.4", 64, 64, 2, True)
+    x = d.conv(p3, "model.5", 64, 128, 3, 2)
+    p4 = d.c2f(x, "model.6", 128, 128, 2, True)
+    x = d.conv(p4, "model.7", 128, 256, 3, 2)
+    x = d.c2f(x, "model.8", 256, 256, 1, True)
+    p5 = d.sppf(x, "model.9", 256)
+    x = d.concat([d.upsample(p5, "model.10"), p4], "model.11")
+    h4 = d.c2f(x, "model.12", 384, 128, 1, False)
+    x = d.concat([d.upsample(h4, "model.13"), p3], "model.14")
+    out3 = d.c2f(x, "model.15", 192, 64, 1, False)
+    x = d.concat([d.conv(out3, "model.16", 64, 64, 3, 2), h4], "model.17")
+    out4 = d.c2f(x, "model.18", 192, 128, 1, False)
+    x = d.concat([d.conv(out4, "model.19", 128, 128, 3, 2), p5], "model.20")
+    out5 = d.c2f(x, "model.21", 384, 256, 1, False)
+    box_channels, class_channels = 64, max(64, min(num_classes, 100))
+    levels = []
+    for level, (feature, channels) in enumerate(((out3, 64), (out4, 128), (out5, 256))):
+        name = f"model.22.{level}"
+        box = d.conv(d.conv(feature, f"{name}.box.0", channels, box_channels, 3), f"{name}.box.1",
+                     box_channels, box_channels, 3)
+        box = d.conv(box, f"{name}.box.2", box_channels, 64, 1, act=False)
+        cls = d.conv(d.conv(feature, f"{name}.cls.0", channels, class_channels, 3), f"{name}.cls.1",
+                     class_channels, class_channels, 3)
+        cls = d.conv(cls, f"{name}.cls.2", class_channels, num_classes, 1, act=False)
+        joined = d.g.op("Concat", [box, cls], f"{name}.cat", axis=1)
+        shape = d.g.constant(f"flat_shape_{64 + num_classes}", [0, 64 + num_classes, -1])
+        levels.append(d.g.op("Reshape", [joined, shape], f"{name}.flatten"))
+    output = d.g.rename_output(d.g.op("Concat", levels, "model.22.cat", axis=2), "output0")
+    anchors = sum((image_size // stride) ** 2 for stride in (8, 16, 32))
+    batch_dim = BATCH_DIM if batch is None else batch
+    return d.g.build(
+        "yolov8n",
+        [float_input("images", [batch_dim, 3, image_size, image_size])],
+        [float_input(output, [batch_dim, 64 + num_classes, anchors])],
+        {"generator": "yolov8n_model", "image_size": image_size, "num_classes": num_classes, "seed": seed},
+    )
+
+
+def scene_images(count: int, size: int, seed: int = 0) -> np.ndarray:
+    """[count, 3, size, size] float32 in [0, 1]: smooth coloured backgrounds with rectangles and discs on them,
+    a stand-in for photos (spatially correlated, edges, flat regions) that is deterministic in `seed`."""
+    rng = np.random.default_rng(seed)
+    rows, cols = np.mgrid[0:size, 0:size] / size
+    images = np.empty((count, 3, size, size), np.float32)
+    for n in range(count):
+        image = np.stack([rng.uniform(0.2, 0.8) + rng.uniform(-0.3, 0.3) * rows + rng.uniform(-0.3, 0.3) * cols
+                          for _ in range(3)])
+        for _ in range(rng.integers(3, 9)):
+            colour = rng.uniform(0, 1, (3, 1))
+            top, left = rng.uniform(0, 0.9, 2)
+            height, width = rng.uniform(0.05, 0.5, 2)
+            if rng.random() < 0.5:
+                inside = (rows >= top) & (rows < top + height) & (cols >= left) & (cols < left + width)
+            else:
+                inside = (rows - top) ** 2 + (cols - left) ** 2 < (height / 2) ** 2
+            image[:, inside] = colour
+        image += rng.normal(0, 0.02, image.shape)
+        images[n] = np.clip(image, 0, 1)
+    return images
+
+
 # --------------------------------------------------------------------------- inputs
 
 
@@ -422,7 +589,7 @@ def make_inputs(
 # --------------------------------------------------------------------------- CLI
 
 
-GENERATORS = {"resnet": resnet_model, "bert": bert_model}
+GENERATORS = {"resnet": resnet_model, "bert": bert_model, "yolov8n": yolov8n_model}
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -34,6 +34,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 
 from compressq.data import Dataset
 from compressq.graph.index import GraphIndex, node_attributes
+from compressq.prune.solvers import masked_ridge_solve, squared_errors
 from compressq.prune.structured import replace_constant_input
 from compressq.runtime import create_session
 
@@ -88,6 +89,7 @@ class NormalEquations:
         self.cross = np.zeros((features, outputs))
         self.target_energy = np.zeros(outputs)
         self.rows = 0
+        self.method = ""
 
     def update(self, inputs: np.ndarray, targets: np.ndarray) -> None:
         # Products of one batch in float32 (twice BLAS's float64 speed), summed across batches in float64.
@@ -100,40 +102,16 @@ class NormalEquations:
 
     def squared_error(self, weights: np.ndarray) -> float:
         """sum ||X w_o - y_o||^2 over outputs o, from the accumulated statistics alone."""
-        quadratic = np.sum(weights * (weights @ self.gram))
-        return float(quadratic - 2 * np.sum(weights * self.cross.T) + self.target_energy.sum())
+        return float(np.sum(squared_errors(weights, self.gram, self.cross, self.target_energy)))
 
     def solve(self, weights: np.ndarray, always_free: np.ndarray, ridge: float) -> np.ndarray:
         """Refit rows of `weights` [outputs, features]: zeros stay zero except `always_free` columns.
 
-        Output o solves (G[k, k] + s_o I) w = C[k, o] + s_o w0[k] over its kept columns k, with
-        s_o = ridge x mean(diag G[k, k]), G the layer's one Gram matrix. Outputs sharing one pattern (N:M,
-        channel refit) share one factorization with many right-hand sides. Outputs with a pattern of their
-        own are solved one by one: stacking them as padded batches was measured slower (same LAPACK work
-        plus padding on a ResNet-style model, 232 s against 188 s).
-        """
+        Every output solves its masked ridge problem against the layer's one Gram matrix (solvers.py): shared
+        patterns by one factorisation, per-output patterns by conjugate gradients on all outputs at once."""
         keep = (weights != 0) | always_free[None, :]
-        fitted = np.zeros_like(weights, dtype=np.float64)
-        patterns, inverse = np.unique(keep, axis=0, return_inverse=True)
-        inverse = inverse.ravel()
-        for pattern_id, pattern in enumerate(patterns):
-            outputs = np.flatnonzero(inverse == pattern_id)
-            columns = np.flatnonzero(pattern)
-            if columns.size:
-                fitted[np.ix_(outputs, columns)] = self._solve_shared(weights, outputs, columns, ridge)
+        fitted, self.method = masked_ridge_solve(self.gram, self.cross, self.target_energy, weights, keep, ridge)
         return fitted
-
-    def _solve_shared(self, weights: np.ndarray, outputs: np.ndarray, columns: np.ndarray,
-                      ridge: float) -> np.ndarray:
-        gram = self.gram[np.ix_(columns, columns)]
-        strength = ridge * max(float(np.mean(np.diag(gram))), 1e-12)
-        prior = weights[np.ix_(outputs, columns)].astype(np.float64)
-        rhs = self.cross[np.ix_(columns, outputs)] + strength * prior.T
-        system = gram + strength * np.eye(columns.size)
-        try:
-            return np.linalg.solve(system, rhs).T
-        except np.linalg.LinAlgError:
-            return np.linalg.lstsq(system, rhs, rcond=None)[0].T
 
 
 # ---------------------------------------------------------------------------------------------------
