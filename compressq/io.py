@@ -119,17 +119,20 @@ def _external_entries(tensor: onnx.TensorProto) -> dict[str, str]:
 # Loading
 
 
-def load_model(path: str | os.PathLike, *, check: bool = True) -> onnx.ModelProto:
+def load_model(path: str | os.PathLike, *, check: bool = True, read_weights: bool = True) -> onnx.ModelProto:
     """Read a model and its external data, refusing anything that is not a safe, valid ONNX file.
 
-    The returned proto holds all its weights: no tensor still points at a file.
+    The returned proto holds all its weights: no tensor still points at a file. With `read_weights=False`
+    the external data is checked but not read (a 7B model's summary needs no 28 GB in memory): its tensors
+    keep their checked locations, to be read one at a time with `tensor_chunks`; such a proto never runs.
     """
     model_path = _existing_model_file(Path(path))
     model = _parse_model(model_path)
     pieces = check_external_data(model, model_path)
-    _read_external_data(pieces)
+    if read_weights:
+        _read_external_data(pieces)
     if check:
-        check_model(model, model_path)
+        check_model(model, model_path, from_path=bool(pieces) and not read_weights)
     from compressq.graph.normalize import normalize_at_load  # the one import step every command's model goes through
 
     return normalize_at_load(model, model_path)
@@ -274,6 +277,27 @@ def _read_external_data(pieces: list[_ExternalPiece]) -> None:
         tensor.data_location = onnx.TensorProto.DEFAULT
 
 
+def tensor_chunks(tensor: onnx.TensorProto, model_path: str | os.PathLike,
+                  chunk_bytes: int = 64 * 2**20) -> Iterator[np.ndarray]:
+    """The values of a tensor, flat, a chunk at a time: external data (from `load_model(read_weights=False)`,
+    so already checked) is read from its file piece by piece, never whole."""
+    if not is_external(tensor) or tensor.data_type in _PACKED_TYPES or tensor.data_type == onnx.TensorProto.STRING:
+        if is_external(tensor):
+            raise ModelError(f"tensor '{tensor.name}' is stored externally in a packed type; not read in chunks",
+                             hint="load the model with its weights")
+        yield numpy_helper.to_array(tensor).reshape(-1)
+        return
+    model_path = Path(model_path)
+    piece = _checked_piece(StoredTensor(tensor, "initializer"), model_path.parent.resolve())
+    dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)).newbyteorder("<")
+    step = max(dtype.itemsize, chunk_bytes - chunk_bytes % dtype.itemsize)
+    with open(piece.file, "rb") as handle:
+        handle.seek(piece.offset)
+        for start in range(0, piece.length, step):
+            data = handle.read(min(step, piece.length - start))
+            yield np.frombuffer(data, dtype=dtype)
+
+
 def refuse_external_references(model: onnx.ModelProto) -> None:
     """A model about to run from memory must hold all its weights: a location would be resolved by
     onnxruntime against the current directory."""
@@ -283,11 +307,15 @@ def refuse_external_references(model: onnx.ModelProto) -> None:
                          hint="load models with compressq's load_model, which reads and checks external data")
 
 
-def check_model(model: onnx.ModelProto, model_path: Path | None = None) -> None:
-    """Run onnx.checker; a model too big for an in-memory check is checked from its path."""
+def check_model(model: onnx.ModelProto, model_path: Path | None = None, *, from_path: bool = False) -> None:
+    """Run onnx.checker; a model too big for an in-memory check (or whose weights were not read) is checked
+    from its path, or, without one, as a skeleton whose big tensors point at an empty file."""
     try:
-        if model.ByteSize() > EXTERNAL_DATA_THRESHOLD and model_path is not None:
+        big = from_path or model_bytes(model) > EXTERNAL_DATA_THRESHOLD
+        if big and model_path is not None:
             onnx.checker.check_model(str(model_path))
+        elif big:
+            _check_skeleton(model)
         else:
             onnx.checker.check_model(model)
     except (onnx.checker.ValidationError, ValueError) as exc:
@@ -296,6 +324,49 @@ def check_model(model: onnx.ModelProto, model_path: Path | None = None) -> None:
             f"{name} fails the ONNX checker: {first_line(exc)}",
             hint="fix or re-export the model (run onnx.checker.check_model on it to see the details)",
         ) from exc
+
+
+def model_bytes(model: onnx.ModelProto) -> int:
+    """`model.ByteSize()`, safe past 2 GB: protobuf's ByteSize encodes the whole message (seconds per GB, and a
+    transient copy) and raises EncodeError above its limit. Tensor payloads are summed from their shapes first;
+    only a model below the threshold is measured exactly."""
+    payload = sum(_payload_bytes(stored.tensor) for stored in model_tensors(model))
+    return payload if payload > EXTERNAL_DATA_THRESHOLD else model.ByteSize()
+
+
+def _payload_bytes(tensor: onnx.TensorProto) -> int:
+    if not tensor.HasField("raw_data"):
+        return 0  # typed fields (float_data, ...): small in practice; ByteSize counts them below the threshold
+    expected = _expected_bytes(tensor)
+    return expected if expected is not None else len(tensor.raw_data)
+
+
+def _big_tensors_aside(model: onnx.ModelProto, data_name: str) -> onnx.ModelProto:
+    """A copy of `model` without the bytes of its big initializers: each points at `data_name` instead (offsets
+    as if the bytes were laid one after another). For the checker, which never reads external data."""
+    skeleton = _copy_without(model, "graph")
+    _copy_fields(model.graph, skeleton.graph, skip="initializer")
+    offset = 0
+    for tensor in model.graph.initializer:
+        kept = skeleton.graph.initializer.add()
+        length = _payload_bytes(tensor)
+        if length < EXTERNAL_TENSOR_BYTES:
+            kept.CopyFrom(tensor)
+            continue
+        _copy_fields(tensor, kept, skip="raw_data")
+        kept.data_location = onnx.TensorProto.EXTERNAL
+        for key, value in (("location", data_name), ("offset", str(offset)), ("length", str(length))):
+            kept.external_data.add(key=key, value=value)
+        offset += length
+    return skeleton
+
+
+def _check_skeleton(model: onnx.ModelProto) -> None:
+    with tempfile.TemporaryDirectory(prefix="compressq-check-") as folder:
+        path = Path(folder) / "model.onnx"
+        (Path(folder) / "model.onnx.data").touch()
+        onnx.save_model(_big_tensors_aside(model, "model.onnx.data"), str(path))
+        onnx.checker.check_model(str(path))
 
 
 def first_line(exc: BaseException) -> str:
@@ -338,7 +409,7 @@ def save_model(
     target = check_output_path(given, protect, overwrite=overwrite)
     folder = target.parent
     remove_stale_staging(target)
-    needs_external = model.ByteSize() > EXTERNAL_DATA_THRESHOLD
+    needs_external = model_bytes(model) > EXTERNAL_DATA_THRESHOLD
     data_name = f"{target.name}.data"
     if needs_external:
         check_output_path(folder / data_name, protect)

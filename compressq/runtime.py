@@ -80,7 +80,7 @@ def create_session(model: onnx.ModelProto | str | os.PathLike, provider: str = "
         model_io.refuse_external_references(model)
     else:
         model = model_io.check_model_file(model)
-    staged = isinstance(model, onnx.ModelProto) and model.ByteSize() > model_io.EXTERNAL_DATA_THRESHOLD
+    staged = isinstance(model, onnx.ModelProto) and model_io.model_bytes(model) > model_io.EXTERNAL_DATA_THRESHOLD
     if optimized_path and (staged or not isinstance(model, onnx.ModelProto)):
         # Weights read from a .data file would otherwise stay references to it in the optimized model, and
         # that file may be a temporary one (or in another folder): write them next to the optimized model.

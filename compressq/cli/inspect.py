@@ -15,7 +15,7 @@ def inspect(
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON on stdout, nothing else."),
 ) -> None:
     """Summarise a model: inputs/outputs, operators, parameters, sparsity and quantization state."""
-    summary = summarize(load_model(model), model)
+    summary = summarize(load_model(model, read_weights=False), model)  # weights read a chunk at a time
     if as_json:
         render.print_json(summary)
     else:

@@ -9,10 +9,9 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
 from compressq.graph.index import GraphIndex, all_nodes, opset_version, scopes, value_type
-from compressq.io import file_size, read_stamp
+from compressq.io import file_size, read_stamp, tensor_chunks
 from compressq.ops import QUANTIZED_OPS
 
 LOW_BIT_TYPES = {
@@ -96,10 +95,13 @@ class ModelSummary:
 
 def summarize(model: onnx.ModelProto, path: str | os.PathLike) -> ModelSummary:
     """What `compressq inspect` shows: inputs, outputs, op counts, parameters (Constant-held ones too),
-    sparsity, what is already quantized, and the file's size on disk (`path`, external data included)."""
+    sparsity, what is already quantized, and the file's size on disk (`path`, external data included).
+
+    `model` may come from `load_model(path, read_weights=False)`: external weights are then read from `path`'s
+    folder a chunk at a time (memory stays far below the model's size)."""
     index = GraphIndex(model.graph)
     nodes = list(all_nodes(model.graph))
-    per_graph = [(scope.label, scope.graph, [_initializer_info(t) for t in stored_tensors(scope.graph)])
+    per_graph = [(scope.label, scope.graph, [_initializer_info(t, path) for t in stored_tensors(scope.graph)])
                  for scope in scopes(model.graph)]
     initializers = [info for _, _, infos in per_graph for info in infos]
     parameters = sum(i.parameters for i in initializers)
@@ -161,12 +163,14 @@ def dtype_name(elem_type: int) -> str:
     return onnx.helper.tensor_dtype_to_string(elem_type).replace("TensorProto.", "").lower()
 
 
-def _initializer_info(tensor: onnx.TensorProto) -> InitializerInfo:
-    values = numpy_helper.to_array(tensor)
-    count = int(values.size)
+def _initializer_info(tensor: onnx.TensorProto, path: str | os.PathLike) -> InitializerInfo:
+    count, zeros, itemsize = 0, 0, 1
+    for values in tensor_chunks(tensor, path):  # one chunk at a time: external weights are never read whole
+        count += int(values.size)
+        itemsize = values.dtype.itemsize
+        zeros += int(np.count_nonzero(values == 0)) if values.size and values.dtype != object else 0
     bits = 4 if tensor.data_type in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4) else None
-    nbytes = (count + 1) // 2 if bits == 4 else count * values.dtype.itemsize
-    zeros = int(np.count_nonzero(values == 0)) if count and values.dtype != object else 0
+    nbytes = (count + 1) // 2 if bits == 4 else count * itemsize
     return InitializerInfo(
         name=tensor.name, dtype=dtype_name(tensor.data_type), shape=list(tensor.dims),
         parameters=count, bytes=int(nbytes), zero_fraction=zeros / count if count else 0.0,
