@@ -559,3 +559,42 @@ def test_static_options_work_with_bodies(run_cli, tmp_path, option):
     check_written(path, out)
     # entropy clips the main graph's input range hard on 32 samples (0.974 here): its own accuracy, not the bodies'
     _close_to_reference("loop_if", out, weights, _loop_arrays(2), 0.95 if "entropy" in option else 0.99)
+
+
+def shared_weight_model() -> tuple[onnx.ModelProto, np.ndarray]:
+    """An If on a scalar flag (the first input) whose two branches read the same outer weight."""
+    weight = _array(np.random.default_rng(4), 256, 256, scale=0.1)
+
+    def branch(tag: str) -> onnx.GraphProto:
+        return helper.make_graph([helper.make_node("MatMul", ["x", "W"], [f"{tag}_h"], name=f"{tag}_fc"),
+                                  helper.make_node("Relu", [f"{tag}_h"], [f"{tag}_y"], name=f"{tag}_relu")],
+                                 tag, [], [helper.make_tensor_value_info(f"{tag}_y", TensorProto.FLOAT, ["b", 256])])
+    model = _model([helper.make_node("If", ["flag"], ["y"], name="choose", then_branch=branch("a"),
+                                     else_branch=branch("b"))],
+                   [helper.make_tensor_value_info("flag", TensorProto.BOOL, []),
+                    helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 256])],
+                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 256])],
+                   [numpy_helper.from_array(weight, "W")])
+    return model, weight
+
+
+@pytest.mark.parametrize("mode", ["static", "dynamic", "weight-only"])
+def test_branches_sharing_an_outer_weight_share_its_quantized_copy(run_cli, tmp_path, mode):
+    """Also: a scalar first input (the If's flag) goes through calibration, the speed check and the summary."""
+    model, weight = shared_weight_model()
+    path, data, out = tmp_path / "shared.onnx", tmp_path / "calibration.npz", tmp_path / "out.onnx"
+    onnx.save_model(model, str(path))
+    rng = np.random.default_rng(5)
+    np.savez(data, flag=np.array([True, False] * 8), x=rng.standard_normal((16, 4, 256)).astype(np.float32))
+    args = ["-d", data, "--data-layout", "stack"] if mode == "static" else ["--mode", mode, "--no-speed-check"]
+    result = run_cli("quantize", path, "-o", out, "--json", *args)
+    assert result.exit_code == 0, result.stderr
+    written = check_written(path, out)
+    if json.loads(result.stdout)["quantized_node_count"]:
+        big = [t.name for scope in scopes(written.graph) for t in scope.graph.initializer if np.prod(t.dims) >= 1024]
+        assert len(big) == (2 if mode == "weight-only" else 1), big  # codes (+ block scales): once, in the main graph
+        assert {t.name for t in written.graph.initializer} >= set(big)
+    x = rng.standard_normal((3, 256)).astype(np.float32)
+    for flag in (True, False):
+        (got,) = _run(out, {"flag": np.array(flag), "x": x})
+        assert _cosine(got, np.maximum(x @ weight, 0)) > 0.99

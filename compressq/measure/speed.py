@@ -96,7 +96,8 @@ def _session_stats(sessions, feeds, runs, threads, provider, clock, clock_name) 
     cache-cold millisecond."""
     if clock is None:
         clock, clock_name = decision_clock(threads, provider)
-    batch = int(next(iter(feeds[0].values())).shape[0]) if feeds and feeds[0] else 1
+    # The first input with a samples axis says the batch (a scalar input, e.g. an If's flag, has none).
+    batch = next((int(v.shape[0]) for v in feeds[0].values() if v.ndim), 1) if feeds and feeds[0] else 1
     named = {str(i): session for i, session in enumerate(sessions)}
     repeat = _block_repeat(sessions[0], feeds[0], clock)
     stats = time_interleaved(named, feeds, runs=runs, warmup=WARMUP, clock=clock, repeat=repeat)

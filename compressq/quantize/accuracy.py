@@ -71,7 +71,9 @@ class AccuracyProbe:
         session = create_session(reference, provider)
         self.output_names = [o.name for o in session.get_outputs()]
         self.feeds_and_outputs = [(feed, self._run(session, feed)) for feed in dataset.batches(batch_size, limit)]
-        self.samples = sum(next(iter(feed.values())).shape[0] for feed, _ in self.feeds_and_outputs)
+        # Stack layout feeds one complete sample at a time (a scalar input has no samples axis to count).
+        self.samples = sum(1 if dataset.layout == "stack" else next(iter(feed.values())).shape[0]
+                           for feed, _ in self.feeds_and_outputs)
         first_feed, first_outputs = self.feeds_and_outputs[0]
         self.roles = roles_for_batch(reference, first_feed, first_outputs, task_outputs)
         self.labels = dataset.labels(limit)
@@ -115,7 +117,7 @@ class AccuracyProbe:
     def _label_batches(self):
         start = 0
         for feed, _ in self.feeds_and_outputs:
-            count = next(iter(feed.values())).shape[0]
+            count = 1 if self.dataset.layout == "stack" else next(iter(feed.values())).shape[0]
             yield self.labels[start:start + count]
             start += count
 

@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from compressq.graph.edit import NameGenerator, remove_unused, toposort
+from compressq.graph.edit import NameGenerator, remove_unused, share_duplicate_initializers, toposort
 from compressq.graph.index import GraphIndex, check_exclude, node_attributes, scopes, tensor_names
 from compressq.quantize import scheme
 from compressq.quantize.plan import Skipped, matches
@@ -43,6 +43,7 @@ def quantize_dynamic(model: onnx.ModelProto, exclude: tuple[str, ...] = (), per_
         result.opset_import.append(helper.make_opsetid(MICROSOFT_DOMAIN, 1))
     for scope in reversed(scopes(result.graph)):  # float weights a body no longer reads go too
         remove_unused(scope.graph)
+    share_duplicate_initializers(result.graph)  # two branches reading one outer weight: one int8 copy
     toposort(result.graph)
     return outcome
 

@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from compressq.graph.edit import NameGenerator, remove_unused, toposort
+from compressq.graph.edit import NameGenerator, remove_unused, share_duplicate_initializers, toposort
 from compressq.graph.index import Scope, implicit_inputs, node_attributes, opset_version, scopes, tensor_names
 from compressq.quantize import scheme
 from compressq.quantize.bias_correction import weight_error_shift
@@ -252,6 +252,7 @@ def rewrite_qdq(model: onnx.ModelProto, plan: QuantPlan, ranges: dict[str, Tenso
         select_on_integers(scope.graph, opset_version(result))  # onnxruntime keeps a QDQ Max/Min float
         for key, value in vars(done).items():
             setattr(stats, key, getattr(stats, key) + value)
+    share_duplicate_initializers(result.graph)  # two branches reading one outer weight: one int8 copy
     return result, stats
 
 

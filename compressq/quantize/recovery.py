@@ -227,7 +227,7 @@ def summed_outputs(model: onnx.ModelProto, names: list[str], dataset: Dataset, b
         for name, value in zip(names, session.run(names, feed)):
             totals[name] += float(value)
         if progress:
-            progress(next(iter(feed.values())).shape[0])
+            progress(next((value.shape[0] for value in feed.values() if value.ndim), 1))
     return totals
 
 

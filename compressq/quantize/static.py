@@ -424,7 +424,9 @@ def _nodes_needing(model: onnx.ModelProto, plan: QuantPlan, tensors: set[str], r
 
 def _filled_to(feed: dict[str, np.ndarray], batch: int) -> dict[str, np.ndarray]:
     """A feed of exactly `batch` samples: a short last batch (or a small dataset) is repeated to fill it."""
-    have = next(iter(feed.values())).shape[0] if feed else batch
+    if not feed or any(value.ndim == 0 for value in feed.values()):
+        return feed  # a complete feed with a scalar input (stack layout) is timed as it is stored
+    have = next(iter(feed.values())).shape[0]
     if have in (0, batch):
         return feed
     repeats = -(-batch // have)

@@ -34,7 +34,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from compressq.errors import DataError, UsageError
-from compressq.graph.edit import NameGenerator, remove_unused, toposort
+from compressq.graph.edit import NameGenerator, remove_unused, share_duplicate_initializers, toposort
 from compressq.graph.index import GraphIndex, check_exclude, node_attributes, scopes, tensor_names
 from compressq.quantize.gptq import LayerReport, block_grid, reconstruct, sample_gram
 from compressq.quantize.plan import matches
@@ -268,6 +268,7 @@ def quantize_weights_only(
         _import_ms_domain(result)
     for scope in reversed(scopes(graph)):  # float weights a body no longer reads go too
         remove_unused(scope.graph)
+    share_duplicate_initializers(graph)  # two branches reading one outer weight: one packed copy
     toposort(graph)
     return result, summary
 
