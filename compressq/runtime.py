@@ -42,8 +42,9 @@ def provider_chain(provider: str) -> list[str]:
     name = PROVIDER_NAMES[key]
     available = ort.get_available_providers()
     if name not in available:
-        hint = ("install onnxruntime-gpu (pip uninstall -y onnxruntime && pip install 'compressq[gpu]') "
-                "on a machine with an NVIDIA GPU") if key == "cuda" else f"available: {', '.join(available)}"
+        hint = ("on a machine with an NVIDIA GPU, swap onnxruntime for onnxruntime-gpu: pip uninstall -y "
+                "onnxruntime && pip install onnxruntime-gpu (from a clone: pip install -e '.[gpu]')"
+                ) if key == "cuda" else f"available: {', '.join(available)}"
         raise ProviderError(f"{name} is not available in this onnxruntime build", hint=hint)
     return [name] if name == "CPUExecutionProvider" else [name, "CPUExecutionProvider"]
 
