@@ -431,3 +431,26 @@ def test_importing_compressq_keeps_the_importers_handlers(work):
     done = run_python("import signal, compressq; print(signal.getsignal(signal.SIGINT) is signal.default_int_handler)",
                       cwd=work)
     assert done.stdout.strip() == "True", done.stderr
+
+
+def test_main_called_in_process_gives_the_callers_handlers_back(monkeypatch, work):
+    from compressq.cli import app as cli
+
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    monkeypatch.setattr(sys, "argv", ["compressq", "inspect", str(work / "m.onnx")])
+    with pytest.raises(SystemExit):
+        cli.main()
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+
+
+def test_the_program_ignores_signals_once_its_command_is_over(work):
+    from tests.test_guarantees import run_python
+
+    done = run_python("""
+        import atexit, runpy, signal, sys
+        atexit.register(lambda: print(signal.getsignal(signal.SIGINT) == signal.SIG_IGN))
+        sys.argv = ["compressq", "inspect", "m.onnx"]
+        runpy.run_module("compressq", run_name="__main__", alter_sys=True)
+        """, cwd=work)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "True"

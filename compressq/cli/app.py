@@ -46,7 +46,7 @@ from compressq.graph import passes  # noqa: E402
 try:  # typer >= 0.2x carries its own click
     from typer._click.exceptions import ClickException  # noqa: E402
 except ImportError:  # pragma: no cover - older typer uses click itself
-    from click.exceptions import ClickException  # noqa: E402
+    from click.exceptions import ClickException  # type: ignore[no-redef]  # noqa: E402
 
 _debug = {"on": os.environ.get("COMPRESSQ_DEBUG") == "1"}
 
@@ -163,7 +163,7 @@ def _on_terminate(signum, frame) -> None:
 def main() -> None:
     # Ctrl-C raises KeyboardInterrupt and SIGTERM raises Terminated: both unwind through `finally`
     # (staging folders removed) and end as one line with exit 130 or 143.
-    _install({signal.SIGINT: signal.default_int_handler, signal.SIGTERM: _on_terminate})
+    callers = _install({signal.SIGINT: signal.default_int_handler, signal.SIGTERM: _on_terminate})
     # Accept --debug anywhere on the line, not only before the command name.
     if "--debug" in sys.argv[2:]:
         sys.argv.remove("--debug")
@@ -171,5 +171,17 @@ def main() -> None:
         passes.enable_checks()
     try:
         app(prog_name="compressq")
-    finally:  # the command is over: a Ctrl-C while the interpreter shuts down must not print a traceback
-        _install({signal.SIGINT: signal.SIG_IGN, signal.SIGTERM: signal.SIG_IGN})
+    finally:
+        # The program itself ends here: a Ctrl-C while the interpreter shuts down must not print a traceback.
+        # A caller in the same process (a test, a script) gets its own handlers back instead.
+        ending = {signal.SIGINT: signal.SIG_IGN, signal.SIGTERM: signal.SIG_IGN}
+        _install(ending if _running_as_the_program() else callers)
+
+
+def _running_as_the_program() -> bool:
+    """`compressq ...` (the console script) or `python -m compressq`, not an importer calling main()."""
+    program = sys.modules.get("__main__")
+    spec = getattr(program, "__spec__", None)
+    if spec is not None:
+        return spec.name in ("compressq", "compressq.__main__")
+    return os.path.basename(getattr(program, "__file__", None) or "") == "compressq"
