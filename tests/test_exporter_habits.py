@@ -4,6 +4,8 @@ and numpy."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import onnx
 import pytest
@@ -334,3 +336,6 @@ def test_fp16_model_through_the_commands(run_cli, tmp_path):
                      "--warmup", "0", "--format", "json")
     assert report.exit_code == 0, report.stderr
     assert run_cli("inspect", model).exit_code == 0
+    ranked = run_cli("sensitivity", model, "-d", data, "--json")
+    assert ranked.exit_code == 0, ranked.stderr
+    assert {"conv1", "conv2", "conv3", "conv4"} <= {row["node"] for row in json.loads(ranked.stdout)["nodes"]}

@@ -254,6 +254,8 @@ def _weight_only(model, dataset: Dataset | None, config: QuantizeConfig) -> Quan
 def analyze_sensitivity(model: onnx.ModelProto, dataset: Dataset, eval_dataset: Dataset, config: QuantizeConfig,
                         progress: Callable[[str, int, int], None] | None = None) -> list[NodeSensitivity]:
     """Each quantizable node quantized alone, measured against fp32 on `eval_dataset`; worst first."""
+    if float16.holds_float16(model):  # ranked as quantize would do it: float32 inside, fp16 interface
+        model = float16.widen(model)[0]
     quantizer = StaticQuantizer(model, dataset, config, progress)
     probe = AccuracyProbe(model, eval_dataset, task_outputs=config.task_outputs)
     return node_sensitivity(quantizer, probe, quantizer.base_keep_float, progress)
