@@ -598,3 +598,24 @@ def test_branches_sharing_an_outer_weight_share_its_quantized_copy(run_cli, tmp_
     for flag in (True, False):
         (got,) = _run(out, {"flag": np.array(flag), "x": x})
         assert _cosine(got, np.maximum(x @ weight, 0)) > 0.99
+
+
+def test_scalar_first_if_model_through_report_and_an_accuracy_target(run_cli, tmp_path):
+    """report (with and without data) and quantize --min-agreement on an If whose first input is its flag;
+    the accuracy search measures nodes in bodies one by one (their own errors cannot leave the body)."""
+    model, _ = shared_weight_model()
+    path, data, out = tmp_path / "shared.onnx", tmp_path / "calibration.npz", tmp_path / "out.onnx"
+    onnx.save_model(model, str(path))
+    rng = np.random.default_rng(5)
+    np.savez(data, flag=np.array([True, False] * 8), x=rng.standard_normal((16, 4, 256)).astype(np.float32))
+    assert run_cli("report", path, "--runs", "2", "--warmup", "0", "--json").exit_code == 0
+    result = run_cli("quantize", path, "-d", data, "--data-layout", "stack", "--no-speed-check",
+                     "--min-agreement", "1.0", "-o", out, "--json")
+    assert result.exit_code == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert any("inside If/Loop/Scan bodies: nodes measured one by one" in step for step in summary["speed_steps"])
+    assert summary["returned_to_float"] and summary["accuracy"]["agreement"] == 1.0
+    report = run_cli("report", path, out, "--data", data, "--data-layout", "stack", "--runs", "2", "--warmup", "0",
+                     "--json")
+    assert report.exit_code == 0, report.stderr
+    assert json.loads(report.stdout)["candidates"][0]["outputs"][0]["top1_agreement"] == 1.0

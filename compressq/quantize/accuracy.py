@@ -217,8 +217,13 @@ class AccuracyFallback:
         figures = self.probe.measure(current.model)
         steps.append(f"accuracy before fallback: {self.target.describe(figures)}")
         self.returned_to_float = []
+        # A node's own error is read from twin outputs of the main graph; inside If/Loop/Scan bodies it cannot
+        # be, so there every node is measured by quantizing it alone.
+        in_bodies = set(current.plan.compute) - set(current.plan.main_part().compute)
         if not self.target.met(figures):
-            if quantizer.config.recovery == "one-by-one":
+            if quantizer.config.recovery == "one-by-one" or in_bodies:
+                if in_bodies and quantizer.config.recovery != "one-by-one":
+                    steps.append(f"{len(in_bodies)} int8 nodes inside If/Loop/Scan bodies: nodes measured one by one")
                 current, figures = self._one_by_one(quantizer, current, figures)
             else:
                 current, figures = self._bisect(quantizer, current)
