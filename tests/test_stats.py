@@ -214,6 +214,15 @@ def test_a_batch_is_split_into_runs_that_fit_the_budget(data, monkeypatch):
     assert rows == []  # the default budget holds whole batches of 8
 
 
+def test_samples_per_run_follows_the_budget(data):
+    model = conv_model()
+    dataset, _ = data(model)
+    one_sample = 4 * (75 + 4 * 150 + 4)
+    assert collect_module.samples_per_run(model, dataset, 8, budget=3 * one_sample) == 3
+    assert collect_module.samples_per_run(model, dataset, 8, budget=one_sample // 2) == 1
+    assert collect_module.samples_per_run(model, dataset, 8) == 8
+
+
 def test_one_sample_weight_counts_every_tensor_of_the_graph(data):
     model = conv_model()
     _, path = data(model, samples=2)

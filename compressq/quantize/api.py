@@ -30,6 +30,7 @@ from compressq.quantize.plan import Skipped
 from compressq.quantize.plan_file import QuantizationPlan
 from compressq.quantize.static import StaticQuantizer, quantize_static
 from compressq.runtime import ORT_ERRORS, create_session, with_outputs
+from compressq.stats.collect import samples_per_run
 
 __all__ = ["METHODS", "MODES", "QuantizeResult", "QuantizeSummary", "analyze_sensitivity", "quantize_model"]
 
@@ -151,9 +152,10 @@ def _static(model, dataset: Dataset, config: QuantizeConfig, progress, eval_data
         summary.accuracy_data = f"evaluation data ({fallback.probe.samples} samples)"
     elif outcome.plan.compute and config.accuracy_check:
         # No target given: still say what int8 cost, measured on calibration samples (never silently worse).
-        # Batches as small as calibration's: onnxruntime's activations for a batch of 64 would set the peak.
+        # Runs as small as calibration's (the same memory budget): onnxruntime's activations would set the peak.
         probe = AccuracyProbe(model, dataset, limit=self_check_samples(model, dataset),
-                              task_outputs=config.task_outputs, batch_size=config.batch_size)
+                              task_outputs=config.task_outputs,
+                              batch_size=samples_per_run(model, dataset, config.batch_size))
         summary.accuracy = probe.measure(outcome.model).to_dict()
         summary.accuracy_data = f"calibration data ({probe.samples} samples; pass --eval-data for held-out)"
     elif outcome.plan.compute:

@@ -45,7 +45,7 @@ from compressq.stats.subgraphs import BodyProbes, probe_bodies
 
 __all__ = ["CANDIDATE_METHODS", "DEFAULT_BUDGET", "HISTOGRAM_BINS", "METHODS", "SENTINEL_MAGNITUDE",
            "CandidatesObserver", "HistogramObserver", "MinMaxObserver", "Request", "TensorRange", "collect",
-           "collect_range_candidates", "collect_ranges", "main_graph_tensors", "passes_needed"]
+           "collect_range_candidates", "collect_ranges", "main_graph_tensors", "passes_needed", "samples_per_run"]
 
 METHODS = ("minmax", "percentile", "entropy", "mse", "auto")
 # Bytes of tensors one session may return per run, and the per-run activation weight a batch is split
@@ -128,6 +128,16 @@ def collect(model: onnx.ModelProto, dataset: Dataset, requests: Iterable[Request
     per_sample = {t: sizes.get(t, 0.0) * _itemsize(types.get(t)) for t in wanted}
     _fetching_pass(model, provider, fetched, wanted, per_sample, rows, dataset, batch_size, samples, budget,
                    progress)
+
+
+def samples_per_run(model: onnx.ModelProto, dataset: Dataset, batch_size: int, budget: int = DEFAULT_BUDGET) -> int:
+    """Samples one session run may take so that all its tensors fit `budget` (at least 1; `batch_size` when
+    the data's batches cannot be cut): the batch any loop over this data should run the model at."""
+    first = next(iter(dataset.batches(1, 1)), None)
+    if first is None or not _splittable(dataset):
+        return batch_size
+    _, one_sample_bytes = _one_sample_types(model, first)
+    return _rows_within(budget, one_sample_bytes, batch_size)
 
 
 def passes_needed(requests: Iterable[Request]) -> int:
