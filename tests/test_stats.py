@@ -283,6 +283,32 @@ def test_tensors_inside_bodies_are_measured_in_the_same_pass(tmp_path, monkeypat
     assert len(sessions) == 3  # one pass: one run per sample, bodies and main graph together
 
 
+def test_quantize_reads_the_data_on_the_chosen_provider_as_few_times_as_needed(monkeypatch):
+    """--provider reaches every statistics pass; --smoothquant --bias-correction reads the data twice
+    (SmoothQuant's abs-max before smoothing; ranges and bias means of the smoothed graph together)."""
+    from compressq.data import load_dataset as load
+    from compressq.io import load_model
+    from compressq.quantize.config import QuantizeConfig
+    from compressq.quantize.static import StaticQuantizer
+    from tests.conftest import SAMPLES
+
+    providers = []
+    real = collect_module.create_session
+
+    def recording(model, provider="cpu", *args, **kwargs):
+        providers.append(provider)
+        return real(model, "cpu", *args, **kwargs)  # this machine has no GPU: run it on CPU
+
+    monkeypatch.setattr(collect_module, "create_session", recording)
+    model = load_model(SAMPLES / "digits_transformer.onnx")
+    dataset = load(SAMPLES / "digits_seq_calib.npz", model)
+    config = QuantizeConfig(provider="cuda", smoothquant=0.5, bias_correction=True, speed_check=False)
+    quantizer = StaticQuantizer(model, dataset, config)
+    assert providers == ["cuda", "cuda"]
+    assert quantizer.input_mean_observers and all(o.result() is not None
+                                                  for o in quantizer.input_mean_observers.values())
+
+
 def test_range_observer_names_each_method():
     assert type(range_observer("minmax")) is MinMaxObserver
     assert range_observer("entropy").method == "entropy"
