@@ -256,3 +256,23 @@ def test_a_plan_with_reconstructed_weights_is_not_replayed_without_data(calibrat
     made = quantize_model(model, load_dataset(calibration_file, model), config)
     with pytest.raises(UsageError, match="weight-reconstruction gptq"):
         quantize_model(model, None, config, pinned=made.plan)
+
+
+def test_cli_reports_the_errors_per_layer_in_json(tmp_path, calibration_file):
+    import json
+
+    from typer.testing import CliRunner
+
+    from compressq.cli import app as cli
+
+    source = tmp_path / "mm.onnx"
+    onnx.save(matmul_model(), source)
+    arguments = ["quantize", str(source), "-d", str(calibration_file), "--mode", "weight-only", "--bits", "4",
+                 "--weight-reconstruction", "gptq", "--no-speed-check", "--json", "-o", str(tmp_path / "out.onnx")]
+    result = CliRunner().invoke(cli.app, arguments)
+    assert result.exit_code == 0, result.output
+    layer = json.loads(result.stdout)["error_correction"]["weights"]["layers"]["mm"]
+    assert layer["reconstructed"] and layer["error_after"] < layer["error_before"]
+    wrong = CliRunner().invoke(cli.app, [*arguments[:-3], "--weight-reconstruction", "best", "-o",
+                                         str(tmp_path / "other.onnx")])
+    assert wrong.exit_code == 2 and "unknown --weight-reconstruction 'best'" in wrong.stderr

@@ -249,7 +249,11 @@ def _weight_only(model, dataset: Dataset | None, config: QuantizeConfig) -> Quan
                                      f"scales refined against calibration data on {refined} layers"
                                      if calibration else "round-to-nearest scales (no calibration data)"])
     if config.weight_reconstruction != "none":
-        summary.error_correction["weights"] = summarize_reconstruction(outcome.reconstruction)
+        report = summarize_reconstruction(outcome.reconstruction)
+        summary.error_correction["weights"] = report
+        summary.notes.append(f"GPTQ weight codes on {report['layers_reconstructed']} of {len(outcome.layers)} "
+                             f"layers (mean relative output error on calibration rows {report['mean_error_before']:.3g}"
+                             f" -> {report['mean_error_after']:.3g})")
     return QuantizeResult(quantized, summary)
 
 

@@ -266,7 +266,7 @@ class GramObserver:
     """H = X^T X [K, K] of a tensor's rows (the last axis is the feature axis K), accumulated in float64:
     the statistic behind least-squares weight reconstruction (compressq.quantize.gptq). Memory is K x K
     whatever the number of samples. Each slice of GRAM_SLICE_ROWS rows is multiplied in float32 (BLAS;
-    relative error ~1e-6 per slice, 2x faster than float64 on MiniLM), the running sum is float64."""
+    relative error ~1e-6 per slice, half the work of float64), the running sum is float64."""
 
     reduction = None  # the rows themselves are needed (a K x K product per batch)
 
