@@ -94,9 +94,8 @@ def collect(model: onnx.ModelProto, dataset: Dataset, requests: Iterable[Request
     if first is None:
         return
     types, one_sample_bytes = _one_sample_types(model, first)
-    # Reductions in the order their tensors are produced: onnxruntime then runs each one soon after its
-    # producer and frees the tensor; in name order, a reduction on a late tensor would keep every earlier
-    # one alive until its own turn (ocr_det: 870 MB for one sample instead of its largest few maps).
+    # Taps in the order their tensors are produced: _Augmented.session lists them so that onnxruntime runs
+    # each reduction right after its producer.
     position = _production_order(model)
     requests.sort(key=lambda r: position.get(r.tensor, -1))
     fetched = [r for r in requests if _reduction_for(r.observer, types.get(r.tensor)) is None]
