@@ -384,6 +384,47 @@ def test_row_budget_stops_reading_samples_once_the_layer_has_enough_rows():
     assert record.error_after <= record.error_before
 
 
+def branching_model(seed: int = 2):
+    """x -> Relu -> {conv_a, conv_b} (both read one tensor) -> Add -> conv_c: waves [a, b], [c]."""
+    rng = np.random.default_rng(seed)
+    weights = {name: rng.standard_normal((4, 4, 3, 3)).astype(np.float32) for name in ("wa", "wb", "wc")}
+    conv = {"kernel_shape": [3, 3], "pads": [1, 1, 1, 1]}
+    nodes = [helper.make_node("Relu", ["x"], ["r"], name="relu"),
+             helper.make_node("Conv", ["r", "wa"], ["a"], name="conv_a", **conv),
+             helper.make_node("Conv", ["r", "wb"], ["b"], name="conv_b", **conv),
+             helper.make_node("Add", ["a", "b"], ["s"], name="add"),
+             helper.make_node("Conv", ["s", "wc"], ["y"], name="conv_c", **conv)]
+    model = make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4, 8, 8])],
+                       [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                       [numpy_helper.from_array(w, name) for name, w in weights.items()])
+    pruned = onnx.ModelProto()
+    pruned.CopyFrom(model)
+    for tensor in pruned.graph.initializer:
+        value = numpy_helper.to_array(tensor)
+        tensor.CopyFrom(numpy_helper.from_array(np.where(rng.random(value.shape) < 0.5, 0, value), tensor.name))
+    return model, pruned
+
+
+def test_layers_reading_independent_inputs_share_one_wave_and_fit_as_if_one_by_one():
+    from compressq.prune.refit import RefitSettings, RefitTarget, refit_layers, refit_waves
+
+    model, pruned = branching_model()
+    targets = [RefitTarget("conv_a"), RefitTarget("conv_b"), RefitTarget("conv_c")]
+    assert [[t.node for t in wave] for wave in refit_waves(pruned.graph, targets)] == [["conv_a", "conv_b"],
+                                                                                        ["conv_c"]]
+    dataset = synthetic_dataset(model, samples=16)
+    settings = RefitSettings(samples=16, batch_size=4)
+    together = onnx.ModelProto()
+    together.CopyFrom(pruned)
+    records = refit_layers(together, model, targets, dataset, settings)
+    assert [r.node for r in records] == ["conv_a", "conv_b", "conv_c"]
+    assert all(r.error_after < r.error_before for r in records)
+    for target in targets:  # one layer per call: each call is its own wave
+        refit_layers(pruned, model, [target], dataset, settings)
+    for a, b in zip(together.graph.initializer, pruned.graph.initializer):
+        np.testing.assert_array_equal(numpy_helper.to_array(a), numpy_helper.to_array(b))
+
+
 def test_progress_reports_each_stage_with_its_total(cnn, cnn_calibration):
     calls = []
     prune_model(cnn, PruneConfig(sparsity=0.5), cnn_calibration,

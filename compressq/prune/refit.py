@@ -309,13 +309,49 @@ def refit_layers(pruned: onnx.ModelProto, teacher: onnx.ModelProto, targets: Seq
                  progress: Callable[[int], None] | None = None) -> list[RefitRecord]:
     """Refit `targets` of `pruned` (changed in place) in order; returns what each fit achieved.
 
-    `progress(1)` is called after each target, so a caller knows the total (len(targets)) up front."""
-    records = []
+    Targets whose inputs do not depend on each other's refit (the branches of a detector head, the
+    convolutions that read one tensor) form one wave and share one run of each model per batch; the result
+    is the same as fitting them one by one. `progress(1)` is called after each target, so a caller knows the
+    total (len(targets)) up front."""
+    records: dict[str, RefitRecord] = {}
+    for wave in refit_waves(pruned.graph, targets):
+        for record in _refit_wave(pruned, teacher, wave, dataset, settings):
+            records[record.node] = record
+            if progress:
+                progress(1)
+    return [records[target.node] for target in targets]
+
+
+def refit_waves(graph: onnx.GraphProto, targets: Sequence[RefitTarget]) -> list[list[RefitTarget]]:
+    """`targets` in order, cut into runs where no target's input depends on an earlier target of its run."""
+    producers = {output: node for node in graph.node for output in node.output}
+    nodes = {node.name: node for node in graph.node}
+    waves: list[list[RefitTarget]] = []
+    members: set[str] = set()
     for target in targets:
-        records.append(_refit_one(pruned, teacher, target, dataset, settings))
-        if progress:
-            progress(1)
-    return records
+        node = nodes.get(target.node)
+        upstream = _upstream_nodes(producers, node.input[0]) if node is not None and node.input else set()
+        if waves and not members & upstream:
+            waves[-1].append(target)
+        else:
+            waves.append([target])
+            members = set()
+        members.add(target.node)
+    return waves
+
+
+def _upstream_nodes(producers: dict[str, onnx.NodeProto], tensor: str) -> set[str]:
+    """Names of every node `tensor` depends on."""
+    seen: set[str] = set()
+    pending = [tensor]
+    while pending:
+        node = producers.get(pending.pop())
+        if node is None or node.name in seen:
+            continue
+        seen.add(node.name)
+        pending.extend(node.input)
+        pending.extend(_subgraph_names(node))
+    return seen
 
 
 def prefix_model(model: onnx.ModelProto, outputs: Sequence[str]) -> onnx.ModelProto:
@@ -353,51 +389,101 @@ def _subgraph_names(node: onnx.NodeProto) -> set[str]:
     return names
 
 
-def _refit_one(pruned: onnx.ModelProto, teacher: onnx.ModelProto, target: RefitTarget, dataset: Dataset,
-               settings: RefitSettings) -> RefitRecord:
-    try:
-        view = linear_view(pruned.graph, target.node)
-    except NotRefittable as reason:
-        return RefitRecord(target.node, 0, float("nan"), float("nan"), f"not refit: {reason}")
-    matrices = view.matrices()
-    equations = [NormalEquations(m.shape[1], m.shape[0]) for m in matrices]
+@dataclass
+class _Fit:
+    """One target's state while its wave reads data."""
+
+    target: RefitTarget
+    view: LinearView
+    matrices: list[np.ndarray]
+    equations: list[NormalEquations]
+    rng: np.random.Generator
+    samples: int = 0  # how many samples its row budget needs
+    seen: int = 0
+    failure: str = ""
+
+
+def _refit_wave(pruned: onnx.ModelProto, teacher: onnx.ModelProto, wave: Sequence[RefitTarget], dataset: Dataset,
+                settings: RefitSettings) -> list[RefitRecord]:
+    fits, records = [], []
+    for target in wave:
+        try:
+            view = linear_view(pruned.graph, target.node)
+        except NotRefittable as reason:
+            records.append(RefitRecord(target.node, 0, float("nan"), float("nan"), f"not refit: {reason}"))
+            continue
+        matrices = view.matrices()
+        fits.append(_Fit(target, view, matrices, [NormalEquations(m.shape[1], m.shape[0]) for m in matrices],
+                         np.random.default_rng(settings.seed)))
+    if fits:
+        _read_data(pruned, teacher, fits, dataset, settings)
+    records += [_solve(fit, settings) for fit in fits]
+    order = [target.node for target in wave]
+    return sorted(records, key=lambda record: order.index(record.node))
+
+
+def _read_data(pruned: onnx.ModelProto, teacher: onnx.ModelProto, fits: list[_Fit], dataset: Dataset,
+               settings: RefitSettings) -> None:
+    """Accumulate every fit's normal equations: one run of the pruned model's prefix (the fits' inputs) and
+    one of the teacher's (their targets) per batch, each fit reading only the samples its budget needs."""
     graph_inputs = {i.name for i in pruned.graph.input}
-    student = None if view.input_name in graph_inputs else create_session(
-        prefix_model(pruned, [view.input_name]), threads=SESSION_THREADS)
-    teacher_session = create_session(prefix_model(teacher, [view.target_name]), threads=SESSION_THREADS)
-    rng = np.random.default_rng(settings.seed)
-    budget = settings.row_budget(matrices[0].shape[1])
+    student_outputs = sorted({fit.view.input_name for fit in fits} - graph_inputs)
+    teacher_outputs = sorted({fit.view.target_name for fit in fits})
+    student = create_session(prefix_model(pruned, student_outputs), threads=SESSION_THREADS) \
+        if student_outputs else None
+    teacher_session = create_session(prefix_model(teacher, teacher_outputs), threads=SESSION_THREADS)
     available = min(settings.samples, dataset.num_samples)
-    used_samples, rows_per_sample = available, 0.0
-    seen = 0
+    probe = dict(zip(teacher_outputs, teacher_session.run(teacher_outputs, next(dataset.batches(1, 1)))))
+    for fit in fits:
+        budget = settings.row_budget(fit.matrices[0].shape[1])
+        fit.samples = _samples_needed(probe[fit.view.target_name], fit.view, budget, available, settings)
+    for feed in dataset.batches(settings.batch_size, max(fit.samples for fit in fits)):
+        reading = [fit for fit in fits if fit.seen < fit.samples and not fit.failure]
+        if not reading:
+            break
+        activations = dict(feed)
+        if student is not None:
+            activations.update(zip(student_outputs, student.run(student_outputs, feed)))
+        activations.update(zip(teacher_outputs, teacher_session.run(teacher_outputs, feed)))
+        for fit in reading:
+            _add_rows(fit, activations, settings)
+
+
+def _add_rows(fit: _Fit, activations: dict[str, np.ndarray], settings: RefitSettings) -> None:
+    view = fit.view
+    x, y = activations[view.input_name], activations[view.target_name]
+    if fit.target.kept_outputs is not None:
+        y = np.take(y, list(fit.target.kept_outputs), axis=view.output_axis)
+    take = min(y.shape[0], fit.samples - fit.seen)
+    x, y = x[:take], y[:take]
+    rows_per_sample = settings.row_budget(fit.matrices[0].shape[1]) / fit.samples
+    limit = max(1, round(rows_per_sample * (fit.seen + take)) - round(rows_per_sample * fit.seen))
     try:
-        for feed in dataset.batches(settings.batch_size, available):
-            if seen >= used_samples:
-                break
-            x = feed[view.input_name] if student is None else student.run([view.input_name], feed)[0]
-            y = teacher_session.run([view.target_name], feed)[0]
-            if target.kept_outputs is not None:
-                y = np.take(y, list(target.kept_outputs), axis=view.output_axis)
-            batch = y.shape[0]
-            if seen == 0:  # positions per sample are known now: how many samples does the budget need?
-                positions = max(1, y[0].size // max(1, y.shape[view.output_axis]))
-                used_samples = min(available, max(batch, -(-settings.spread * budget // positions)))
-                rows_per_sample = budget / used_samples
-            take = min(batch, used_samples - seen)
-            if take < batch:
-                x, y = x[:take], y[:take]
-            limit = max(1, round(rows_per_sample * (seen + take)) - round(rows_per_sample * seen))
-            for equation, (inputs, outputs) in zip(equations, view.rows(x, y, rng, limit)):
-                equation.update(inputs, outputs)
-            seen += take
+        for equation, (inputs, outputs) in zip(fit.equations, view.rows(x, y, fit.rng, limit)):
+            equation.update(inputs, outputs)
     except NotRefittable as reason:
-        return RefitRecord(target.node, 0, float("nan"), float("nan"), f"not refit: {reason}")
-    fitted = [eq.solve(m, view.always_free(m.shape[1]), settings.ridge) for eq, m in zip(equations, matrices)]
-    view.store(fitted)
+        fit.failure = f"not refit: {reason}"
+    fit.seen += take
+
+
+def _solve(fit: _Fit, settings: RefitSettings) -> RefitRecord:
+    if fit.failure:
+        return RefitRecord(fit.target.node, 0, float("nan"), float("nan"), fit.failure)
+    equations, matrices = fit.equations, fit.matrices
+    fitted = [eq.solve(m, fit.view.always_free(m.shape[1]), settings.ridge) for eq, m in zip(equations, matrices)]
+    fit.view.store(fitted)
     energy = sum(eq.target_energy.sum() for eq in equations) or 1.0
     before = sum(eq.squared_error(m) for eq, m in zip(equations, matrices))
     after = sum(eq.squared_error(m) for eq, m in zip(equations, fitted))
-    return RefitRecord(target.node, equations[0].rows, _relative(before, energy), _relative(after, energy))
+    return RefitRecord(fit.target.node, equations[0].rows, _relative(before, energy), _relative(after, energy))
+
+
+def _samples_needed(y: np.ndarray, view: LinearView, budget: int, available: int, settings: RefitSettings) -> int:
+    """How many samples the row budget needs, spread over `settings.spread` x as many as strictly needed;
+    `y` is the layer's output on one sample. A layer with many positions per sample (an early,
+    high-resolution convolution) so runs the model on a few samples instead of a whole batch."""
+    positions = max(1, y[0].size // max(1, y.shape[view.output_axis]))
+    return max(1, min(available, -(-settings.spread * budget // positions)))
 
 
 def _relative(squared_error: float, energy: float) -> float:
