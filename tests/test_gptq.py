@@ -14,6 +14,7 @@ from compressq.quantize.api import quantize_model
 from compressq.quantize.config import QuantizeConfig
 from compressq.quantize.gptq import (
     block_grid,
+    conv_geometry,
     factorize,
     gptq_codes,
     per_column_grid,
@@ -23,7 +24,7 @@ from compressq.quantize.gptq import (
 )
 from compressq.quantize.weight_only import quantize_weight
 from compressq.runtime import create_session
-from compressq.stats.observers import GramObserver
+from compressq.stats.observers import GramObserver, PatchGramObserver
 from tests.conftest import make_model
 
 
@@ -276,3 +277,61 @@ def test_cli_reports_the_errors_per_layer_in_json(tmp_path, calibration_file):
     wrong = CliRunner().invoke(cli.app, [*arguments[:-3], "--weight-reconstruction", "best", "-o",
                                          str(tmp_path / "other.onnx")])
     assert wrong.exit_code == 2 and "unknown --weight-reconstruction 'best'" in wrong.stderr
+
+
+# -- convolutions: im2col patches ---------------------------------------------------------------------
+
+
+def conv_model(weight: np.ndarray, **attributes) -> onnx.ModelProto:
+    return make_model([helper.make_node("Conv", ["x", "W"], ["y"], name="conv", **attributes)],
+                      [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", weight.shape[1], 10, 9])],
+                      [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", weight.shape[0], None, None])],
+                      [numpy_helper.from_array(weight, "W")])
+
+
+def correlated_maps(samples: int, channels: int, seed: int) -> np.ndarray:
+    """Feature maps whose channels are mixed (one mixing per channel count) and smooth in space."""
+    rows = correlated_rows(samples * 10 * 9, channels, seed).reshape(samples, 10, 9, channels)
+    smooth = rows + np.roll(rows, 1, axis=1) + np.roll(rows, 1, axis=2)
+    return np.ascontiguousarray(smooth.transpose(0, 3, 1, 2))
+
+
+def test_patch_gram_rows_reproduce_the_convolution():
+    rng = np.random.default_rng(10)
+    weight = rng.standard_normal((4, 3, 3, 2)).astype(np.float32)
+    attributes = dict(strides=[2, 1], dilations=[1, 2], pads=[1, 0, 2, 1])
+    maps = rng.standard_normal((2, 3, 10, 9)).astype(np.float32)
+    expected = create_session(conv_model(weight, **attributes)).run(None, {"x": maps})[0]
+    geometry = conv_geometry(conv_model(weight, **attributes).graph.node[0], weight)
+    observer = PatchGramObserver(geometry, rows_per_sample=10**6)
+    rows = np.concatenate([observer._patches(sample) for sample in maps])
+    np.testing.assert_allclose(rows @ weight.reshape(4, -1).T, expected.transpose(0, 2, 3, 1).reshape(-1, 4),
+                               atol=1e-5)
+    observer.update(maps)
+    np.testing.assert_allclose(observer.result(), rows.astype(np.float64).T @ rows, rtol=1e-5)
+    assert conv_geometry(conv_model(weight, group=1).graph.node[0], weight) is not None
+    grouped = np.zeros((4, 1, 3, 3), np.float32)
+    assert conv_geometry(conv_model(grouped, group=4).graph.node[0], grouped) is None  # kept rounded
+
+
+def test_static_int8_conv_output_closer_to_fp32(tmp_path):
+    weight = (np.random.default_rng(11).standard_normal((16, 12, 3, 3)) * 0.1).astype(np.float32)
+    model = conv_model(weight, pads=[1, 1, 1, 1])
+    path = tmp_path / "maps.npz"
+    np.savez(path, x=correlated_maps(64, 12, 12))
+    dataset = load_dataset(path, model)
+    unseen = correlated_maps(32, 12, 13)
+    results = {strategy: quantize_model(model, dataset, QuantizeConfig(
+        weight_reconstruction=strategy, speed_check=False, accuracy_check=False)) for strategy in ("none", "gptq")}
+    plain, rebuilt = results["none"], results["gptq"]
+    np.testing.assert_array_equal(next(iter(initializers_named(rebuilt.model, "W_scale").values())),
+                                  next(iter(initializers_named(plain.model, "W_scale").values())))
+    codes = next(iter(initializers_named(rebuilt.model, "W_quantized").values()))
+    assert codes.shape == weight.shape and codes.dtype == np.int8
+    errors = {}
+    for strategy, result in results.items():
+        expected = create_session(model).run(None, {"x": unseen})[0]
+        got = create_session(result.model).run(None, {"x": unseen})[0]
+        errors[strategy] = float(np.sum((got - expected) ** 2) / np.sum(expected ** 2))
+    assert errors["gptq"] < errors["none"]
+    assert rebuilt.summary.error_correction["weights"]["layers"]["conv"]["reconstructed"]

@@ -25,11 +25,11 @@ import numpy as np
 import onnx
 
 from compressq.data import Dataset
-from compressq.graph.index import GraphIndex
+from compressq.graph.index import GraphIndex, node_attributes
 from compressq.quantize import scheme
 from compressq.quantize.plan import ComputeNode, QuantPlan
 from compressq.stats.collect import Request, collect
-from compressq.stats.observers import GramObserver
+from compressq.stats.observers import ConvGeometry, GramObserver, PatchGramObserver
 
 DAMPING = 0.01        # fraction of mean(diag(H)) added to the diagonal: H^-1 stays well conditioned
 MAX_DAMPING = 1.0     # a Gram matrix that needs more than this to be positive definite is not used
@@ -189,7 +189,8 @@ def summarize(reports: dict[str, LayerReport]) -> dict:
     kept = [r for r in reports.values() if r.reconstructed]
     return {
         "how": "GPTQ: weight codes chosen row by row with error feedback through H^-1, H = X^T X of each "
-               "layer's fp32 inputs; scales unchanged; kept only where the output error fell",
+               "layer's fp32 inputs (Conv: im2col patches); scales unchanged; kept only where the output error "
+               "fell",
         "layers_reconstructed": len(kept),
         "layers_kept_rounded": len(reports) - len(kept),
         "mean_error_before": _mean(r.error_before for r in reports.values()),
@@ -220,7 +221,8 @@ def static_weight_codes(model: onnx.ModelProto, plan: QuantPlan, dataset: Datase
                         progress: Callable[[int], None] | None = None) -> WeightCodes:
     """GPTQ codes for the 2-D MatMul/Gemm weights of `plan`'s main graph, on exactly the grid the rewrite
     stores (scheme.weight_params, per channel or per tensor), from the fp32 inputs of each layer on
-    `dataset`. Conv weights and weights inside If/Loop/Scan bodies keep round-to-nearest.
+    `dataset`. Convolutions (2-D, group 1) are reconstructed on their im2col patches (PatchGramObserver);
+    grouped/depthwise ones and weights inside If/Loop/Scan bodies keep round-to-nearest.
 
     Fitted to fp32 inputs, not to the int8 inputs the layer will see. Tried and dropped: modelling the
     input's rounding as independent noise (objective ||X(W - W_q)||^2 + lambda ||W_q||^2, lambda = rows x
@@ -228,23 +230,34 @@ def static_weight_codes(model: onnx.ModelProto, plan: QuantPlan, dataset: Datase
     exactly but changed nothing there, and on MiniLM (outlier activations: wide input steps, where rounding
     is not independent of x) it shrank the weights: unseen-sentence cosine 0.985 -> 0.941."""
     index = GraphIndex(model.graph)
+    nodes = {node.name: node for node in model.graph.node}
     layers: dict[str, list[ComputeNode]] = {}  # weight -> the layers that read it (tied weights: several)
+    geometry: dict[str, ConvGeometry | None] = {}  # layer -> what its Conv reads (None: MatMul/Gemm rows)
     for compute in sorted(plan.main_part().compute.values(), key=lambda c: c.name):
         weight = index.constant(compute.weight)
-        if compute.op_type in ("MatMul", "Gemm") and weight is not None and weight.ndim == 2:
-            layers.setdefault(compute.weight, []).append(compute)
+        if weight is None or compute.name not in nodes:
+            continue
+        if compute.op_type in ("MatMul", "Gemm") and weight.ndim == 2:
+            geometry[compute.name] = None
+        elif compute.op_type == "Conv" and (found := conv_geometry(nodes[compute.name], weight)) is not None:
+            geometry[compute.name] = found
+        else:
+            continue
+        layers.setdefault(compute.weight, []).append(compute)
     codes: dict[str, np.ndarray] = {}
     reports: dict[str, LayerReport] = {}
     for group in _groups_within_budget(layers, index):
-        observers = {c.activation: GramObserver() for weight in group for c in layers[weight]}
-        collect(model, dataset, [Request(t, o) for t, o in sorted(observers.items())], provider=provider,
-                batch_size=batch_size, samples=samples, progress=progress)
+        observers = {(c.activation, geometry[c.name]): _observer(geometry[c.name])
+                     for weight in group for c in layers[weight]}
+        collect(model, dataset, [Request(key[0], observers[key]) for key in sorted(observers, key=str)],
+                provider=provider, batch_size=batch_size, samples=samples, progress=progress)
         factors = FactorCache()  # Q, K and V projections read one input: one factorization
         for weight_name in group:
             consumers = layers[weight_name]
-            grams = [gram for c in consumers if (gram := observers[c.activation].result()) is not None]
+            grams = [gram for c in consumers if (gram := observers[c.activation, geometry[c.name]].result())
+                     is not None]
             summed = sum(grams[1:], grams[0]) if len(grams) == len(consumers) else None  # None: a Gram not finite
-            inputs = tuple(sorted({c.activation for c in consumers}))
+            inputs = tuple(sorted({(c.activation, str(geometry[c.name])) for c in consumers}))
             found, report = _static_layer(_constant_weight(index, weight_name), consumers[0], summed, per_channel,
                                           factors.get(inputs, summed))
             if found is not None and report.reconstructed:
@@ -254,11 +267,28 @@ def static_weight_codes(model: onnx.ModelProto, plan: QuantPlan, dataset: Datase
     return WeightCodes(codes, reports)
 
 
+def conv_geometry(node: onnx.NodeProto, weight: np.ndarray) -> ConvGeometry | None:
+    """The geometry of a 2-D, ungrouped Conv with explicit pads; None for the others (kept rounded)."""
+    attributes = node_attributes(node)
+    if weight.ndim != 4 or attributes.get("group", 1) != 1 or attributes.get("auto_pad", "NOTSET") not in (
+            "NOTSET", "VALID", b"NOTSET", b"VALID"):
+        return None
+    pads = tuple(attributes.get("pads", (0, 0, 0, 0)))
+    return ConvGeometry(kernel=(int(weight.shape[2]), int(weight.shape[3])),
+                        strides=tuple(attributes.get("strides", (1, 1))),
+                        dilations=tuple(attributes.get("dilations", (1, 1))), pads=pads)
+
+
+def _observer(geometry: ConvGeometry | None) -> GramObserver:
+    return GramObserver() if geometry is None else PatchGramObserver(geometry)
+
+
 def _groups_within_budget(layers: dict[str, list[ComputeNode]], index: GraphIndex) -> list[list[str]]:
     groups: list[list[str]] = [[]]
     held = 0
     for weight_name in layers:
-        width = _constant_weight(index, weight_name).shape[1 - _output_axis(layers[weight_name][0])]
+        weight = _constant_weight(index, weight_name)
+        width = weight.size // weight.shape[_output_axis(layers[weight_name][0])]
         size = 8 * width * width * len({c.activation for c in layers[weight_name]})
         if groups[-1] and held + size > GRAM_BUDGET_BYTES:
             groups.append([])
@@ -302,13 +332,13 @@ def _static_layer(weight: np.ndarray, compute: ComputeNode, gram: np.ndarray | N
     """(int8 codes in the weight's layout, report) for one weight; the grid is the rewrite's own."""
     output_axis = _output_axis(compute)
     params = scheme.weight_params(weight, compute.weight_axis if per_channel else None)
-    weight_kn = weight.T if output_axis == 0 else weight
+    weight_kn = weight.reshape(weight.shape[0], -1).T if output_axis == 0 else weight  # Conv: [Cin*kh*kw, Cout]
     k, n = weight_kn.shape
     grid = per_column_grid(params.scale, k, n, -scheme.WEIGHT_QMAX, scheme.WEIGHT_QMAX)
     if gram is not None and gram.shape != (k, k):
         return None, LayerReport(0.0, 0.0, False, f"input width {gram.shape[0]} is not the weight's {k}")
     codes_kn, report = reconstruct(weight_kn, gram, grid, factor)
-    codes = (codes_kn.T if output_axis == 0 else codes_kn).astype(np.int8)
+    codes = (codes_kn.T.reshape(weight.shape) if output_axis == 0 else codes_kn).astype(np.int8)
     return np.ascontiguousarray(codes), report
 
 

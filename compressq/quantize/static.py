@@ -314,7 +314,7 @@ class StaticQuantizer:
         found = static_weight_codes(self.prepared, plan, self.dataset, per_channel=self.config.per_channel,
                                     batch_size=self.config.batch_size, samples=self.config.samples,
                                     provider=self.config.provider)
-        self.notes.append(f"GPTQ weight reconstruction: {len(found.codes)} MatMul/Gemm weights reconstructed, "
+        self.notes.append(f"GPTQ weight reconstruction: {len(found.codes)} MatMul/Gemm/Conv weights reconstructed, "
                           f"{sum(not r.reconstructed for r in found.reports.values())} layers kept rounded")
         return found
 

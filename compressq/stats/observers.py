@@ -294,3 +294,56 @@ class GramObserver:
 
 
 GRAM_SLICE_ROWS = 4096
+
+
+@dataclass(frozen=True)
+class ConvGeometry:
+    """What a 2-D Conv reads of its input: kernel, strides, dilations and pads (top, left, bottom, right)."""
+
+    kernel: tuple[int, int]
+    strides: tuple[int, int] = (1, 1)
+    dilations: tuple[int, int] = (1, 1)
+    pads: tuple[int, int, int, int] = (0, 0, 0, 0)
+
+
+class PatchGramObserver(GramObserver):
+    """X^T X of a 2-D Conv's input patches (im2col rows [positions, C x kh x kw], channel-major like the
+    Conv weight reshaped to [Cout, K]), for the weight reconstruction of convolutions.
+
+    A feature map has many positions: at most PATCH_ROWS_PER_SAMPLE of them are taken per sample (drawn
+    with a fixed seed, so the statistic is the same run to run), and only those patches are formed."""
+
+    def __init__(self, geometry: ConvGeometry, rows_per_sample: int | None = None) -> None:
+        super().__init__()
+        self.geometry = geometry
+        self.rows_per_sample = rows_per_sample or PATCH_ROWS_PER_SAMPLE
+        self.rng = np.random.default_rng(0)
+
+    def update(self, values: np.ndarray) -> None:
+        if values.ndim != 4 or values.size == 0:
+            return
+        for sample in values:
+            super().update(self._patches(sample))
+
+    def _patches(self, sample: np.ndarray) -> np.ndarray:
+        (kh, kw), (sh, sw), (dh, dw) = self.geometry.kernel, self.geometry.strides, self.geometry.dilations
+        top, left, bottom, right = self.geometry.pads
+        padded = np.pad(sample, ((0, 0), (top, bottom), (left, right)))
+        span_h, span_w = dh * (kh - 1) + 1, dw * (kw - 1) + 1
+        out_h = (padded.shape[1] - span_h) // sh + 1
+        out_w = (padded.shape[2] - span_w) // sw + 1
+        if out_h <= 0 or out_w <= 0:
+            return np.zeros((0, sample.shape[0] * kh * kw), sample.dtype)
+        positions = np.arange(out_h * out_w)
+        if len(positions) > self.rows_per_sample:
+            positions = np.sort(self.rng.choice(positions, self.rows_per_sample, replace=False))
+        rows_at, cols_at = (positions // out_w) * sh, (positions % out_w) * sw
+        taps_h, taps_w = np.arange(kh) * dh, np.arange(kw) * dw
+        # [C, positions, kh, kw] gathered directly: no full im2col matrix of the map
+        row_index = rows_at[:, None, None] + taps_h[None, :, None]
+        col_index = cols_at[:, None, None] + taps_w[None, None, :]
+        patches = padded[:, row_index, col_index]
+        return patches.transpose(1, 0, 2, 3).reshape(len(positions), -1)
+
+
+PATCH_ROWS_PER_SAMPLE = 1024
