@@ -71,8 +71,8 @@ class OneLineErrors(TyperGroup):
             else:
                 print_error(exc.format_message(), _usage_hint(exc))
             sys.exit(exc.exit_code)
-        except typer.Abort:
-            render.stderr.print("interrupted")
+        except typer.Abort:  # the parser's own Ctrl-C (click turns KeyboardInterrupt into Abort)
+            _say_last("interrupted")
             sys.exit(EXIT_INTERRUPTED)
         sys.exit(code if isinstance(code, int) else 0)
 
@@ -109,7 +109,7 @@ def reports_errors(command):
         except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM as Terminated: `finally` blocks already ran
             terminated = isinstance(exc, Terminated)
             # An output is renamed into place whole or never: the interrupt may have come before or after.
-            render.stderr.print(f"{'terminated' if terminated else 'interrupted'}; no partial output was left")
+            _say_last(f"{'terminated' if terminated else 'interrupted'}; no partial output was left")
             raise typer.Exit(EXIT_TERMINATED if terminated else EXIT_INTERRUPTED) from None
         except (typer.Exit, typer.Abort):
             raise
@@ -121,6 +121,14 @@ def reports_errors(command):
             raise typer.Exit(EXIT_INTERNAL) from None
 
     return wrapper
+
+
+def _say_last(line: str) -> None:
+    """One line on stderr straight to the file descriptor: the interrupt may have landed inside a console's
+    own write, whose buffers are then not to be trusted."""
+    with contextlib.suppress(Exception):
+        sys.stderr.flush()
+    os.write(2, (line + "\n").encode("utf-8", "replace"))
 
 
 def _version(value: bool) -> None:
