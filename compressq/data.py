@@ -453,12 +453,16 @@ def _shape_text(shape: tuple) -> str:
 def synthetic_dataset(model: onnx.ModelProto, samples: int = 32, seed: int = 0) -> Dataset:
     """Random inputs shaped like the model's: for latency only, never evidence of accuracy.
 
-    Scalar and fixed dims are kept as the model declares them: a model with a scalar input gets the
-    stack layout (complete feeds, one at a time); others get samples on their batch axis.
+    Scalar and fixed dims are kept as the model declares them: a model with a scalar input, or an input whose
+    first axis is fixed above 1 (a sequence [5, batch, 16] into a Scan, a state [2, batch, 128]), gets the
+    stack layout (complete feeds, one at a time, a symbolic dim the same size everywhere); others get samples
+    on their batch axis.
     """
     specs = model_inputs(model)
     rng = np.random.default_rng(seed)
-    layout = "stack" if any(spec.shape is not None and not spec.shape for spec in specs) else "batch"
+    stacked = any(spec.shape is not None and (not spec.shape or (isinstance(spec.shape[0], int) and spec.shape[0] > 1))
+                  for spec in specs)
+    layout = "stack" if stacked else "batch"
     arrays = {spec.name: _synthetic_array(spec, samples, rng, layout) for spec in specs}
     shapes = {k: a.shape for k, a in arrays.items()}
     shard = Shard("synthetic", samples, shapes, lambda: arrays)

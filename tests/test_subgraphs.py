@@ -619,3 +619,32 @@ def test_scalar_first_if_model_through_report_and_an_accuracy_target(run_cli, tm
                      "--json")
     assert report.exit_code == 0, report.stderr
     assert json.loads(report.stdout)["candidates"][0]["outputs"][0]["top1_agreement"] == 1.0
+
+
+def test_scan_model_through_the_speed_check_and_report_without_data(run_cli, tmp_path):
+    """Stack-layout feeds (a Scan's [steps, batch, features] sequence) are timed as stored; report's synthetic
+    inputs give a model whose first axis is fixed above 1 complete feeds, one symbolic size everywhere."""
+    model, weights = scan_model()
+    path, data, out = tmp_path / "scan.onnx", tmp_path / "calibration.npz", tmp_path / "out.onnx"
+    onnx.save_model(model, str(path))
+    np.savez(data, **_scan_arrays(1))
+    result = run_cli("quantize", path, "-d", data, "--data-layout", "stack", "-o", out, "--json")
+    assert result.exit_code == 0, result.stderr
+    _close_to_reference("scan", out, weights, _scan_arrays(2), 0.99)
+    report = run_cli("report", path, "--runs", "2", "--warmup", "0", "--json")
+    assert report.exit_code == 0, report.stderr
+    assert json.loads(report.stdout)["data"]["synthetic"] is True
+
+
+def test_report_on_a_model_synthetic_inputs_cannot_run_says_pass_data(run_cli, tmp_path):
+    """An audio front end that reflect-pads by more than a guessed frame length: one line, exit 2."""
+    model = _model([helper.make_node("Pad", ["x", "pads"], ["y"], mode="reflect", name="frame_pad")],
+                   [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, "samples"])],
+                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, None])],
+                   [numpy_helper.from_array(np.array([0, 64, 0, 64], np.int64), "pads")])
+    path = tmp_path / "frontend.onnx"
+    onnx.save_model(model, str(path))
+    result = run_cli("report", path, "--runs", "1", "--warmup", "0")
+    assert result.exit_code == 2, result.stderr
+    assert "does not run on synthetic inputs" in result.stderr and "--data" in result.stderr
+    assert "Traceback" not in result.stderr

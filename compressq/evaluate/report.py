@@ -24,7 +24,7 @@ from compressq.evaluate.latency import LatencyStats, speedup, time_interleaved
 from compressq.evaluate.metrics import TopKCounter
 from compressq.evaluate.per_layer import LayerComparison, LayerErrors, matched_tensors, produced_tensors
 from compressq.evaluate.summary import all_nodes, summarize
-from compressq.io import iter_tensors, load_model
+from compressq.io import first_line, iter_tensors, load_model
 from compressq.measure.speed import SpeedMeasurement, measure_speedup
 from compressq.measure.task import (
     CLASS_SCORES,
@@ -41,7 +41,7 @@ from compressq.measure.task import (
 )
 from compressq.ops import FLOAT_WEIGHTED_OPS, INTEGER_WEIGHTED_OPS
 from compressq.progress import Progress, Stage
-from compressq.runtime import PROVIDER_NAMES, create_session, provider_chain, with_outputs
+from compressq.runtime import ORT_ERRORS, PROVIDER_NAMES, create_session, provider_chain, with_outputs
 
 SCHEMA = "compressq.report/1"
 SYNTHETIC = "synthetic inputs"
@@ -317,9 +317,16 @@ def build_report(config: ReportConfig, progress: Progress | None = None) -> Repo
     for candidate in candidates:
         _check_same_interface(baseline, candidate)
     dataset = _dataset(config, baseline.proto)
-    evaluation = _evaluate(baseline, candidates, dataset, config, progress)
-    latencies = _time_all([baseline, *candidates], dataset, config, progress)
-    work = _work_speedups(baseline, candidates, dataset, config, progress)
+    try:
+        evaluation = _evaluate(baseline, candidates, dataset, config, progress)
+        latencies = _time_all([baseline, *candidates], dataset, config, progress)
+        work = _work_speedups(baseline, candidates, dataset, config, progress)
+    except ORT_ERRORS as exc:
+        if not dataset.synthetic:
+            raise
+        # Random inputs of guessed sizes are not always valid (an audio front end padding a 16-sample frame).
+        raise DataError(f"the model does not run on synthetic inputs ({first_line(exc)[:160]})",
+                        hint="pass --data with real inputs") from exc
     baseline_report = ModelReport(baseline.name, model_facts(baseline.proto, baseline.path),
                                   evaluation.accuracy(baseline.name), latencies[baseline.name])
     candidate_reports = [_candidate_report(c, baseline_report, evaluation, latencies[c.name], work)

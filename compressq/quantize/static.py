@@ -171,6 +171,8 @@ class StaticQuantizer:
 
     def _timing_feeds(self, batch: int) -> list[dict]:
         feeds = list(self.dataset.batches(batch, batch * SPEED_CHECK_BATCHES))
+        if self.dataset.layout == "stack":  # complete feeds (a Scan's [steps, batch, ...] sequence): as stored
+            return feeds
         return [_filled_to(feed, batch) for feed in feeds]
 
     # -- the pipeline -------------------------------------------------------------------------------
