@@ -13,14 +13,16 @@ Cost, which is what makes refit usable on real models:
   * one Gram matrix X^T X per layer (per group of a grouped Conv), shared by all output channels, streamed
     batch by batch, so memory depends on the layer's size, never on the number of samples;
   * rows (samples x output positions) are subsampled to a budget per layer (`rows_per_feature` x the number
-    of weights per output channel, within [`min_rows`, `max_rows`]), spread over at least `spread` times as many samples
-    as the budget strictly needs; once those samples are seen the layer stops reading data, so a layer with
-    many positions per sample runs the model on a few batches, not on every calibration sample;
-  * each run executes only the part of the graph the layer needs (the prefix up to its input in the pruned
-    model, up to its output in the dense one);
-  * output channels with the same sparsity pattern share one solve with many right-hand sides; with
-    unstructured sparsity every channel has its own pattern and its own solve (k^3 for k kept weights):
-    on layers with thousands of weights per channel this, not the data, is what refit costs.
+    of weights per output channel, within [`min_rows`, `max_rows`]), spread over at least `spread` times as
+    many samples as the budget strictly needs (read off one sample's output); a layer reads only those
+    samples, so an early high-resolution convolution runs the model on a few samples, not on every one;
+  * each run executes only the part of the graph the layers need (the prefix up to their inputs in the
+    pruned model, up to their outputs in the dense one), and layers whose inputs do not depend on each
+    other's refit (the branches of a detector head) share one wave: one run of each prefix per batch;
+  * all output channels of a layer are solved together (solvers.py): channels sharing one sparsity pattern
+    (channel refit, N:M with few patterns) by one factorisation; with unstructured sparsity, where every
+    channel has its own pattern and a k^3 solve of its own made refit slow, by conjugate gradients on all
+    channels at once, one matrix product with the Gram matrix per iteration.
 """
 
 from __future__ import annotations
@@ -323,20 +325,19 @@ def refit_layers(pruned: onnx.ModelProto, teacher: onnx.ModelProto, targets: Seq
 
 
 def refit_waves(graph: onnx.GraphProto, targets: Sequence[RefitTarget]) -> list[list[RefitTarget]]:
-    """`targets` in order, cut into runs where no target's input depends on an earlier target of its run."""
+    """`targets` by depth: a target's wave comes after the waves of every target its input depends on, so
+    each target still sees all the refits upstream of it, exactly as when fitting them one by one."""
     producers = {output: node for node in graph.node for output in node.output}
+    position = {node.name: index for index, node in enumerate(graph.node)}
     nodes = {node.name: node for node in graph.node}
-    waves: list[list[RefitTarget]] = []
-    members: set[str] = set()
-    for target in targets:
+    depth: dict[str, int] = {}
+    for target in sorted(targets, key=lambda t: position.get(t.node, -1)):  # graph order: upstream first
         node = nodes.get(target.node)
         upstream = _upstream_nodes(producers, node.input[0]) if node is not None and node.input else set()
-        if waves and not members & upstream:
-            waves[-1].append(target)
-        else:
-            waves.append([target])
-            members = set()
-        members.add(target.node)
+        depth[target.node] = 1 + max((depth[name] for name in upstream if name in depth), default=0)
+    waves: list[list[RefitTarget]] = [[] for _ in range(max(depth.values(), default=0))]
+    for target in targets:
+        waves[depth[target.node] - 1].append(target)
     return waves
 
 
