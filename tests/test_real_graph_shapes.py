@@ -97,10 +97,12 @@ def _run(path: Path, x: np.ndarray, feed_weights: bool = False) -> np.ndarray:
 
 
 def _check_written(original: Path, written: Path) -> onnx.ModelProto:
-    """Reloads, passes the checker, has only `x` as input and keeps the original interface."""
+    """Reloads, passes the checker, has only `x` as input and keeps the original interface; or is the input
+    file itself, byte for byte (what a quantize that found nothing worth changing writes)."""
     model = onnx.load(str(written))
     onnx.checker.check_model(model)
-    assert [i.name for i in model.graph.input] == ["x"]
+    if written.read_bytes() != original.read_bytes():
+        assert [i.name for i in model.graph.input] == ["x"]
     assert interface(model) == interface(onnx.load(str(original)))
     return model
 
