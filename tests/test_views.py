@@ -120,3 +120,15 @@ def test_no_blank_lines_on_stderr_when_it_is_not_a_terminal(run_cli, tmp_path, t
     assert result.exit_code == 0, result.stderr
     assert "" not in result.stderr.splitlines()
     assert not result.stderr.startswith("\n")
+
+
+def test_data_names_the_layout_in_its_use_it_line(run_cli, tmp_path, tiny_model):
+    """The command `data` suggests must read the file the way it was written."""
+    import numpy as np
+
+    path = tmp_path / "state.onnx"
+    onnx.save_model(tiny_model(input_shape=(2, "batch", 16), features=4), str(path))
+    np.save(tmp_path / "states.npy", np.zeros((3, 2, 1, 16), np.float32))
+    stacked = run_cli("data", path, tmp_path / "states.npy", "-o", tmp_path / "s.npz", "--data-layout", "stack")
+    assert stacked.exit_code == 0, stacked.stderr
+    assert "--calibration-data" in stacked.stdout and "--data-layout stack" in stacked.stdout

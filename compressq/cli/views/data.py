@@ -25,5 +25,6 @@ def render_built_dataset(built: BuiltDataset, report: dict) -> None:
     console.print(table)
     for note in built.notes:
         console.print(render.styled((f"note: {note}", "dim")))
+    layout = " --data-layout stack" if report.get("data_layout") == "stack" else ""
     console.print(render.printable(f"use it: compressq quantize {report['model']} "
-                                   f"--calibration-data {report['output']}"))
+                                   f"--calibration-data {report['output']}{layout}"))
