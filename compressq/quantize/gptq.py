@@ -254,8 +254,8 @@ def static_weight_codes(model: onnx.ModelProto, plan: QuantPlan, dataset: Datase
             continue
         if compute.op_type in ("MatMul", "Gemm") and weight.ndim == 2:
             geometry[compute.name] = None
-        elif compute.op_type == "Conv" and (found := conv_geometry(nodes[compute.name], weight)) is not None:
-            geometry[compute.name] = found
+        elif compute.op_type == "Conv" and (conv := conv_geometry(nodes[compute.name], weight)) is not None:
+            geometry[compute.name] = conv
         else:
             continue
         layers.setdefault(compute.weight, []).append(compute)
