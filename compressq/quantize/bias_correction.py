@@ -32,11 +32,12 @@ def mean_observers(plan: QuantPlan) -> dict[str, ChannelMeanObserver]:
 
 def node_means(plan: QuantPlan, observers: dict[str, ChannelMeanObserver]) -> dict[str, np.ndarray]:
     """Per quantized node of `plan` with a bias: the mean of its float input per input channel."""
-    means = {}
+    means: dict[str, np.ndarray] = {}
     for name, compute in plan.compute.items():
         observer = observers.get(compute.activation)
-        if compute.bias is not None and observer is not None and observer.result() is not None:
-            means[name] = observer.result()
+        mean = observer.result() if observer is not None and compute.bias is not None else None
+        if mean is not None:
+            means[name] = mean
     return means
 
 

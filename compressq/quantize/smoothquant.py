@@ -83,7 +83,8 @@ def collect_channel_absmax(model: onnx.ModelProto, dataset: Dataset, tensor_name
     observers = {name: ChannelAbsMaxObserver(axis=-1) for name in names}
     collect(model, dataset, [Request(n, o) for n, o in observers.items()], provider=provider,
             batch_size=batch_size, samples=limit, progress=progress)
-    return {name: observer.result() for name, observer in observers.items() if observer.result() is not None}
+    found = {name: observer.result() for name, observer in observers.items()}
+    return {name: absmax for name, absmax in found.items() if absmax is not None}
 
 
 def _check_tensors_exist(model: onnx.ModelProto, names: list[str]) -> None:
@@ -189,8 +190,10 @@ def _divide_activation(graph: onnx.GraphProto, index: GraphIndex, names: NameGen
 
 def _fold_into_normalization(graph: onnx.GraphProto, index: GraphIndex, names: NameGenerator,
                              norm: onnx.NodeProto, scale: np.ndarray) -> bool:
-    parameters = {p: index.constant(norm.input[p]) for p in (1, 2) if len(norm.input) > p and norm.input[p]}
-    if 1 not in parameters or any(v is None or v.ndim != 1 or v.size != scale.size for v in parameters.values()):
+    found = {p: index.constant(norm.input[p]) for p in (1, 2) if len(norm.input) > p and norm.input[p]}
+    parameters = {p: value for p, value in found.items() if value is not None}
+    if 1 not in parameters or len(parameters) != len(found) or any(
+            v.ndim != 1 or v.size != scale.size for v in parameters.values()):
         return False
     for position, value in parameters.items():
         divided = (value.astype(np.float64) / scale).astype(value.dtype)
@@ -202,7 +205,7 @@ def _fold_into_mul(graph: onnx.GraphProto, index: GraphIndex, names: NameGenerat
                    scale: np.ndarray) -> bool:
     for position in (0, 1):
         factor = index.constant(mul.input[position])
-        if _broadcasts_per_channel(factor, scale.size):
+        if factor is not None and _broadcasts_per_channel(factor, scale.size):
             divided = (factor.astype(np.float64) / scale).astype(np.float32)  # broadcasts onto the last axis
             mul.input[position] = _add_initializer(graph, names, f"{mul.input[position]}_smoothed", divided)
             return True

@@ -285,8 +285,9 @@ def _one_sample_types(model: onnx.ModelProto, feed: dict[str, np.ndarray]) -> tu
     total = 0.0
     for name in produced:
         kind = types.get(name)
-        if kind is not None and kind.shape is not None and all(isinstance(d, int) and d >= 0 for d in kind.shape):
-            total += math.prod(kind.shape) * _itemsize(kind)
+        dims = [d for d in kind.shape if isinstance(d, int) and d >= 0] if kind and kind.shape is not None else []
+        if kind is not None and kind.shape is not None and len(dims) == len(kind.shape):
+            total += math.prod(dims) * _itemsize(kind)
     return types, total / max(_rows_in(feed), 1)
 
 
@@ -427,7 +428,8 @@ class _Augmented:
         if kind is None or kind.elem_type not in REDUCIBLE_TYPES:  # float16/bf16 or unknown: reduce in float32
             source = self._node("Cast", [tensor], f"{tensor}/float", to=TensorProto.FLOAT)
         axes = None
-        if reduction.axis is not None:
+        if reduction.axis is not None:  # _reduction_for asks for a known rank before an axis
+            assert kind is not None and kind.shape is not None
             rank = len(kind.shape)
             channel = reduction.axis % rank
             axes = [a for a in range(rank) if a != channel]

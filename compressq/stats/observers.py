@@ -46,7 +46,7 @@ class Reduction:
 class MinMaxObserver:
     """The global range of a tensor; a tensor with inf/NaN or sentinel values is marked not finite."""
 
-    reduction = Reduction("minmax")
+    reduction: Reduction | None = Reduction("minmax")
 
     def __init__(self) -> None:
         self.low = np.inf
@@ -134,8 +134,8 @@ class HistogramObserver(MinMaxObserver):
         cumulative = np.cumsum(self.counts) / self.counts.sum()
         tail = (100.0 - self.percentile) / 100.0
         centres = self._centres()
-        low = centres[min(np.searchsorted(cumulative, tail), self.bins - 1)]
-        high = centres[min(np.searchsorted(cumulative, 1.0 - tail), self.bins - 1)]
+        low = centres[min(int(np.searchsorted(cumulative, tail)), self.bins - 1)]
+        high = centres[min(int(np.searchsorted(cumulative, 1.0 - tail)), self.bins - 1)]
         return float(low), float(high)
 
     def _candidate_ranges(self, steps: int = 64) -> np.ndarray:
