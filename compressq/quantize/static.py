@@ -12,8 +12,9 @@ Every later plan keeps more nodes float than the widest one, so the ranges from 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import onnx
@@ -126,7 +127,7 @@ class StaticQuantizer:
             self.notes.append(f"{len(embeddings.tables)} embedding tables to uint8 (GatherBlockQuantized): "
                               f"{embeddings.float_bytes / 2**20:.1f} -> {embeddings.quantized_bytes / 2**20:.1f} MiB")
         self.signed = config.activations == "int8"
-        self.plan_options = dict(exclude=tuple(config.exclude), absorb_activations=not self.signed,
+        self.plan_options: dict[str, Any] = dict(exclude=tuple(config.exclude), absorb_activations=not self.signed,
                                  quantize_depthwise=config.quantize_depthwise)
         widest = build_plan(self.prepared, **self.plan_options)
         self.ranges = self._pinned_ranges(widest) if pinned else self._calibrate(widest)
@@ -137,6 +138,21 @@ class StaticQuantizer:
         self.weight_codes = self._reconstruct_weights(widest)
 
     # -- building blocks ----------------------------------------------------------------------------
+
+    @property
+    def data(self) -> Dataset:
+        """The calibration data: every path but a pinned replay has it (api.py refuses static without it)."""
+        if self.dataset is None:
+            raise UsageError("static quantization needs calibration data",
+                             hint="pass --calibration-data DATA, or --mode dynamic")
+        return self.dataset
+
+    @property
+    def plan_file(self) -> QuantizationPlan:
+        """The pinned plan (only the replay paths ask for it)."""
+        if self.pinned is None:
+            raise UsageError("no plan to re-apply", hint="pass --plan PLAN")
+        return self.pinned
 
     def attempt(self, keep_float: dict[str, str], input_means=None) -> Attempt:
         plan = build_plan(self.prepared, keep_float=keep_float, **self.plan_options)
@@ -170,8 +186,8 @@ class StaticQuantizer:
         return measured
 
     def _timing_feeds(self, batch: int) -> list[dict]:
-        feeds = list(self.dataset.batches(batch, batch * SPEED_CHECK_BATCHES))
-        if self.dataset.layout == "stack":  # complete feeds (a Scan's [steps, batch, ...] sequence): as stored
+        feeds = list(self.data.batches(batch, batch * SPEED_CHECK_BATCHES))
+        if self.data.layout == "stack":  # complete feeds (a Scan's [steps, batch, ...] sequence): as stored
             return feeds
         return [_filled_to(feed, batch) for feed in feeds]
 
@@ -219,7 +235,7 @@ class StaticQuantizer:
 
     def _replay(self) -> StaticResult:
         """Re-apply a reviewed plan: same ranges, same float nodes, no calibration and no timing."""
-        pinned = self.pinned
+        pinned = self.plan_file
         current = self.attempt(dict(pinned.float_nodes), input_means=pinned.bias_means or None)
         if sorted(current.plan.compute) != sorted(pinned.int8_nodes):
             raise UsageError("the plan does not fit this model: it lists other int8 nodes than its decisions "
@@ -233,15 +249,15 @@ class StaticQuantizer:
         return self._result(current, [], list(pinned.decisions))
 
     def _pinned_ranges(self, widest: QuantPlan) -> dict[str, TensorRange]:
-        missing = sorted(set(widest.quantized_tensors) - set(self.pinned.activation_ranges))
+        missing = sorted(set(widest.quantized_tensors) - set(self.plan_file.activation_ranges))
         if missing:
             raise UsageError(f"the plan has no range for {len(missing)} tensors this model needs "
                              f"(first: '{missing[0]}')", hint="make a new plan with --save-plan and review it")
-        return dict(self.pinned.activation_ranges)
+        return dict(self.plan_file.activation_ranges)
 
     def _say_if_batches_pay(self, widest: Attempt) -> None:
         """int8 lost at the serving batch: time it once at a larger batch, and name the flag if that pays."""
-        if self.config.latency_batch >= LARGER_BATCH or any(spec.fixed_batch for spec in self.dataset.inputs):
+        if self.config.latency_batch >= LARGER_BATCH or any(spec.fixed_batch for spec in self.data.inputs):
             return
         measured = self.measure_speed(widest.model, batch=LARGER_BATCH)
         if measured.ratio >= LARGER_BATCH_GAIN:
@@ -252,11 +268,11 @@ class StaticQuantizer:
     def _apply_float_transforms(self, prepared: onnx.ModelProto) -> onnx.ModelProto:
         """Equalization and SmoothQuant: rescalings that leave fp32 outputs unchanged but quantize better."""
         if self.config.equalize:
-            prepared, summary = equalize(fold_batchnorm(prepared))
-            self.notes.append(f"cross-layer equalization on {len(summary.pairs)} layer pairs")
+            prepared, equalized = equalize(fold_batchnorm(prepared))
+            self.notes.append(f"cross-layer equalization on {len(equalized.pairs)} layer pairs")
         if self.config.smoothquant is not None:
             absmax = self.pinned.smoothquant_absmax if self.pinned else collect_channel_absmax(
-                prepared, self.dataset, smoothable_activations(prepared), batch_size=self.config.batch_size,
+                prepared, self.data, smoothable_activations(prepared), batch_size=self.config.batch_size,
                 limit=self.config.samples, provider=self.config.provider)
             self.smooth_absmax = dict(absmax)
             prepared, summary = smooth(prepared, absmax, alpha=self.config.smoothquant)
@@ -267,7 +283,7 @@ class StaticQuantizer:
 
     def _calibrate(self, plan: QuantPlan) -> dict[str, TensorRange]:
         passes = passes_for_method(self.config.method)
-        total = passes * min(self.dataset.num_samples, self.config.samples or self.dataset.num_samples)
+        total = passes * min(self.data.num_samples, self.config.samples or self.data.num_samples)
         if self.config.bias_correction:
             self.input_mean_observers = mean_observers(plan.main_part())
         means = [Request(tensor, observer) for tensor, observer in self.input_mean_observers.items()]
@@ -288,10 +304,10 @@ class StaticQuantizer:
         if self.config.method == "auto":
             ranges = self._ranges_by_error(plan.main_part(), advance, extra)
             outer = set(main_tensors) - set(ranges)  # main-graph tensors that only bodies quantize
-            ranges.update(collect_ranges(self.prepared, self.dataset, outer, batch_size=self.config.batch_size,
+            ranges.update(collect_ranges(self.prepared, self.data, outer, batch_size=self.config.batch_size,
                                          samples=self.config.samples, provider=self.config.provider))
         else:
-            ranges = collect_ranges(self.prepared, self.dataset, main_tensors, method=self.config.method,
+            ranges = collect_ranges(self.prepared, self.data, main_tensors, method=self.config.method,
                                     percentile=self.config.percentile, batch_size=self.config.batch_size,
                                     samples=self.config.samples, provider=self.config.provider, progress=advance,
                                     extra=extra)
@@ -313,20 +329,21 @@ class StaticQuantizer:
             raise UsageError("this plan was made with --weight-reconstruction gptq, whose weight codes come from "
                              "calibration data: re-applying it cannot give the same bytes",
                              hint="quantize again with --calibration-data and --weight-reconstruction gptq")
-        found = static_weight_codes(self.prepared, plan, self.dataset, per_channel=self.config.per_channel,
+        found = static_weight_codes(self.prepared, plan, self.data, per_channel=self.config.per_channel,
                                     batch_size=self.config.batch_size, samples=self.config.samples,
                                     provider=self.config.provider)
         self.notes.append(f"GPTQ weight reconstruction: {len(found.codes)} MatMul/Gemm/Conv weights reconstructed, "
                           f"{sum(not r.reconstructed for r in found.reports.values())} layers kept rounded")
         return found
 
-    def _ranges_by_error(self, plan: QuantPlan, advance: Progress, means=()) -> dict[str, TensorRange]:
+    def _ranges_by_error(self, plan: QuantPlan, advance: Callable[[int], None],
+                         means: Sequence[Request] = ()) -> dict[str, TensorRange]:
         """`--method auto`: per tensor, the candidate range that changes its consumers' outputs least."""
-        candidates = collect_range_candidates(self.prepared, self.dataset, plan.quantized_tensors,
+        candidates = collect_range_candidates(self.prepared, self.data, plan.quantized_tensors,
                                               batch_size=self.config.batch_size, samples=self.config.samples,
                                               provider=self.config.provider, progress=advance, extra=means)
         samples = min(self.config.samples or RANGE_SEARCH_SAMPLES, RANGE_SEARCH_SAMPLES)
-        ranges, self.range_choices = choose_ranges(self.prepared, plan, candidates, self.dataset,
+        ranges, self.range_choices = choose_ranges(self.prepared, plan, candidates, self.data,
                                                    signed=self.signed, batch_size=self.config.batch_size,
                                                    samples=samples)
         if self.range_choices:
@@ -336,11 +353,11 @@ class StaticQuantizer:
 
     def _keep_only_what_is_faster(self, current: Attempt, steps: list[str]) -> Attempt:
         self._time(current)
-        self._decide("every planned node int8", current, kept=meets(current.speedup))
+        self._decide("every planned node int8", current, kept=meets(_speedup_of(current)))
         if self.progress:
             self.progress("checking speed", 1, 1)
         for label, extra in _fallback_stages(current.plan):
-            if convincing(current.speedup) or not extra:
+            if convincing(_speedup_of(current)) or not extra:
                 continue
             candidate = self.fused_attempt({**current.keep_float, **extra})
             better = self._race(current, candidate)
@@ -388,12 +405,12 @@ class StaticQuantizer:
         return attempt
 
     def _decide(self, step: str, attempt: Attempt, kept: bool) -> None:
-        self.decisions.append({"step": step, "speedup": round(attempt.speedup, 3), "kept": kept,
+        self.decisions.append({"step": step, "speedup": round(_speedup_of(attempt), 3), "kept": kept,
                                "how": attempt.speed.describe() if attempt.speed else "output is the input model"})
 
     def _correct_biases(self, current: Attempt) -> Attempt:
         means = node_means(current.plan.main_part(), self.input_mean_observers) if self.input_mean_observers \
-            else input_channel_means(self.prepared, current.plan.main_part(), self.dataset,
+            else input_channel_means(self.prepared, current.plan.main_part(), self.data,
                                      batch_size=self.config.batch_size, samples=self.config.samples,
                                      provider=self.config.provider)
         self.bias_means = dict(means)
@@ -422,6 +439,11 @@ def _nodes_needing(model: onnx.ModelProto, plan: QuantPlan, tensors: set[str], r
         if node.name in plan.own_scale_nodes and (set(node.input) | set(node.output)) & tensors:
             names[node.name] = reason
     return names
+
+
+def _speedup_of(attempt: Attempt) -> float:
+    """An attempt's measured speedup; 1.0 (the input itself) before it was timed."""
+    return attempt.speedup if attempt.speedup is not None else 1.0
 
 
 def _filled_to(feed: dict[str, np.ndarray], batch: int) -> dict[str, np.ndarray]:
