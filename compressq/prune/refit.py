@@ -91,7 +91,6 @@ class NormalEquations:
         self.cross = np.zeros((features, outputs))
         self.target_energy = np.zeros(outputs)
         self.rows = 0
-        self.method = ""
 
     def update(self, inputs: np.ndarray, targets: np.ndarray) -> None:
         # Products of one batch in float32 (twice BLAS's float64 speed), summed across batches in float64.
@@ -112,7 +111,7 @@ class NormalEquations:
         Every output solves its masked ridge problem against the layer's one Gram matrix (solvers.py): shared
         patterns by one factorisation, per-output patterns by conjugate gradients on all outputs at once."""
         keep = (weights != 0) | always_free[None, :]
-        fitted, self.method = masked_ridge_solve(self.gram, self.cross, self.target_energy, weights, keep, ridge)
+        fitted, _ = masked_ridge_solve(self.gram, self.cross, self.target_energy, weights, keep, ridge)
         return fitted
 
 
