@@ -7,7 +7,8 @@ data, random weights, real shapes and ops). Each quantizer runs as a user runs i
 peak RSS (VmHWM) is measured there (bench/rss_runner.py):
 
   - compressq: `compressq quantize MODEL --mode weight-only -d CALIB` (4 bits, blocks of 32, symmetric, scales
-    refined against the calibration data) and `compressq quantize MODEL --mode dynamic` (int8);
+    refined against the calibration data), the same with `--weight-reconstruction gptq` (codes chosen by GPTQ's
+    error feedback on the calibration rows) and `compressq quantize MODEL --mode dynamic` (int8);
   - onnxruntime: MatMulNBitsQuantizer at the same settings (4 bits, blocks of 32, symmetric), then saved with
     external data as its documentation shows.
 
@@ -163,12 +164,18 @@ def run(table) -> None:
         fp32_bytes = _files_size(fp32)
         log(f"decoder: {config.parameter_count() / 1e6:.0f} M parameters, {_gb(fp32_bytes)} on disk")
         npz = _calibration_npz(config, work / "calibration.npz")
-        outputs = {"cq int4": work / "cq-int4.onnx", "cq int8 dynamic": work / "cq-dynamic.onnx",
-                   "ort int4": work / "ort-int4.onnx"}
+        outputs = {"cq int4": work / "cq-int4.onnx", "cq int4 gptq": work / "cq-int4-gptq.onnx",
+                   "cq int8 dynamic": work / "cq-dynamic.onnx", "ort int4": work / "ort-int4.onnx"}
+        # --no-speed-check: the check times the calibration prompts (prefill, 64 tokens), not a decode step, and
+        # never changes a weight-only output; py-spy found the int4 run still timing prefill after 18 min on a
+        # loaded machine. The decode step is timed below instead.
+        int4 = ["quantize", str(fp32), "--mode", "weight-only", "-d", str(npz), "--bits", "4",
+                "--block-size", str(BLOCK_SIZE), "--no-speed-check"]
         runs = {
             "cq int4": run_fresh(f"bench.{SECTION}_bench:compressq_cli", {"arguments": [
-                "quantize", str(fp32), "--mode", "weight-only", "-d", str(npz), "--bits", "4",
-                "--block-size", str(BLOCK_SIZE), "-o", str(outputs["cq int4"])]}),
+                *int4, "-o", str(outputs["cq int4"])]}),
+            "cq int4 gptq": run_fresh(f"bench.{SECTION}_bench:compressq_cli", {"arguments": [
+                *int4, "--weight-reconstruction", "gptq", "-o", str(outputs["cq int4 gptq"])]}),
             "cq int8 dynamic": run_fresh(f"bench.{SECTION}_bench:compressq_cli", {"arguments": [
                 "quantize", str(fp32), "--mode", "dynamic", "-o", str(outputs["cq int8 dynamic"])]}),
             "ort int4": run_fresh(f"bench.{SECTION}_bench:ort_matmul_nbits", {
@@ -193,8 +200,8 @@ def _rows(table, config, fp32_bytes, runs, done, speed, accuracy) -> None:
     for name, process in runs.items():
         if process.error:
             table.add(SECTION, f"{name}: quantize", f"failed: {process.error[:80]}", None, "runs", False)
-    for name in (n for n in ("cq int4", "cq int8 dynamic") if n in done):
-        int4 = name == "cq int4"
+    for name in (n for n in ("cq int4", "cq int4 gptq", "cq int8 dynamic") if n in done):
+        int4 = name.startswith("cq int4")
         ratio, ms = speed[name]
         reference = speed.get("ort int4") if int4 else None
         table.add(SECTION, f"{name}: decode speed vs fp32 ({ms:.1f} ms)", f"{ratio:.2f}x",
