@@ -33,6 +33,7 @@ from onnx import numpy_helper
 
 from compressq import __version__
 from compressq.errors import ModelError, OutputError
+from compressq.ops import WEIGHT_INPUTS
 
 PROTOBUF_LIMIT = 2**31 - 1
 # Leave headroom under the hard limit: serialisation adds framing that ByteSize() does not count.
@@ -445,20 +446,45 @@ _FLOAT_TYPES: dict[int, type[np.floating]] = {onnx.TensorProto.FLOAT: np.float32
 
 
 def non_finite_weights(model: onnx.ModelProto) -> list[str]:
-    """Labels of the float tensors stored in `model` that hold NaN or infinity (bfloat16/fp8 not read)."""
-    found = []
-    for stored in model_tensors(model):
-        tensor = stored.tensor
-        dtype = _FLOAT_TYPES.get(tensor.data_type)
-        if dtype is None or is_external(tensor):
-            continue
-        if tensor.HasField("raw_data"):
-            values = np.frombuffer(tensor.raw_data, dtype=np.dtype(dtype).newbyteorder("<"))
-        else:
-            values = numpy_helper.to_array(tensor)
-        if values.size and not np.isfinite(values).all():
-            found.append(stored.label)
-    return found
+    """Labels of the weights in `model` (float tensors that layers read as parameters, ops.WEIGHT_INPUTS) that
+    hold NaN or infinity; other constants may be infinite on purpose (masks, bounds). bfloat16/fp8 not read."""
+    weights = _weight_names(model.graph)
+    stored = [s for s in model_tensors(model) if s.tensor.name in weights]
+    stored += [StoredTensor(t, f"Constant node '{name}'") for name, t in _constants_read_as(model.graph, weights)]
+    return [s.label for s in stored if not _all_finite(s.tensor)]
+
+
+def _all_finite(tensor: onnx.TensorProto) -> bool:
+    dtype = _FLOAT_TYPES.get(tensor.data_type)
+    if dtype is None or is_external(tensor):
+        return True
+    if tensor.HasField("raw_data"):
+        values = np.frombuffer(tensor.raw_data, dtype=np.dtype(dtype).newbyteorder("<"))
+    else:
+        values = numpy_helper.to_array(tensor)
+    return bool(np.isfinite(values).all())
+
+
+def _constants_read_as(graph: onnx.GraphProto, names: set[str]) -> Iterator[tuple[str, onnx.TensorProto]]:
+    """(node name, value) of the Constant nodes, bodies included, whose output is read under one of `names`."""
+    for node in graph.node:
+        for attribute in node.attribute:
+            if node.op_type == "Constant" and attribute.HasField("t") and node.output[0] in names:
+                yield node.name, attribute.t
+            for body in ([attribute.g] if attribute.HasField("g") else []) + list(attribute.graphs):
+                yield from _constants_read_as(body, names)
+
+
+def _weight_names(graph: onnx.GraphProto) -> set[str]:
+    """Names read as weights anywhere in the graph and its bodies (a body reads its enclosing weights too)."""
+    names: set[str] = set()
+    for node in graph.node:
+        positions = WEIGHT_INPUTS.get(node.op_type, ())
+        names.update(node.input[i] for i in positions if i < len(node.input) and node.input[i])
+        for attribute in node.attribute:
+            for body in ([attribute.g] if attribute.HasField("g") else []) + list(attribute.graphs):
+                names |= _weight_names(body)
+    return names
 
 
 def refuse_non_finite_weights(model: onnx.ModelProto, whose: str) -> None:

@@ -25,3 +25,12 @@ INTEGER_ACTIVATION_OPS = frozenset({
 INTEGER_KERNELS = INTEGER_WEIGHTED_OPS | INTEGER_ACTIVATION_OPS
 # Ops whose presence means a model is already quantized (inspect), lookups and activation quantizers included.
 QUANTIZED_OPS = INTEGER_KERNELS | {"GatherBlockQuantized", "DynamicQuantizeLinear"}
+
+# Inputs that hold a layer's learned parameters (by position), for the rule that no command reads or writes a
+# NaN or infinite weight. Constants elsewhere may legitimately be infinite (-inf attention masks, Max bounds).
+WEIGHT_INPUTS = {
+    "Conv": (1, 2), "ConvTranspose": (1, 2), "Gemm": (0, 1, 2), "MatMul": (0, 1), "PRelu": (1,),
+    "LSTM": (1, 2, 3), "GRU": (1, 2, 3), "RNN": (1, 2, 3),
+    "BatchNormalization": (1, 2, 3, 4), "InstanceNormalization": (1, 2), "LayerNormalization": (1, 2),
+    "QuantizeLinear": (1,), "DequantizeLinear": (0, 1), "MatMulNBits": (1, 2, 3), "GatherBlockQuantized": (0, 2),
+}

@@ -264,7 +264,7 @@ def test_save_model_refuses_a_non_finite_output(work):
     from compressq.io import save_model
 
     model = tiny(input_shape=("batch", 16), features=16)
-    model.graph.initializer[1].CopyFrom(numpy_helper.from_array(np.full(16, np.inf, np.float32), "B"))
+    model.graph.initializer[0].CopyFrom(numpy_helper.from_array(np.full((16, 16), np.inf, np.float32), "W"))
     with pytest.raises(ModelError, match="nothing was written"):
         save_model(model, work / "out.onnx")
     assert not (work / "out.onnx").exists()
@@ -274,9 +274,22 @@ def test_non_finite_weights_found_in_every_float_type_and_in_constants():
     for dtype in (np.float16, np.float32, np.float64):
         model = tiny(input_shape=("batch", 4), features=3)
         assert non_finite_weights(model) == []
-        bad = numpy_helper.from_array(np.array([1.0, np.nan], dtype), "C")
+        bad = numpy_helper.from_array(np.full((4, 3), np.nan, dtype), "C")
         model.graph.node.append(helper.make_node("Constant", [], ["c"], value=bad, name="const"))
+        model.graph.node.append(helper.make_node("MatMul", ["x", "c"], ["xc"], name="reads_c_as_weight"))
         assert len(non_finite_weights(model)) == 1
+
+
+def test_infinite_constants_that_are_not_weights_are_allowed():
+    """-inf as a Max bound (magika) or an attention mask is a value, not a broken weight."""
+    model = tiny(input_shape=("batch", 4), features=3)
+    bound = numpy_helper.from_array(np.array(-np.inf, np.float32), "lowest")
+    model.graph.initializer.append(bound)
+    model.graph.node.append(helper.make_node("Max", ["y", "lowest"], ["clamped"], name="max_bound"))
+    mask = numpy_helper.from_array(np.array([0.0, -np.inf, -np.inf], np.float32), "mask")
+    model.graph.node.append(helper.make_node("Constant", [], ["m"], value=mask, name="mask_const"))
+    model.graph.node.append(helper.make_node("Add", ["y", "m"], ["masked"], name="add_mask"))
+    assert non_finite_weights(model) == []
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -133,3 +133,14 @@ def test_prune_keeps_the_interface_of_a_tricky_graph(pattern, data, tmp_path):
                                       channel_multiple=1)
     result = prune_model(model, config, _data(model, tmp_path) if data else None)
     assert interface(result.model) == interface(model)
+
+
+def test_a_dim_of_minus_one_is_unknown_not_a_size(tiny_model):
+    """Paddle exports write -1 for an unknown batch; shape inference turns it into an unnamed dim."""
+    model = tiny_model()
+    model.graph.input[0].type.tensor_type.shape.dim[0].Clear()
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_value = -1
+    rewritten = _copy(model)
+    rewritten.graph.input[0].type.tensor_type.shape.dim[0].Clear()
+    assert interface(rewritten) == interface(model)
+    run_pass("shape inference", lambda m: PassResult(rewritten), model)

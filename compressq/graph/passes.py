@@ -85,8 +85,16 @@ def _port(value: onnx.ValueInfoProto) -> Port:
     tensor = value.type.tensor_type
     if not tensor.HasField("shape"):
         return Port(value.name, tensor.elem_type, None)
-    dims = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tensor.shape.dim)
+    dims = tuple(_dim(d) for d in tensor.shape.dim)
     return Port(value.name, tensor.elem_type, dims)
+
+
+def _dim(dim: onnx.TensorShapeProto.Dimension) -> Dim:
+    """A fixed size, a symbolic name, or None; exporters write -1 for "unknown" (PaddlePaddle), which onnx
+    shape inference then drops: it is unknown, not a size."""
+    if dim.HasField("dim_value"):
+        return dim.dim_value if dim.dim_value >= 0 else None
+    return dim.dim_param or None
 
 
 def check_interface(before: Interface, after: Interface, what: str) -> None:
