@@ -14,14 +14,14 @@ from onnx import numpy_helper
 
 from compressq.graph.edit import NameGenerator, name_nodes, share_duplicate_initializers
 from compressq.graph.index import GraphIndex
-from compressq.io import EXTERNAL_DATA_THRESHOLD
+from compressq.io import EXTERNAL_DATA_THRESHOLD, model_bytes
 from compressq.runtime import optimized_graph
 
 
 def prepare_for_quantization(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
     """A cleaned copy of `model` with every node named, plus notes about what could not be done."""
     notes: list[str] = []
-    if model.ByteSize() > EXTERNAL_DATA_THRESHOLD:
+    if model_bytes(model) > EXTERNAL_DATA_THRESHOLD:  # ByteSize() raises EncodeError past 2 GB
         prepared = onnx.ModelProto()
         prepared.CopyFrom(model)
         notes.append("model over 2 GB: onnxruntime's pre-quantization clean-up skipped")
