@@ -107,3 +107,11 @@ def test_a_rank_deficient_layer_with_fewer_rows_than_weights_still_solves():
     expected = reference(gram, cross, weights, keep, 0.01)
     exact, start = squared_errors(expected, gram, cross, energy), squared_errors(weights, gram, cross, energy)
     assert np.all((squared_errors(fitted, gram, cross, energy) - exact) / (start - exact) < 1e-3)
+
+
+def test_statistics_that_overflowed_leave_the_pruned_weights_in_place():
+    gram, cross, energy, weights, keep = conv_layer(4)
+    gram = gram.copy()
+    gram[0, 0] = np.inf  # float32 batch sums of huge inputs overflow
+    fitted, _ = masked_ridge_solve(gram, cross, energy, weights, keep, 0.01)
+    np.testing.assert_array_equal(fitted, weights)

@@ -64,9 +64,13 @@ def masked_ridge_solve(gram: np.ndarray, cross: np.ndarray, target_energy: np.nd
 
 def never_worse(fitted: np.ndarray, start: np.ndarray, gram: np.ndarray, cross: np.ndarray,
                 target_energy: np.ndarray) -> np.ndarray:
-    """`fitted`, except outputs whose unregularised error is above that of `start`: those keep `start`."""
-    worse = squared_errors(fitted, gram, cross, target_energy) > squared_errors(start, gram, cross, target_energy)
-    return np.where(worse[:, None], start, fitted) if worse.any() else fitted
+    """`fitted`, except outputs whose unregularised error is not below or equal to that of `start` (also when
+    either is not finite: statistics that overflowed prove nothing): those keep `start`."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        fitted_error = squared_errors(fitted, gram, cross, target_energy)
+        start_error = squared_errors(start, gram, cross, target_energy)
+        better = (fitted_error <= start_error) & np.isfinite(fitted_error) & np.all(np.isfinite(fitted), axis=1)
+    return fitted if better.all() else np.where(better[:, None], fitted, start)
 
 
 # Measured on the layers of a YOLOv8n-size detector: one small LU solve per output (gather, factorise,
