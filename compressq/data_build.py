@@ -19,9 +19,11 @@ Labels come from class subfolders (`folders`: sorted folder names -> 0, 1, ...) 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Sequence
+import zipfile
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import onnx
@@ -162,13 +164,21 @@ def write_npz(dataset: BuiltDataset, target: Path, model: onnx.ModelProto,
     if target.suffix != ".npz":
         raise UsageError(f"output {target} must end in .npz", hint="e.g. -o calibration.npz")
     check_output_path(target, protect=[*protect, *dataset.files])
-
-    def savez(stream) -> None:
-        np.savez(stream, **dataset.arrays)  # type: ignore[arg-type]  # numpy's stub types **kwds as allow_pickle
-
     # verified as --calibration-data reads it, with the layout it was built for
-    write_atomically(target, savez, verify=lambda staged: load_dataset(staged, model, layout=dataset.data_layout))
+    write_atomically(target, lambda stream: _write_npz(stream, dataset.arrays),
+                     verify=lambda staged: load_dataset(staged, model, layout=dataset.data_layout))
     return target
+
+
+def _write_npz(stream: BinaryIO, arrays: Mapping[str, np.ndarray]) -> None:
+    """numpy.savez's format (stored, zip64 members NAME.npy), written member by member: savez takes the names
+    as keyword arguments, so a model input called `file` crashed it and one called `allow_pickle` was lost.
+    Members carry a fixed date, so the same data gives the same bytes (savez stamps the current time)."""
+    with zipfile.ZipFile(stream, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
+        for name, array in arrays.items():
+            member_info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+            with archive.open(member_info, "w", force_zip64=True) as member:
+                np.lib.format.write_array(member, np.asanyarray(array), allow_pickle=False)
 
 
 # ---------------------------------------------------------------------------------------------------

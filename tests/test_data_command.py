@@ -7,6 +7,7 @@ tested without it too. Tests of other formats skip when Pillow is absent.
 from __future__ import annotations
 
 import json
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -208,6 +209,27 @@ def test_npy_samples_are_stacked_and_subsampled(tmp_path, run_cli, tiny_model):
     assert picked.shape == (4, 4)
     rows = [next(i for i, s in enumerate(samples) if np.array_equal(s, row)) for row in picked]
     assert rows == sorted(rows)  # a subset, kept in file order
+
+
+@pytest.mark.parametrize("name", ["file", "allow_pickle"])
+def test_inputs_named_like_numpy_savez_parameters_are_written(tmp_path, run_cli, name):
+    # np.savez(stream, **arrays) took these names for its own parameters: `file` crashed (exit 3) and
+    # `allow_pickle` was dropped from the archive (found by mypy on data_build.py).
+    model = identity_model(("batch", 3))
+    model.graph.input[0].name = name
+    model.graph.node[0].input[0] = name
+    save(model, tmp_path / "m.onnx")
+    samples = np.arange(12, dtype=np.float32).reshape(4, 3)
+    (tmp_path / "npy").mkdir()
+    for i, sample in enumerate(samples):
+        np.save(tmp_path / "npy" / f"s{i}.npy", sample)
+    out = tmp_path / "c.npz"
+    result = run_cli("data", tmp_path / "m.onnx", tmp_path / "npy", "-o", out)
+    assert result.exit_code == 0, result.output
+    with np.load(out) as written:
+        assert written.files == [name] and np.array_equal(written[name], samples)
+    with zipfile.ZipFile(out) as archive:  # no clock inside: the same data gives the same bytes
+        assert [member.date_time for member in archive.infolist()] == [(1980, 1, 1, 0, 0, 0)]
 
 
 def test_npy_shapes_that_differ_are_an_error_naming_both(tmp_path, run_cli, tiny_model):
