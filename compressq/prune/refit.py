@@ -37,7 +37,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 from compressq.data import Dataset
 from compressq.graph.index import GraphIndex, node_attributes
 from compressq.prune.solvers import masked_ridge_solve, squared_errors
-from compressq.prune.structured import replace_constant_input
+from compressq.prune.structured import known_constant, replace_constant_input
 from compressq.runtime import create_session
 
 # One intra-op thread: onnxruntime's pool spin-waits after each run and starves numpy's BLAS, which
@@ -156,7 +156,7 @@ class ConvView(LinearView):
     def __init__(self, graph: onnx.GraphProto, node: onnx.NodeProto):
         index = GraphIndex(graph)
         self.graph, self.node = graph, node
-        self.weight = index.constant(node.input[1])
+        self.weight = known_constant(index, node.input[1])
         if self.weight.ndim != 4:
             raise NotRefittable("only 2-D convolutions are refit")
         self.bias = index.constant(node.input[2]) if len(node.input) > 2 and node.input[2] else None
@@ -176,7 +176,7 @@ class ConvView(LinearView):
         for g in range(self.groups):
             part = slice(g * out_per_group, (g + 1) * out_per_group)
             matrix = self.weight[part].reshape(out_per_group, -1).astype(np.float64)
-            if self.has_bias:
+            if self.bias is not None:
                 matrix = np.hstack([matrix, self.bias[part, None]])
             result.append(matrix)
         return result
@@ -221,7 +221,7 @@ class ConvView(LinearView):
         columns = int(np.prod(self.weight.shape[1:]))
         weight = np.concatenate([m[:, :columns] for m in matrices]).reshape(self.weight.shape)
         replace_constant_input(self.graph, self.node, 1, weight.astype(self.weight.dtype))
-        if self.has_bias:
+        if self.bias is not None:
             bias = np.concatenate([m[:, columns] for m in matrices]).reshape(self.groups * out_per_group)
             replace_constant_input(self.graph, self.node, 2, bias.astype(self.bias.dtype))
 
@@ -232,7 +232,7 @@ class DenseView(LinearView):
     def __init__(self, graph: onnx.GraphProto, node: onnx.NodeProto):
         index = GraphIndex(graph)
         self.graph, self.node, self.index = graph, node, index
-        self.raw_weight = index.constant(node.input[1])
+        self.raw_weight = known_constant(index, node.input[1])
         if self.raw_weight.ndim != 2:
             raise NotRefittable("only 2-D weights are refit")
         attributes = node_attributes(node)
@@ -261,7 +261,8 @@ class DenseView(LinearView):
         return follower, other
 
     def _bias_value(self) -> np.ndarray:
-        value = self.index.constant(self.bias_owner.input[self.bias_position]).astype(np.float64)
+        assert self.bias_owner is not None, "only a layer with a constant bias reads it"
+        value = known_constant(self.index, self.bias_owner.input[self.bias_position]).astype(np.float64)
         outputs = self.raw_weight.shape[0 if self.trans_b else 1]
         return np.broadcast_to(value.reshape(-1) * self.beta, (outputs,))
 

@@ -224,6 +224,7 @@ class _ChannelTracer:
         reason = self.prunable.get(node.name, "not planned")
         if reason:
             group.block(f"'{node.name}' is left dense ({reason})")
+        assert weighted.output_layout is not None, "every linear layer says how its output holds the channels"
         self._assign(node.output[0], group_id, weighted.output_layout)
 
     def _consume_weighted(self, node: onnx.NodeProto, weighted: _WeightedNode) -> None:
@@ -294,10 +295,11 @@ class _ChannelTracer:
         ranks = [self.layout[name].rank for name in tracked]
         for position, name in enumerate(node.input):
             if name and name not in self.space and self.index.is_constant(name):
-                value = self.index.constant(name)
+                value = known_constant(self.index, name)
                 ranks.append(value.ndim)
                 self._slice_broadcast_constant(node, position, value, group, layout, first)
-        rank = max(ranks) if all(r is not None for r in ranks) else None
+        known = [r for r in ranks if r is not None]
+        rank = max(known) if len(known) == len(ranks) else None
         self._follow(node, first, Layout(layout.axis, rank, layout.block))
 
     def _slice_broadcast_constant(self, node: onnx.NodeProto, position: int, value: np.ndarray,
@@ -314,17 +316,18 @@ class _ChannelTracer:
         """Flatten/Reshape [N, C, *spatial] -> [N, C*prod(spatial)]: channel c owns a block of features."""
         data = node.input[0]
         layout, group = self.layout[data], self._group(data)
-        input_shape = self._static_shape(data)
-        output_shape = self._static_shape(node.output[0])
-        if not layout.channels_first or input_shape is None or output_shape is None or len(output_shape) != 2:
+        input_features = self._per_sample_shape(data)
+        output_features = self._per_sample_shape(node.output[0])
+        if not layout.channels_first or input_features is None or output_features is None \
+                or len(output_features) != 1:
             self._block(data, f"{node.op_type} '{node.name}' mixes the channel axis with others")
             return
-        block = layout.block * int(np.prod(input_shape[2:], dtype=np.int64))
+        block = layout.block * int(np.prod(input_features[1:], dtype=np.int64))
         features = group.channels * block
-        if output_shape[1] != features or not self._flattens_after_batch(node, features):
+        if output_features[0] != features or not self._flattens_after_batch(node, features):
             self._block(data, f"{node.op_type} '{node.name}' mixes the channel axis with others")
             return
-        if node.op_type == "Reshape" and int(self.index.constant(node.input[1])[1]) == features:
+        if node.op_type == "Reshape" and int(known_constant(self.index, node.input[1])[1]) == features:
             group.reshapes.append((node.name, block))
         self._follow(node, data, Layout(-1, 2, block))
 
@@ -337,13 +340,13 @@ class _ChannelTracer:
         batch, width = int(target[0]), int(target[1])
         return batch != -1 if width == -1 else width == features
 
-    def _static_shape(self, name: str) -> tuple[int, ...] | None:
+    def _per_sample_shape(self, name: str) -> tuple[int, ...] | None:
+        """The axes after the batch, when every one of them is a number (the batch may be symbolic)."""
         kind = self.types.get(name)
         if kind is None or kind.shape is None:
             return None
-        if any(not isinstance(d, int) for d in kind.shape[1:]):
-            return None
-        return kind.shape
+        dims = [d for d in kind.shape[1:] if isinstance(d, int)]
+        return tuple(dims) if len(dims) == len(kind.shape) - 1 else None
 
     # -- weighted nodes
 
@@ -404,9 +407,16 @@ class _ChannelTracer:
         return ConstantSlice(node.name, 2, 0)
 
 
+def known_constant(index: GraphIndex, name: str) -> np.ndarray:
+    """A weight, bias or Reshape target the tracer accepted only because it is a constant."""
+    value = index.constant(name)
+    assert value is not None, f"'{name}' was traced as a constant"
+    return value
+
+
 def _subgraph_inputs(node: onnx.NodeProto) -> list[str]:
     """Outer-scope tensors a node's subgraphs (If/Loop/Scan bodies) read."""
-    names = []
+    names: list[str] = []
     for attribute in node.attribute:
         for subgraph in ([attribute.g] if attribute.HasField("g") else list(attribute.graphs)):
             for inner in subgraph.node:
@@ -430,7 +440,7 @@ def channel_scores(model: onnx.ModelProto, group: ChannelGroup, criterion: str,
     for weight_slice in group.producers:
         if weight_slice.input_index != 1:
             continue
-        weight = index.constant(nodes[weight_slice.node].input[1])
+        weight = known_constant(index, nodes[weight_slice.node].input[1])
         squared += np.square(channel_l2_norms(weight, weight_slice.axis))
     return np.sqrt(squared)
 
@@ -487,7 +497,7 @@ def _apply_cuts(graph: onnx.GraphProto, nodes: dict[str, onnx.NodeProto],
     index = GraphIndex(graph)
     for (node_name, position), node_cuts in cuts.items():
         node = nodes[node_name]
-        value = index.constant(node.input[position])
+        value = known_constant(index, node.input[position])
         for axis, indices in node_cuts:
             value = np.take(value, indices, axis=axis)
         replace_constant_input(graph, node, position, value)
@@ -518,6 +528,6 @@ def _set_attribute(node: onnx.NodeProto, name: str, value: int) -> None:
 
 
 def _shrink_reshape_target(graph: onnx.GraphProto, node: onnx.NodeProto, features: int) -> None:
-    target = GraphIndex(graph).constant(node.input[1]).copy()
+    target = known_constant(GraphIndex(graph), node.input[1]).copy()
     target[1] = features
     replace_constant_input(graph, node, 1, target)
