@@ -15,6 +15,7 @@ from hypothesis.extra.numpy import arrays
 from onnx import TensorProto, helper, numpy_helper
 
 from compressq.data import load_dataset
+from compressq.errors import UsageError
 from compressq.graph.edit import name_nodes
 from compressq.measure.speed import FASTER_ENOUGH
 from compressq.quantize import scheme
@@ -22,6 +23,7 @@ from compressq.quantize.api import quantize_model
 from compressq.quantize.config import QuantizeConfig
 from compressq.quantize.fusion import inspect_fusion
 from compressq.quantize.plan import build_plan
+from compressq.quantize.static import quantize_static
 from compressq.runtime import create_session
 from compressq.stats.collect import HistogramObserver, MinMaxObserver
 from tests.conftest import SAMPLES
@@ -131,6 +133,13 @@ def test_plan_absorbs_relu_and_quantizes_both_convs():
     assert set(plan.compute) == {"conv1", "conv2"}
     assert plan.absorbed["c1"].node == "relu1"
     assert "r1" in plan.quantized_tensors and "c1" not in plan.quantized_tensors
+
+
+def test_static_quantizer_without_data_or_plan_is_a_usage_error():
+    # The library door (quantize_static) refuses what quantize_model refuses, instead of an AttributeError
+    # deep in calibration.
+    with pytest.raises(UsageError, match="needs calibration data"):
+        quantize_static(_conv_relu_model(), None, QuantizeConfig(speed_check=False))
 
 
 def test_plan_can_keep_depthwise_float_and_says_why():

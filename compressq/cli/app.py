@@ -34,6 +34,7 @@ _before_imports = _install({signal.SIGINT: _exit_quietly, signal.SIGTERM: _exit_
 
 import functools  # noqa: E402  (imported after the quiet interrupt handler on purpose)
 import traceback  # noqa: E402
+from typing import TYPE_CHECKING  # noqa: E402
 
 import typer  # noqa: E402
 from typer.core import TyperGroup  # noqa: E402
@@ -43,10 +44,13 @@ from compressq.cli.views import console as render  # noqa: E402
 from compressq.errors import EXIT_INTERNAL, CompressqError, Terminated  # noqa: E402
 from compressq.graph import passes  # noqa: E402
 
-try:  # typer >= 0.2x carries its own click
-    from typer._click.exceptions import ClickException  # noqa: E402
-except ImportError:  # pragma: no cover - older typer uses click itself
-    from click.exceptions import ClickException  # type: ignore[no-redef]  # noqa: E402
+if TYPE_CHECKING:  # checked against the typer of the dev environment, which carries its own click
+    from typer._click.exceptions import ClickException
+else:
+    try:  # typer >= 0.2x carries its own click
+        from typer._click.exceptions import ClickException
+    except ImportError:  # pragma: no cover - older typer uses click itself
+        from click.exceptions import ClickException
 
 _debug = {"on": os.environ.get("COMPRESSQ_DEBUG") == "1"}
 
