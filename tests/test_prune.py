@@ -385,14 +385,18 @@ def test_row_budget_stops_reading_samples_once_the_layer_has_enough_rows():
 
 
 def branching_model(seed: int = 2):
-    """x -> Relu -> {conv_a, conv_b} (both read one tensor) -> Add -> conv_c: waves [a, b], [c]."""
+    """x -> Relu -> {conv_a, conv_b} (both read one tensor) -> Mul -> conv_c: waves [a, b], [c].
+
+    Mul, not Add: onnxruntime fuses a Conv and the Add after it into one kernel when the Conv's output is
+    not a graph output, so the dense teacher (one run exposing every target's output) and a teacher asked
+    for conv_c alone would differ in the last bit, which is onnxruntime's rounding, not refit's."""
     rng = np.random.default_rng(seed)
     weights = {name: rng.standard_normal((4, 4, 3, 3)).astype(np.float32) for name in ("wa", "wb", "wc")}
     conv = {"kernel_shape": [3, 3], "pads": [1, 1, 1, 1]}
     nodes = [helper.make_node("Relu", ["x"], ["r"], name="relu"),
              helper.make_node("Conv", ["r", "wa"], ["a"], name="conv_a", **conv),
              helper.make_node("Conv", ["r", "wb"], ["b"], name="conv_b", **conv),
-             helper.make_node("Add", ["a", "b"], ["s"], name="add"),
+             helper.make_node("Mul", ["a", "b"], ["s"], name="mul"),
              helper.make_node("Conv", ["s", "wc"], ["y"], name="conv_c", **conv)]
     model = make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4, 8, 8])],
                        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
@@ -423,6 +427,49 @@ def test_layers_reading_independent_inputs_share_one_wave_and_fit_as_if_one_by_o
         refit_layers(pruned, model, [target], dataset, settings)
     for a, b in zip(together.graph.initializer, pruned.graph.initializer):
         np.testing.assert_array_equal(numpy_helper.to_array(a), numpy_helper.to_array(b))
+
+
+def refit_branching(targets, samples: int, batch_size: int) -> onnx.ModelProto:
+    from compressq.prune.refit import RefitSettings, refit_layers
+
+    model, pruned = branching_model()
+    settings = RefitSettings(samples=samples, batch_size=batch_size, min_rows=50, rows_per_feature=1)
+    refit_layers(pruned, model, targets, synthetic_dataset(model, samples=samples), settings)
+    return pruned
+
+
+def test_the_dense_teacher_runs_once_for_all_waves(monkeypatch):
+    """One teacher session for every wave, one student session per wave (both waves read a computed tensor)."""
+    import compressq.prune.refit as refit
+
+    sessions = []
+    counted = lambda model, **kw: sessions.append(model) or create_session(model, **kw)  # noqa: E731
+    monkeypatch.setattr(refit, "create_session", counted)
+    targets = [refit.RefitTarget("conv_a"), refit.RefitTarget("conv_b"), refit.RefitTarget("conv_c")]
+    refit_branching(targets, samples=16, batch_size=4)
+    assert len(refit.refit_waves(branching_model()[1].graph, targets)) == 2
+    assert len(sessions) == 3
+    teacher_outputs = sorted(o.name for o in sessions[0].graph.output)
+    assert teacher_outputs == ["a", "b", "y"]
+
+
+@pytest.mark.parametrize(("samples", "batch_size"), [(23, 6), (16, 16), (9, 1)])
+def test_teacher_rows_do_not_depend_on_how_many_samples_a_teacher_run_holds(monkeypatch, samples, batch_size):
+    """The teacher runs a few samples at a time and keeps only the rows each fit draws; the fit, over
+    two waves, is bit-identical to one run per batch."""
+    import compressq.prune.refit as refit
+
+    targets = [refit.RefitTarget("conv_a"), refit.RefitTarget("conv_b"), refit.RefitTarget("conv_c")]
+    results = []
+    for per_run in (1, 4, 10_000):
+        monkeypatch.setattr(refit, "TEACHER_SAMPLES_PER_RUN", per_run)
+        results.append(refit_branching(targets, samples, batch_size))
+    for other in results[1:]:
+        for a, b in zip(results[0].graph.initializer, other.graph.initializer):
+            np.testing.assert_array_equal(numpy_helper.to_array(a), numpy_helper.to_array(b))
+    changed = [not np.array_equal(numpy_helper.to_array(a), numpy_helper.to_array(b))
+               for a, b in zip(results[0].graph.initializer, branching_model()[1].graph.initializer)]
+    assert all(changed)
 
 
 def test_progress_reports_each_stage_with_its_total(cnn, cnn_calibration):

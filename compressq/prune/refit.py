@@ -16,9 +16,11 @@ Cost, which is what makes refit usable on real models:
     of weights per output channel, within [`min_rows`, `max_rows`]), spread over at least `spread` times as
     many samples as the budget strictly needs (read off one sample's output); a layer reads only those
     samples, so an early high-resolution convolution runs the model on a few samples, not on every one;
-  * each run executes only the part of the graph the layers need (the prefix up to their inputs in the
-    pruned model, up to their outputs in the dense one), and layers whose inputs do not depend on each
-    other's refit (the branches of a detector head) share one wave: one run of each prefix per batch;
+  * the dense teacher runs ONCE, before any refit, over the samples the layers need (a few samples a run):
+    every layer's row positions are drawn up front from its own generator, exactly as its fit would draw
+    them, and only the teacher's values at those rows are kept (rows x outputs per layer);
+  * each wave then runs only the pruned model's prefix up to its layers' inputs, and layers whose inputs
+    do not depend on each other's refit (the branches of a detector head) share one wave: one run per batch;
   * all output channels of a layer are solved together (solvers.py): channels sharing one sparsity pattern
     (channel refit, N:M with few patterns) by one factorisation; with unstructured sparsity, where every
     channel has its own pattern and a k^3 solve of its own made refit slow, by conjugate gradients on all
@@ -28,7 +30,7 @@ Cost, which is what makes refit usable on real models:
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
@@ -43,6 +45,8 @@ from compressq.runtime import create_session
 # One intra-op thread: onnxruntime's pool spin-waits after each run and starves numpy's BLAS, which
 # accumulates the normal equations between runs (3x slower end to end on 2 cores with the default pool).
 SESSION_THREADS = 1
+# The dense teacher runs once over all samples with every refit target as an output, this many samples a run.
+TEACHER_SAMPLES_PER_RUN = 4
 
 
 @dataclass(frozen=True)
@@ -132,6 +136,23 @@ class LinearView:
 
     def rows(self, x: np.ndarray, y: np.ndarray, rng: np.random.Generator,
              limit: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Input and target rows per group at `limit` row positions drawn from `rng`."""
+        chosen = _sample(self.row_count(y.shape), rng, limit)
+        return list(zip(self.input_rows(x, chosen, y.shape), self.split_targets(self.target_rows(y, chosen))))
+
+    def row_count(self, output_shape: tuple[int, ...]) -> int:
+        """Row positions (samples x output positions) in an output of this shape."""
+        raise NotImplementedError
+
+    def target_rows(self, y: np.ndarray, chosen: np.ndarray) -> np.ndarray:
+        """The output's values [rows, outputs] at row positions `chosen` (sorted, of `row_count(y.shape)`)."""
+        raise NotImplementedError
+
+    def split_targets(self, targets: np.ndarray) -> list[np.ndarray]:
+        return [targets]
+
+    def input_rows(self, x: np.ndarray, chosen: np.ndarray, output_shape: tuple[int, ...]) -> list[np.ndarray]:
+        """Input rows per group at row positions `chosen` of an output of `output_shape`."""
         raise NotImplementedError
 
     def store(self, matrices: list[np.ndarray]) -> None:
@@ -150,6 +171,14 @@ def _with_ones(rows: np.ndarray, has_bias: bool) -> np.ndarray:
 
 def _sample(count: int, rng: np.random.Generator, limit: int) -> np.ndarray:
     return np.sort(rng.choice(count, size=limit, replace=False)) if count > limit else np.arange(count)
+
+
+def _positions(chosen: np.ndarray, output_shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Row positions of a Conv output [N, C, H, W] as (sample, row, column) indices."""
+    height, width = output_shape[2], output_shape[3]
+    n, rest = np.divmod(chosen, height * width)
+    i, j = np.divmod(rest, width)
+    return n, i, j
 
 
 class ConvView(LinearView):
@@ -181,21 +210,27 @@ class ConvView(LinearView):
             result.append(matrix)
         return result
 
-    def rows(self, x, y, rng, limit):
-        windows = self._windows(x)
-        if windows.shape[2:4] != y.shape[2:4]:
-            raise NotRefittable("could not reproduce the convolution's output positions")
-        batch, _, height, width = y.shape
-        chosen = _sample(batch * height * width, rng, limit)
-        n, rest = np.divmod(chosen, height * width)
-        i, j = np.divmod(rest, width)
-        patches = windows[n, :, i, j]  # [rows, C, kh, kw]
-        targets = y[n, :, i, j]  # [rows, out]
-        in_per_group = self.weight.shape[1]
+    def row_count(self, output_shape):
+        batch, _, height, width = output_shape
+        return batch * height * width
+
+    def target_rows(self, y, chosen):
+        n, i, j = _positions(chosen, y.shape)
+        return y[n, :, i, j]  # [rows, out]
+
+    def split_targets(self, targets):
         out_per_group = self.weight.shape[0] // self.groups
-        return [(_with_ones(patches[:, g * in_per_group:(g + 1) * in_per_group].reshape(len(chosen), -1),
-                            self.has_bias),
-                 targets[:, g * out_per_group:(g + 1) * out_per_group]) for g in range(self.groups)]
+        return [targets[:, g * out_per_group:(g + 1) * out_per_group] for g in range(self.groups)]
+
+    def input_rows(self, x, chosen, output_shape):
+        windows = self._windows(x)
+        if windows.shape[2:4] != tuple(output_shape[2:4]):
+            raise NotRefittable("could not reproduce the convolution's output positions")
+        n, i, j = _positions(chosen, output_shape)
+        patches = windows[n, :, i, j]  # [rows, C, kh, kw]
+        in_per_group = self.weight.shape[1]
+        return [_with_ones(patches[:, g * in_per_group:(g + 1) * in_per_group].reshape(len(chosen), -1),
+                           self.has_bias) for g in range(self.groups)]
 
     def _windows(self, x: np.ndarray) -> np.ndarray:
         kernel = self.weight.shape[2:]
@@ -273,12 +308,18 @@ class DenseView(LinearView):
             matrix = np.hstack([matrix, self._bias_value()[:, None]])
         return [matrix]
 
-    def rows(self, x, y, rng, limit):
+    def row_count(self, output_shape):
+        return int(np.prod(output_shape[:-1], dtype=np.int64))
+
+    def target_rows(self, y, chosen):
+        return y.reshape(-1, y.shape[-1])[chosen]
+
+    def input_rows(self, x, chosen, output_shape):
         x = x.T if self.trans_a else x
         inputs = x.reshape(-1, x.shape[-1])
-        targets = y.reshape(-1, y.shape[-1])
-        chosen = _sample(inputs.shape[0], rng, limit)
-        return [(_with_ones(inputs[chosen], self.has_bias), targets[chosen])]
+        if inputs.shape[0] != self.row_count(output_shape):
+            raise NotRefittable("the input's rows do not match the output's")
+        return [_with_ones(inputs[chosen], self.has_bias)]
 
     def store(self, matrices):
         matrix = matrices[0]
@@ -311,13 +352,14 @@ def refit_layers(pruned: onnx.ModelProto, teacher: onnx.ModelProto, targets: Seq
                  progress: Callable[[int], None] | None = None) -> list[RefitRecord]:
     """Refit `targets` of `pruned` (changed in place) in order; returns what each fit achieved.
 
-    Targets whose inputs do not depend on each other's refit (the branches of a detector head, the
-    convolutions that read one tensor) form one wave and share one run of each model per batch; the result
-    is the same as fitting them one by one. `progress(1)` is called after each target, so a caller knows the
-    total (len(targets)) up front."""
+    The dense teacher runs once for all targets. Targets whose inputs do not depend on each other's refit
+    (the branches of a detector head, the convolutions that read one tensor) form one wave and share one
+    run of the pruned model per batch; the result is the same as fitting them one by one. `progress(1)` is
+    called after each target, so a caller knows the total (len(targets)) up front."""
     records: dict[str, RefitRecord] = {}
+    teacher_rows = _teacher_rows(pruned, teacher, targets, dataset, settings)
     for wave in refit_waves(pruned.graph, targets):
-        for record in _refit_wave(pruned, teacher, wave, dataset, settings):
+        for record in _refit_wave(pruned, wave, teacher_rows, dataset, settings):
             records[record.node] = record
             if progress:
                 progress(1)
@@ -391,6 +433,20 @@ def _subgraph_names(node: onnx.NodeProto) -> set[str]:
 
 
 @dataclass
+class _TeacherRows:
+    """One target's rows of the dense teacher's output, drawn once before any wave: per batch the row
+    positions its fit samples, the shape of the output they index and the teacher's values there."""
+
+    target: RefitTarget
+    view: LinearView  # the layer as it was before any refit: only its shapes are used here
+    rng: np.random.Generator
+    budget: int
+    samples: int  # how many samples its row budget needs
+    seen: int = 0
+    batches: list[tuple[np.ndarray, tuple[int, ...], np.ndarray] | None] = field(default_factory=list)
+
+
+@dataclass
 class _Fit:
     """One target's state while its wave reads data."""
 
@@ -398,14 +454,103 @@ class _Fit:
     view: LinearView
     matrices: list[np.ndarray]
     equations: list[NormalEquations]
-    rng: np.random.Generator
-    samples: int = 0  # how many samples its row budget needs
-    seen: int = 0
+    teacher: _TeacherRows
+    batch: int = 0  # the next of `teacher.batches` to read
     failure: str = ""
 
 
-def _refit_wave(pruned: onnx.ModelProto, teacher: onnx.ModelProto, wave: Sequence[RefitTarget], dataset: Dataset,
-                settings: RefitSettings) -> list[RefitRecord]:
+def _teacher_rows(pruned: onnx.ModelProto, teacher: onnx.ModelProto, targets: Sequence[RefitTarget],
+                  dataset: Dataset, settings: RefitSettings) -> dict[str, _TeacherRows]:
+    """Every target's teacher rows, from ONE pass of the dense model over the samples.
+
+    The teacher does not change between waves, so running it once per wave repeated its work; the row
+    positions a fit samples depend only on its own generator, the batch sizes and its budget, so they are
+    drawn here, in the order the fit itself would draw them, and each wave runs only the pruned model."""
+    views: dict[str, LinearView] = {}
+    for target in targets:
+        try:
+            views[target.node] = linear_view(pruned.graph, target.node)
+        except NotRefittable:
+            continue  # its wave says why
+    if not views:
+        return {}
+    names = sorted({view.target_name for view in views.values()})
+    session = create_session(prefix_model(teacher, names), threads=SESSION_THREADS)
+    available = min(settings.samples, dataset.num_samples)
+    probe = dict(zip(names, session.run(names, next(dataset.batches(1, 1)))))
+    plans: dict[str, _TeacherRows] = {}
+    for target in targets:
+        view = views.get(target.node)
+        if view is None or target.node in plans:
+            continue
+        budget = settings.row_budget(view.matrices()[0].shape[1])
+        samples = _samples_needed(probe[view.target_name], view, budget, available, settings)
+        plans[target.node] = _TeacherRows(target, view, np.random.default_rng(settings.seed), budget, samples)
+    del probe
+    for feed in dataset.batches(settings.batch_size, max(plan.samples for plan in plans.values())):
+        reading = [plan for plan in plans.values() if plan.seen < plan.samples]
+        if not reading:
+            break
+        _read_teacher_batch(session, names, feed, reading, split=dataset.layout != "stack")
+    return plans
+
+
+def _read_teacher_batch(session, names: list[str], feed: dict[str, np.ndarray], plans: list[_TeacherRows],
+                        split: bool) -> None:
+    """Draw each plan's row positions for this batch and keep the teacher's values there. The teacher runs
+    on `TEACHER_SAMPLES_PER_RUN` samples at a time: onnxruntime keeps every output of a run alive, and all
+    refit targets together are most of the model's activations."""
+    drawn: list[tuple[_TeacherRows, np.ndarray, tuple[int, ...], list[np.ndarray]]] = []
+    for start, outputs, batch in _teacher_runs(session, names, feed, split):
+        if not drawn:
+            for plan in plans:
+                y = outputs[plan.view.target_name]
+                take = min(y.shape[0] if batch is None else batch, plan.samples - plan.seen)
+                shape = (take, *y.shape[1:])  # the output's channels do not count rows
+                rows_per_sample = plan.budget / plan.samples
+                limit = max(1, round(rows_per_sample * (plan.seen + take)) - round(rows_per_sample * plan.seen))
+                drawn.append((plan, _sample(plan.view.row_count(shape), plan.rng, limit), shape, []))
+                plan.seen += take
+        for plan, chosen, shape, pieces in drawn:
+            per_sample = plan.view.row_count(shape) // max(1, shape[0])
+            y = outputs[plan.view.target_name]
+            low, high = np.searchsorted(chosen, [start * per_sample, (start + y.shape[0]) * per_sample])
+            if high > low or not pieces:
+                pieces.append(_kept(plan, plan.view.target_rows(y, chosen[low:high] - start * per_sample)))
+        del outputs
+    for plan, chosen, shape, pieces in drawn:
+        plan.batches.append((chosen, shape, np.concatenate(pieces)))  # one C-ordered copy, as BLAS saw before
+
+
+def _kept(plan: _TeacherRows, rows: np.ndarray) -> np.ndarray:
+    """The target rows [rows, outputs] of the outputs that survive channel pruning."""
+    kept = plan.target.kept_outputs
+    return rows if kept is None else rows[:, list(kept)]
+
+
+def _teacher_runs(session, names: list[str], feed: dict[str, np.ndarray], split: bool):
+    """(first sample, outputs by name, samples in the batch) for each run over `feed`, a few samples a run;
+    one run of the whole feed (samples: None, each output says) where its arrays or the outputs do not all
+    hold the samples along axis 0."""
+    lengths = {value.shape[0] if value.ndim else -1 for value in feed.values()}
+    batch = lengths.pop() if split and len(lengths) == 1 else -1
+    if batch > TEACHER_SAMPLES_PER_RUN:
+        for start in range(0, batch, TEACHER_SAMPLES_PER_RUN):
+            part = {name: value[start:start + TEACHER_SAMPLES_PER_RUN] for name, value in feed.items()}
+            outputs = dict(zip(names, session.run(names, part)))
+            if any(value.shape[:1] != (min(batch - start, TEACHER_SAMPLES_PER_RUN),) for value in outputs.values()):
+                if start:  # cannot happen on a later run when the first one matched
+                    raise NotRefittable("the teacher's outputs do not hold the samples along axis 0")
+                break
+            yield start, outputs, batch
+            del outputs  # before the next run: one run's outputs alive at a time
+        else:
+            return
+    yield 0, dict(zip(names, session.run(names, feed))), None
+
+
+def _refit_wave(pruned: onnx.ModelProto, wave: Sequence[RefitTarget], teacher_rows: dict[str, _TeacherRows],
+                dataset: Dataset, settings: RefitSettings) -> list[RefitRecord]:
     fits, records = [], []
     for target in wave:
         try:
@@ -415,56 +560,46 @@ def _refit_wave(pruned: onnx.ModelProto, teacher: onnx.ModelProto, wave: Sequenc
             continue
         matrices = view.matrices()
         fits.append(_Fit(target, view, matrices, [NormalEquations(m.shape[1], m.shape[0]) for m in matrices],
-                         np.random.default_rng(settings.seed)))
+                         teacher_rows.pop(target.node)))
     if fits:
-        _read_data(pruned, teacher, fits, dataset, settings)
+        _read_data(pruned, fits, dataset, settings)
     records += [_solve(fit, settings) for fit in fits]
     order = [target.node for target in wave]
     return sorted(records, key=lambda record: order.index(record.node))
 
 
-def _read_data(pruned: onnx.ModelProto, teacher: onnx.ModelProto, fits: list[_Fit], dataset: Dataset,
-               settings: RefitSettings) -> None:
-    """Accumulate every fit's normal equations: one run of the pruned model's prefix (the fits' inputs) and
-    one of the teacher's (their targets) per batch, each fit reading only the samples its budget needs."""
+def _read_data(pruned: onnx.ModelProto, fits: list[_Fit], dataset: Dataset, settings: RefitSettings) -> None:
+    """Accumulate every fit's normal equations: one run of the pruned model's prefix (the fits' inputs) per
+    batch, each fit reading only the batches its teacher rows cover."""
     graph_inputs = {i.name for i in pruned.graph.input}
     student_outputs = sorted({fit.view.input_name for fit in fits} - graph_inputs)
-    teacher_outputs = sorted({fit.view.target_name for fit in fits})
     student = create_session(prefix_model(pruned, student_outputs), threads=SESSION_THREADS) \
         if student_outputs else None
-    teacher_session = create_session(prefix_model(teacher, teacher_outputs), threads=SESSION_THREADS)
-    available = min(settings.samples, dataset.num_samples)
-    probe = dict(zip(teacher_outputs, teacher_session.run(teacher_outputs, next(dataset.batches(1, 1)))))
-    for fit in fits:
-        budget = settings.row_budget(fit.matrices[0].shape[1])
-        fit.samples = _samples_needed(probe[fit.view.target_name], fit.view, budget, available, settings)
-    for feed in dataset.batches(settings.batch_size, max(fit.samples for fit in fits)):
-        reading = [fit for fit in fits if fit.seen < fit.samples and not fit.failure]
+    for feed in dataset.batches(settings.batch_size, max(fit.teacher.samples for fit in fits)):
+        reading = [fit for fit in fits if fit.batch < len(fit.teacher.batches) and not fit.failure]
         if not reading:
             break
         activations = dict(feed)
         if student is not None:
             activations.update(zip(student_outputs, student.run(student_outputs, feed)))
-        activations.update(zip(teacher_outputs, teacher_session.run(teacher_outputs, feed)))
         for fit in reading:
-            _add_rows(fit, activations, settings)
+            _add_rows(fit, activations)
 
 
-def _add_rows(fit: _Fit, activations: dict[str, np.ndarray], settings: RefitSettings) -> None:
+def _add_rows(fit: _Fit, activations: dict[str, np.ndarray]) -> None:
     view = fit.view
-    x, y = activations[view.input_name], activations[view.target_name]
-    if fit.target.kept_outputs is not None:
-        y = np.take(y, list(fit.target.kept_outputs), axis=view.output_axis)
-    take = min(y.shape[0], fit.samples - fit.seen)
-    x, y = x[:take], y[:take]
-    rows_per_sample = settings.row_budget(fit.matrices[0].shape[1]) / fit.samples
-    limit = max(1, round(rows_per_sample * (fit.seen + take)) - round(rows_per_sample * fit.seen))
+    batch = fit.teacher.batches[fit.batch]
+    assert batch is not None, "each batch of teacher rows is read once, in order"
+    chosen, shape, targets = batch
+    fit.teacher.batches[fit.batch] = None  # read once: free it
+    fit.batch += 1
+    x = activations[view.input_name][:shape[0]]
     try:
-        for equation, (inputs, outputs) in zip(fit.equations, view.rows(x, y, fit.rng, limit)):
+        for equation, inputs, outputs in zip(fit.equations, view.input_rows(x, chosen, shape),
+                                             view.split_targets(targets)):
             equation.update(inputs, outputs)
     except NotRefittable as reason:
         fit.failure = f"not refit: {reason}"
-    fit.seen += take
 
 
 def _solve(fit: _Fit, settings: RefitSettings) -> RefitRecord:
