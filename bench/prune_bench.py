@@ -13,11 +13,12 @@
     at 640x640, unstructured 50 % with refit on 32 generated scene images (REFIT_IMAGES): the refit's cost
     (process CPU seconds of prune_model with data minus without, all threads; the bar: <= 120 s, i.e. 2
     minutes even if the work got only one of the 2 cores) and output SQNR against the dense model on 4
-    held-out images, with refit | without. Measured 2026-12-03 on the shared 2-core machine: 230.5 s CPU,
-    235 s wall (load 3-4), FAIL; SQNR 2.97 dB with refit, 0.25 without. An earlier run of the same code
-    with 55 instead of 47 waves (276 s CPU at load 7-10) split its time into 159 s onnxruntime prefix
-    runs (pruned and dense prefixes on up to 32 images per wave), 66 s conjugate-gradient solves and 18 s
-    Gram updates: the runs are what is left to cut.
+    held-out images, with refit | without. History, 2026-12-03 on the shared 2-core machine: per-channel
+    solves (before this session) would take over 25 minutes; batched conjugate-gradient solves and waves of
+    independent layers: 193-230 s CPU (about 159 s of it onnxruntime running pruned AND dense prefixes per
+    wave); the dense teacher run once for all waves (its rows at each layer's sampled positions kept, at most
+    323 MiB): 118 s CPU, 99 s wall, PASS. SQNR 2.97 dB with refit, 0.25 without, unchanged throughout. The
+    solves (~66 s) are what is left to cut.
   * digits CNN, 50 % unstructured + int8 (compressq.quantize.quantize_model, static, speed check off so it
     really is int8): gzip -9 size against the fp32 original file (the bar), and against the fp32 file
     gzipped too (stricter; DEFLATE spends ~5.5 bits on an int8 weight with scattered zeros).
