@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 
 import numpy as np
 import onnx
@@ -490,3 +491,20 @@ def test_cli_without_calibration_data_warns_that_the_cost_is_unmeasured(run_cli,
     refit = run_cli("prune", SAMPLES / "digits_cnn.onnx", "-s", "0.5", "-o", tmp_path / "q.onnx",
                     "--calibration-data", SAMPLES / "digits_calib.npz")
     assert refit.exit_code == 0 and "unmeasured" not in refit.stderr
+
+
+def test_refit_on_data_that_overflows_says_so_without_numpy_warnings(run_cli, fragile, tmp_path):
+    """1e30 inputs overflow float32 statistics: the layer keeps its pruned weights, one note says why, and no
+    RuntimeWarning reaches the user's terminal."""
+    huge = tmp_path / "huge.npz"
+    np.savez(huge, x=np.full((64, 16), 1e30, np.float32))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = run_cli("prune", fragile.model_path, "--sparsity", "0.5", "--prune-first", "--prune-last",
+                         "--min-params", "1", "--calibration-data", huge, "-o", tmp_path / "p.onnx", "--json")
+    assert result.exit_code == 0, result.stderr
+    assert not [w for w in caught if issubclass(w.category, RuntimeWarning)]
+    notes = json.loads(result.stdout)["notes"]
+    assert any("'fc1' not refit: its inputs overflow float32" in note for note in notes)
+    pruned = onnx.load(str(tmp_path / "p.onnx"))
+    assert all(np.isfinite(numpy_helper.to_array(t)).all() for t in pruned.graph.initializer)

@@ -98,16 +98,21 @@ class NormalEquations:
 
     def update(self, inputs: np.ndarray, targets: np.ndarray) -> None:
         # Products of one batch in float32 (twice BLAS's float64 speed), summed across batches in float64.
+        # Extreme data may overflow float32: the statistics then hold inf, and `solve` keeps the pruned weights
+        # (solvers.never_worse); numpy's warnings would only be noise on the user's terminal.
         inputs = inputs.astype(np.float32, copy=False)
         targets = targets.astype(np.float32, copy=False)
-        self.gram += inputs.T @ inputs
-        self.cross += inputs.T @ targets
-        self.target_energy += np.square(targets, dtype=np.float64).sum(axis=0)
+        with np.errstate(over="ignore", invalid="ignore"):
+            self.gram += inputs.T @ inputs
+            self.cross += inputs.T @ targets
+            self.target_energy += np.square(targets, dtype=np.float64).sum(axis=0)
         self.rows += inputs.shape[0]
 
     def squared_error(self, weights: np.ndarray) -> float:
-        """sum ||X w_o - y_o||^2 over outputs o, from the accumulated statistics alone."""
-        return float(np.sum(squared_errors(weights, self.gram, self.cross, self.target_energy)))
+        """sum ||X w_o - y_o||^2 over outputs o, from the accumulated statistics alone (inf or nan when the
+        statistics overflowed)."""
+        with np.errstate(over="ignore", invalid="ignore"):
+            return float(np.sum(squared_errors(weights, self.gram, self.cross, self.target_energy)))
 
     def solve(self, weights: np.ndarray, always_free: np.ndarray, ridge: float) -> np.ndarray:
         """Refit rows of `weights` [outputs, features]: zeros stay zero except `always_free` columns.
@@ -115,7 +120,8 @@ class NormalEquations:
         Every output solves its masked ridge problem against the layer's one Gram matrix (solvers.py): shared
         patterns by one factorisation, per-output patterns by conjugate gradients on all outputs at once."""
         keep = (weights != 0) | always_free[None, :]
-        fitted, _ = masked_ridge_solve(self.gram, self.cross, self.target_energy, weights, keep, ridge)
+        with np.errstate(over="ignore", invalid="ignore"):  # non-finite statistics: the pruned weights stay
+            fitted, _ = masked_ridge_solve(self.gram, self.cross, self.target_energy, weights, keep, ridge)
         return fitted
 
 
@@ -611,6 +617,9 @@ def _solve(fit: _Fit, settings: RefitSettings) -> RefitRecord:
     energy = sum(eq.target_energy.sum() for eq in equations) or 1.0
     before = sum(eq.squared_error(m) for eq, m in zip(equations, matrices))
     after = sum(eq.squared_error(m) for eq, m in zip(equations, fitted))
+    if not np.isfinite([energy, before, after]).all():
+        return RefitRecord(fit.target.node, equations[0].rows, float("nan"), float("nan"),
+                           "not refit: its inputs overflow float32 on this data (pruned weights kept)")
     return RefitRecord(fit.target.node, equations[0].rows, _relative(before, energy), _relative(after, energy))
 
 
