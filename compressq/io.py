@@ -33,6 +33,7 @@ from onnx import numpy_helper
 
 from compressq import __version__
 from compressq.errors import ModelError, OutputError
+from compressq.graph.index import all_nodes
 from compressq.ops import WEIGHT_INPUTS
 
 PROTOBUF_LIMIT = 2**31 - 1
@@ -467,24 +468,15 @@ def _all_finite(tensor: onnx.TensorProto) -> bool:
 
 def _constants_read_as(graph: onnx.GraphProto, names: set[str]) -> Iterator[tuple[str, onnx.TensorProto]]:
     """(node name, value) of the Constant nodes, bodies included, whose output is read under one of `names`."""
-    for node in graph.node:
-        for attribute in node.attribute:
-            if node.op_type == "Constant" and attribute.HasField("t") and node.output[0] in names:
-                yield node.name, attribute.t
-            for body in ([attribute.g] if attribute.HasField("g") else []) + list(attribute.graphs):
-                yield from _constants_read_as(body, names)
+    for node in all_nodes(graph):
+        if node.op_type == "Constant" and node.output[0] in names:
+            yield from ((node.name, a.t) for a in node.attribute if a.HasField("t"))
 
 
 def _weight_names(graph: onnx.GraphProto) -> set[str]:
     """Names read as weights anywhere in the graph and its bodies (a body reads its enclosing weights too)."""
-    names: set[str] = set()
-    for node in graph.node:
-        positions = WEIGHT_INPUTS.get(node.op_type, ())
-        names.update(node.input[i] for i in positions if i < len(node.input) and node.input[i])
-        for attribute in node.attribute:
-            for body in ([attribute.g] if attribute.HasField("g") else []) + list(attribute.graphs):
-                names |= _weight_names(body)
-    return names
+    return {node.input[i] for node in all_nodes(graph) for i in WEIGHT_INPUTS.get(node.op_type, ())
+            if i < len(node.input) and node.input[i]}
 
 
 def refuse_non_finite_weights(model: onnx.ModelProto, whose: str) -> None:
@@ -508,11 +500,10 @@ def copy_unchanged_model(source: str | os.PathLike, path: str | os.PathLike, *,
 
     An output compressq decided not to change is the user's own file: never bigger, never re-encoded (the
     load-time normalization, e.g. names given to unnamed nodes, is not worth a byte more on disk)."""
-    source = Path(source)
-    if any(is_external(stored.tensor) for stored in model_tensors(_parse_model(source))):
+    content = Path(source).read_bytes()  # load_model already parsed and checked this file
+    if any(is_external(stored.tensor) for stored in model_tensors(onnx.load_model_from_string(content))):
         return False
     target = check_output_path(path, protect)
-    content = source.read_bytes()
     write_atomically(target, lambda stream: stream.write(content))
     return True
 

@@ -67,9 +67,9 @@ def test_session_leaves_the_callers_model_alone(big_threshold, cnn_path, calib_n
 
 COMMANDS = {
     "inspect": ["inspect", "{model}"],
-    "quantize-static": ["quantize", "{model}", "-d", "{calib}", "-o", "{out}"],
-    "quantize-dynamic": ["quantize", "{model}", "--mode", "dynamic", "-o", "{out}"],
-    "quantize-weight-only": ["quantize", "{model}", "--mode", "weight-only", "-o", "{out}"],
+    "quantize-static": ["quantize", "{model}", "-d", "{calib}", "-o", "{out}", "--no-speed-check"],
+    "quantize-dynamic": ["quantize", "{model}", "--mode", "dynamic", "-o", "{out}", "--no-speed-check"],
+    "quantize-weight-only": ["quantize", "{model}", "--mode", "weight-only", "-o", "{out}", "--no-speed-check"],
     "prune": ["prune", "{model}", "-s", "0.5", "-o", "{out}"],
     "report": ["report", "{model}", "{model}", "--data", "{calib}", "--runs", "1", "--warmup", "0"],
     "sensitivity": ["sensitivity", "{model}", "-d", "{calib}"],
@@ -89,9 +89,7 @@ def test_every_command_on_a_big_model(run_cli, big_threshold, loaded_models, tmp
         assert model.SerializeToString() == snapshot, f"{command} changed a model it loaded"
     if "{out}" in COMMANDS[command]:
         assert result.exit_code == 0, result.stderr
-        unchanged = out.read_bytes() == cnn_path.read_bytes()  # nothing paid off: the input's own bytes
-        assert unchanged or (tmp_path / "out.onnx.data").exists(), \
-            "an output above the threshold keeps its weights aside"
+        assert (tmp_path / "out.onnx.data").exists(), "an output above the threshold keeps its weights aside"
         written = model_io.load_model(out)
         feed = digit_input(written, calib_npz)
         (logits,) = create_session(out).run(None, feed)

@@ -122,13 +122,18 @@ def test_unwritable_folder_fails_before_the_work(run_cli, work, monkeypatch):
     assert_untouched(work, before)
 
 
-@pytest.mark.parametrize("target", ["/proc/x.onnx", "/sys/x.onnx", "/proc/self/fd/1"])
-@pytest.mark.parametrize("command", ["prune", "quantize", "report", "data"])
-def test_process_and_kernel_files_are_refused(run_cli, work, command, target):
-    args = {"prune": ["prune", work / "m.onnx", *PRUNE_ALL],
+def writing_command(work: Path, command: str) -> list:
+    """The arguments of a quick run of `command` that writes an output (`-o` is added by the caller)."""
+    return {"prune": ["prune", work / "m.onnx", *PRUNE_ALL],
             "quantize": ["quantize", work / "m.onnx", "--mode", "dynamic"],
             "report": ["report", work / "m.onnx", *REPORT_QUICK],
             "data": ["data", work / "m.onnx", work / "src.npy"]}[command]
+
+
+@pytest.mark.parametrize("target", ["/proc/x.onnx", "/sys/x.onnx", "/proc/self/fd/1"])
+@pytest.mark.parametrize("command", ["prune", "quantize", "report", "data"])
+def test_process_and_kernel_files_are_refused(run_cli, work, command, target):
+    args = writing_command(work, command)
     target = target if command != "data" else target.replace(".onnx", ".npz")
     assert_refused(run_cli(*args, "-o", target))
 
@@ -146,10 +151,7 @@ def loop(work) -> Path:
 
 @pytest.mark.parametrize("command", ["prune", "quantize", "report", "data"])
 def test_symlink_loop_as_output_is_refused(run_cli, work, loop, command):
-    args = {"prune": ["prune", work / "m.onnx", *PRUNE_ALL],
-            "quantize": ["quantize", work / "m.onnx", "--mode", "dynamic"],
-            "report": ["report", work / "m.onnx", *REPORT_QUICK],
-            "data": ["data", work / "m.onnx", work / "src.npy"]}[command]
+    args = writing_command(work, command)
     target = loop if command != "data" else loop.with_suffix(".npz")
     if command == "data":
         target.symlink_to(target)
@@ -247,16 +249,12 @@ def test_inspect_and_report_still_read_a_model_with_non_finite_weights(run_cli, 
 
 
 def test_extreme_data_never_yields_a_non_finite_weight(run_cli, work):
-    # Finite inputs so large that a refit's sums overflow float32: the output is refused, not written.
+    # Finite inputs so large that a refit's sums overflow float32: those layers keep their pruned weights.
     np.savez(work / "huge.npz", x=(np.random.default_rng(0).standard_normal((8, 16)) * 1e30).astype(np.float32))
     result = run_cli("prune", work / "m.onnx", *PRUNE_ALL, "--calibration-data", work / "huge.npz",
                      "-o", work / "out.onnx")
-    assert result.exit_code in (0, 2), result.stderr
-    assert "Traceback" not in result.stderr
-    if result.exit_code == 0:
-        assert non_finite_weights(onnx.load(str(work / "out.onnx"))) == []
-    else:
-        assert "NaN or infinite" in result.stderr and not (work / "out.onnx").exists()
+    assert result.exit_code == 0, result.stderr
+    assert non_finite_weights(onnx.load(str(work / "out.onnx"))) == []
 
 
 def test_save_model_refuses_a_non_finite_output(work):

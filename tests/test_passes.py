@@ -144,3 +144,20 @@ def test_a_dim_of_minus_one_is_unknown_not_a_size(tiny_model):
     rewritten.graph.input[0].type.tensor_type.shape.dim[0].Clear()
     assert interface(rewritten) == interface(model)
     run_pass("shape inference", lambda m: PassResult(rewritten), model)
+
+
+def test_inspect_a_model_loaded_without_its_weights_that_normalization_touched(run_cli, tmp_path, monkeypatch):
+    """inspect reads weights lazily (they still point at m.data); normalizing its unnamed node must not make
+    the in-memory checker look for m.data relative to the current directory (exit 3 before the fix)."""
+    weight = numpy_helper.from_array(np.ones((64, 64), np.float32), "W")
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 64])], [weight])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    folder = tmp_path / "model"
+    folder.mkdir()
+    onnx.save_model(model, str(folder / "m.onnx"), save_as_external_data=True, location="m.data", size_threshold=0)
+    monkeypatch.chdir(tmp_path)
+    result = run_cli("inspect", folder / "m.onnx")
+    assert result.exit_code == 0, result.stderr
+    assert "Parameters: 4,096" in result.stdout

@@ -436,3 +436,14 @@ def test_an_unchanged_model_that_normalization_touched_is_still_written_as_it_ca
     assert result.exit_code == 0, result.stderr
     assert out.read_bytes() == source.read_bytes()
     assert "larger" not in result.stderr
+
+
+@pytest.mark.parametrize("mode", [["--mode", "dynamic"], ["--mode", "weight-only"],
+                                  ["-d", str(SAMPLES / "digits_calib.npz")]])
+def test_nothing_to_quantize_writes_the_input_as_it_came(run_cli, tmp_path, mode):
+    """Every layer excluded: each mode hands back the input file byte for byte, not a stamped re-encoding."""
+    out = tmp_path / "out.onnx"
+    result = run_cli("quantize", SAMPLES / "digits_cnn.onnx", *mode, "--exclude", "*", "--no-speed-check", "-o", out)
+    assert result.exit_code == 0, result.stderr
+    assert out.read_bytes() == (SAMPLES / "digits_cnn.onnx").read_bytes()
+    assert "larger" not in result.stderr

@@ -12,7 +12,7 @@ from onnx import TensorProto, helper, numpy_helper
 from compressq.data import load_dataset
 from compressq.runtime import create_session, with_outputs
 from compressq.stats import collect as collect_module
-from compressq.stats.collect import Request, collect, collect_range_candidates, collect_ranges, main_graph_tensors
+from compressq.stats.collect import Request, collect, collect_range_candidates, collect_ranges
 from compressq.stats.observers import (
     ChannelAbsMaxObserver,
     ChannelMeanObserver,
@@ -20,6 +20,7 @@ from compressq.stats.observers import (
     MinMaxObserver,
     range_observer,
 )
+from compressq.stats.subgraphs import split_by_scope
 from tests.conftest import make_model
 
 TENSORS = ("x", "conv", "relu", "scaled", "flat", "y")
@@ -256,7 +257,7 @@ def test_main_graph_tensors_names_what_collect_cannot_tap_yet():
     model = make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 2]),
                                helper.make_tensor_value_info("cond", TensorProto.BOOL, [])],
                        [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["N", 2])])
-    assert main_graph_tensors(model, ["x", "out", "inner"]) == ({"x", "out"}, {"inner"})
+    assert split_by_scope(model, ["x", "out", "inner"]) == (["out", "x"], ["inner"])
 
 
 def test_tensors_inside_bodies_are_measured_in_the_same_pass(tmp_path, monkeypatch):

@@ -54,7 +54,6 @@ PER_LAYER_BATCH = 8
 TIMING_FEEDS = 4  # distinct batches cycled through while timing
 
 
-# Called with (what is running, how many steps); returns the callback that advances by n steps.
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ import onnx
 from onnx import numpy_helper
 
 from compressq.errors import ModelError
-from compressq.graph.index import Scope, all_nodes, implicit_inputs, opset_version, scopes
+from compressq.graph.index import Scope, all_nodes, implicit_inputs, opset_version, scopes, tensor_names
 from compressq.io import first_line
 
 
@@ -28,16 +28,10 @@ def ensure_opset(model: onnx.ModelProto, minimum: int) -> onnx.ModelProto:
 
 
 class NameGenerator:
-    """Fresh tensor/node names that collide with nothing in the graph."""
+    """Fresh tensor/node names that collide with nothing in the graph or its If/Loop/Scan bodies."""
 
     def __init__(self, graph: onnx.GraphProto):
-        self.taken: set[str] = set()
-        for node in graph.node:
-            self.taken.update(node.output)
-            self.taken.update(node.input)
-            self.taken.add(node.name)
-        self.taken.update(t.name for t in graph.initializer)
-        self.taken.update(v.name for v in [*graph.input, *graph.output, *graph.value_info])
+        self.taken: set[str] = tensor_names(graph)
 
     def __call__(self, base: str) -> str:
         name, counter = base, 1

@@ -25,7 +25,7 @@ from onnx import numpy_helper
 
 from compressq.graph.edit import name_nodes
 from compressq.graph.index import all_nodes, scopes
-from compressq.graph.passes import check_contract, interface
+from compressq.graph.passes import check_contract, checks_enabled, interface
 
 logger = logging.getLogger("compressq")
 
@@ -106,7 +106,7 @@ def normalize(model: onnx.ModelProto, *, in_place: bool = False, check: bool = T
 
 def normalize_at_load(model: onnx.ModelProto, source: object = "the model") -> onnx.ModelProto:
     """The import step load_model runs: normalize the freshly parsed proto in place and say what changed."""
-    result = normalize(model, in_place=True)
+    result = normalize(model, in_place=True, check=checks_enabled())  # load_model has just checked the file
     if result.changed:
         logger.warning("note: %s normalized at load: %s", getattr(source, "name", source), "; ".join(result.changes))
     return result.model

@@ -37,9 +37,9 @@ import onnx
 from numpy.lib.stride_tricks import sliding_window_view
 
 from compressq.data import Dataset
-from compressq.graph.index import GraphIndex, node_attributes
+from compressq.graph.index import GraphIndex, implicit_inputs, node_attributes
 from compressq.prune.solvers import masked_ridge_solve, squared_errors
-from compressq.prune.structured import known_constant, replace_constant_input
+from compressq.prune.structured import replace_constant_input
 from compressq.runtime import create_session
 
 # One intra-op thread: onnxruntime's pool spin-waits after each run and starves numpy's BLAS, which
@@ -191,7 +191,7 @@ class ConvView(LinearView):
     def __init__(self, graph: onnx.GraphProto, node: onnx.NodeProto):
         index = GraphIndex(graph)
         self.graph, self.node = graph, node
-        self.weight = known_constant(index, node.input[1])
+        self.weight = index.weight(node.input[1])
         if self.weight.ndim != 4:
             raise NotRefittable("only 2-D convolutions are refit")
         self.bias = index.constant(node.input[2]) if len(node.input) > 2 and node.input[2] else None
@@ -273,7 +273,7 @@ class DenseView(LinearView):
     def __init__(self, graph: onnx.GraphProto, node: onnx.NodeProto):
         index = GraphIndex(graph)
         self.graph, self.node, self.index = graph, node, index
-        self.raw_weight = known_constant(index, node.input[1])
+        self.raw_weight = index.weight(node.input[1])
         if self.raw_weight.ndim != 2:
             raise NotRefittable("only 2-D weights are refit")
         attributes = node_attributes(node)
@@ -303,7 +303,7 @@ class DenseView(LinearView):
 
     def _bias_value(self) -> np.ndarray:
         assert self.bias_owner is not None, "only a layer with a constant bias reads it"
-        value = known_constant(self.index, self.bias_owner.input[self.bias_position]).astype(np.float64)
+        value = self.index.weight(self.bias_owner.input[self.bias_position]).astype(np.float64)
         outputs = self.raw_weight.shape[0 if self.trans_b else 1]
         return np.broadcast_to(value.reshape(-1) * self.beta, (outputs,))
 
@@ -399,7 +399,7 @@ def _upstream_nodes(producers: dict[str, onnx.NodeProto], tensor: str) -> set[st
             continue
         seen.add(node.name)
         pending.extend(node.input)
-        pending.extend(_subgraph_names(node))
+        pending.extend(implicit_inputs(node))
     return seen
 
 
@@ -411,7 +411,7 @@ def prefix_model(model: onnx.ModelProto, outputs: Sequence[str]) -> onnx.ModelPr
         if needed.intersection(node.output):
             kept_nodes.append(node)
             needed.update(node.input)
-            needed.update(_subgraph_names(node))
+            needed.update(implicit_inputs(node))
     prefix = onnx.ModelProto()
     prefix.CopyFrom(model)
     graph = prefix.graph
@@ -423,19 +423,6 @@ def prefix_model(model: onnx.ModelProto, outputs: Sequence[str]) -> onnx.ModelPr
     del graph.output[:]
     graph.output.extend(onnx.ValueInfoProto(name=name) for name in outputs)
     return prefix
-
-
-def _subgraph_names(node: onnx.NodeProto) -> set[str]:
-    """Every tensor name a node's subgraphs (If/Loop/Scan bodies) mention: outer names they may capture."""
-    names: set[str] = set()
-    for attribute in node.attribute:
-        graphs = [attribute.g] if attribute.HasField("g") else list(attribute.graphs)
-        for graph in graphs:
-            for inner in graph.node:
-                names.update(inner.input)
-                for sub in _subgraph_names(inner):
-                    names.add(sub)
-    return names
 
 
 @dataclass

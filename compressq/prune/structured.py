@@ -28,7 +28,7 @@ import onnx
 from onnx import numpy_helper
 
 from compressq.graph.edit import NameGenerator, remove_unused
-from compressq.graph.index import GraphIndex, node_attributes, tensor_types
+from compressq.graph.index import GraphIndex, implicit_inputs, node_attributes, tensor_types
 from compressq.prune.masks import channel_l2_norms, kept_channel_counts, strongest_channels
 
 ELEMENTWISE_UNARY_OPS = frozenset({
@@ -191,7 +191,7 @@ class _ChannelTracer:
 
     def _visit(self, node: onnx.NodeProto) -> None:
         tracked = [name for name in node.input if name in self.space]
-        tracked += [name for name in _subgraph_inputs(node) if name in self.space]
+        tracked += [name for name in implicit_inputs(node) if name in self.space]
         weighted = self._weighted(node)
         if tracked:
             self._consume(node, tracked, weighted)
@@ -295,7 +295,7 @@ class _ChannelTracer:
         ranks = [self.layout[name].rank for name in tracked]
         for position, name in enumerate(node.input):
             if name and name not in self.space and self.index.is_constant(name):
-                value = known_constant(self.index, name)
+                value = self.index.weight(name)
                 ranks.append(value.ndim)
                 self._slice_broadcast_constant(node, position, value, group, layout, first)
         known = [r for r in ranks if r is not None]
@@ -327,7 +327,7 @@ class _ChannelTracer:
         if output_features[0] != features or not self._flattens_after_batch(node, features):
             self._block(data, f"{node.op_type} '{node.name}' mixes the channel axis with others")
             return
-        if node.op_type == "Reshape" and int(known_constant(self.index, node.input[1])[1]) == features:
+        if node.op_type == "Reshape" and int(self.index.weight(node.input[1])[1]) == features:
             group.reshapes.append((node.name, block))
         self._follow(node, data, Layout(-1, 2, block))
 
@@ -407,24 +407,6 @@ class _ChannelTracer:
         return ConstantSlice(node.name, 2, 0)
 
 
-def known_constant(index: GraphIndex, name: str) -> np.ndarray:
-    """A weight, bias or Reshape target the tracer accepted only because it is a constant."""
-    value = index.constant(name)
-    assert value is not None, f"'{name}' was traced as a constant"
-    return value
-
-
-def _subgraph_inputs(node: onnx.NodeProto) -> list[str]:
-    """Outer-scope tensors a node's subgraphs (If/Loop/Scan bodies) read."""
-    names: list[str] = []
-    for attribute in node.attribute:
-        for subgraph in ([attribute.g] if attribute.HasField("g") else list(attribute.graphs)):
-            for inner in subgraph.node:
-                names.extend(n for n in inner.input if n)
-                names.extend(_subgraph_inputs(inner))
-    return names
-
-
 # ---------------------------------------------------------------------------------------------------
 # Choosing channels
 
@@ -440,7 +422,7 @@ def channel_scores(model: onnx.ModelProto, group: ChannelGroup, criterion: str,
     for weight_slice in group.producers:
         if weight_slice.input_index != 1:
             continue
-        weight = known_constant(index, nodes[weight_slice.node].input[1])
+        weight = index.weight(nodes[weight_slice.node].input[1])
         squared += np.square(channel_l2_norms(weight, weight_slice.axis))
     return np.sqrt(squared)
 
@@ -497,7 +479,7 @@ def _apply_cuts(graph: onnx.GraphProto, nodes: dict[str, onnx.NodeProto],
     index = GraphIndex(graph)
     for (node_name, position), node_cuts in cuts.items():
         node = nodes[node_name]
-        value = known_constant(index, node.input[position])
+        value = index.weight(node.input[position])
         for axis, indices in node_cuts:
             value = np.take(value, indices, axis=axis)
         replace_constant_input(graph, node, position, value)
@@ -528,6 +510,6 @@ def _set_attribute(node: onnx.NodeProto, name: str, value: int) -> None:
 
 
 def _shrink_reshape_target(graph: onnx.GraphProto, node: onnx.NodeProto, features: int) -> None:
-    target = known_constant(GraphIndex(graph), node.input[1]).copy()
+    target = GraphIndex(graph).weight(node.input[1]).copy()
     target[1] = features
     replace_constant_input(graph, node, 1, target)

@@ -136,7 +136,7 @@ class AccuracyTarget:
             scored = ", ".join(role.describe() for role in probe.roles if role.task)
             raise DataError(f"--min-agreement needs class scores or integer labels among the outputs that "
                             f"carry the task; scored: {scored}",
-                            hint="name the class-score output with --output, or use --max-drop with labels")
+                            hint="name the class-score output with --task-output, or use --max-drop with labels")
 
     @staticmethod
     def _check_labels(probe: AccuracyProbe) -> None:

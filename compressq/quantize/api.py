@@ -12,7 +12,7 @@ import onnx
 from compressq.data import Dataset, synthetic_dataset
 from compressq.errors import UsageError
 from compressq.graph.index import GraphIndex
-from compressq.graph.passes import check_if_enabled
+from compressq.graph.passes import check_if_enabled, run_pass
 from compressq.measure.speed import measure_speedup, meets
 from compressq.quantize import float16
 from compressq.quantize.accuracy import (
@@ -208,12 +208,15 @@ def self_check_samples(model: onnx.ModelProto, dataset: Dataset) -> int:
 
 
 def _dynamic(model, config: QuantizeConfig) -> QuantizeResult:
-    outcome = quantize_dynamic(model, tuple(config.exclude), config.per_channel)
+    outcome = run_pass("dynamic int8", lambda m: quantize_dynamic(m, tuple(config.exclude), config.per_channel),
+                       model)
     quantized, embeddings = quantize_embeddings(outcome.model)
-    summary = QuantizeSummary(mode="dynamic", method=None, quantized_nodes=outcome.quantized,
+    summary = QuantizeSummary(mode="dynamic", method=None, quantized_nodes=outcome.modified,
                               float_nodes=_skipped(outcome.skipped))
     if embeddings.tables:
         summary.notes.append(f"{len(embeddings.tables)} embedding tables to uint8 (GatherBlockQuantized)")
+    elif not outcome.modified:  # nothing changed: the caller gets its own model back (written as it came)
+        return QuantizeResult(model, summary)
     return QuantizeResult(quantized, summary)
 
 
@@ -254,7 +257,7 @@ def _weight_only(model, dataset: Dataset | None, config: QuantizeConfig) -> Quan
         summary.notes.append(f"GPTQ weight codes on {report['layers_reconstructed']} of {len(outcome.layers)} "
                              f"layers (mean relative output error on calibration rows {report['mean_error_before']:.3g}"
                              f" -> {report['mean_error_after']:.3g})")
-    return QuantizeResult(quantized, summary)
+    return QuantizeResult(quantized if outcome.layers else model, summary)  # nothing quantized: the input itself
 
 
 def analyze_sensitivity(model: onnx.ModelProto, dataset: Dataset, eval_dataset: Dataset, config: QuantizeConfig,

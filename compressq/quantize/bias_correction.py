@@ -11,14 +11,9 @@ model keeps layers independent: correcting one layer never double-counts another
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import numpy as np
-import onnx
 
-from compressq.data import Dataset
 from compressq.quantize.plan import ComputeNode, QuantPlan
-from compressq.stats.collect import Request, collect
 from compressq.stats.observers import ChannelMeanObserver
 
 
@@ -39,26 +34,6 @@ def node_means(plan: QuantPlan, observers: dict[str, ChannelMeanObserver]) -> di
         if mean is not None:
             means[name] = mean
     return means
-
-
-def input_channel_means(
-    reference: onnx.ModelProto,
-    plan: QuantPlan,
-    dataset: Dataset,
-    *,
-    batch_size: int = 32,
-    samples: int | None = None,
-    provider: str = "cpu",
-    progress: Callable[[int], None] | None = None,
-) -> dict[str, np.ndarray]:
-    """Per quantized node with a bias: the mean of its float input per input channel (one collect pass,
-    the sums reduced inside the graph)."""
-    observers = mean_observers(plan)
-    if not observers:
-        return {}
-    collect(reference, dataset, [Request(t, o) for t, o in observers.items()], provider=provider,
-            batch_size=batch_size, samples=samples, progress=progress)
-    return node_means(plan, observers)
 
 
 def weight_error_shift(compute: ComputeNode, weight: np.ndarray, quantized_weight: np.ndarray,

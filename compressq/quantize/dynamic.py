@@ -7,39 +7,32 @@ is slower than its float convolutions on CPU.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
 from compressq.graph.edit import NameGenerator, remove_unused, share_duplicate_initializers, toposort
-from compressq.graph.index import GraphIndex, check_exclude, node_attributes, scopes, tensor_names
+from compressq.graph.index import GraphIndex, check_exclude, node_attributes, scopes
+from compressq.graph.passes import PassResult
 from compressq.quantize import scheme
 from compressq.quantize.plan import Skipped, matches
 
 MICROSOFT_DOMAIN = "com.microsoft"
 
 
-@dataclass
-class DynamicResult:
-    model: onnx.ModelProto
-    quantized: list[str] = field(default_factory=list)
-    skipped: list[Skipped] = field(default_factory=list)
-
-
-def quantize_dynamic(model: onnx.ModelProto, exclude: tuple[str, ...] = (), per_channel: bool = True) -> DynamicResult:
+def quantize_dynamic(model: onnx.ModelProto, exclude: tuple[str, ...] = (), per_channel: bool = True) -> PassResult:
+    """A pass (graph/passes.py): MatMul/Gemm with constant weights -> int8 weights, activations quantized at run
+    time; `modified` lists the nodes quantized."""
     result = onnx.ModelProto()
     result.CopyFrom(model)
     check_exclude(result.graph, exclude)
     names = NameGenerator(result.graph)
-    names.taken |= tensor_names(result.graph)
-    outcome = DynamicResult(result)
+    outcome = PassResult(result)
     # Innermost bodies first (If/Loop/Scan): a body's int8 copy of an outer weight leaves the float one unused,
     # and the outer graph then drops it. Nodes are replaced where they stand: no reordering is needed.
     for scope in reversed(scopes(result.graph)):
         _quantize_graph(scope.graph, scope.index(), names, exclude, per_channel, outcome)
-    if outcome.quantized and not any(o.domain == MICROSOFT_DOMAIN for o in result.opset_import):
+    if outcome.modified and not any(o.domain == MICROSOFT_DOMAIN for o in result.opset_import):
         result.opset_import.append(helper.make_opsetid(MICROSOFT_DOMAIN, 1))
     for scope in reversed(scopes(result.graph)):  # float weights a body no longer reads go too
         remove_unused(scope.graph)
@@ -49,7 +42,7 @@ def quantize_dynamic(model: onnx.ModelProto, exclude: tuple[str, ...] = (), per_
 
 
 def _quantize_graph(graph: onnx.GraphProto, index: GraphIndex, names: NameGenerator, exclude, per_channel: bool,
-                    outcome: DynamicResult) -> None:
+                    outcome: PassResult) -> None:
     replacements: dict[int, onnx.NodeProto] = {}
     for position, node in enumerate(graph.node):
         if node.op_type not in ("MatMul", "Gemm"):
@@ -62,7 +55,7 @@ def _quantize_graph(graph: onnx.GraphProto, index: GraphIndex, names: NameGenera
             outcome.skipped.append(Skipped(node.name, node.op_type, reason or "no constant weight"))
             continue
         replacements[position] = _dynamic_matmul(node, weight, _bias(node, index), names, graph, per_channel)
-        outcome.quantized.append(node.name)
+        outcome.modified.append(node.name)
     for position, replacement in replacements.items():
         graph.node[position].CopyFrom(replacement)
 

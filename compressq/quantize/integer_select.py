@@ -17,8 +17,8 @@ import onnx
 
 from compressq.graph.edit import remove_unused
 from compressq.graph.index import GraphIndex
+from compressq.quantize.plan import SELECT_OPS
 
-SELECT_OPS = ("Max", "Min")
 INTEGER_SELECT_OPSET = 12  # Max/Min take int8/uint8 from opset 12 on
 
 

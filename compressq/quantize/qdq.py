@@ -15,7 +15,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from compressq.graph.edit import NameGenerator, remove_unused, share_duplicate_initializers, toposort
-from compressq.graph.index import Scope, implicit_inputs, node_attributes, opset_version, scopes, tensor_names
+from compressq.graph.index import Scope, implicit_inputs, node_attributes, opset_version, scopes
 from compressq.quantize import scheme
 from compressq.quantize.bias_correction import weight_error_shift
 from compressq.quantize.integer_select import select_on_integers
@@ -239,7 +239,6 @@ def rewrite_qdq(model: onnx.ModelProto, plan: QuantPlan, ranges: dict[str, Tenso
     result = onnx.ModelProto()
     result.CopyFrom(model)
     names = NameGenerator(result.graph)
-    names.taken |= tensor_names(result.graph)  # fresh names must not shadow anything in any body
     stats = RewriteStats()
     # Innermost bodies first: a weight of an outer graph that a body quantized into its own int8 copy is
     # then unused there, and the outer graph drops its float copy.

@@ -34,7 +34,7 @@ from compressq.measure.speed import (
     measure_speedup,
     meets,
 )
-from compressq.quantize.bias_correction import input_channel_means, mean_observers, node_means
+from compressq.quantize.bias_correction import mean_observers, node_means
 from compressq.quantize.config import QuantizeConfig
 from compressq.quantize.embedding import quantize_embeddings
 from compressq.quantize.equalize import equalize, fold_batchnorm
@@ -50,7 +50,7 @@ from compressq.quantize.range_search import summarize as summarize_choices
 from compressq.quantize.smoothquant import collect_channel_absmax, smooth, smoothable_activations
 from compressq.stats.collect import Request, TensorRange, collect_range_candidates, collect_ranges, passes_for_method
 from compressq.stats.observers import MinMaxObserver
-from compressq.stats.subgraphs import NOT_REACHED, split_by_scope
+from compressq.stats.subgraphs import split_by_scope
 
 __all__ = ["FASTER_ENOUGH", "StaticQuantizer", "quantize_static", "measure_speedup"]
 
@@ -315,7 +315,7 @@ class StaticQuantizer:
         if inner and self.config.method != "minmax":
             self.notes.append(f"{len(inner)} tensors inside If/Loop/Scan bodies: min/max ranges "
                               f"(--method {self.config.method} applies to the main graph)")
-        unreached = sorted(t for t, r in inner.items() if r == NOT_REACHED)
+        unreached = sorted(t for t, o in bodies.items() if o.finite and o.low > o.high)  # no value ever seen
         if unreached:
             self.notes.append(f"{len(unreached)} tensors inside bodies were never reached by the data (first: "
                               f"'{unreached[0]}'): the nodes that need them stay float")
@@ -409,10 +409,7 @@ class StaticQuantizer:
                                "how": attempt.speed.describe() if attempt.speed else "output is the input model"})
 
     def _correct_biases(self, current: Attempt) -> Attempt:
-        means = node_means(current.plan.main_part(), self.input_mean_observers) if self.input_mean_observers \
-            else input_channel_means(self.prepared, current.plan.main_part(), self.data,
-                                     batch_size=self.config.batch_size, samples=self.config.samples,
-                                     provider=self.config.provider)
+        means = node_means(current.plan.main_part(), self.input_mean_observers)  # gathered while calibrating
         self.bias_means = dict(means)
         corrected = self.attempt(current.keep_float, input_means=means)
         # Only bias values change: the speed measured for the uncorrected graph holds for this one.

@@ -35,7 +35,7 @@ from onnx import helper, numpy_helper
 
 from compressq.errors import DataError, UsageError
 from compressq.graph.edit import NameGenerator, remove_unused, share_duplicate_initializers, toposort
-from compressq.graph.index import GraphIndex, check_exclude, node_attributes, scopes, tensor_names
+from compressq.graph.index import GraphIndex, check_exclude, node_attributes, scopes
 from compressq.quantize.gptq import Factor, LayerReport, SampleGrams, block_grid, reconstruct
 from compressq.quantize.plan import matches
 
@@ -241,7 +241,6 @@ def quantize_weights_only(
     samples = _calibration_samples(calibration or {}, candidates,
                                    set().union(*(_matmul_inputs(scope.graph) for scope in found)))
     names = NameGenerator(graph)
-    names.taken |= tensor_names(graph)
     packed_weights: dict[tuple[int, str], tuple[list[str], BlockQuantized]] = {}
     grams = SampleGrams(samples)  # computed on first use, once per MatMul input
     for candidate in candidates:

@@ -41,13 +41,12 @@ from compressq.stats.observers import (
     TensorRange,
     range_observer,
 )
-from compressq.stats.subgraphs import BodyProbes, probe_bodies
+from compressq.stats.subgraphs import BodyProbes, probe_bodies, split_by_scope
 
-__all__ = ["CANDIDATE_METHODS", "DEFAULT_BUDGET", "HISTOGRAM_BINS", "METHODS", "SENTINEL_MAGNITUDE",
+__all__ = ["CANDIDATE_METHODS", "DEFAULT_BUDGET", "HISTOGRAM_BINS", "SENTINEL_MAGNITUDE",
            "CandidatesObserver", "HistogramObserver", "MinMaxObserver", "Request", "TensorRange", "collect",
-           "collect_range_candidates", "collect_ranges", "main_graph_tensors", "passes_needed", "samples_per_run"]
+           "collect_range_candidates", "collect_ranges", "samples_per_run"]
 
-METHODS = ("minmax", "percentile", "entropy", "mse", "auto")
 # Bytes of tensors one session may return per run, and the per-run activation weight a batch is split
 # to stay under (the sum of all tensors of the samples in one run, an upper bound of what
 # onnxruntime's planner keeps alive at once).
@@ -78,11 +77,12 @@ def collect(model: onnx.ModelProto, dataset: Dataset, requests: Iterable[Request
             progress: Progress | None = None) -> None:
     """Feed every request's observer from `samples` samples of `dataset` (the observers hold the results).
 
-    `progress(count)` is called after each batch of each pass (passes_needed(requests) passes in all)."""
+    `progress(count)` is called after each batch of each pass: 1 pass, 2 when a statistic needs the values
+    themselves (histograms)."""
     requests = list(requests)
     if not requests:
         return
-    tappable, elsewhere = main_graph_tensors(model, {r.tensor for r in requests})
+    tappable, elsewhere = map(set, split_by_scope(model, {r.tensor for r in requests}))
     # Tensors inside If/Loop/Scan bodies: their min/max are carried out to main-graph outputs by
     # compressq.stats.subgraphs and read in the same pass; other statistics of them cannot be had.
     in_bodies = [r for r in requests if r.tensor in elsewhere and isinstance(r.observer, MinMaxObserver)]
@@ -139,27 +139,9 @@ def samples_per_run(model: onnx.ModelProto, dataset: Dataset, batch_size: int, b
     return _rows_within(budget, one_sample_bytes, batch_size)
 
 
-def passes_needed(requests: Iterable[Request]) -> int:
-    """Passes to count for progress: 1, or 2 when some statistic needs the values themselves (histograms):
-    the fetching passes of all chunks together report one pass's worth of samples."""
-    return 2 if any(getattr(r.observer, "reduction", None) is None for r in requests) else 1
-
-
 def passes_for_method(method: str) -> int:
     """Passes over the data collect_ranges makes for a calibration method (histograms need a second)."""
     return 1 if method == "minmax" else 2
-
-
-def main_graph_tensors(model: onnx.ModelProto, names: Iterable[str]) -> tuple[set[str], set[str]]:
-    """(names the main graph produces or takes as input: collect can tap them, the other names).
-
-    Tensors inside If/Loop/Scan bodies are in the second set: exposing them needs a rewrite of the
-    enclosing node (compressq.stats.subgraphs.probe_bodies), not one more graph output."""
-    graph = model.graph
-    present = {o for node in graph.node for o in node.output} | {i.name for i in graph.input}
-    present |= {t.name for t in graph.initializer}
-    names = set(names)
-    return names & present, names - present
 
 
 # -- pass 1: reductions in the graph ----------------------------------------------------------------
@@ -351,7 +333,6 @@ class _Augmented:
         self.initializers: list[onnx.TensorProto] = []
         self.taps: dict[tuple[str, Reduction], _Tap] = {}
         self.sizes: dict[str, str] = {}
-        self.itemsizes: dict[str, int] = {}
 
     def tap(self, tensor: str, reduction: Reduction, kind: TensorType | None, observer) -> None:
         self.tapping = tensor
@@ -359,15 +340,11 @@ class _Augmented:
         if key not in self.taps:
             self.taps[key] = _Tap(self._reduce(tensor, reduction, kind))
         self.taps[key].receivers.append(observer)
-        self.itemsizes[tensor] = _itemsize(kind)
 
     def size_of(self, tensor: str) -> None:
         self.tapping = tensor
         if tensor not in self.sizes:
             self.sizes[tensor] = self._node("Size", [tensor], f"{tensor}/size")
-
-    def itemsize(self, tensor: str) -> int:
-        return self.itemsizes.get(tensor, 4)
 
     def reduced_outputs(self) -> list[str]:
         return [name for tap in self.taps.values() for name in tap.outputs]
@@ -375,8 +352,6 @@ class _Augmented:
     def size_outputs(self) -> dict[str, str]:
         return dict(self.sizes)
 
-    def activation_bytes(self, per_sample: dict[str, float], types: dict[str, TensorType]) -> float:
-        return sum(count * _itemsize(types.get(t)) for t, count in per_sample.items())
 
     def listen_to_bodies(self, probes: BodyProbes, requests: list[Request]) -> None:
         self.probes = probes

@@ -24,10 +24,8 @@ import onnx
 from onnx import TensorProto, helper
 
 from compressq.graph.index import Scope, infer_shapes, scopes, tensor_names
-from compressq.stats.observers import TensorRange
 
 # Never reached by the data (a branch no sample took): no range can be known, the tensor stays float.
-NOT_REACHED = TensorRange(0.0, 0.0, finite=False)
 
 
 @dataclass(frozen=True)
@@ -70,8 +68,7 @@ def split_by_scope(model: onnx.ModelProto, names: Iterable[str]) -> tuple[list[s
     """(names the main graph can return, names that exist only inside bodies). Unknown names count as main
     (the caller's session reports them)."""
     graph = model.graph
-    main = {i.name for i in graph.input} | {t.name for t in graph.initializer}
-    main.update(o for node in graph.node for o in node.output)
+    main = _defined(graph)
     in_bodies: set[str] = set()
     for scope in scopes(graph)[1:]:
         in_bodies |= _defined(scope.graph)

@@ -7,7 +7,7 @@ total, elapsed time and an ETA. Quiet (`--json`) runs, pipes and CI logs get a c
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 
 from rich.progress import (
@@ -22,8 +22,7 @@ from rich.progress import (
 )
 
 from compressq.cli.views import console as render
-
-ProgressCallback = Callable[[str, int, int], None]
+from compressq.progress import Progress as ProgressCallback  # rich has a Progress too
 
 
 @contextmanager
