@@ -8,6 +8,24 @@ past_key_values.N.key/value in; logits and present.N.key/value out; batch, seque
 dynamic axes. Weights are random (normal, deterministic per tensor and seed), so the network computes
 nothing meaningful, but every shape and op is the real one.
 
+How the weights are drawn (the scale decides how a rounding error travels through the network):
+  - projections (q, k, v, o, gate, up, down, lm_head): N(0, 1 / fan_in), fan_in the input width, as PaLM
+    initializes its kernels ("W ~ N(0, 1/sqrt(n_in))", PaLM, Chowdhery et al. 2022, section 2) and torchtitan's
+    Llama 3 its output layer (std dim ** -0.5): every projection of a normalized input has unit variance;
+  - token embeddings: N(0, 1), as PaLM ("since layer normalization is not applied to the embeddings") and
+    torchtitan's Llama 3 (nn.init.normal_) initialize them: the residual stream starts at the scale the
+    RMSNorms hand to the layers;
+  - RMSNorm gains: 1 + N(0, 0.1^2) (init is 1; trained gains spread around it).
+Before (HF's LlamaConfig initializer_range: N(0, 0.02^2) for every weight, embeddings too) the embeddings were
+0.02 rms against 0.15-0.4 rms written by each layer: after layer 0 the stream was 90 % layer 0's output, and
+rounding layer 0's v_proj or o_proj alone cost 0.013 logits cosine each (int4 block-32 rounding of all
+weights: 0.917, numpy reference, 2 x 64 Zipf tokens). With the scale above: 0.949, while the layers still
+decide the output (logits cosine against the same network with every layer skipped: 0.34).
+Not chosen: scaling o/down (and up) by 1 / sqrt(2 * layers) as GPT-2 and torchtitan do at init. It makes
+each layer's update 1-5 % of the stream, so the network is nearly the identity (logits cosine 0.97-0.99
+against the network with every layer skipped) and int4 rounding looks harmless (0.995) for a reason no trained
+model shares: their layers rewrite the stream.
+
 The weights go to OUT.onnx.data tensor by tensor while the graph is assembled, each at an offset aligned for
 memory-mapping: building a > 2 GB model needs one tensor in memory at a time, never the whole model.
 """
@@ -40,7 +58,6 @@ class DecoderConfig:
     rope_theta: float = 10000.0
     eps: float = 1e-6
     seed: int = 0
-    weight_std: float = 0.02
 
     @property
     def head_dim(self) -> int:
@@ -60,9 +77,8 @@ class DecoderConfig:
 # Proportions follow small LLaMA-family models (head_dim 64/128, kv heads a quarter of the heads, MLP ~2.75x).
 # half-gb: 128 M parameters, 0.51 GB; over-2gb: 582 M parameters, 2.33 GB (both untied, as most exports are).
 CONFIGS = {
-    "tiny": DecoderConfig(vocab=96, hidden=32, layers=2, heads=4, kv_heads=2, intermediate=64, weight_std=0.2),
-    "tiny-tied": DecoderConfig(vocab=96, hidden=32, layers=2, heads=4, kv_heads=2, intermediate=64, tied=True,
-                               weight_std=0.2),
+    "tiny": DecoderConfig(vocab=96, hidden=32, layers=2, heads=4, kv_heads=2, intermediate=64),
+    "tiny-tied": DecoderConfig(vocab=96, hidden=32, layers=2, heads=4, kv_heads=2, intermediate=64, tied=True),
     "half-gb": DecoderConfig(vocab=8192, hidden=1024, layers=10, heads=16, kv_heads=4, intermediate=2816),
     "over-2gb": DecoderConfig(vocab=32000, hidden=2048, layers=10, heads=16, kv_heads=4, intermediate=5632),
 }
@@ -82,18 +98,19 @@ EMBEDDING, FINAL_NORM, LM_HEAD = "model.embed_tokens.weight", "model.norm.weight
 
 def weight_specs(config: DecoderConfig) -> list[tuple[str, tuple[int, ...], str]]:
     """(name, shape, kind) of every weight in storage order; MatMul weights are stored [in, out] as
-    exporters constant-fold the Transpose of a torch Linear. kind: normal | norm."""
+    exporters constant-fold the Transpose of a torch Linear. kind: embedding | projection | norm."""
     h, kv, d, f = config.hidden, config.kv_heads * config.head_dim, config.heads * config.head_dim, config.intermediate
-    specs: list[tuple[str, tuple[int, ...], str]] = [(EMBEDDING, (config.vocab, h), "normal")]
+    specs: list[tuple[str, tuple[int, ...], str]] = [(EMBEDDING, (config.vocab, h), "embedding")]
     for layer in range(config.layers):
         names = layer_weight_names(layer)
-        specs += [(names["input_norm"], (h,), "norm"), (names["q"], (h, d), "normal"), (names["k"], (h, kv), "normal"),
-                  (names["v"], (h, kv), "normal"), (names["o"], (d, h), "normal"),
-                  (names["post_norm"], (h,), "norm"), (names["gate"], (h, f), "normal"),
-                  (names["up"], (h, f), "normal"), (names["down"], (f, h), "normal")]
+        specs += [(names["input_norm"], (h,), "norm"), (names["q"], (h, d), "projection"),
+                  (names["k"], (h, kv), "projection"), (names["v"], (h, kv), "projection"),
+                  (names["o"], (d, h), "projection"),
+                  (names["post_norm"], (h,), "norm"), (names["gate"], (h, f), "projection"),
+                  (names["up"], (h, f), "projection"), (names["down"], (f, h), "projection")]
     specs.append((FINAL_NORM, (h,), "norm"))
     if not config.tied:
-        specs.append((LM_HEAD, (h, config.vocab), "normal"))
+        specs.append((LM_HEAD, (h, config.vocab), "projection"))
     return specs
 
 
@@ -106,8 +123,8 @@ def weight_values(config: DecoderConfig, position: int, shape: tuple[int, ...], 
         values = rng.standard_normal(count, dtype=np.float32)
         if kind == "norm":  # trained RMSNorm gains sit near 1
             values = 1.0 + np.float32(0.1) * values
-        else:
-            values *= np.float32(config.weight_std)
+        elif kind == "projection":  # stored [in, out]: unit variance out of a unit-variance input
+            values *= np.float32(shape[0] ** -0.5)
         yield values.astype("<f4", copy=False)
 
 
@@ -341,6 +358,24 @@ def step_feed(ids: np.ndarray, cache: dict[str, np.ndarray]) -> dict[str, np.nda
     positions = np.broadcast_to(np.arange(past, past + seq, dtype=np.int64), (batch, seq))
     return {"input_ids": ids, "attention_mask": np.ones((batch, past + seq), np.int64),
             "position_ids": np.ascontiguousarray(positions), **cache}
+
+
+def weight_array(config: DecoderConfig, name: str) -> np.ndarray:
+    """The values of one weight as build_decoder writes them, without reading a file."""
+    for position, (spec_name, shape, kind) in enumerate(weight_specs(config)):
+        if spec_name == name:
+            return np.concatenate(list(weight_values(config, position, shape, kind))).reshape(shape)
+    raise KeyError(name)
+
+
+def layers_skipped_logits(config: DecoderConfig, ids: np.ndarray) -> np.ndarray:
+    """Logits of the same network with every layer skipped (embedding, final norm, lm_head), [batch, seq, vocab]:
+    a decoder whose logits match these is a bigram table, whose layers a rounding error cannot disturb."""
+    embedding = weight_array(config, EMBEDDING)
+    x = embedding[ids].astype(np.float64)
+    normed = x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + config.eps) * weight_array(config, FINAL_NORM)
+    head = embedding.T if config.tied else weight_array(config, LM_HEAD)
+    return (normed @ head).astype(np.float32)
 
 
 def cache_from_outputs(names: list[str], outputs: list[np.ndarray]) -> dict[str, np.ndarray]:

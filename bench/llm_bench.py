@@ -37,6 +37,7 @@ EVAL_SEQUENCES, EVAL_LENGTH = 4, 64
 RUNS = 15
 BLOCK_SIZE = 32
 BARS = {"int4 decode speed": 1.5, "cosine": 0.99, "int4 size": 0.3}
+LAYERS_SKIPPED = "fp32, every layer skipped"
 
 
 def log(message: str) -> None:
@@ -117,7 +118,7 @@ def _decode_speed(paths: dict[str, Path], feed: dict) -> dict[str, tuple[float, 
 
 def _accuracy(config, paths: dict[str, Path]) -> dict[str, tuple[float, float]]:
     """(mean cosine of logits, mean KL(fp32 || variant)) over every position of the evaluation prompts."""
-    from bench.decoder_model import empty_cache, step_feed, token_ids
+    from bench.decoder_model import empty_cache, layers_skipped_logits, step_feed, token_ids
     from compressq.runtime import create_session
 
     ids = token_ids(config, EVAL_SEQUENCES, EVAL_LENGTH, seed=31)
@@ -125,6 +126,9 @@ def _accuracy(config, paths: dict[str, Path]) -> dict[str, tuple[float, float]]:
     logits = {}
     for name, path in paths.items():
         logits[name] = create_session(path, threads=2).run(["logits"], feed)[0].reshape(-1, config.vocab)
+    # How much the layers decide: a network whose logits match these is a bigram table that no rounding of its
+    # layers can disturb, and a cosine bar on it would mean nothing.
+    logits[LAYERS_SKIPPED] = layers_skipped_logits(config, ids).reshape(-1, config.vocab)
     reference = logits.pop(next(iter(paths)))
     return {name: (_mean_cosine(reference, values), _mean_kl(reference, values)) for name, values in logits.items()}
 
@@ -197,6 +201,8 @@ def _rows(table, config, fp32_bytes, runs, done, speed, accuracy) -> None:
               _gb(fp32_bytes), None)
     table.add(SECTION, f"fp32 decode step ms (batch 1, 1 token, cache {CACHE}; thread CPU, 1 thread)",
               speed["fp32"][1], None)
+    table.add(SECTION, "fp32 logits cosine vs the same network with every layer skipped (low: the layers matter)",
+              f"{accuracy[LAYERS_SKIPPED][0]:.3f}", None)
     for name, process in runs.items():
         if process.error:
             table.add(SECTION, f"{name}: quantize", f"failed: {process.error[:80]}", None, "runs", False)
