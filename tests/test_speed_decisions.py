@@ -18,16 +18,18 @@ import compressq.quantize.static as static
 from compressq.data import load_dataset
 from compressq.errors import UsageError
 from compressq.measure.speed import (
-    CLOSE_CALL,
+    FASTER_ENOUGH,
     LONG_RUNS,
+    MIN_TURNS,
     RUNS,
     HeadToHead,
+    SpeedCheck,
     SpeedMeasurement,
     clearly_faster,
     decision_clock,
+    median_interval,
     meets,
     race,
-    settle,
     time_pair,
 )
 from compressq.quantize.api import quantize_model
@@ -106,17 +108,48 @@ def test_two_variants_raced_together_are_ranked_the_same_every_time():
         assert clearly_faster(together.candidate_over_current, 1.0)
 
 
-def test_close_calls_are_measured_again_with_more_runs():
-    calls = []
+def _check_on(machine: Machine, costs: dict[str, float]) -> SpeedCheck:
+    sessions = {name: FakeSession(machine, cost) for name, cost in costs.items()}
+    return SpeedCheck("fp32", FEEDS, clock=lambda: machine.cpu, clock_name="cpu", open_session=sessions.__getitem__)
 
-    def measure(runs: int) -> SpeedMeasurement:
-        calls.append(runs)
-        return SpeedMeasurement(1.0 + CLOSE_CALL / 2, 1.0, 1.1, 1.0, 1.0, runs, 1, 1, "fake")
 
-    assert settle(measure).runs == LONG_RUNS and calls == [RUNS, LONG_RUNS]
-    calls.clear()
-    far = settle(lambda runs: calls.append(runs) or SpeedMeasurement(2.0, 2, 2, 2, 1, runs, 1, 1, "fake"))
-    assert far.runs == RUNS and calls == [RUNS]
+def test_a_clear_case_settles_in_a_few_turns_and_a_close_call_gets_the_long_count():
+    machine = Machine(0, load=0.0)
+    check = _check_on(machine, {"fp32": 1.0e-3, "twice": 0.5e-3, "on the bar": 1.0e-3 / FASTER_ENOUGH})
+    clear = check.measure("twice")
+    assert clear.runs == MIN_TURNS and clear.ratio == pytest.approx(2.0, rel=0.02)
+    close = check.measure("on the bar")
+    assert close.runs == LONG_RUNS and close.ratio == pytest.approx(FASTER_ENOUGH, rel=0.02)
+
+
+def test_the_printed_figure_pools_every_turn_and_is_topped_up_to_runs():
+    machine = Machine(1, load=0.0)
+    check = _check_on(machine, {"fp32": 1.0e-3, "a": 0.5e-3, "b": 0.4e-3})
+    check.measure("a")
+    raced = check.race("a", "b")
+    assert raced.candidate_over_current == pytest.approx(1.25, rel=0.02)
+    assert raced.current.runs == 2 * MIN_TURNS  # its own turns and the race's
+    assert check.figure("b").runs == RUNS and check.figure("a").runs == RUNS
+
+
+def test_a_forgotten_variant_starts_again_from_nothing():
+    machine = Machine(2, load=0.0)
+    check = _check_on(machine, {"fp32": 1.0e-3, "a": 0.5e-3})
+    check.measure("a")
+    check.forget("a")
+    assert check.measure("a").runs == MIN_TURNS
+
+
+def test_the_median_interval_covers_the_median_as_often_as_it_claims():
+    rng = np.random.default_rng(0)
+    for n in (5, 12, 40):
+        hits = 0
+        for _ in range(2000):
+            low, high = median_interval(rng.standard_exponential(n))  # long-tailed, true median ln 2
+            hits += low <= np.log(2) <= high
+        assert hits / 2000 >= 0.89
+    assert median_interval([1.0, 2.0, 3.0, 4.0]) == (float("-inf"), float("inf"))  # too few to say anything
+    assert median_interval([3.0, 1.0, 2.0, 5.0, 4.0]) == (1.0, 5.0)
 
 
 def test_noise_band_rules():
@@ -154,14 +187,24 @@ def _cost_model(noise_seed: int, depthwise_penalty: float = 1.6):
 
 
 def _fake_speed(monkeypatch, measure) -> None:
-    """Replace every speed measurement of the quantizer with `measure` (races are two of its calls)."""
-    def race(baseline, current, candidate, feeds, provider="cpu", threads=1):
-        now = measure(baseline, current, feeds, provider, threads)
-        then = measure(baseline, candidate, feeds, provider, threads)
-        return HeadToHead(now, then, now.candidate_ms / then.candidate_ms)
+    """Replace the quantizer's speed check with `measure` (a race is two of its calls, the figure one more)."""
+    class FakeCheck:
+        def __init__(self, baseline, feeds, provider="cpu", threads=1):
+            self.baseline, self.feeds, self.provider, self.threads = baseline, feeds, provider, threads
 
-    monkeypatch.setattr(static, "measure_speedup", measure)
-    monkeypatch.setattr(static, "head_to_head", race)
+        def measure(self, candidate):
+            return measure(self.baseline, candidate, self.feeds, self.provider, self.threads)
+
+        figure = measure
+
+        def race(self, current, candidate):
+            now, then = self.measure(current), self.measure(candidate)
+            return HeadToHead(now, then, now.candidate_ms / then.candidate_ms)
+
+        def forget(self, variant):
+            pass
+
+    monkeypatch.setattr(static, "SpeedCheck", FakeCheck)
 
 
 def _is_float(model: onnx.ModelProto) -> bool:

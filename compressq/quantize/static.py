@@ -26,12 +26,10 @@ from compressq.graph.index import all_nodes
 from compressq.io import check_model
 from compressq.measure.speed import (
     FASTER_ENOUGH,
-    LONG_RUNS,
+    SpeedCheck,
     SpeedMeasurement,
     clearly_faster,
     convincing,
-    head_to_head,
-    measure_speedup,
     meets,
 )
 from compressq.quantize.bias_correction import mean_observers, node_means
@@ -52,7 +50,7 @@ from compressq.stats.collect import Request, TensorRange, collect_range_candidat
 from compressq.stats.observers import MinMaxObserver
 from compressq.stats.subgraphs import split_by_scope
 
-__all__ = ["FASTER_ENOUGH", "StaticQuantizer", "quantize_static", "measure_speedup"]
+__all__ = ["FASTER_ENOUGH", "StaticQuantizer", "quantize_static"]
 
 QDQ_MIN_OPSET = 13  # per-channel QuantizeLinear/DequantizeLinear (the axis attribute)
 SPEED_CHECK_BATCHES = 4
@@ -119,6 +117,7 @@ class StaticQuantizer:
         self.input_mean_observers: dict = {}
         self.range_choices: dict[str, RangeChoice] = {}
         self._speeds: dict[int, SpeedMeasurement] = {}
+        self._speed_checks: dict[int, SpeedCheck] = {}  # by batch: fp32 opened once, turns pooled
         self.prepared, self.notes = prepare_for_quantization(ensure_opset(model, QDQ_MIN_OPSET))
         self.smoothing_muls: list[str] = []
         self.prepared = self._apply_float_transforms(self.prepared)
@@ -179,11 +178,16 @@ class StaticQuantizer:
         return self.measure_speed(candidate).ratio
 
     def measure_speed(self, candidate: onnx.ModelProto, batch: int | None = None) -> SpeedMeasurement:
-        batch = batch or self.config.latency_batch
-        measured = measure_speedup(self.original, candidate, self._timing_feeds(batch), self.config.provider,
-                                   threads=self.config.threads)
+        measured = self._speed_check(batch).measure(candidate)
         self._speeds[id(candidate)] = measured
         return measured
+
+    def _speed_check(self, batch: int | None = None) -> SpeedCheck:
+        batch = batch or self.config.latency_batch
+        if batch not in self._speed_checks:
+            self._speed_checks[batch] = SpeedCheck(self.original, self._timing_feeds(batch), self.config.provider,
+                                                   threads=self.config.threads)
+        return self._speed_checks[batch]
 
     def _timing_feeds(self, batch: int) -> list[dict]:
         feeds = list(self.data.batches(batch, batch * SPEED_CHECK_BATCHES))
@@ -208,6 +212,7 @@ class StaticQuantizer:
             current = self._correct_biases(current)
         if self.config.speed_check and widest.plan.compute and not current.plan.compute:
             self._say_if_batches_pay(widest)
+        self._speed_checks.clear()  # their sessions hold weights: not kept past the decisions
         result = self._result(current, steps, self.decisions)
         if self.range_choices:
             result.error_correction["ranges"] = {
@@ -372,10 +377,10 @@ class StaticQuantizer:
 
         Both attempts get the figures of this run, so the speedup printed is that of the window that decided.
         """
-        feeds = self._timing_feeds(self.config.latency_batch)
+        check = self._speed_check()
         contender = candidate.model if candidate.plan.compute else self.original
-        race = head_to_head(self.original, current.model, contender, feeds, self.config.provider,
-                            self.config.threads)
+        race = check.race(current.model, contender)
+        check.forget(current.model if clearly_faster(race.candidate_over_current, 1.0) else contender)
         current.speed, current.speedup = race.current, race.current.ratio
         self._speeds[id(current.model)] = race.current
         if candidate.plan.compute:
@@ -386,12 +391,10 @@ class StaticQuantizer:
         return clearly_faster(race.candidate_over_current, 1.0)
 
     def _final_figure(self, current: Attempt) -> None:
-        """The printed speedup is measured once more, long, on the variant that won: decisions use short races,
-        but the figure a user quotes must hold on a busy machine (bench: loaded, printed vs independent)."""
-        if current.plan.compute and (current.speed is None or current.speed.runs < LONG_RUNS):
-            feeds = self._timing_feeds(self.config.latency_batch)
-            current.speed = measure_speedup(self.original, current.model, feeds, self.config.provider,
-                                            threads=self.config.threads, runs=LONG_RUNS)
+        """The printed speedup pools every turn the winner was timed in (RUNS at least): a decision that
+        settled in a few turns still prints a figure that holds (bench: loaded, printed vs independent)."""
+        if current.plan.compute:
+            current.speed = self._speed_check().figure(current.model)
             current.speedup = current.speed.ratio
             self._speeds[id(current.model)] = current.speed
 
