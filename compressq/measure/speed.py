@@ -175,6 +175,8 @@ def clearly_faster(ratio: float, than: float) -> bool:
 MIN_TURNS = 5          # the fewest turns a decision rests on: all 5 on one side of a threshold (sign test, 6 %)
 TURNS_PER_LOOK = 5     # turns added between two looks at the evidence
 INTERVAL_CONFIDENCE = 0.9
+# A printed figure is done when its interval is this narrow (relative to the median), or after RUNS turns.
+FIGURE_PRECISION = 2 * NOISE_TOLERANCE
 
 
 def median_interval(values: Sequence[float], confidence: float = INTERVAL_CONFIDENCE) -> tuple[float, float]:
@@ -270,11 +272,20 @@ class SpeedCheck:
         return HeadToHead(self.figure_so_far(current), self.figure_so_far(candidate), float(np.median(quotients)))
 
     def figure(self, variant) -> SpeedMeasurement:
-        """The figure to print: every turn the variant took part in, topped up to RUNS turns."""
-        missing = RUNS - len(self._pairs_of(variant).variant_ms)
-        if missing > 0:
-            self._turns([variant], missing)
+        """The figure to print: every turn the variant took part in, with turns added until the median is
+        known to FIGURE_PRECISION or RUNS turns were taken."""
+        while not self._precise(self._pairs_of(variant).ratios()):
+            self._turns([variant], TURNS_PER_LOOK)
         return self.figure_so_far(variant)
+
+    @staticmethod
+    def _precise(ratios: np.ndarray) -> bool:
+        if len(ratios) >= RUNS:
+            return True
+        if len(ratios) < MIN_TURNS:
+            return False
+        low, high = median_interval(ratios)
+        return high - low <= FIGURE_PRECISION * float(np.median(ratios))
 
     def timed(self, variant, runs: int) -> SpeedMeasurement:
         """Exactly `runs` more turns, no early stop (benches that want a fixed count)."""
@@ -298,7 +309,9 @@ class SpeedCheck:
             self._repeat = _block_repeat(self._baseline, self.feeds[0], self.clock)
         start = self._turn % len(self.feeds)
         rotated = self.feeds[start:] + self.feeds[:start]
-        warmup = WARMUP if any(id(v) not in self._pairs for v in variants) else 0
+        # A new session's first runs allocate arenas and pick kernels; one run does it for a slow model.
+        fresh = any(id(v) not in self._pairs for v in variants)
+        warmup = (WARMUP if self._repeat > 1 else 1) if fresh else 0
         stats = time_interleaved(sessions, rotated, runs=count, warmup=warmup, clock=self.clock,
                                  repeat=self._repeat)
         self._turn += count
