@@ -13,6 +13,7 @@ in is never modified.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import functools
 import json
@@ -126,7 +127,9 @@ def load_model(path: str | os.PathLike, *, check: bool = True, read_weights: boo
 
     The returned proto holds all its weights: no tensor still points at a file. With `read_weights=False`
     the external data is checked but not read (a 7B model's summary needs no 28 GB in memory): its tensors
-    keep their checked locations, to be read one at a time with `tensor_chunks`; such a proto never runs.
+    become *mapped* (they point at their checked files by absolute path, see `is_mapped`), read one at a time
+    with `tensor_array` or `tensor_chunks`, streamed by `save_model`; such a proto never runs as it is
+    (`with_weights_read` makes a copy that does).
     """
     model_path = _existing_model_file(Path(path))
     model = _parse_model(model_path)
@@ -140,6 +143,8 @@ def load_model(path: str | os.PathLike, *, check: bool = True, read_weights: boo
         # With external data the file on disk is checked: checking the proto in memory serializes it, and the
         # checker parses that copy again (load peaked at 3x the weights, measured on the 0.5 GB decoder)
         check_model(model, model_path, from_path=bool(pieces) and not sparse)
+    if not (read_weights or sparse):
+        _map_external_data(pieces)
     from compressq.graph.normalize import normalize_at_load  # the one import step every command's model goes through
 
     return normalize_at_load(model, model_path)
@@ -284,25 +289,195 @@ def _read_external_data(pieces: list[_ExternalPiece]) -> None:
         tensor.data_location = onnx.TensorProto.DEFAULT
 
 
-def tensor_chunks(tensor: onnx.TensorProto, model_path: str | os.PathLike,
+def tensor_chunks(tensor: onnx.TensorProto, model_path: str | os.PathLike | None = None,
                   chunk_bytes: int = 64 * 2**20) -> Iterator[np.ndarray]:
-    """The values of a tensor, flat, a chunk at a time: external data (from `load_model(read_weights=False)`,
-    so already checked) is read from its file piece by piece, never whole."""
+    """The values of a tensor, flat, a chunk at a time: external data (mapped by `load_model(read_weights=False)`
+    or a spill file, so already checked) is read from its file piece by piece, never whole. `model_path` is
+    only needed for a tensor that still points at its file by a relative location."""
     if not is_external(tensor) or tensor.data_type in _PACKED_TYPES or tensor.data_type == onnx.TensorProto.STRING:
         if is_external(tensor):
             raise ModelError(f"tensor '{tensor.name}' is stored externally in a packed type; not read in chunks",
                              hint="load the model with its weights")
         yield numpy_helper.to_array(tensor).reshape(-1)
         return
-    model_path = Path(model_path)
-    piece = _checked_piece(StoredTensor(tensor, "initializer"), model_path.parent.resolve())
-    dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)).newbyteorder("<")
+    if is_mapped(tensor):
+        file, offset, length = _mapped_location(tensor)
+    elif model_path is None:
+        raise ModelError(f"tensor '{tensor.name}' points at external data relative to an unknown folder",
+                         hint="load the model with compressq's load_model")
+    else:
+        piece = _checked_piece(StoredTensor(tensor, "initializer"), Path(model_path).parent.resolve())
+        file, offset, length = piece.file, piece.offset, piece.length
+    dtype = _stored_dtype(tensor)
     step = max(dtype.itemsize, chunk_bytes - chunk_bytes % dtype.itemsize)
-    with open(piece.file, "rb") as handle:
-        handle.seek(piece.offset)
-        for start in range(0, piece.length, step):
-            data = handle.read(min(step, piece.length - start))
+    with open(file, "rb") as handle:
+        handle.seek(offset)
+        for start in range(0, length, step):
+            data = handle.read(min(step, length - start))
             yield np.frombuffer(data, dtype=dtype)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Weights kept on disk: mapped tensors, read one at a time, and the spill file rewrites write into
+#
+# A *mapped* tensor is an external tensor whose location is the absolute path of a file compressq checked at
+# load (or wrote itself: a SpillFile), with its offset and length. Only this module reads one: onnx's
+# numpy_helper refuses absolute locations, so no other code can read it by mistake from the current folder,
+# and no such location is ever written to a file (save_model streams the bytes into the output's .data).
+
+
+def is_mapped(tensor: onnx.TensorProto) -> bool:
+    return is_external(tensor) and os.path.isabs(_external_entries(tensor).get("location", ""))
+
+
+def holds_mapped_weights(model: onnx.ModelProto) -> bool:
+    return any(is_mapped(stored.tensor) for stored in model_tensors(model))
+
+
+def _map_external_data(pieces: list[_ExternalPiece]) -> None:
+    for piece in pieces:
+        tensor = piece.stored.tensor
+        del tensor.external_data[:]
+        for key, value in (("location", str(piece.file)), ("offset", str(piece.offset)),
+                           ("length", str(piece.length))):
+            tensor.external_data.add(key=key, value=value)
+
+
+def _mapped_location(tensor: onnx.TensorProto) -> tuple[Path, int, int]:
+    entries = _external_entries(tensor)
+    return Path(entries["location"]), int(entries.get("offset", "0")), int(entries["length"])
+
+
+def _stored_dtype(tensor: onnx.TensorProto) -> np.dtype:
+    return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)).newbyteorder("<")
+
+
+def tensor_array(tensor: onnx.TensorProto) -> np.ndarray:
+    """The value of a tensor, read-only. A mapped tensor is memory-mapped: its pages are read as they are used
+    and given back when the array goes, so a rewrite that takes one weight at a time holds one at a time."""
+    if not is_mapped(tensor):
+        if is_external(tensor):
+            raise ModelError(f"tensor '{tensor.name}' points at external data relative to an unknown folder",
+                             hint="load the model with compressq's load_model")
+        return numpy_helper.to_array(tensor)
+    if tensor.data_type in _PACKED_TYPES or tensor.data_type == onnx.TensorProto.STRING:
+        return numpy_helper.to_array(_read_copy(tensor))
+    file, offset, length = _mapped_location(tensor)
+    shape = tuple(int(d) for d in tensor.dims)
+    if length == 0:
+        return np.zeros(shape, _stored_dtype(tensor))
+    return np.asarray(np.memmap(file, dtype=_stored_dtype(tensor), mode="r", offset=offset, shape=shape))
+
+
+def _read_copy(tensor: onnx.TensorProto) -> onnx.TensorProto:
+    copy = onnx.TensorProto()
+    copy.CopyFrom(tensor)
+    read_mapped_tensor(copy)
+    return copy
+
+
+def read_mapped_tensor(tensor: onnx.TensorProto) -> None:
+    """Read a mapped tensor's bytes into it (in place: only on a proto the caller owns)."""
+    file, offset, length = _mapped_location(tensor)
+    with open(file, "rb") as handle:
+        handle.seek(offset)
+        data = handle.read(length)
+    if len(data) != length:
+        raise ModelError(f"the external data of tensor '{tensor.name}' is shorter than recorded",
+                         hint="the .data file changed while it was read; retry")
+    tensor.raw_data = data
+    del tensor.external_data[:]
+    tensor.data_location = onnx.TensorProto.DEFAULT
+
+
+def with_weights_read(model: onnx.ModelProto) -> onnx.ModelProto:
+    """`model` itself when it holds all its weights, else a copy that does (for onnxruntime sessions and the
+    passes that need every weight at once: static calibration, refit, channel pruning)."""
+    if not holds_mapped_weights(model):
+        return model
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    for stored in model_tensors(copy):
+        if is_mapped(stored.tensor):
+            read_mapped_tensor(stored.tensor)
+    return copy
+
+
+class SpillFile:
+    """Tensors a rewrite makes, written to disk as they are made and handed back as mapped references, so that
+    a model bigger than memory is rewritten with one new tensor in memory at a time. `save_model` copies them
+    into the output's .data file. The file is removed when the process ends (a killed run's file is removed by
+    the next run that spills into the same folder)."""
+
+    def __init__(self, folder: Path):
+        _remove_stale_spills(folder)
+        handle, name = tempfile.mkstemp(prefix=f"{SPILL_PREFIX}{os.getpid()}-", suffix=".spill", dir=folder)
+        self.path = Path(name).resolve()
+        self._stream = os.fdopen(handle, "wb")
+
+    def tensor(self, array: np.ndarray, name: str) -> onnx.TensorProto:
+        array = np.ascontiguousarray(array, dtype=np.asarray(array).dtype.newbyteorder("<"))
+        tensor = onnx.TensorProto(name=name, dims=array.shape,
+                                  data_type=onnx.helper.np_dtype_to_tensor_dtype(array.dtype))
+        offset = self._stream.tell()
+        self._stream.write(array.data)
+        self._stream.flush()  # read back through the file system (memory-mapped) before it is closed
+        tensor.data_location = onnx.TensorProto.EXTERNAL
+        for key, value in (("location", str(self.path)), ("offset", str(offset)), ("length", str(array.nbytes))):
+            tensor.external_data.add(key=key, value=value)
+        return tensor
+
+    def remove(self) -> None:
+        self._stream.close()
+        with contextlib.suppress(OSError):
+            self.path.unlink()
+
+
+SPILL_PREFIX = f".{STAGING_MARK}spill-"
+_spills: dict[Path, SpillFile] = {}
+
+
+@atexit.register
+def _remove_spills() -> None:
+    for spill in _spills.values():
+        spill.remove()
+    _spills.clear()
+
+
+def _remove_stale_spills(folder: Path) -> None:
+    with contextlib.suppress(OSError):
+        for leftover in folder.glob(f"{SPILL_PREFIX}*.spill"):
+            pid_text = leftover.name[len(SPILL_PREFIX):].split("-", 1)[0]
+            if pid_text.isdigit() and not _process_alive(int(pid_text)):
+                with contextlib.suppress(OSError):
+                    leftover.unlink()
+
+
+def _spill_for(model: onnx.ModelProto) -> SpillFile:
+    """One spill file per folder and process: next to the model's own external data when that folder is
+    writable (the disk that holds a big model has room for its rewrite; /tmp may be memory), else the temp dir."""
+    mapped = next(_mapped_location(s.tensor)[0] for s in model_tensors(model) if is_mapped(s.tensor))
+    folder = mapped.parent if os.access(mapped.parent, os.W_OK) else Path(tempfile.gettempdir()).resolve()
+    if folder not in _spills:
+        _spills[folder] = SpillFile(folder)
+    return _spills[folder]
+
+
+class TensorSink:
+    """Where a rewrite puts the tensors it makes: a model whose weights are mapped gets its big new tensors
+    spilled to disk at once (and held as mapped references); a model in memory gets them in memory."""
+
+    def __init__(self, model: onnx.ModelProto):
+        self._spill = _spill_for(model) if holds_mapped_weights(model) else None
+
+    @property
+    def streams(self) -> bool:
+        return self._spill is not None
+
+    def tensor(self, array: np.ndarray, name: str) -> onnx.TensorProto:
+        if self._spill is None or array.nbytes < EXTERNAL_TENSOR_BYTES:
+            return numpy_helper.from_array(np.ascontiguousarray(array), name)
+        return self._spill.tensor(array, name)
 
 
 def refuse_external_references(model: onnx.ModelProto) -> None:
@@ -318,7 +493,7 @@ def check_model(model: onnx.ModelProto, model_path: Path | None = None, *, from_
     """Run onnx.checker; a model too big for an in-memory check (or whose weights were not read) is checked
     from its path, or, without one, as a skeleton whose big tensors point at an empty file."""
     try:
-        big = from_path or model_bytes(model) > EXTERNAL_DATA_THRESHOLD
+        big = from_path or holds_mapped_weights(model) or model_bytes(model) > EXTERNAL_DATA_THRESHOLD
         if big and model_path is not None:
             onnx.checker.check_model(str(model_path))
         elif big:
@@ -337,11 +512,16 @@ def model_bytes(model: onnx.ModelProto) -> int:
     """`model.ByteSize()`, safe past 2 GB: protobuf's ByteSize encodes the whole message (seconds per GB, and a
     transient copy) and raises EncodeError above its limit. Tensor payloads are summed from their shapes first;
     only a model below the threshold is measured exactly."""
-    payload = sum(_payload_bytes(stored.tensor) for stored in model_tensors(model))
-    return payload if payload > EXTERNAL_DATA_THRESHOLD else model.ByteSize()
+    tensors = [stored.tensor for stored in model_tensors(model)]
+    payload = sum(_payload_bytes(tensor) for tensor in tensors)
+    if payload > EXTERNAL_DATA_THRESHOLD:
+        return payload
+    return model.ByteSize() + sum(_payload_bytes(tensor) for tensor in tensors if is_mapped(tensor))
 
 
 def _payload_bytes(tensor: onnx.TensorProto) -> int:
+    if is_mapped(tensor):
+        return _mapped_location(tensor)[2]  # its bytes are part of the model, on disk until saved
     if not tensor.HasField("raw_data"):
         return 0  # typed fields (float_data, ...): small in practice; ByteSize counts them below the threshold
     expected = _expected_bytes(tensor)
@@ -357,15 +537,24 @@ def _big_tensors_aside(model: onnx.ModelProto, data_name: str) -> onnx.ModelProt
     for tensor in model.graph.initializer:
         kept = skeleton.graph.initializer.add()
         length = _payload_bytes(tensor)
-        if length < EXTERNAL_TENSOR_BYTES:
+        if length < EXTERNAL_TENSOR_BYTES and not is_mapped(tensor):
             kept.CopyFrom(tensor)
             continue
         _copy_fields(tensor, kept, skip="raw_data")
-        kept.data_location = onnx.TensorProto.EXTERNAL
-        for key, value in (("location", data_name), ("offset", str(offset)), ("length", str(length))):
-            kept.external_data.add(key=key, value=value)
-        offset += length
+        offset = _point_at(kept, data_name, offset, length)
+    for stored in model_tensors(skeleton):  # mapped tensors in bodies and attributes: their absolute paths go too
+        if is_mapped(stored.tensor):
+            offset = _point_at(stored.tensor, data_name, offset, _mapped_location(stored.tensor)[2])
     return skeleton
+
+
+def _point_at(tensor: onnx.TensorProto, data_name: str, offset: int, length: int) -> int:
+    """Make `tensor` an external reference to bytes offset..offset+length of `data_name`; the next offset."""
+    tensor.data_location = onnx.TensorProto.EXTERNAL
+    del tensor.external_data[:]
+    for key, value in (("location", data_name), ("offset", str(offset)), ("length", str(length))):
+        tensor.external_data.add(key=key, value=value)
+    return offset + length
 
 
 def _check_skeleton(model: onnx.ModelProto) -> None:
@@ -416,7 +605,8 @@ def save_model(
     target = check_output_path(given, protect, overwrite=overwrite)
     folder = target.parent
     remove_stale_staging(target)
-    needs_external = model_bytes(model) > EXTERNAL_DATA_THRESHOLD
+    # A model whose weights came from external data (mapped) keeps them there: they are streamed, never held
+    needs_external = holds_mapped_weights(model) or model_bytes(model) > EXTERNAL_DATA_THRESHOLD
     data_name = f"{target.name}.data"
     if needs_external:
         check_output_path(folder / data_name, protect)
@@ -457,8 +647,10 @@ def non_finite_weights(model: onnx.ModelProto) -> list[str]:
 
 def _all_finite(tensor: onnx.TensorProto) -> bool:
     dtype = _FLOAT_TYPES.get(tensor.data_type)
-    if dtype is None or is_external(tensor):
+    if dtype is None or (is_external(tensor) and not is_mapped(tensor)):
         return True
+    if is_mapped(tensor):  # a chunk at a time: the weights of a big model are never all in memory
+        return all(bool(np.isfinite(chunk).all()) for chunk in tensor_chunks(tensor))
     if tensor.HasField("raw_data"):
         values = np.frombuffer(tensor.raw_data, dtype=np.dtype(dtype).newbyteorder("<"))
     else:
@@ -512,28 +704,46 @@ def write_with_external_data(model: onnx.ModelProto, path: Path, data_name: str)
     """Write `model` to `path` with its large tensors in `path.parent / data_name`; `model` is untouched.
 
     Big initializers are streamed to the data file one at a time, so no second copy of the weights is
-    ever held; the small remainder is copied and handed to onnx (which converts what it is given)."""
+    ever held; mapped tensors (load_model(read_weights=False), spill files) are copied from their files a chunk
+    at a time; the small remainder is copied and handed to onnx (which converts what it is given)."""
     skeleton = _copy_without(model, "graph")
     _copy_fields(model.graph, skeleton.graph, skip="initializer")
     data_path = path.parent / data_name
     with open(data_path, "wb") as data_file:
         for tensor in model.graph.initializer:
             kept = skeleton.graph.initializer.add()
-            if tensor.HasField("raw_data") and len(tensor.raw_data) >= EXTERNAL_TENSOR_BYTES:
+            if is_mapped(tensor):
+                _copy_fields(tensor, kept, skip="external_data")
+                _point_at(kept, data_name, data_file.tell(), _copy_mapped_bytes(tensor, data_file))
+            elif tensor.HasField("raw_data") and len(tensor.raw_data) >= EXTERNAL_TENSOR_BYTES:
                 _copy_fields(tensor, kept, skip="raw_data")
                 offset = data_file.tell()
                 data_file.write(tensor.raw_data)
-                kept.data_location = onnx.TensorProto.EXTERNAL
-                del kept.external_data[:]
-                for key, value in (("location", data_name), ("offset", str(offset)),
-                                   ("length", str(data_file.tell() - offset))):
-                    kept.external_data.add(key=key, value=value)
+                _point_at(kept, data_name, offset, data_file.tell() - offset)
             else:
                 kept.CopyFrom(tensor)
+        for stored in model_tensors(skeleton):  # in bodies and attributes (the copy is ours to repoint)
+            if is_mapped(stored.tensor):
+                _point_at(stored.tensor, data_name, data_file.tell(), _copy_mapped_bytes(stored.tensor, data_file))
     # The skeleton is ours: onnx may move its remaining large tensors (Constants, subgraphs) out too,
     # appending to the same data file.
     onnx.save_model(skeleton, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                     location=data_name, size_threshold=EXTERNAL_TENSOR_BYTES)
+
+
+def _copy_mapped_bytes(tensor: onnx.TensorProto, target: BinaryIO, chunk_bytes: int = 64 * 2**20) -> int:
+    file, offset, length = _mapped_location(tensor)
+    with open(file, "rb") as source:
+        source.seek(offset)
+        copied = 0
+        while copied < length:
+            data = source.read(min(chunk_bytes, length - copied))
+            if not data:
+                raise ModelError(f"the external data of tensor '{tensor.name}' is shorter than recorded",
+                                 hint="the .data file changed while it was read; retry")
+            target.write(data)
+            copied += len(data)
+    return length
 
 
 def _copy_without(message, skip: str):

@@ -6,11 +6,16 @@
 
 The plan (plan.py) picks the layers, masks.py picks the weights, structured.py rewrites the graph for
 channel pruning, refit.py reconstructs the kept weights against the dense model as teacher.
+
+Unstructured and N:M pruning take one weight at a time (global scope too: its threshold is found in passes
+over the scores, `masks.global_cut`); a model loaded with its weights mapped (`load_model(read_weights=False)`)
+gets each pruned weight written to a spill file as it is made, so memory never holds the model. Channel
+pruning and refit read the whole model.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -22,16 +27,24 @@ from compressq.errors import UsageError
 from compressq.graph.edit import NameGenerator
 from compressq.graph.index import GraphIndex, implicit_inputs, scopes
 from compressq.graph.passes import check_if_enabled
-from compressq.io import check_model
+from compressq.io import TensorSink, check_model, is_mapped, tensor_array, tensor_chunks, with_weights_read
 from compressq.prune.config import PruneConfig
-from compressq.prune.masks import global_masks, local_mask, n_m_mask, weight_scores, zero_fraction
+from compressq.prune.masks import (
+    GlobalCut,
+    cut_mask,
+    global_cut,
+    global_masks,
+    local_mask,
+    n_m_mask,
+    weight_scores,
+    zero_fraction,
+)
 from compressq.prune.plan import DenseLayer, PrunePlan, graph_order, plan_pruning
 from compressq.prune.refit import RefitRecord, RefitSettings, RefitTarget, refit_layers
 from compressq.prune.structured import (
     ChannelGroup,
     choose_channels,
     remove_channels,
-    replace_constant_input,
     trace_channel_groups,
 )
 
@@ -99,6 +112,8 @@ class _Outcome:
 def prune_model(model: onnx.ModelProto, config: PruneConfig, dataset: Dataset | None = None,
                 progress: Progress | None = None) -> PruneResult:
     """Prune a copy of `model` as `config` says; with `dataset`, refit against the dense model."""
+    if config.structured or dataset is not None:  # these read every weight at once (a mapped model is read now)
+        model = with_weights_read(model)
     teacher = _named_copy(model)
     plan = plan_pruning(teacher, config)
     prune = _prune_channels if config.structured else _prune_weights
@@ -184,14 +199,26 @@ def _prune_weights(teacher: onnx.ModelProto, plan: PrunePlan, config: PruneConfi
     # Every node with the graph it lives in and what that graph can read (bodies see outer weights).
     where = {node.name: (node, scope) for scope in found for node in scope.graph.node}
     indexes = {scope.label: scope.index() for scope in found}
-    weights = {layer.node: indexes[where[layer.node][1].label].weight(layer.weight) for layer in plan.layers}
-    masks = weight_masks(weights, {layer.node: layer.input_axis for layer in plan.layers}, config)
-    layers = []
+    # The plan only prunes initializers; a layer's TensorProto is read when its turn comes, then let go.
+    stored = {layer.node: indexes[where[layer.node][1].label].initializers[layer.weight] for layer in plan.layers}
+    sink = TensorSink(teacher)
+    cut = _global_cut(plan, stored, config) if config.scope == "global" and not config.n_m else None
+    scores = _layer_scores(plan, stored, config)
+    layers, ties_seen = [], 0
     for position, layer in enumerate(plan.layers, start=1):
-        pruned = np.where(masks[layer.node], weights[layer.node], 0).astype(weights[layer.node].dtype)
+        weight, score = next(scores)
+        if config.n_m:
+            keep = n_m_mask(score, *config.n_m, layer.input_axis)
+        elif config.scope == "global":
+            keep, ties_seen = cut_mask(score, cut, ties_seen)
+        else:
+            keep = local_mask(score, config.sparsity)
+        del score
+        pruned = np.where(keep, weight, 0).astype(weight.dtype)
+        del weight, keep  # one layer's weight, scores and mask at a time
         node, scope = where[layer.node]
         # A body pruning an outer weight gets its own copy; the outer graph drops the dense one if unused.
-        replace_constant_input(scope.graph, node, 1, pruned)
+        _replace_weight(scope.graph, node, pruned, sink)
         layers.append(LayerResult(layer.node, layer.op_type, layer.weight, layer.shape, layer.shape,
                                   zero_fraction(pruned)))
         if progress:
@@ -200,6 +227,35 @@ def _prune_weights(teacher: onnx.ModelProto, plan: PrunePlan, config: PruneConfi
     if len(found) > 1:
         _drop_unused_initializers(model.graph)
     return _Outcome(model, layers, list(plan.dense), targets)
+
+
+def _layer_scores(plan: PrunePlan, stored: dict[str, onnx.TensorProto],
+                  config: PruneConfig) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(weight, scores) of every planned layer in plan order, read one at a time; random scores are drawn from one
+    generator in that order, so every pass over the layers sees the same scores (as weight_masks draws them)."""
+    rng = np.random.default_rng(config.seed)
+    for layer in plan.layers:
+        weight = tensor_array(stored[layer.node])
+        yield weight, weight_scores(weight, config.criterion, rng)
+
+
+def _global_cut(plan: PrunePlan, stored: dict[str, onnx.TensorProto], config: PruneConfig) -> GlobalCut | None:
+    return global_cut(lambda: (score for _, score in _layer_scores(plan, stored, config)), config.sparsity)
+
+
+def _replace_weight(graph: onnx.GraphProto, node: onnx.NodeProto, pruned: np.ndarray, sink: TensorSink) -> None:
+    """Give `node` its pruned weight, made by the sink (in memory, or in a spill file for a mapped model): in
+    place when only this node reads the weight, else under a fresh name (other readers keep the old value)."""
+    name = node.input[1]
+    readers = sum(list(n.input).count(name) for n in graph.node)
+    declared = {i.name for i in graph.input} | {o.name for o in graph.output}
+    position = next((i for i, t in enumerate(graph.initializer) if t.name == name), None)
+    if position is not None and readers == 1 and name not in declared:
+        graph.initializer[position].CopyFrom(sink.tensor(pruned, name))
+        return
+    fresh = NameGenerator(graph)(f"{name}.pruned")
+    graph.initializer.append(sink.tensor(pruned, fresh))
+    node.input[1] = fresh
 
 
 def _drop_unused_initializers(graph: onnx.GraphProto) -> None:
@@ -363,10 +419,12 @@ def _achieved(layers: list[LayerResult], config: PruneConfig) -> float:
 def _parameter_counts(model: onnx.ModelProto) -> tuple[int, int]:
     total = nonzero = 0
     for tensor in (t for scope in scopes(model.graph) for t in scope.graph.initializer):
-        value = numpy_helper.to_array(tensor)
-        if value.dtype.kind == "f":
-            total += value.size
-            nonzero += int(np.count_nonzero(value))
+        if np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)).kind != "f":
+            continue
+        # a mapped weight a chunk at a time (never whole); one in memory as it is
+        for values in (tensor_chunks(tensor) if is_mapped(tensor) else [numpy_helper.to_array(tensor)]):
+            total += values.size
+            nonzero += int(np.count_nonzero(values))
     return total, nonzero
 
 

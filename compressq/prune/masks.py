@@ -8,7 +8,8 @@ exact counts, not value cut-offs, so ties never make the achieved sparsity drift
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -133,3 +134,52 @@ def channels_to_keep(scores: np.ndarray, sparsity: float) -> np.ndarray:
 
 def zero_fraction(weight: np.ndarray) -> float:
     return float(np.count_nonzero(weight == 0) / weight.size) if weight.size else 0.0
+
+
+# ---------------------------------------------------------------------------------------------------
+# One global threshold without holding every score: exact, a layer at a time
+
+
+@dataclass(frozen=True)
+class GlobalCut:
+    """Where `global_masks` cuts, found without concatenating the scores: everything scored below `threshold`
+    goes, and of the scores equal to it the first `ties_pruned` in layer order (global_masks' stable order)."""
+
+    threshold: float
+    ties_pruned: int
+
+
+def global_cut(score_batches: Callable[[], Iterable[np.ndarray]], sparsity: float) -> GlobalCut | None:
+    """The cut of `global_masks(scores, sparsity)` over non-negative scores that `score_batches()` yields a layer at
+    a time, in order (called once per pass: 1 to count, 4 to find the threshold's 64 bits 16 at a time, as a radix
+    select on the float64 bit patterns, which sort like the values for non-negative numbers). None: nothing goes."""
+    total = sum(int(np.size(scores)) for scores in score_batches())
+    rank = pruned_count(total, sparsity)  # 1-based rank of the highest score that goes
+    if rank == 0:
+        return None
+    prefix = 0
+    for shift in (48, 32, 16, 0):
+        counts = np.zeros(1 << 16, np.int64)
+        for scores in score_batches():
+            bits = np.ascontiguousarray(scores, np.float64).reshape(-1).view(np.uint64)
+            if shift < 48:
+                bits = bits[(bits >> np.uint64(shift + 16)) == np.uint64(prefix)]
+            counts += np.bincount(((bits >> np.uint64(shift)) & np.uint64(0xFFFF)).astype(np.intp),
+                                  minlength=1 << 16)
+        cumulative = np.cumsum(counts)
+        digit = int(np.searchsorted(cumulative, rank, side="left"))
+        rank -= int(cumulative[digit - 1]) if digit else 0
+        prefix = (prefix << 16) | digit
+    threshold = float(np.array([prefix], np.uint64).view(np.float64)[0])
+    return GlobalCut(threshold, rank)  # the remaining rank counts the ties at the threshold that go
+
+
+def cut_mask(scores: np.ndarray, cut: GlobalCut | None, ties_seen: int) -> tuple[np.ndarray, int]:
+    """This layer's keep-mask under `cut`, given how many ties earlier layers held; and the ties counted so far."""
+    if cut is None:
+        return np.ones(scores.shape, dtype=bool), ties_seen
+    keep = np.ascontiguousarray(scores >= cut.threshold)
+    ties = np.flatnonzero(scores.reshape(-1) == cut.threshold)
+    pruned_ties = ties[: max(0, cut.ties_pruned - ties_seen)]
+    keep.reshape(-1)[pruned_ties] = False
+    return keep, ties_seen + len(ties)

@@ -13,6 +13,7 @@ from compressq.data import Dataset, synthetic_dataset
 from compressq.errors import UsageError
 from compressq.graph.index import GraphIndex
 from compressq.graph.passes import check_if_enabled, run_pass
+from compressq.io import holds_mapped_weights, is_mapped, read_mapped_tensor, with_weights_read
 from compressq.measure.speed import measure_speedup, meets
 from compressq.quantize import float16
 from compressq.quantize.accuracy import (
@@ -84,7 +85,11 @@ def quantize_model(model: onnx.ModelProto, dataset: Dataset | None, config: Quan
     With an accuracy target in `config`, `eval_dataset` (default: `dataset`) is what it is measured on.
     A `pinned` plan (read_plan) is re-applied as it is: no calibration, no timing, the same output bytes.
     An fp16 model is quantized with float32 inside and keeps its fp16 interface (quantize/float16.py).
+    A model loaded with its weights mapped (`load_model(read_weights=False)`) is rewritten a weight at a time in
+    dynamic and weight-only modes; the modes that run it (static, calibrated, fp16, the speed check) read it.
     """
+    if holds_mapped_weights(model) and not _streams(model, dataset, config, pinned):
+        model = with_weights_read(model)
     if float16.holds_float16(model):
         return float16.quantize_widened(model, lambda wide: _quantize_model(wide, dataset, config, progress,
                                                                            eval_dataset, pinned))
@@ -109,8 +114,9 @@ def _quantize_model(model: onnx.ModelProto, dataset: Dataset | None, config: Qua
     if config.mode != "static" and config.speed_check and result.summary.quantized_nodes:
         timing_data = dataset if dataset is not None else synthetic_dataset(model, samples=8)
         feeds = list(timing_data.batches(config.latency_batch, config.latency_batch * 4))
-        try:
-            measured = measure_speedup(model, result.model, feeds, config.provider, threads=config.threads)
+        try:  # onnxruntime needs the weights: a mapped model is read for the timing only
+            measured = measure_speedup(with_weights_read(model), with_weights_read(result.model), feeds,
+                                       config.provider, threads=config.threads)
         except ORT_ERRORS as exc:  # synthetic inputs the model rejects: report, do not guess
             result.summary.notes.append(f"speed not checked: the model rejected synthetic inputs "
                                         f"({str(exc).splitlines()[0][:120]}); pass --calibration-data")
@@ -122,6 +128,13 @@ def _quantize_model(model: onnx.ModelProto, dataset: Dataset | None, config: Qua
     check_if_enabled(model, result.model, f"quantize --mode {config.mode}")
     result.summary.seconds = time.perf_counter() - started
     return result
+
+
+def _streams(model: onnx.ModelProto, dataset: Dataset | None, config: QuantizeConfig,
+             pinned: QuantizationPlan | None) -> bool:
+    """Whether this run can keep the weights on disk: dynamic or weight-only without calibration data, in float32."""
+    return pinned is None and config.mode in ("dynamic", "weight-only") and dataset is None \
+        and not float16.holds_float16(model)
 
 
 def _check_task_outputs(model: onnx.ModelProto, names: tuple[str, ...]) -> None:
@@ -210,7 +223,7 @@ def self_check_samples(model: onnx.ModelProto, dataset: Dataset) -> int:
 def _dynamic(model, config: QuantizeConfig) -> QuantizeResult:
     outcome = run_pass("dynamic int8", lambda m: quantize_dynamic(m, tuple(config.exclude), config.per_channel),
                        model)
-    quantized, embeddings = quantize_embeddings(outcome.model)
+    quantized, embeddings = quantize_embeddings(_gather_tables_read(outcome.model))
     summary = QuantizeSummary(mode="dynamic", method=None, quantized_nodes=outcome.modified,
                               float_nodes=_skipped(outcome.skipped))
     if embeddings.tables:
@@ -218,6 +231,20 @@ def _dynamic(model, config: QuantizeConfig) -> QuantizeResult:
     elif not outcome.modified:  # nothing changed: the caller gets its own model back (written as it came)
         return QuantizeResult(model, summary)
     return QuantizeResult(quantized, summary)
+
+
+def _gather_tables_read(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The tables embedding.py may quantize (plain Gather tables of one reader), read into `model` (the pass's own
+    copy) when they are mapped: that pass reads initializers in memory. One table, the only weight read whole."""
+    readers: dict[str, int] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            readers[name] = readers.get(name, 0) + 1
+    tables = {node.input[0] for node in model.graph.node if node.op_type == "Gather" and readers[node.input[0]] == 1}
+    for tensor in model.graph.initializer:
+        if tensor.name in tables and is_mapped(tensor):
+            read_mapped_tensor(tensor)
+    return model
 
 
 def _undo_slower_dynamic(model: onnx.ModelProto, result: QuantizeResult) -> QuantizeResult:
@@ -280,7 +307,7 @@ def matmul_input_samples(model: onnx.ModelProto, dataset: Dataset, config: Quant
                     if n.op_type in ("MatMul", "Gemm") and len(n.input) > 1 and index.is_constant(n.input[1])})
     if not names:
         return {}
-    session = create_session(with_outputs(model, names))
+    session = create_session(with_outputs(with_weights_read(model), names))
     rng = np.random.default_rng(0)
     kept: dict[str, np.ndarray] = {}
     for feed in dataset.batches(config.batch_size, config.samples):

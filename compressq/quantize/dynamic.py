@@ -3,17 +3,22 @@
 MatMul and Gemm with constant weights become onnxruntime's DynamicQuantizeMatMul, which quantizes its
 input per call and runs an integer GEMM. Convolutions stay float: onnxruntime's dynamic ConvInteger path
 is slower than its float convolutions on CPU.
+
+Weights are read one at a time (`io.tensor_array`): a model loaded with its weights mapped
+(`load_model(read_weights=False)`) has each int8 weight written to a spill file as soon as it is made
+(`io.TensorSink`), so memory holds one float weight and its int8 copy, never the model.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import helper
 
 from compressq.graph.edit import NameGenerator, remove_unused, share_duplicate_initializers, toposort
 from compressq.graph.index import GraphIndex, check_exclude, node_attributes, scopes
 from compressq.graph.passes import PassResult
+from compressq.io import TensorSink, tensor_array
 from compressq.quantize import scheme
 from compressq.quantize.plan import Skipped, matches
 
@@ -28,10 +33,11 @@ def quantize_dynamic(model: onnx.ModelProto, exclude: tuple[str, ...] = (), per_
     check_exclude(result.graph, exclude)
     names = NameGenerator(result.graph)
     outcome = PassResult(result)
+    sink = TensorSink(model)
     # Innermost bodies first (If/Loop/Scan): a body's int8 copy of an outer weight leaves the float one unused,
     # and the outer graph then drops it. Nodes are replaced where they stand: no reordering is needed.
     for scope in reversed(scopes(result.graph)):
-        _quantize_graph(scope.graph, scope.index(), names, exclude, per_channel, outcome)
+        _quantize_graph(scope.graph, scope.index(), names, sink, exclude, per_channel, outcome)
     if outcome.modified and not any(o.domain == MICROSOFT_DOMAIN for o in result.opset_import):
         result.opset_import.append(helper.make_opsetid(MICROSOFT_DOMAIN, 1))
     for scope in reversed(scopes(result.graph)):  # float weights a body no longer reads go too
@@ -41,8 +47,8 @@ def quantize_dynamic(model: onnx.ModelProto, exclude: tuple[str, ...] = (), per_
     return outcome
 
 
-def _quantize_graph(graph: onnx.GraphProto, index: GraphIndex, names: NameGenerator, exclude, per_channel: bool,
-                    outcome: PassResult) -> None:
+def _quantize_graph(graph: onnx.GraphProto, index: GraphIndex, names: NameGenerator, sink: TensorSink, exclude,
+                    per_channel: bool, outcome: PassResult) -> None:
     replacements: dict[int, onnx.NodeProto] = {}
     for position, node in enumerate(graph.node):
         if node.op_type not in ("MatMul", "Gemm"):
@@ -54,7 +60,8 @@ def _quantize_graph(graph: onnx.GraphProto, index: GraphIndex, names: NameGenera
         if weight is None:
             outcome.skipped.append(Skipped(node.name, node.op_type, reason or "no constant weight"))
             continue
-        replacements[position] = _dynamic_matmul(node, weight, _bias(node, index), names, graph, per_channel)
+        replacements[position] = _dynamic_matmul(node, weight, _bias(node, index), names, sink, graph, per_channel)
+        del weight  # a mapped weight's pages go back now, not when the loop ends
         outcome.modified.append(node.name)
     for position, replacement in replacements.items():
         graph.node[position].CopyFrom(replacement)
@@ -64,7 +71,7 @@ def _weight_matrix(node: onnx.NodeProto, index: GraphIndex, exclude) -> tuple[np
     """The weight as [K, N], or a reason why this node stays float."""
     if matches(node, exclude):
         return None, "excluded by --exclude"
-    weight = index.constant(node.input[1]) if len(node.input) > 1 else None
+    weight = constant_value(index, node.input[1]) if len(node.input) > 1 else None
     if weight is None or weight.dtype != np.float32 or weight.ndim != 2:
         return None, "weight is not a constant 2-D float32 tensor"
     if node.op_type == "Gemm":
@@ -79,21 +86,42 @@ def _weight_matrix(node: onnx.NodeProto, index: GraphIndex, exclude) -> tuple[np
 def _bias(node: onnx.NodeProto, index: GraphIndex) -> np.ndarray | None:
     if node.op_type != "Gemm" or len(node.input) < 3 or not node.input[2]:
         return None
-    bias = index.constant(node.input[2])
+    bias = constant_value(index, node.input[2])
     return bias if bias is not None and bias.ndim == 1 else None
 
 
-def _dynamic_matmul(node, weight: np.ndarray, bias, names: NameGenerator, graph, per_channel: bool):
+def constant_value(index: GraphIndex, name: str) -> np.ndarray | None:
+    """`index.constant`, with initializers read through io (memory-mapped when the model's weights are)."""
+    tensor = index.initializers.get(name)
+    return tensor_array(tensor) if tensor is not None else index.constant(name)
+
+
+ROW_CHUNK_BYTES = 16 * 2**20  # float rows quantized at a time: the temporaries stay small for a 0.5 GB lm_head
+
+
+def _quantized_by_rows(weight: np.ndarray, params: scheme.QuantParams) -> np.ndarray:
+    """`scheme.quantize(weight, params)`, a block of rows at a time (per-column or per-tensor scales: the same
+    codes), so the float temporaries of rounding never hold a whole big weight."""
+    codes = np.empty(weight.shape, params.dtype)
+    rows = max(1, ROW_CHUNK_BYTES // max(1, weight.shape[1] * 4))
+    for start in range(0, weight.shape[0], rows):
+        codes[start:start + rows] = scheme.quantize(weight[start:start + rows], params)
+    return codes
+
+
+def _dynamic_matmul(node, weight: np.ndarray, bias, names: NameGenerator, sink: TensorSink, graph,
+                    per_channel: bool):
     params = scheme.weight_params(weight, 1 if per_channel else None)
     prefix = node.input[1]
     tensors = {
-        names(f"{prefix}_quantized"): scheme.quantize(weight, params),
+        names(f"{prefix}_quantized"): _quantized_by_rows(weight, params),
         names(f"{prefix}_scale"): params.scale.astype(np.float32),
         names(f"{prefix}_zero_point"): params.zero_point,
     }
     if bias is not None:
         tensors[names(f"{prefix}_bias")] = bias.astype(np.float32)
-    graph.initializer.extend(numpy_helper.from_array(v, k) for k, v in tensors.items())
+    for name, value in tensors.items():
+        graph.initializer.append(sink.tensor(value, name))
     inputs = [node.input[0], *tensors]
     return helper.make_node("DynamicQuantizeMatMul", inputs, list(node.output), name=node.name,
                             domain=MICROSOFT_DOMAIN)

@@ -22,20 +22,26 @@ Refinement. Given calibration samples X [n, K] for a MatMul's input, each block'
 factor in `REFINE_GRID` that minimises that block's contribution to the output error, ||X_b (W_b - Q(W_b))||
 (the block-diagonal part of ||X W - X Q(W)||, computed through the Gram matrix X_b^T X_b so memory does
 not grow with the samples). 1.0 is in the grid, so no block gets worse than round-to-nearest on that part.
+
+Memory. Candidates carry where their weight is, not its values: each weight is read when its layer is
+quantized (memory-mapped when the model's weights are, `io.tensor_array`) and let go after, and a model
+loaded with its weights mapped gets each packed weight written to a spill file at once (`io.TensorSink`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import helper
 
 from compressq.errors import DataError, UsageError
 from compressq.graph.edit import NameGenerator, remove_unused, share_duplicate_initializers, toposort
 from compressq.graph.index import GraphIndex, check_exclude, node_attributes, scopes
+from compressq.io import TensorSink, tensor_array
 from compressq.quantize.gptq import Factor, LayerReport, SampleGrams, block_grid, reconstruct
 from compressq.quantize.plan import matches
 
@@ -201,8 +207,16 @@ def quantize_weight(weight: np.ndarray, bits: int, block_size: int, symmetric: b
 class _Candidate:
     node: onnx.NodeProto
     weight_name: str
-    weight_kn: np.ndarray       # [K, N] float32
-    bias: np.ndarray | None     # [N] (Gemm's beta * C)
+    k: int
+    n: int
+    weight: onnx.TensorProto | np.ndarray  # as stored: read when the layer is quantized (a Constant's value)
+    transposed: bool                        # stored [N, K] (Gemm transB)
+    bias: np.ndarray | None                 # [N] (Gemm's beta * C)
+
+    def weight_kn(self) -> np.ndarray:
+        """The weight [K, N] float32, read now (a fresh read each call: nothing keeps it)."""
+        stored = tensor_array(self.weight) if isinstance(self.weight, onnx.TensorProto) else self.weight
+        return np.ascontiguousarray(stored.T) if self.transposed else stored
 
 
 def quantize_weights_only(
@@ -241,27 +255,29 @@ def quantize_weights_only(
     samples = _calibration_samples(calibration or {}, candidates,
                                    set().union(*(_matmul_inputs(scope.graph) for scope in found)))
     names = NameGenerator(graph)
-    packed_weights: dict[tuple[int, str], tuple[list[str], BlockQuantized]] = {}
+    sink = TensorSink(model)
+    # Tied weights share one packed copy per graph: its inputs and weight error are kept, not its codes
+    packed_weights: dict[tuple[int, str], tuple[list[str], float]] = {}
     grams = SampleGrams(samples)  # computed on first use, once per MatMul input
     for candidate in candidates:
         target = home[id(candidate)]
-        key = (id(target), candidate.weight_name)  # tied weights share one packed copy per graph
+        key = (id(target), candidate.weight_name)
         if key not in packed_weights or candidate.node.input[0] in samples:
-            quantized = quantize_weight(candidate.weight_kn, bits, block_size, symmetric,
-                                        samples.get(candidate.node.input[0]))
+            weight_kn = candidate.weight_kn()
+            quantized = quantize_weight(weight_kn, bits, block_size, symmetric, samples.get(candidate.node.input[0]))
             if reconstruction == "gptq" and candidate.node.input[0] in samples:
                 quantized, summary.reconstruction[candidate.node.name] = _reconstructed(
-                    candidate.weight_kn, quantized, grams.get(candidate.node.input[0]), block_size)
-            inputs = _add_quantized_initializers(target, names, candidate.weight_name, quantized)
-            packed_weights[key] = (inputs, quantized)
-            summary.float_weight_bytes += candidate.weight_kn.size * 4
+                    weight_kn, quantized, grams.get(candidate.node.input[0]), block_size)
+            inputs = _add_quantized_initializers(target, names, sink, candidate.weight_name, quantized)
+            packed_weights[key] = (inputs, _relative_error(weight_kn, quantized.dequantize()))
+            summary.float_weight_bytes += weight_kn.size * 4
             summary.packed_weight_bytes += _packed_bytes(quantized)
-        inputs, quantized = packed_weights[key]
-        k, n = candidate.weight_kn.shape
-        summary.layers.append(WeightOnlyLayer(
-            candidate.node.name, candidate.weight_name, k, n,
-            _relative_error(candidate.weight_kn, quantized.dequantize()), candidate.node.input[0] in samples))
-        _replace_with_matmul_nbits(target, names, candidate, inputs, quantized, block_size, accuracy_level)
+            del weight_kn, quantized  # one layer's float weight and codes at a time
+        inputs, weight_error = packed_weights[key]
+        summary.layers.append(WeightOnlyLayer(candidate.node.name, candidate.weight_name, candidate.k, candidate.n,
+                                              weight_error, candidate.node.input[0] in samples))
+        _replace_with_matmul_nbits(target, names, sink, candidate, inputs, bits, block_size,
+                                   accuracy_level)
         if progress is not None:
             progress(1)
     if summary.layers:
@@ -313,29 +329,48 @@ def _candidates(graph: onnx.GraphProto, index: GraphIndex, exclude: Sequence[str
 
 
 def _as_candidate(node: onnx.NodeProto, index: GraphIndex) -> _Candidate | str:
-    weight = index.constant(node.input[1])
-    if weight is None:
+    stored = _stored_weight(index, node.input[1])
+    if stored is None:
         return "weight is not a constant"
-    if weight.dtype != np.float32 or weight.ndim != 2:
-        return f"weight is {weight.dtype} with {weight.ndim} dims (needs a 2-D float32 weight)"
+    dtype, dims = _dtype_and_dims(stored)
+    if dtype != np.float32 or len(dims) != 2:
+        return f"weight is {dtype} with {len(dims)} dims (needs a 2-D float32 weight)"
     if node.op_type == "MatMul":
-        return _Candidate(node, node.input[1], weight, None)
-    return _gemm_candidate(node, index, weight)
+        return _Candidate(node, node.input[1], dims[0], dims[1], stored, False, None)
+    return _gemm_candidate(node, index, stored, dims)
 
 
-def _gemm_candidate(node: onnx.NodeProto, index: GraphIndex, weight: np.ndarray) -> _Candidate | str:
+def _stored_weight(index: GraphIndex, name: str) -> onnx.TensorProto | np.ndarray | None:
+    """An initializer as its TensorProto (read later, one at a time), a Constant node's value, or None."""
+    return index.initializers[name] if name in index.initializers else index.constant(name)
+
+
+def _dtype_and_dims(stored: onnx.TensorProto | np.ndarray) -> tuple[np.dtype, tuple[int, ...]]:
+    if isinstance(stored, np.ndarray):
+        return stored.dtype, stored.shape
+    return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(stored.data_type)), tuple(int(d) for d in stored.dims)
+
+
+def _gemm_candidate(node: onnx.NodeProto, index: GraphIndex, stored: onnx.TensorProto | np.ndarray,
+                    dims: tuple[int, ...]) -> _Candidate | str:
     attributes = node_attributes(node)
     if attributes.get("transA", 0) or attributes.get("alpha", 1.0) != 1.0:
         return "Gemm with transA or alpha != 1"
-    weight_kn = weight.T if attributes.get("transB", 0) else weight
+    transposed = bool(attributes.get("transB", 0))
+    k, n = (dims[1], dims[0]) if transposed else dims
     bias = None
     if len(node.input) > 2 and node.input[2]:
-        c = index.constant(node.input[2])
-        if c is None or c.size not in (1, weight_kn.shape[1]) or (c.ndim == 2 and c.shape[0] != 1):
+        c = _small_constant(index, node.input[2])
+        if c is None or c.size not in (1, n) or (c.ndim == 2 and c.shape[0] != 1):
             return "Gemm bias is not a constant of N values"
-        bias = np.broadcast_to(c.reshape(-1) * attributes.get("beta", 1.0), (weight_kn.shape[1],))
-    return _Candidate(node, node.input[1], np.ascontiguousarray(weight_kn), bias.astype(np.float32)
-                      if bias is not None else None)
+        bias = np.broadcast_to(c.reshape(-1) * attributes.get("beta", 1.0), (n,))
+    return _Candidate(node, node.input[1], k, n, stored, transposed,
+                      bias.astype(np.float32) if bias is not None else None)
+
+
+def _small_constant(index: GraphIndex, name: str) -> np.ndarray | None:
+    tensor = index.initializers.get(name)
+    return np.array(tensor_array(tensor)) if tensor is not None else index.constant(name)
 
 
 def _matmul_inputs(graph: onnx.GraphProto) -> set[str]:
@@ -345,7 +380,7 @@ def _matmul_inputs(graph: onnx.GraphProto) -> set[str]:
 def _calibration_samples(calibration: Mapping[str, np.ndarray], candidates: list[_Candidate],
                          matmul_inputs: set[str]) -> dict[str, np.ndarray]:
     """Samples per quantized MatMul input, as [n, K]; those of excluded or skipped MatMuls are ignored."""
-    widths = {c.node.input[0]: c.weight_kn.shape[0] for c in candidates}
+    widths = {c.node.input[0]: c.k for c in candidates}
     samples = {}
     for name, values in calibration.items():
         if name not in matmul_inputs:
@@ -361,7 +396,7 @@ def _calibration_samples(calibration: Mapping[str, np.ndarray], candidates: list
     return samples
 
 
-def _add_quantized_initializers(graph: onnx.GraphProto, names: NameGenerator, weight_name: str,
+def _add_quantized_initializers(graph: onnx.GraphProto, names: NameGenerator, sink: TensorSink, weight_name: str,
                                 quantized: BlockQuantized) -> list[str]:
     bits = quantized.bits
     tensors = [(f"{weight_name}_q{bits}", pack_codes(quantized.codes, bits)),
@@ -371,26 +406,25 @@ def _add_quantized_initializers(graph: onnx.GraphProto, names: NameGenerator, we
     inputs = []
     for base, array in tensors:
         name = names(base)
-        graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        graph.initializer.append(sink.tensor(np.ascontiguousarray(array), name))
         inputs.append(name)
     return inputs
 
 
-def _replace_with_matmul_nbits(graph: onnx.GraphProto, names: NameGenerator, candidate: _Candidate,
-                               quantized_inputs: list[str], quantized: BlockQuantized, block_size: int,
+def _replace_with_matmul_nbits(graph: onnx.GraphProto, names: NameGenerator, sink: TensorSink,
+                               candidate: _Candidate, quantized_inputs: list[str], bits: int, block_size: int,
                                accuracy_level: int | None) -> None:
     node = candidate.node
     inputs = [node.input[0], *quantized_inputs]
     if candidate.bias is not None:
         bias_name = names(f"{candidate.weight_name}_bias")
-        graph.initializer.append(numpy_helper.from_array(candidate.bias, bias_name))
+        graph.initializer.append(sink.tensor(candidate.bias, bias_name))
         inputs += [""] * (MATMUL_NBITS_BIAS_INPUT - len(inputs)) + [bias_name]
-    k, n = candidate.weight_kn.shape
-    attributes = {"K": k, "N": n, "bits": quantized.bits, "block_size": block_size}
+    attributes: dict[str, Any] = {"K": candidate.k, "N": candidate.n, "bits": bits, "block_size": block_size}
     if accuracy_level is not None:
         attributes["accuracy_level"] = accuracy_level
     replacement = helper.make_node("MatMulNBits", inputs, list(node.output),
-                                   name=names(f"{node.name}_Q{quantized.bits}"), domain=MS_DOMAIN, **attributes)
+                                   name=names(f"{node.name}_Q{bits}"), domain=MS_DOMAIN, **attributes)
     node.CopyFrom(replacement)  # in place: the node keeps its position in the graph
 
 
