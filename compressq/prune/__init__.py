@@ -236,11 +236,19 @@ def _layer_scores(plan: PrunePlan, stored: dict[str, onnx.TensorProto],
     rng = np.random.default_rng(config.seed)
     for layer in plan.layers:
         weight = tensor_array(stored[layer.node])
-        yield weight, weight_scores(weight, config.criterion, rng)
+        scores = weight_scores(weight, config.criterion, rng)
+        yield weight, scores
+        del weight, scores  # before the next layer is read: one weight in memory at a time
 
 
 def _global_cut(plan: PrunePlan, stored: dict[str, onnx.TensorProto], config: PruneConfig) -> GlobalCut | None:
-    return global_cut(lambda: (score for _, score in _layer_scores(plan, stored, config)), config.sparsity)
+    def scores_only() -> Iterator[np.ndarray]:
+        for weight, scores in _layer_scores(plan, stored, config):
+            del weight
+            yield scores
+            del scores
+
+    return global_cut(scores_only, config.sparsity)
 
 
 def _replace_weight(graph: onnx.GraphProto, node: onnx.NodeProto, pruned: np.ndarray, sink: TensorSink) -> None:

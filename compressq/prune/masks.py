@@ -166,6 +166,7 @@ def global_cut(score_batches: Callable[[], Iterable[np.ndarray]], sparsity: floa
                 bits = bits[(bits >> np.uint64(shift + 16)) == np.uint64(prefix)]
             counts += np.bincount(((bits >> np.uint64(shift)) & np.uint64(0xFFFF)).astype(np.intp),
                                   minlength=1 << 16)
+            del scores, bits  # before the next layer's scores are made
         cumulative = np.cumsum(counts)
         digit = int(np.searchsorted(cumulative, rank, side="left"))
         rank -= int(cumulative[digit - 1]) if digit else 0
