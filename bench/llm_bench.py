@@ -91,15 +91,15 @@ def _files_size(path: Path) -> int:
 
 
 def _decode_feed(config, fp32_path: Path) -> dict:
-    """One new token after CACHE positions, the cache computed by the fp32 model on a real-looking prompt."""
-    from bench.decoder_model import cache_from_outputs, empty_cache, step_feed, token_ids
-    from compressq.runtime import create_session
+    """One new token after CACHE positions, the cache computed by the fp32 model on a real-looking prompt, built
+    as compressq's speed check builds it (compressq.measure.decode)."""
+    from bench.decoder_model import token_ids
+    from compressq.measure.decode import decode_step_feeds, token_ids_prompt
 
-    session = create_session(fp32_path, threads=1)
-    names = [o.name for o in session.get_outputs()]
-    ids = token_ids(config, 1, CACHE + 1, seed=21)
-    cache = cache_from_outputs(names, session.run(None, step_feed(ids[:, :CACHE], empty_cache(config, 1))))
-    return step_feed(ids[:, CACHE:], cache)
+    ids = token_ids(config, 1, CACHE, seed=21)[0]
+    feeds = decode_step_feeds(fp32_path, token_ids_prompt(fp32_path, ids))
+    assert feeds is not None, "the bench decoder has a KV cache"
+    return feeds[0]
 
 
 def _decode_speed(paths: dict[str, Path], feed: dict) -> dict[str, tuple[float, float]]:
