@@ -457,7 +457,11 @@ def _spill_for(model: onnx.ModelProto) -> SpillFile:
     """One spill file per folder and process: next to the model's own external data when that folder is
     writable (the disk that holds a big model has room for its rewrite; /tmp may be memory), else the temp dir."""
     mapped = next(_mapped_location(s.tensor)[0] for s in model_tensors(model) if is_mapped(s.tensor))
-    folder = mapped.parent if os.access(mapped.parent, os.W_OK) else Path(tempfile.gettempdir()).resolve()
+    return _spill_for_folder(mapped.parent if os.access(mapped.parent, os.W_OK) else Path(tempfile.gettempdir()))
+
+
+def _spill_for_folder(folder: Path) -> SpillFile:
+    folder = folder.resolve()
     if folder not in _spills:
         _spills[folder] = SpillFile(folder)
     return _spills[folder]
