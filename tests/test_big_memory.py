@@ -25,8 +25,8 @@ from onnx import numpy_helper
 import compressq.cli.prune as prune_command
 import compressq.cli.quantize as quantize_command
 import compressq.io as model_io
-from compressq.io import read_mapped_tensor  # bound before any test patches it
 from bench.decoder_model import CONFIGS, build_decoder, empty_cache, step_feed, token_ids
+from compressq.io import read_mapped_tensor  # bound before any test patches it
 from compressq.prune import PruneConfig, prune_model
 from compressq.prune.masks import cut_mask, global_cut, global_masks
 from compressq.quantize.api import quantize_model
@@ -196,9 +196,10 @@ def test_a_spill_file_lives_until_the_process_ends_and_a_dead_runs_file_is_remov
 
 
 def test_the_spill_file_is_gone_when_the_process_ends(tmp_path):
-    script = ("import numpy as np, compressq.io as io; spill = io._spill_for_folder(__import__('pathlib').Path(r'%s'));"
-              " spill.tensor(np.zeros(4096, np.float32), 'w'); print(spill.path)" % tmp_path)
-    finished = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    script = ("import pathlib, sys, numpy as np, compressq.io as io; "
+              "spill = io._spill_for_folder(pathlib.Path(sys.argv[1])); "
+              "spill.tensor(np.zeros(4096, np.float32), 'w'); print(spill.path)")
+    finished = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, check=True)
     assert Path(finished.stdout.strip()).parent == tmp_path.resolve()
     assert not list(tmp_path.iterdir())
 
@@ -213,7 +214,7 @@ def test_global_cut_equals_global_masks():
             scores = {name: value * 0 for name, value in scores.items()}  # all tied
         sparsity = float(rng.choice([0.0, 0.1, 0.5, 0.9, 1.0, rng.random()]))
         expected = global_masks(scores, sparsity)
-        cut = global_cut(lambda: iter(scores.values()), sparsity)
+        cut = global_cut(functools.partial(iter, list(scores.values())), sparsity)
         ties = 0
         for name, value in scores.items():
             keep, ties = cut_mask(value, cut, ties)
