@@ -15,6 +15,8 @@ from compressq.graph.index import GraphIndex
 from compressq.graph.passes import check_if_enabled, run_pass
 from compressq.io import holds_mapped_weights, is_mapped, read_mapped_tensor, with_weights_read
 from compressq.measure.speed import measure_speedup, meets
+from compressq.memory import give_back_freed_memory
+from compressq.progress import Progress
 from compressq.quantize import float16
 from compressq.quantize.accuracy import (
     AccuracyFallback,
@@ -31,7 +33,7 @@ from compressq.quantize.plan import Skipped
 from compressq.quantize.plan_file import QuantizationPlan
 from compressq.quantize.static import StaticQuantizer, quantize_static
 from compressq.runtime import ORT_ERRORS, create_session, with_outputs
-from compressq.stats.collect import samples_per_run
+from compressq.stats.collect import output_bytes_per_sample, samples_per_run
 
 __all__ = ["METHODS", "MODES", "QuantizeResult", "QuantizeSummary", "analyze_sensitivity", "quantize_model"]
 
@@ -108,9 +110,9 @@ def _quantize_model(model: onnx.ModelProto, dataset: Dataset | None, config: Qua
                              hint="pass --calibration-data DATA, or --mode dynamic")
         result = _static(model, dataset, config, progress, eval_dataset or dataset)
     elif config.mode == "dynamic":
-        result = _dynamic(model, config)
+        result = _dynamic(model, config, progress)
     else:
-        result = _weight_only(model, dataset, config)
+        result = _weight_only(model, dataset, config, progress)
     if config.mode != "static" and config.speed_check and result.summary.quantized_nodes:
         timing_data = dataset if dataset is not None else synthetic_dataset(model, samples=8)
         feeds = list(timing_data.batches(config.latency_batch, config.latency_batch * 4))
@@ -166,6 +168,7 @@ def _static(model, dataset: Dataset, config: QuantizeConfig, progress, eval_data
     elif outcome.plan.compute and config.accuracy_check:
         # No target given: still say what int8 cost, measured on calibration samples (never silently worse).
         # Runs as small as calibration's (the same memory budget): onnxruntime's activations would set the peak.
+        give_back_freed_memory()  # the speed check's sessions are gone: the fp32 one opened next reuses their room
         probe = AccuracyProbe(model, dataset, limit=self_check_samples(model, dataset),
                               task_outputs=config.task_outputs,
                               batch_size=samples_per_run(model, dataset, config.batch_size))
@@ -212,17 +215,21 @@ SELF_CHECK_BUDGET_BYTES = 256 * 2**20  # fp32 outputs and inputs the self-check 
 def self_check_samples(model: onnx.ModelProto, dataset: Dataset) -> int:
     """How many samples the post-quantize accuracy check keeps, at most SELF_CHECK_SAMPLES, within a budget.
 
-    The fp32 reference outputs are kept for every sample; their size per sample is measured on one sample.
+    The fp32 reference outputs are kept for every sample; their size per sample comes from shape inference
+    (no fp32 session opened for it: one would hold the weights again), or from one run where shapes depend
+    on values.
     """
     feed = next(dataset.batches(1, 1))
-    outputs = create_session(model).run(None, feed)
-    per_sample = sum(v.nbytes for v in feed.values()) + sum(np.asarray(v).nbytes for v in outputs)
+    outputs = output_bytes_per_sample(model, dataset)
+    if outputs is None:
+        outputs = sum(np.asarray(v).nbytes for v in create_session(model).run(None, feed))
+    per_sample = sum(v.nbytes for v in feed.values()) + outputs
     return int(max(1, min(SELF_CHECK_SAMPLES, SELF_CHECK_BUDGET_BYTES // max(per_sample, 1))))
 
 
-def _dynamic(model, config: QuantizeConfig) -> QuantizeResult:
-    outcome = run_pass("dynamic int8", lambda m: quantize_dynamic(m, tuple(config.exclude), config.per_channel),
-                       model)
+def _dynamic(model, config: QuantizeConfig, progress: Progress | None = None) -> QuantizeResult:
+    outcome = run_pass("dynamic int8", lambda m: quantize_dynamic(m, tuple(config.exclude), config.per_channel,
+                                                                  progress), model)
     quantized, embeddings = quantize_embeddings(_gather_tables_read(outcome.model))
     summary = QuantizeSummary(mode="dynamic", method=None, quantized_nodes=outcome.modified,
                               float_nodes=_skipped(outcome.skipped))
@@ -260,7 +267,8 @@ def _undo_slower_dynamic(model: onnx.ModelProto, result: QuantizeResult) -> Quan
     return QuantizeResult(model, summary)
 
 
-def _weight_only(model, dataset: Dataset | None, config: QuantizeConfig) -> QuantizeResult:
+def _weight_only(model, dataset: Dataset | None, config: QuantizeConfig,
+                 progress: Progress | None = None) -> QuantizeResult:
     from compressq.quantize.weight_only import quantize_weights_only
 
     if config.weight_reconstruction != "none" and dataset is None:
@@ -269,7 +277,7 @@ def _weight_only(model, dataset: Dataset | None, config: QuantizeConfig) -> Quan
     calibration = matmul_input_samples(model, dataset, config) if dataset is not None else None
     quantized, outcome = quantize_weights_only(model, bits=config.bits, block_size=config.block_size,
                                                exclude=tuple(config.exclude), calibration=calibration,
-                                               reconstruction=config.weight_reconstruction)
+                                               reconstruction=config.weight_reconstruction, progress=progress)
     refined = sum(layer.refined for layer in outcome.layers)
     summary = QuantizeSummary(mode="weight-only", method=None, weight_bits=config.bits,
                               quantized_nodes=[layer.node for layer in outcome.layers],

@@ -19,25 +19,30 @@ from compressq.graph.edit import NameGenerator, remove_unused, share_duplicate_i
 from compressq.graph.index import GraphIndex, check_exclude, node_attributes, scopes
 from compressq.graph.passes import PassResult
 from compressq.io import TensorSink, tensor_array
+from compressq.progress import Progress, Stage
 from compressq.quantize import scheme
 from compressq.quantize.plan import Skipped, matches
 
 MICROSOFT_DOMAIN = "com.microsoft"
 
 
-def quantize_dynamic(model: onnx.ModelProto, exclude: tuple[str, ...] = (), per_channel: bool = True) -> PassResult:
+def quantize_dynamic(model: onnx.ModelProto, exclude: tuple[str, ...] = (), per_channel: bool = True,
+                     progress: Progress | None = None) -> PassResult:
     """A pass (graph/passes.py): MatMul/Gemm with constant weights -> int8 weights, activations quantized at run
-    time; `modified` lists the nodes quantized."""
+    time; `modified` lists the nodes quantized; `progress(stage, done, total)` counts MatMul/Gemm nodes."""
     result = onnx.ModelProto()
     result.CopyFrom(model)
     check_exclude(result.graph, exclude)
     names = NameGenerator(result.graph)
     outcome = PassResult(result)
     sink = TensorSink(model)
+    found = scopes(result.graph)
+    stage = Stage(progress, "quantizing weights to int8", sum(
+        node.op_type in ("MatMul", "Gemm") for scope in found for node in scope.graph.node))
     # Innermost bodies first (If/Loop/Scan): a body's int8 copy of an outer weight leaves the float one unused,
     # and the outer graph then drops it. Nodes are replaced where they stand: no reordering is needed.
-    for scope in reversed(scopes(result.graph)):
-        _quantize_graph(scope.graph, scope.index(), names, sink, exclude, per_channel, outcome)
+    for scope in reversed(found):
+        _quantize_graph(scope.graph, scope.index(), names, sink, exclude, per_channel, outcome, stage)
     if outcome.modified and not any(o.domain == MICROSOFT_DOMAIN for o in result.opset_import):
         result.opset_import.append(helper.make_opsetid(MICROSOFT_DOMAIN, 1))
     for scope in reversed(scopes(result.graph)):  # float weights a body no longer reads go too
@@ -48,21 +53,23 @@ def quantize_dynamic(model: onnx.ModelProto, exclude: tuple[str, ...] = (), per_
 
 
 def _quantize_graph(graph: onnx.GraphProto, index: GraphIndex, names: NameGenerator, sink: TensorSink, exclude,
-                    per_channel: bool, outcome: PassResult) -> None:
+                    per_channel: bool, outcome: PassResult, stage: Stage) -> None:
     replacements: dict[int, onnx.NodeProto] = {}
     for position, node in enumerate(graph.node):
+        if node.op_type in ("Conv", "ConvTranspose"):
+            outcome.skipped.append(Skipped(node.name, node.op_type, "dynamic mode keeps convolutions float "
+                                           "(pass --calibration-data for static int8)"))
         if node.op_type not in ("MatMul", "Gemm"):
-            if node.op_type in ("Conv", "ConvTranspose"):
-                outcome.skipped.append(Skipped(node.name, node.op_type, "dynamic mode keeps convolutions float "
-                                               "(pass --calibration-data for static int8)"))
             continue
         weight, reason = _weight_matrix(node, index, exclude)
         if weight is None:
             outcome.skipped.append(Skipped(node.name, node.op_type, reason or "no constant weight"))
-            continue
-        replacements[position] = _dynamic_matmul(node, weight, _bias(node, index), names, sink, graph, per_channel)
-        del weight  # a mapped weight's pages go back now, not when the loop ends
-        outcome.modified.append(node.name)
+        else:
+            replacements[position] = _dynamic_matmul(node, weight, _bias(node, index), names, sink, graph,
+                                                     per_channel)
+            outcome.modified.append(node.name)
+            del weight  # a mapped weight's pages go back now, not when the loop ends
+        stage.advance()
     for position, replacement in replacements.items():
         graph.node[position].CopyFrom(replacement)
 

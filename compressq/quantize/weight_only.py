@@ -30,7 +30,7 @@ loaded with its weights mapped gets each packed weight written to a spill file a
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -42,6 +42,7 @@ from compressq.errors import DataError, UsageError
 from compressq.graph.edit import NameGenerator, remove_unused, share_duplicate_initializers, toposort
 from compressq.graph.index import GraphIndex, check_exclude, node_attributes, scopes
 from compressq.io import TensorSink, tensor_array
+from compressq.progress import Progress, Stage
 from compressq.quantize.gptq import Factor, LayerReport, SampleGrams, block_grid, reconstruct
 from compressq.quantize.plan import matches
 
@@ -228,14 +229,14 @@ def quantize_weights_only(
     exclude: Sequence[str] = (),
     *,
     accuracy_level: int | None = None,
-    progress: Callable[[int], None] | None = None,
+    progress: Progress | None = None,
     reconstruction: str = "none",
 ) -> tuple[onnx.ModelProto, WeightOnlySummary]:
     """Rewrite MatMul (and plain Gemm) nodes with a constant 2-D float32 weight into MatMulNBits.
 
     `calibration` maps a MatMul's input tensor name to samples [n, K] of it (refines the scales);
-    `exclude` holds glob patterns on node names or op types; `progress` is called with 1 per layer
-    done; `reconstruction="gptq"` chooses the codes of calibrated layers by GPTQ error feedback
+    `exclude` holds glob patterns on node names or op types; `progress(stage, done, total)` counts layers
+    (compressq.progress); `reconstruction="gptq"` chooses the codes of calibrated layers by GPTQ error feedback
     (compressq.quantize.gptq) on the same scales. The input model is not modified.
     """
     _check_settings(bits, block_size)
@@ -259,6 +260,7 @@ def quantize_weights_only(
     # Tied weights share one packed copy per graph: its inputs and weight error are kept, not its codes
     packed_weights: dict[tuple[int, str], tuple[list[str], float]] = {}
     grams = SampleGrams(samples)  # computed on first use, once per MatMul input
+    stage = Stage(progress, f"quantizing weights to int{bits}", len(candidates))
     for candidate in candidates:
         target = home[id(candidate)]
         key = (id(target), candidate.weight_name)
@@ -278,8 +280,7 @@ def quantize_weights_only(
                                               weight_error, candidate.node.input[0] in samples))
         _replace_with_matmul_nbits(target, names, sink, candidate, inputs, bits, block_size,
                                    accuracy_level)
-        if progress is not None:
-            progress(1)
+        stage.advance()
     if summary.layers:
         _import_ms_domain(result)
     for scope in reversed(scopes(graph)):  # float weights a body no longer reads go too
