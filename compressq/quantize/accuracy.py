@@ -7,7 +7,8 @@ sets), so every candidate costs one pass of the candidate only.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -27,11 +28,14 @@ from compressq.measure.task import (
     worst_cosine,
     worst_sqnr,
 )
-from compressq.quantize.recovery import NodeError, SearchStep, node_errors, smallest_count
+from compressq.quantize.recovery import NodeError, SearchStep, fewest_in_float, node_errors
 from compressq.runtime import create_session
 
-EVAL_BATCH = 64
+# Small batches let a search stop a failing candidate early (AccuracyTarget.out_of_reach): on PP-OCRv4 rec
+# most candidates fail within the first batch. Figures are sums over samples: the batch changes none of them.
+EVAL_BATCH = 8
 RECOVERY_SAMPLES = 64  # calibration samples the one-pass error measurement reads
+SEARCH_BUDGET_FLOOR = 6
 
 
 @dataclass(frozen=True)
@@ -47,6 +51,7 @@ class Figures:
     cosine_output: str | None = None     # where the cosine was worst: "output0[4:84] (class scores)"
     task_outputs: tuple[str, ...] = ()   # what was scored: "probabilities (class scores)", "label (labels)"
     non_finite: int = 0                  # NaN or unmatched infinite values in the task outputs
+    samples_scored: int | None = None    # fewer than the probe holds: stopped once the target was out of reach
 
     @property
     def drop_points(self) -> float | None:
@@ -67,13 +72,13 @@ class AccuracyProbe:
     def __init__(self, reference: onnx.ModelProto, dataset: Dataset, limit: int | None = None,
                  task_outputs: Sequence[str] = (), batch_size: int = EVAL_BATCH, provider: str = "cpu"):
         self.dataset = dataset
+        self.stop_for: AccuracyTarget | None = None  # see stopping_early
         self.provider = provider  # fp32 and candidates run where the user serves them (--provider)
         session = create_session(reference, provider)
         self.output_names = [o.name for o in session.get_outputs()]
         self.feeds_and_outputs = [(feed, self._run(session, feed)) for feed in dataset.batches(batch_size, limit)]
         # Stack layout feeds one complete sample at a time (a scalar input has no samples axis to count).
-        self.samples = sum(1 if dataset.layout == "stack" else next(iter(feed.values())).shape[0]
-                           for feed, _ in self.feeds_and_outputs)
+        self.samples = sum(self._count(feed) for feed, _ in self.feeds_and_outputs)
         first_feed, first_outputs = self.feeds_and_outputs[0]
         self.roles = roles_for_batch(reference, first_feed, first_outputs, task_outputs)
         self.labels = dataset.labels(limit)
@@ -86,12 +91,38 @@ class AccuracyProbe:
     def _run(self, session, feed: dict) -> dict[str, np.ndarray]:
         return dict(zip(self.output_names, session.run(self.output_names, feed)))
 
+    @contextmanager
+    def stopping_early(self, target: AccuracyTarget) -> Iterator[None]:
+        """Within: measure() stops after the first batch that puts `target` out of reach, so a failing candidate
+        of a search costs a fraction of a full pass (its figures then cover `samples_scored` samples)."""
+        self.stop_for = target
+        try:
+            yield
+        finally:
+            self.stop_for = None
+
     def measure(self, candidate: onnx.ModelProto) -> Figures:
+        target = self.stop_for
         session = create_session(candidate, self.provider)
-        candidate_outputs = [self._run(session, feed) for feed, _ in self.feeds_and_outputs]
         scorer = TaskScorer(self.roles)
-        for (_, reference), outputs in zip(self.feeds_and_outputs, candidate_outputs):
+        candidate_outputs: list[dict[str, np.ndarray]] = []
+        scored = 0
+        for feed, reference in self.feeds_and_outputs:
+            outputs = self._run(session, feed)
             scorer.update(reference, outputs)
+            candidate_outputs.append(outputs)
+            scored += self._count(feed)
+            if target is not None and scored < self.samples:
+                figures = self._figures(scorer, candidate_outputs, scored)
+                if target.out_of_reach(figures, scored, self.samples):
+                    return figures
+        return self._figures(scorer, candidate_outputs, scored)
+
+    def _count(self, feed: dict) -> int:
+        """Samples in one feed: stack layout feeds one complete sample (its first input may be a scalar)."""
+        return 1 if self.dataset.layout == "stack" else next(iter(feed.values())).shape[0]
+
+    def _figures(self, scorer: TaskScorer, candidate_outputs: list[dict[str, np.ndarray]], scored: int) -> Figures:
         scores = scorer.results()
         agreement, cosine, sqnr = worst_agreement(scores), worst_cosine(scores), worst_sqnr(scores)
         return Figures(
@@ -104,6 +135,7 @@ class AccuracyProbe:
             cosine_output=cosine.where if cosine else None,
             task_outputs=tuple(role.describe() for role in self.roles if role.task),
             non_finite=sum(score.non_finite for score in non_finite_outputs(scores)),
+            samples_scored=scored if scored < self.samples else None,
         )
 
     def _accuracy(self, outputs_per_batch: list[dict[str, np.ndarray]]) -> float | None:
@@ -117,7 +149,7 @@ class AccuracyProbe:
     def _label_batches(self):
         start = 0
         for feed, _ in self.feeds_and_outputs:
-            count = 1 if self.dataset.layout == "stack" else next(iter(feed.values())).shape[0]
+            count = self._count(feed)
             yield self.labels[start:start + count]
             start += count
 
@@ -158,6 +190,20 @@ class AccuracyTarget:
             return False
         return not (self.min_agreement is not None
                     and (figures.agreement is None or figures.agreement < self.min_agreement))
+
+    def out_of_reach(self, figures: Figures, scored: int, total: int) -> bool:
+        """True when no outcome of the `total - scored` samples not yet scored can meet the target: they are
+        assumed all agreeing / all correct. Fractions, so an output counted per step (time-major) bounds alike."""
+        if figures.non_finite:
+            return True
+        remaining = (total - scored) / total
+        if self.min_agreement is not None and figures.agreement is not None \
+                and figures.agreement * scored / total + remaining < self.min_agreement:
+            return True
+        if self.max_drop is None or figures.accuracy is None or figures.reference_accuracy is None:
+            return False
+        best_accuracy = figures.accuracy * scored / total + remaining
+        return 100.0 * (figures.reference_accuracy - best_accuracy) > self.max_drop
 
     def describe(self, figures: Figures) -> str:
         parts = []
@@ -264,35 +310,48 @@ class AccuracyFallback:
         return current, figures
 
     def _bisect(self, quantizer, current):
-        """Own error of every node from one pass, then the fewest worst nodes in float that meet the target."""
+        """Own error of every node from one pass, then the fewest nodes in float that meet the target, searched
+        by groups (recovery.fewest_in_float) within search_budget(n) candidate evaluations."""
         samples = min(quantizer.config.samples or RECOVERY_SAMPLES, RECOVERY_SAMPLES)
         errors = node_errors(quantizer.prepared, current.plan, quantizer.ranges, quantizer.dataset,
                              signed=quantizer.signed, per_channel=quantizer.config.per_channel,
                              batch_size=quantizer.config.batch_size, samples=samples)
         self.node_errors = errors
         order = [error.node for error in errors]
-        measured: dict[int, tuple] = {}
+        rank = {error.node: (position, error) for position, error in enumerate(errors, 1)}
+        measured: dict[tuple[str, ...], tuple] = {}
+        budget = search_budget(len(order))
 
-        expected = max(1, math.ceil(math.log2(max(len(order), 2))))
+        def keep_float(nodes: tuple[str, ...]) -> dict[str, str]:
+            return {**current.keep_float, **{node: f"returned to float to meet the accuracy target (own error rank "
+                                                   f"{rank[node][0]}, {rank[node][1].sqnr_db:.1f} dB)"
+                                             for node in nodes}}
 
-        def enough(count: int) -> bool:
-            reasons = {node: f"returned to float to meet the accuracy target (own error rank {rank}, "
-                             f"{errors[rank - 1].sqnr_db:.1f} dB)" for rank, node in enumerate(order[:count], 1)}
+        def enough(nodes: tuple[str, ...]) -> bool:
             # Plain attempts while searching (no onnxruntime fusion query per candidate): nodes onnxruntime
             # would not fuse compute the same values either way; the one kept is fused below.
-            attempt = quantizer.attempt({**current.keep_float, **reasons})
-            figures = self.probe.measure(attempt.model)
-            measured[count] = (attempt, figures)
-            self.search.append(SearchStep(count, self.target.met(figures), figures.to_dict()))
+            attempt = quantizer.attempt(keep_float(nodes))
+            figures = self.probe.measure(attempt.model)  # a failing one stops early (stopping_early)
+            met = self.target.met(figures)
+            measured[nodes] = (attempt, figures)
+            self.search.append(SearchStep(len(nodes), met, figures.to_dict()))
             if self.progress:
-                self.progress("searching nodes to return to float", len(self.search), expected)
-            return self.target.met(figures)
+                self.progress("searching nodes to return to float", len(self.search), budget)
+            return met
 
-        count = smallest_count(enough, len(order))
-        if count not in measured:
-            enough(count)
-        self.returned_to_float = order[:count]
-        chosen = quantizer.fused_attempt(measured[count][0].keep_float)
-        if chosen.plan.compute == measured[count][0].plan.compute:
-            return chosen, measured[count][1]
-        return chosen, self.probe.measure(chosen.model)
+        with self.probe.stopping_early(self.target):
+            chosen = fewest_in_float(enough, order, budget)
+        if chosen not in measured:  # every node in float: known to meet, measured once for the figures
+            enough(chosen)
+        self.returned_to_float = list(chosen)
+        attempt, figures = measured[chosen]
+        fused = quantizer.fused_attempt(attempt.keep_float)
+        if fused.plan.compute == attempt.plan.compute:
+            return fused, figures
+        return fused, self.probe.measure(fused.model)
+
+
+def search_budget(nodes: int) -> int:
+    """Candidate evaluations the group search may spend on `nodes` candidates: O(log n), about three
+    bisections' worth (one to find the first needed node, the rest to drop nodes the ranking misplaced)."""
+    return max(SEARCH_BUDGET_FLOOR, 3 * math.ceil(math.log2(nodes + 1)))

@@ -7,15 +7,19 @@ One session exposes both the fp32 output and the twin's, so each node's *own* er
 with exact inputs) is measured for every node at once, streaming: noise and signal power are summed per
 node, batch by batch, nothing is kept.
 
-The search: nodes sorted worst first (lowest SQNR); the accuracy target is monotone enough in "how many of
-the worst nodes go back to float" that a bisection over that count finds the smallest one that meets the
-target in O(log n) evaluations of the candidate, instead of one model per node.
+The search (fewest_in_float): nodes sorted worst first (lowest SQNR), then groups: the shortest worst-first
+prefix whose return to float meets the target, found by galloping from one node up (1, 2, 4, ... nodes) and
+bisecting inside the last step, O(log k) evaluations for an answer of k nodes. Own error ranks nodes only
+roughly (it cannot see what the layers downstream make of an error), so the prefix's last node is kept as
+needed and the nodes ranked before it are searched again the same way (needed nodes in float, the rest
+int8) until the needed nodes alone meet the target or a budget of O(log n) evaluations is spent. Every
+round ends on a set measured to meet and no larger than the last one, so the search can stop anywhere.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -254,7 +258,11 @@ def smallest_count(meets: Callable[[int], bool], total: int) -> int:
 
     Bisection: O(log total) calls. Where `meets` is not monotone, the k returned meets the target and
     k - 1 does not (or k - 1 is 0)."""
-    low, high = 1, total
+    return _bisect_between(meets, 1, total)
+
+
+def _bisect_between(meets: Callable[[int], bool], low: int, high: int) -> int:
+    """The smallest k in [low, high] with meets(k), given meets(high) (not called) and not meets(low - 1)."""
     while low < high:
         middle = (low + high) // 2
         if meets(middle):
@@ -262,3 +270,72 @@ def smallest_count(meets: Callable[[int], bool], total: int) -> int:
         else:
             low = middle + 1
     return high
+
+
+def smallest_prefix(meets: Callable[[int], bool], total: int, start: int = 1,
+                    budget: int | None = None) -> tuple[int, bool]:
+    """(k, settled): the smallest k in [start, total] with meets(k), given meets(total) (not called).
+
+    Galloping from the small end (start, start + 1, start + 3, start + 7, ...), then bisection inside the last
+    step: O(log k) calls, so an answer of a few nodes costs a few evaluations, and the candidates measured
+    first are the fast ones (most nodes still int8). When `budget` calls run out first, k is the smallest
+    value known to meet and settled is False."""
+    calls = 0
+    failed, high = start - 1, total  # every k <= failed fails (start - 1: given); high meets
+
+    def exhausted() -> bool:
+        return budget is not None and calls >= budget
+
+    k, step = start, 1
+    while k < high:
+        if exhausted():
+            return high, False
+        calls += 1
+        if meets(k):
+            high = k
+            break
+        failed, k, step = k, k + step, step * 2
+    low = failed + 1
+    while low < high:
+        if exhausted():
+            return high, False
+        middle = (low + high) // 2
+        calls += 1
+        if meets(middle):
+            high = middle
+        else:
+            low = middle + 1
+    return high, True
+
+
+def fewest_in_float(meets: Callable[[tuple[str, ...]], bool], order: Sequence[str], budget: int) -> tuple[str, ...]:
+    """Nodes to return to float, as few as `budget` evaluations of `meets` can find; `order`: worst first.
+
+    Given: nothing in float fails, everything in `order` in float meets (neither is called). Round one finds
+    the shortest worst-first prefix that meets (galloping + bisection). Its last node is needed; the nodes
+    before it may only have been in the prefix because the ranking put them there, so the next round keeps
+    the needed nodes in float and searches the shortest prefix of the ones ranked before it, starting from
+    none of them. Rounds go on until the needed nodes alone meet, or the budget is spent. Every round ends
+    on a set measured to meet, no larger than the last: stopping anywhere returns a measured answer (or all
+    of `order`, known to meet)."""
+    calls = [0]
+
+    def prefix_meets(needed: tuple[str, ...], pool: tuple[str, ...]) -> Callable[[int], bool]:
+        def meets_with(k: int) -> bool:
+            calls[0] += 1
+            return meets(needed + pool[:k])
+        return meets_with
+
+    needed: tuple[str, ...] = ()
+    candidates = tuple(order)
+    start = 1  # round one: the empty prefix (every node int8) is known to fail
+    while candidates:
+        pool = candidates
+        count, settled = smallest_prefix(prefix_meets(needed, pool), len(pool), start=start,
+                                         budget=budget - calls[0])
+        if not settled:
+            return needed + pool[:count]
+        if count == 0:
+            return needed
+        needed, candidates, start = needed + (pool[count - 1],), pool[:count - 1], 0
+    return needed + candidates
