@@ -42,6 +42,33 @@ class NameGenerator:
         return name
 
 
+def copy_model(model: onnx.ModelProto, *, drop_initializers: set[str] | frozenset[str] = frozenset()
+               ) -> onnx.ModelProto:
+    """A copy of `model` whose main graph leaves out the named initializers: a pass that replaces big
+    weights copies everything else, never the weights it is about to drop (protobuf keeps a dropped field's
+    bytes in the copy's arena until the whole copy is freed)."""
+    result = onnx.ModelProto()
+    for field, value in model.ListFields():
+        if field.name != "graph":
+            _copy_field(result, field, value)
+    for field, value in model.graph.ListFields():
+        if field.name == "initializer":
+            result.graph.initializer.extend(t for t in value if t.name not in drop_initializers)
+        else:
+            _copy_field(result.graph, field, value)
+    return result
+
+
+def _copy_field(target, field, value) -> None:
+    repeated = getattr(field, "is_repeated", None)  # protobuf >= 5; older versions only have the label
+    if repeated if repeated is not None else field.label == field.LABEL_REPEATED:
+        getattr(target, field.name).extend(value)
+    elif field.message_type is not None:
+        getattr(target, field.name).CopyFrom(value)
+    else:
+        setattr(target, field.name, value)
+
+
 def toposort(graph: onnx.GraphProto, outer: set[str] | frozenset[str] = frozenset()) -> None:
     """Reorder graph.node so that every node follows the producers of its inputs (in place). In a body,
     `outer` names the enclosing graphs' tensors it may read."""

@@ -24,6 +24,7 @@ import numpy as np
 import onnx
 
 from compressq.evaluate.latency import Clock, LatencyStats, RunsFeeds, time_interleaved
+from compressq.memory import give_back_freed_memory
 from compressq.runtime import create_session
 
 RUNS = 15
@@ -326,7 +327,8 @@ class SpeedCheck:
     def forget(self, variant) -> None:
         """A variant that lost: drop its turns and its session."""
         self._pairs.pop(id(variant), None)
-        self._variants.pop(id(variant), None)
+        if self._variants.pop(id(variant), None) is not None:
+            give_back_freed_memory()
 
     def _pairs_of(self, variant) -> _Pairs:
         return self._pairs.setdefault(id(variant), _Pairs(variant, [], []))

@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from compressq.graph.edit import NameGenerator, remove_unused
+from compressq.graph.edit import NameGenerator, copy_model, remove_unused
 from compressq.graph.index import GraphIndex, node_attributes
 
 MICROSOFT_DOMAIN = "com.microsoft"
@@ -31,17 +31,23 @@ class EmbeddingSummary:
 
 def quantize_embeddings(model: onnx.ModelProto, block_size: int = BLOCK_SIZE,
                         min_elements: int = MIN_TABLE_ELEMENTS) -> tuple[onnx.ModelProto, EmbeddingSummary]:
-    """A copy of `model` whose large constant Gather tables are uint8 GatherBlockQuantized lookups."""
-    result = onnx.ModelProto()
-    result.CopyFrom(model)
-    graph = result.graph
-    index = GraphIndex(graph)
-    names = NameGenerator(graph)
+    """A copy of `model` whose large constant Gather tables are uint8 GatherBlockQuantized lookups (the float
+    tables are never copied: the copy is made without them)."""
+    index = GraphIndex(model.graph)
+    tables = {position: node.input[0] for position, node in enumerate(model.graph.node)
+              if _table(node, index, block_size, min_elements) is not None}
     summary = EmbeddingSummary()
-    for position, node in enumerate(list(graph.node)):
-        table = _table(node, index, block_size, min_elements)
-        if table is None:
-            continue
+    if not tables:
+        result = onnx.ModelProto()
+        result.CopyFrom(model)
+        return result, summary
+    result = copy_model(model, drop_initializers=set(tables.values()))
+    graph = result.graph
+    names = NameGenerator(graph)
+    for position in sorted(tables):
+        node = graph.node[position]
+        table = _table(model.graph.node[position], index, block_size, min_elements)
+        assert table is not None  # found above, on the same node of the caller's graph
         codes, scales, zero_points = quantize_rows(table, block_size)
         table_name = node.input[0]
         inputs = [names(f"{table_name}_uint8"), node.input[1], names(f"{table_name}_scales"),
@@ -49,16 +55,15 @@ def quantize_embeddings(model: onnx.ModelProto, block_size: int = BLOCK_SIZE,
         graph.initializer.extend([numpy_helper.from_array(codes, inputs[0]),
                                   numpy_helper.from_array(scales, inputs[2]),
                                   numpy_helper.from_array(zero_points, inputs[3])])
-        graph.node[position].CopyFrom(helper.make_node(
+        node.CopyFrom(helper.make_node(
             "GatherBlockQuantized", inputs, list(node.output), name=node.name, domain=MICROSOFT_DOMAIN,
             gather_axis=0, quantize_axis=1, block_size=block_size, bits=8))
         summary.tables.append(table_name)
         summary.float_bytes += table.nbytes
         summary.quantized_bytes += codes.nbytes + scales.nbytes + zero_points.nbytes
-    if summary.tables:
-        if not any(o.domain == MICROSOFT_DOMAIN for o in result.opset_import):
-            result.opset_import.append(helper.make_opsetid(MICROSOFT_DOMAIN, 1))
-        remove_unused(graph)
+    if not any(o.domain == MICROSOFT_DOMAIN for o in result.opset_import):
+        result.opset_import.append(helper.make_opsetid(MICROSOFT_DOMAIN, 1))
+    remove_unused(graph)
     return result, summary
 
 
@@ -74,8 +79,21 @@ def _table(node: onnx.NodeProto, index: GraphIndex, block_size: int, min_element
     return table
 
 
-def quantize_rows(table: np.ndarray, block_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """uint8 codes [V, H], scales and zero points [V, H / block_size]; each block's range includes 0."""
+def quantize_rows(table: np.ndarray, block_size: int, rows_per_chunk: int = 4096,
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """uint8 codes [V, H], scales and zero points [V, H / block_size]; each block's range includes 0.
+    Rows are done a chunk at a time: the float temporaries stay a few MB whatever the vocabulary."""
+    rows, width = table.shape
+    codes = np.empty((rows, width), np.uint8)
+    scales = np.empty((rows, width // block_size), np.float32)
+    zero_points = np.empty((rows, width // block_size), np.uint8)
+    for start in range(0, rows, rows_per_chunk):
+        part = slice(start, min(start + rows_per_chunk, rows))
+        codes[part], scales[part], zero_points[part] = _quantize_row_blocks(table[part], block_size)
+    return codes, scales, zero_points
+
+
+def _quantize_row_blocks(table: np.ndarray, block_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     rows, width = table.shape
     blocks = table.reshape(rows, width // block_size, block_size)
     low = np.minimum(blocks.min(axis=-1), 0.0)

@@ -26,7 +26,7 @@ class FusionReport:
 
 
 def inspect_fusion(model: onnx.ModelProto, provider: str = "cpu") -> FusionReport:
-    optimized = optimized_graph(model, provider)
+    optimized = optimized_graph(model, provider, weights=False)
     ops = Counter(node.op_type for node in all_nodes(optimized.graph))
     # onnxruntime names a Gemm+activation fusion "fused <gemm name>": the plan knows the Gemm's name.
     unfused = tuple(node.name.removeprefix("fused ") for scope in scopes(optimized.graph)

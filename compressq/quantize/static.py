@@ -32,6 +32,7 @@ from compressq.measure.speed import (
     convincing,
     meets,
 )
+from compressq.memory import give_back_freed_memory
 from compressq.quantize.bias_correction import mean_observers, node_means
 from compressq.quantize.config import QuantizeConfig
 from compressq.quantize.embedding import quantize_embeddings
@@ -129,6 +130,7 @@ class StaticQuantizer:
         self.plan_options: dict[str, Any] = dict(exclude=tuple(config.exclude), absorb_activations=not self.signed,
                                  quantize_depthwise=config.quantize_depthwise)
         widest = build_plan(self.prepared, **self.plan_options)
+        give_back_freed_memory()  # the model copies made while preparing are gone; the calibration session next
         self.ranges = self._pinned_ranges(widest) if pinned else self._calibrate(widest)
         self.non_finite = {t: r.describe() for t, r in self.ranges.items() if not r.finite}
         self.base_keep_float = _nodes_needing(self.prepared, widest, set(self.non_finite), NON_FINITE_REASON)
@@ -158,6 +160,7 @@ class StaticQuantizer:
         model, stats = rewrite_qdq(self.prepared, plan, self.ranges, signed_activations=self.signed,
                                    per_channel=self.config.per_channel, input_means=input_means,
                                    weight_codes=self.weight_codes.codes if self.weight_codes else None)
+        give_back_freed_memory()  # the rewrite's float copies and temporaries
         return Attempt(keep_float, model, plan, stats)
 
     def fused_attempt(self, keep_float: dict[str, str]) -> Attempt:
@@ -165,6 +168,7 @@ class StaticQuantizer:
         current = self.attempt(keep_float)
         for _ in range(3):  # each round only shrinks the plan; two rounds settle in practice
             current.fusion = inspect_fusion(current.model, self.config.provider)
+            give_back_freed_memory()  # the optimizer's session
             unfused = {n for n in current.fusion.unfused_compute if n in current.plan.compute}
             if not unfused:
                 return current
@@ -200,6 +204,7 @@ class StaticQuantizer:
     def run(self, accuracy_target=None) -> StaticResult:
         if self.pinned is not None:
             return self._replay()
+        give_back_freed_memory()  # the calibration session is gone; the speed check's sessions next
         widest = current = self.fused_attempt(self.base_keep_float)
         steps: list[str] = []
         if self.config.speed_check and current.plan.compute:
@@ -213,6 +218,7 @@ class StaticQuantizer:
         if self.config.speed_check and widest.plan.compute and not current.plan.compute:
             self._say_if_batches_pay(widest)
         self._speed_checks.clear()  # their sessions hold weights: not kept past the decisions
+        give_back_freed_memory()
         result = self._result(current, steps, self.decisions)
         if self.range_choices:
             result.error_correction["ranges"] = {

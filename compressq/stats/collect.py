@@ -139,6 +139,22 @@ def samples_per_run(model: onnx.ModelProto, dataset: Dataset, batch_size: int, b
     return _rows_within(budget, one_sample_bytes, batch_size)
 
 
+def output_bytes_per_sample(model: onnx.ModelProto, dataset: Dataset) -> float | None:
+    """What the model's outputs weigh per sample, from shape inference on one sample (no session, no weights
+    read); None when an output's shape is only known by running the model."""
+    first = next(iter(dataset.batches(1, 1)), None)
+    if first is None:
+        return None
+    types, _ = _one_sample_types(model, first)
+    total = 0.0
+    for output in model.graph.output:
+        kind = types.get(output.name)
+        if kind is None or kind.shape is None or not all(isinstance(d, int) and d >= 0 for d in kind.shape):
+            return None
+        total += math.prod(kind.shape) * _itemsize(kind)
+    return total / max(_rows_in(first), 1)
+
+
 def passes_for_method(method: str) -> int:
     """Passes over the data collect_ranges makes for a calibration method (histograms need a second)."""
     return 1 if method == "minmax" else 2
