@@ -467,6 +467,22 @@ def _spill_for_folder(folder: Path) -> SpillFile:
     return _spills[folder]
 
 
+@contextlib.contextmanager
+def on_disk(*models: onnx.ModelProto) -> Iterator[list[Path]]:
+    """Mapped models written to a temporary folder, their weights copied a chunk at a time, for onnxruntime to load
+    from the files (a session made from a proto would need every weight read into memory first, then serialized);
+    removed afterwards. Next to the weights' own folder when it is writable, like the spill file."""
+    mapped = next(_mapped_location(s.tensor)[0] for m in models for s in model_tensors(m) if is_mapped(s.tensor))
+    parent = mapped.parent if os.access(mapped.parent, os.W_OK) else Path(tempfile.gettempdir())
+    with tempfile.TemporaryDirectory(prefix=f".{STAGING_MARK}{os.getpid()}-sessions-", dir=parent) as folder:
+        paths = []
+        for number, model in enumerate(models):
+            path = Path(folder) / f"model{number}.onnx"
+            write_with_external_data(model, path, f"{path.name}.data")
+            paths.append(path)
+        yield paths
+
+
 class TensorSink:
     """Where a rewrite puts the tensors it makes: a model whose weights are mapped gets its big new tensors
     spilled to disk at once (and held as mapped references); a model in memory gets them in memory."""

@@ -25,7 +25,9 @@ from onnx import numpy_helper
 import compressq.cli.prune as prune_command
 import compressq.cli.quantize as quantize_command
 import compressq.io as model_io
+import compressq.quantize.api as quantize_api
 from bench.decoder_model import CONFIGS, build_decoder, empty_cache, step_feed, token_ids
+from compressq.data import load_dataset
 from compressq.io import read_mapped_tensor  # bound before any test patches it
 from compressq.prune import PruneConfig, prune_model
 from compressq.prune.masks import cut_mask, global_cut, global_masks
@@ -138,6 +140,24 @@ def test_dynamic_reads_only_the_embedding_table_whole(decoder, reads, monkeypatc
     assert len(reads) == 7 * CONFIGS["tiny"].layers + 1  # q k v o gate up down per layer, and lm_head
 
 
+def test_the_speed_check_times_a_mapped_model_from_files(decoder, reads, monkeypatch, tmp_path):
+    """onnxruntime gets the models as files written next to their weights: none is read into a proto for it (the
+    `reads` fixture fails any such read); real prompts as data, which dynamic mode only times."""
+    timed = []
+    real = quantize_api.measure_speedup
+    monkeypatch.setattr(quantize_api, "measure_speedup", lambda a, b, *args, **kwargs: (
+        timed.append((a, b)), real(a, b, *args, **kwargs))[1])
+    config = CONFIGS["tiny"]
+    data = tmp_path / "prompts.npz"
+    np.savez(data, **step_feed(token_ids(config, 4, 6, seed=3), empty_cache(config, 4)))
+    monkeypatch.setattr(quantize_api, "read_mapped_tensor", read_mapped_tensor)  # the embedding table (see above)
+    mapped = model_io.load_model(decoder, read_weights=False)
+    result = quantize_model(mapped, load_dataset(data, mapped), QuantizeConfig(mode="dynamic"))
+    assert result.summary.speedup is not None, result.summary.notes
+    assert len(timed) == 1 and all(isinstance(path, Path) for path in timed[0])
+    assert not any(path.exists() for path in timed[0]), "the staged copies are removed after timing"
+
+
 @pytest.fixture
 def mapped_cli(monkeypatch):
     """The CLI with its load step reading weights mapped (what cli/quantize.py and cli/prune.py need to call)."""
@@ -167,8 +187,8 @@ def test_cli_outputs_are_the_same_bytes_every_run(command, decoder, mapped_cli, 
 
 
 def test_modes_that_run_the_model_read_it_first(decoder, mapped_cli, run_cli, tmp_path):
-    """Static int8 (calibration), calibrated weight-only, the speed check and refit run onnxruntime on the
-    model: a mapped model is read for them, and they work as before."""
+    """Static int8 (calibration), calibrated weight-only and refit run onnxruntime on the model: a mapped model is
+    read for them; the speed check times it from files. All work as before."""
     config = CONFIGS["tiny"]
     data = tmp_path / "calibration.npz"
     np.savez(data, **step_feed(token_ids(config, 4, 6, seed=3), empty_cache(config, 4)))

@@ -13,7 +13,7 @@ from compressq.data import Dataset, synthetic_dataset
 from compressq.errors import UsageError
 from compressq.graph.index import GraphIndex
 from compressq.graph.passes import check_if_enabled, run_pass
-from compressq.io import holds_mapped_weights, is_mapped, read_mapped_tensor, with_weights_read
+from compressq.io import holds_mapped_weights, is_mapped, on_disk, read_mapped_tensor, with_weights_read
 from compressq.measure.speed import measure_speedup, meets
 from compressq.memory import give_back_freed_memory
 from compressq.progress import Progress
@@ -116,9 +116,8 @@ def _quantize_model(model: onnx.ModelProto, dataset: Dataset | None, config: Qua
     if config.mode != "static" and config.speed_check and result.summary.quantized_nodes:
         timing_data = dataset if dataset is not None else synthetic_dataset(model, samples=8)
         feeds = list(timing_data.batches(config.latency_batch, config.latency_batch * 4))
-        try:  # onnxruntime needs the weights: a mapped model is read for the timing only
-            measured = measure_speedup(with_weights_read(model), with_weights_read(result.model), feeds,
-                                       config.provider, threads=config.threads)
+        try:
+            measured = _speedup(model, result.model, feeds, config)
         except ORT_ERRORS as exc:  # synthetic inputs the model rejects: report, do not guess
             result.summary.notes.append(f"speed not checked: the model rejected synthetic inputs "
                                         f"({str(exc).splitlines()[0][:120]}); pass --calibration-data")
@@ -132,11 +131,21 @@ def _quantize_model(model: onnx.ModelProto, dataset: Dataset | None, config: Qua
     return result
 
 
+def _speedup(model: onnx.ModelProto, quantized: onnx.ModelProto, feeds: list, config: QuantizeConfig):
+    """measure_speedup; mapped models are timed from files written next to their weights, not read into memory
+    (onnxruntime holds its own copy of the weights either way)."""
+    if not (holds_mapped_weights(model) or holds_mapped_weights(quantized)):
+        return measure_speedup(model, quantized, feeds, config.provider, threads=config.threads)
+    with on_disk(model, quantized) as (baseline, candidate):
+        return measure_speedup(baseline, candidate, feeds, config.provider, threads=config.threads)
+
+
 def _streams(model: onnx.ModelProto, dataset: Dataset | None, config: QuantizeConfig,
              pinned: QuantizationPlan | None) -> bool:
-    """Whether this run can keep the weights on disk: dynamic or weight-only without calibration data, in float32."""
-    return pinned is None and config.mode in ("dynamic", "weight-only") and dataset is None \
-        and not float16.holds_float16(model)
+    """Whether this run can keep the weights on disk: dynamic (its data only times it, from files) or weight-only
+    without calibration data, in float32."""
+    streaming_mode = config.mode == "dynamic" or (config.mode == "weight-only" and dataset is None)
+    return pinned is None and streaming_mode and not float16.holds_float16(model)
 
 
 def _check_task_outputs(model: onnx.ModelProto, names: tuple[str, ...]) -> None:
