@@ -18,13 +18,37 @@ def ensure_opset(model: onnx.ModelProto, minimum: int) -> onnx.ModelProto:
     if opset_version(model) >= minimum:
         return model
     try:
-        return onnx.version_converter.convert_version(model, minimum)
+        return _converted_without_weights(model, minimum) or onnx.version_converter.convert_version(model, minimum)
     except Exception as exc:  # the converter raises bare RuntimeErrors for unsupported ops
         raise ModelError(
             f"the model uses opset {opset_version(model)}; converting it to {minimum} failed: "
             f"{first_line(exc)}",
             hint=f"re-export the model with opset >= {minimum}",
         ) from exc
+
+
+SKELETON_TENSOR_BYTES = 64 * 1024
+
+
+def _converted_without_weights(model: onnx.ModelProto, minimum: int) -> onnx.ModelProto | None:
+    """The converter serializes and parses the whole model (twice the weights, at once): it is handed the
+    graph with its big weights emptied (type and dims kept), and the weights are copied into its result.
+    None when the result does not keep every weight by name (then the whole model is converted)."""
+    big = {t.name: t for t in model.graph.initializer if t.ByteSize() >= SKELETON_TENSOR_BYTES}
+    skeleton = copy_model(model, drop_initializers=set(big))
+    del skeleton.graph.initializer[:]
+    for tensor in model.graph.initializer:  # same order as the original: the same output bytes
+        if tensor.name in big:
+            skeleton.graph.initializer.add(name=tensor.name, data_type=tensor.data_type, dims=tensor.dims)
+        else:
+            skeleton.graph.initializer.append(tensor)
+    converted = onnx.version_converter.convert_version(skeleton, minimum)
+    placeholders = [t for t in converted.graph.initializer if t.name in big]
+    if len(placeholders) != len(big):
+        return None
+    for tensor in placeholders:
+        tensor.CopyFrom(big[tensor.name])
+    return converted
 
 
 class NameGenerator:

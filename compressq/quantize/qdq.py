@@ -222,9 +222,10 @@ class _Rewriter:
         # Bodies are rewritten first: what they still read of this graph's weights stays.
         still_used = {name for node in [*self.graph.node, *self.new_nodes]
                       for name in [*node.input, *implicit_inputs(node)]}
-        kept = [t for t in self.graph.initializer if t.name in still_used]
-        del self.graph.initializer[:]
-        self.graph.initializer.extend(kept)
+        # Deleted in place: re-adding the kept ones would copy every weight (compacted() copies once, at the end).
+        for position in reversed(range(len(self.graph.initializer))):
+            if self.graph.initializer[position].name not in still_used:
+                del self.graph.initializer[position]
 
 
 def rewrite_qdq(model: onnx.ModelProto, plan: QuantPlan, ranges: dict[str, TensorRange], *,

@@ -50,11 +50,13 @@ def activation_params(low: float, high: float, signed: bool) -> QuantParams:
 def weight_params(weight: np.ndarray, axis: int | None) -> QuantParams:
     """Symmetric int8 parameters, per channel along `axis` (None: one scale for the whole tensor)."""
     if axis is None:
-        bound = np.float32(np.max(np.abs(weight))) if weight.size else np.float32(0)
+        bound = np.float32(max(weight.max(), -weight.min())) if weight.size else np.float32(0)
         scale = np.maximum(bound / WEIGHT_QMAX, _TINY).astype(np.float32)
         return QuantParams(np.array(scale, np.float32), np.array(0, np.int8))
     reduce_axes = tuple(a for a in range(weight.ndim) if a != axis)
-    bound = np.max(np.abs(weight), axis=reduce_axes) if reduce_axes else np.abs(weight)
+    # max(max, -min) rather than max(abs): no temporary the size of the weight (33 MB on a recognizer's head)
+    bound = np.maximum(weight.max(axis=reduce_axes), -weight.min(axis=reduce_axes)) if reduce_axes \
+        else np.abs(weight)
     scale = np.maximum(bound / WEIGHT_QMAX, _TINY).astype(np.float32)
     return QuantParams(scale, np.zeros(scale.shape, np.int8), axis)
 
@@ -71,8 +73,12 @@ def quantize(x: np.ndarray, params: QuantParams) -> np.ndarray:
     info = np.iinfo(params.dtype)
     scale = _broadcast(params.scale, params, x.ndim)
     zero_point = _broadcast(params.zero_point.astype(np.int32), params, x.ndim)
-    q = np.rint(x.astype(np.float32) / scale) + zero_point
-    return np.clip(q, info.min, info.max).astype(params.dtype)
+    # One float32 temporary, updated in place (integer-valued and clipped: the same codes as float64 sums).
+    q = np.asarray(np.divide(x, scale, dtype=np.float32))  # a 0-d input gives a scalar: made an array
+    np.rint(q, out=q)
+    q += zero_point
+    np.clip(q, info.min, info.max, out=q)
+    return q.astype(params.dtype)
 
 
 def dequantize(q: np.ndarray, params: QuantParams) -> np.ndarray:
