@@ -30,7 +30,7 @@ from bench.decoder_model import CONFIGS, build_decoder, empty_cache, step_feed, 
 from compressq.data import load_dataset
 from compressq.io import read_mapped_tensor  # bound before any test patches it
 from compressq.prune import PruneConfig, prune_model
-from compressq.prune.masks import cut_mask, global_cut, global_masks
+from compressq.prune.masks import cut_mask, global_cut, global_masks, lowest_scores_mask
 from compressq.quantize.api import quantize_model
 from compressq.quantize.config import QuantizeConfig
 from compressq.runtime import create_session
@@ -239,3 +239,18 @@ def test_global_cut_equals_global_masks():
         for name, value in scores.items():
             keep, ties = cut_mask(value, cut, ties)
             np.testing.assert_array_equal(keep, expected[name], err_msg=f"case {case}, {name}, {sparsity}")
+
+
+def test_lowest_scores_mask_prunes_what_a_stable_argsort_prunes():
+    """Each layer's mask comes from a partition, not a sort: the same weights go, ties by position."""
+    rng = np.random.default_rng(5)
+    for case in range(300):
+        scores = np.round(rng.standard_normal(tuple(rng.integers(1, 9, size=int(rng.integers(1, 4))))),
+                          int(rng.integers(0, 3)))
+        if case % 5 == 0:
+            scores = scores * 0  # all tied
+        prune = int(rng.integers(0, scores.size + 1))
+        expected = np.ones(scores.size, dtype=bool)
+        expected[np.argsort(scores, axis=None, kind="stable")[:prune]] = False
+        np.testing.assert_array_equal(lowest_scores_mask(scores, prune), expected.reshape(scores.shape),
+                                      err_msg=f"case {case}, prune {prune}")
