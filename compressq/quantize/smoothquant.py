@@ -70,7 +70,7 @@ class _Consumer:
 def smoothable_activations(model: onnx.ModelProto) -> list[str]:
     """Inputs of MatMul/Gemm nodes with a constant 2-D float weight: what `smooth` can act on."""
     index = GraphIndex(model.graph)
-    return list(dict.fromkeys(node.input[0] for node in model.graph.node if _as_consumer(node, index)))
+    return list(dict.fromkeys(node.input[0] for node in model.graph.node if as_consumer(node, index)))
 
 
 def collect_channel_absmax(model: onnx.ModelProto, dataset: Dataset, tensor_names: Iterable[str],
@@ -112,7 +112,7 @@ def smooth(model: onnx.ModelProto, activation_absmax: Mapping[str, np.ndarray], 
     summary = SmoothSummary(alpha)
     for activation, absmax in activation_absmax.items():
         consumers = [c for node in index.consumers.get(activation, [])
-                     if node.input[0] == activation and (c := _as_consumer(node, index)) is not None]
+                     if node.input[0] == activation and (c := as_consumer(node, index)) is not None]
         if not consumers:
             summary.skipped[activation] = "feeds no MatMul/Gemm with a constant weight"
             continue
@@ -134,7 +134,7 @@ def smoothing_scale(activation_absmax: np.ndarray, weight_absmax: np.ndarray, al
     return np.where(alive, np.clip(scale, *SCALE_LIMITS), 1.0)
 
 
-def _as_consumer(node: onnx.NodeProto, index: GraphIndex) -> _Consumer | None:
+def as_consumer(node: onnx.NodeProto, index: GraphIndex) -> _Consumer | None:
     if node.domain not in ("", "ai.onnx") or node.op_type not in ("MatMul", "Gemm") or len(node.input) < 2:
         return None
     weight = index.constant(node.input[1])
