@@ -370,6 +370,8 @@ class StaticQuantizer:
         for label, extra in _fallback_stages(current.plan):
             if convincing(_speedup_of(current)) or not extra:
                 continue
+            if set(extra) >= set(current.plan.compute) and meets(_speedup_of(current)):
+                continue  # all-float is fp32 itself: already measured against it, and it was not faster
             candidate = self.fused_attempt({**current.keep_float, **extra})
             better = self._race(current, candidate)
             steps.append(f"{label}: speedup {current.speedup:.2f}x -> {candidate.speedup:.2f}x")
