@@ -29,7 +29,8 @@ from compressq.runtime import create_session
 
 SECTION = "accuracy (issue 10)"
 COUNTS = {  # calibration, selection, evaluation samples
-    "ocr_rec": (16, 32, 64), "ocr_cls": (32, 32, 200), "magika": (32, 32, 200), "ocr_det": (8, 8, 8),
+    # ocr_cls: a 99.5 % target read on 32 selection samples is "all 32 agree", met by a model at 99.0 % unseen
+    "ocr_rec": (16, 32, 64), "ocr_cls": (32, 200, 200), "magika": (32, 32, 200), "ocr_det": (8, 8, 8),
     "captcha_det": (8, 8, 16), "minilm": (32, 32, 64),
 }
 VARIANTS: dict[str, dict] = {  # label -> QuantizeConfig options beyond the bench's defaults
@@ -37,9 +38,27 @@ VARIANTS: dict[str, dict] = {  # label -> QuantizeConfig options beyond the benc
     "compressq --method mse": {"method": "mse"},
     "compressq --method auto": {"method": "auto"},
 }
-TARGETED = {"ocr_rec": {"compressq --min-agreement 0.9 --method mse": {"method": "mse", "min_agreement": 0.9}}}
+TARGETED = {"ocr_rec": {"compressq --min-agreement 0.9 --method mse": {"method": "mse", "min_agreement": 0.9}},
+            "ocr_cls": {"compressq --min-agreement 0.995": {"min_agreement": 0.995}}}
+SPLIT_CHANNELS = 16
 DETECTION_SCORE = 0.25
 ALSO_SHOWN = {"minilm": "embedding_cosine_mean", "captcha_det": "detections_kept"}  # second figure of a bar
+
+
+def _outlier_split(model: onnx.ModelProto, calibration) -> tuple[onnx.ModelProto, dict]:
+    """compressq.quantize.outliers before quantize_model, its float nodes excluded: what a static.py hook would do
+    (not wired yet). Speed of these rows is measured against the unsplit fp32 model."""
+    from compressq.quantize.outliers import split_outliers
+    from compressq.quantize.smoothquant import collect_channel_absmax, smoothable_activations
+
+    absmax = collect_channel_absmax(model, calibration, smoothable_activations(model), batch_size=8)
+    split, summary = split_outliers(model, absmax, SPLIT_CHANNELS)
+    return split, {"exclude": tuple(summary.float_nodes)}
+
+
+TRANSFORMED: dict[str, dict[str, Callable]] = {  # label -> model transform applied before quantize_model
+    "minilm": {f"compressq + outlier split {SPLIT_CHANNELS} (library pass, no CLI yet)": _outlier_split},
+}
 
 
 def _log(message: str) -> None:
@@ -111,16 +130,21 @@ def _model_rows(table: Table, name: str, path: Path, folder: Path) -> None:
                                           "speedup": measure_speedup(model, ort_model, timing_feeds).ratio}
     except Exception as exc:  # onnxruntime fails on some graphs; the table says so
         _log(f"{name}: onnxruntime quantize_static failed: {type(exc).__name__}: {exc}")
-    for label, options in {**VARIANTS, **TARGETED.get(name, {})}.items():
+    variants = {label: (None, options) for label, options in {**VARIANTS, **TARGETED.get(name, {})}.items()}
+    variants.update({label: (transform, {}) for label, transform in TRANSFORMED.get(name, {}).items()})
+    for label, (transform, options) in variants.items():
         started = time.process_time()
         try:
-            result = quantize_model(model, calibration, QuantizeConfig(batch_size=1, **options),
+            quantized, extra = transform(model, calibration) if transform else (model, {})
+            result = quantize_model(quantized, calibration, QuantizeConfig(batch_size=1, **options, **extra),
                                     eval_dataset=selection)
         except CompressqError as exc:
             rows[label] = {"error": str(exc)}
             continue
         seconds = time.process_time() - started
         speedup = result.summary.speedup if result.summary.speedup is not None else 1.0
+        if transform is not None:  # the speed check timed it against the transformed fp32 graph
+            speedup = measure_speedup(model, result.model, timing_feeds).ratio
         rows[label] = {**_figures(name, reference, _outputs(result.model, eval_feeds), eval_feeds),
                        "speedup": speedup, "cpu_seconds": seconds,
                        "returned_to_float": len(result.summary.returned_to_float)}
