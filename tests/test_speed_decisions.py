@@ -129,18 +129,18 @@ def test_the_printed_figure_pools_every_turn_and_is_timed_until_precise():
     raced = check.race("a", "b")
     assert raced.candidate_over_current == pytest.approx(1.25, rel=0.02)
     assert raced.current.runs == 2 * MIN_TURNS  # its own turns and the race's
-    assert check.figure("b").runs == MIN_TURNS  # 0.5 % noise: five turns pin the median to 2 %
+    assert check.figure("b").runs == MIN_TURNS  # 0.5 % noise: five turns pin the median to 3 %
 
 
 class NoisyMachine(Machine):
     def work(self, seconds: float) -> None:
-        self.cpu += seconds * (1 + self.rng.normal(0, 0.05))
+        self.cpu += seconds * (1 + self.rng.normal(0, 0.1))
 
 
 def test_a_noisy_figure_is_timed_up_to_runs_turns():
     machine = NoisyMachine(3, load=0.0)
     figure = _check_on(machine, {"fp32": 1.0e-3, "a": 0.5e-3}).figure("a")
-    assert figure.runs == RUNS and figure.ratio == pytest.approx(2.0, rel=0.05)
+    assert figure.runs == RUNS and figure.ratio == pytest.approx(2.0, rel=0.1)
 
 
 def test_a_forgotten_variant_starts_again_from_nothing():
