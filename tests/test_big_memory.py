@@ -254,3 +254,30 @@ def test_lowest_scores_mask_prunes_what_a_stable_argsort_prunes():
         expected[np.argsort(scores, axis=None, kind="stable")[:prune]] = False
         np.testing.assert_array_equal(lowest_scores_mask(scores, prune), expected.reshape(scores.shape),
                                       err_msg=f"case {case}, prune {prune}")
+
+
+def test_a_mapped_model_with_shared_and_one_dimensional_weights_prunes(tmp_path):
+    """Layers kept dense for their weight's kind (shared by two nodes, 1-D) are sized by value in plan.py: those
+    few weights are read; the others still stream."""
+    rng = np.random.default_rng(0)
+    shared, own = rng.standard_normal((64, 64), np.float32), rng.standard_normal((64, 64), np.float32)
+    vector = rng.standard_normal(64, np.float32)
+    nodes = [onnx.helper.make_node("MatMul", ["x", "shared"], ["a"], name="first"),
+             onnx.helper.make_node("MatMul", ["a", "own"], ["b"], name="middle"),
+             onnx.helper.make_node("MatMul", ["b", "shared"], ["c"], name="again"),
+             onnx.helper.make_node("MatMul", ["c", "vector"], ["y"], name="last")]
+    graph = onnx.helper.make_graph(
+        nodes, "g", [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 64])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2])],
+        [numpy_helper.from_array(value, name) for name, value in
+         (("shared", shared), ("own", own), ("vector", vector))])
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+    path = tmp_path / "shared.onnx"
+    onnx.save_model(model, str(path), save_as_external_data=True, location="shared.onnx.data", size_threshold=0)
+    config = PruneConfig(sparsity=0.5, min_parameters=0, keep_first=False, keep_last=False)
+    streamed = prune_model(model_io.load_model(path, read_weights=False), config)
+    in_memory = prune_model(model_io.load_model(path), config)
+    assert [layer.node for layer in streamed.summary.layers] == ["middle"]
+    assert streamed.summary.dense_layers == in_memory.summary.dense_layers
+    for name, value in weights(in_memory.model).items():
+        np.testing.assert_array_equal(weights(streamed.model)[name], value)
