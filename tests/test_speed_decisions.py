@@ -138,8 +138,8 @@ class NoisyMachine(Machine):
 
 
 def test_a_noisy_figure_is_timed_up_to_runs_turns():
-    machine = NoisyMachine(3, load=0.0)
-    figure = _check_on(machine, {"fp32": 1.0e-3, "a": 0.5e-3}).figure("a")
+    machine = NoisyMachine(3, load=0.0)  # runs of 20 ms: timed one by one, not averaged in blocks
+    figure = _check_on(machine, {"fp32": 20.0e-3, "a": 10.0e-3}).figure("a")
     assert figure.runs == RUNS and figure.ratio == pytest.approx(2.0, rel=0.1)
 
 
