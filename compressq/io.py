@@ -34,7 +34,7 @@ from onnx import numpy_helper
 
 from compressq import __version__
 from compressq.errors import ModelError, OutputError
-from compressq.graph.index import all_nodes
+from compressq.graph.index import all_nodes, scopes
 from compressq.ops import WEIGHT_INPUTS
 
 PROTOBUF_LIMIT = 2**31 - 1
@@ -388,6 +388,16 @@ def read_mapped_tensor(tensor: onnx.TensorProto) -> None:
     tensor.raw_data = data
     del tensor.external_data[:]
     tensor.data_location = onnx.TensorProto.DEFAULT
+
+
+def read_mapped_body_weights(graph: onnx.GraphProto) -> None:
+    """Read the mapped initializers of `graph`'s If/Loop/Scan bodies into them, in place (a graph the caller
+    owns): graph.edit.share_duplicate_initializers compares bodies' weights by value through onnx, which refuses
+    a mapped tensor. Weights in bodies are few; the main graph's stay mapped."""
+    for scope in scopes(graph)[1:]:
+        for tensor in scope.graph.initializer:
+            if is_mapped(tensor):
+                read_mapped_tensor(tensor)
 
 
 def with_weights_read(model: onnx.ModelProto) -> onnx.ModelProto:

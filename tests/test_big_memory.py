@@ -35,6 +35,7 @@ from compressq.quantize.api import quantize_model
 from compressq.quantize.config import QuantizeConfig
 from compressq.runtime import create_session
 from tests.test_big_models import big_threshold  # noqa: F401  (a fixture: every size limit lowered)
+from tests.test_subgraphs import if_model
 
 
 @pytest.fixture(scope="module")
@@ -281,3 +282,21 @@ def test_a_mapped_model_with_shared_and_one_dimensional_weights_prunes(tmp_path)
     assert streamed.summary.dense_layers == in_memory.summary.dense_layers
     for name, value in weights(in_memory.model).items():
         np.testing.assert_array_equal(weights(streamed.model)[name], value)
+
+
+@pytest.mark.parametrize("run", ["dynamic", "weight-only", "prune"])
+def test_a_mapped_model_with_weights_in_branches(run, tmp_path):
+    """Weights inside If branches stream too (and bodies sharing a weight still keep one copy)."""
+    model, _ = if_model()
+    path = tmp_path / "branches.onnx"
+    onnx.save_model(model, str(path), save_as_external_data=True, location="branches.onnx.data", size_threshold=0)
+    streamed = RUNS[run](model_io.load_model(path, read_weights=False))
+    in_memory = RUNS[run](model_io.load_model(path))
+    model_io.save_model(streamed, tmp_path / "streamed.onnx")
+    model_io.save_model(in_memory, tmp_path / "in_memory.onnx")
+    feed = {"x": np.random.default_rng(1).standard_normal((2, 3, 8, 8)).astype(np.float32)}
+    for rate in (16000, 8000):
+        feed["sr"] = np.array(rate, np.int64)
+        (expected,) = create_session(tmp_path / "in_memory.onnx").run(None, feed)
+        (got,) = create_session(tmp_path / "streamed.onnx").run(None, feed)
+        np.testing.assert_array_equal(got, expected)

@@ -18,7 +18,7 @@ from onnx import helper
 from compressq.graph.edit import NameGenerator, remove_unused, share_duplicate_initializers, toposort
 from compressq.graph.index import GraphIndex, check_exclude, node_attributes, scopes
 from compressq.graph.passes import PassResult
-from compressq.io import TensorSink, tensor_array
+from compressq.io import TensorSink, read_mapped_body_weights, tensor_array
 from compressq.progress import Progress, Stage
 from compressq.quantize import scheme
 from compressq.quantize.plan import Skipped, matches
@@ -47,6 +47,7 @@ def quantize_dynamic(model: onnx.ModelProto, exclude: tuple[str, ...] = (), per_
         result.opset_import.append(helper.make_opsetid(MICROSOFT_DOMAIN, 1))
     for scope in reversed(scopes(result.graph)):  # float weights a body no longer reads go too
         remove_unused(scope.graph)
+    read_mapped_body_weights(result.graph)  # compared by value below
     share_duplicate_initializers(result.graph)  # two branches reading one outer weight: one int8 copy
     toposort(result.graph)
     return outcome

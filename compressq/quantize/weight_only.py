@@ -41,7 +41,7 @@ from onnx import helper
 from compressq.errors import DataError, UsageError
 from compressq.graph.edit import NameGenerator, remove_unused, share_duplicate_initializers, toposort
 from compressq.graph.index import GraphIndex, check_exclude, node_attributes, scopes
-from compressq.io import TensorSink, tensor_array
+from compressq.io import TensorSink, read_mapped_body_weights, tensor_array
 from compressq.progress import Progress, Stage
 from compressq.quantize.gptq import Factor, LayerReport, SampleGrams, block_grid, reconstruct
 from compressq.quantize.plan import matches
@@ -285,6 +285,7 @@ def quantize_weights_only(
         _import_ms_domain(result)
     for scope in reversed(scopes(graph)):  # float weights a body no longer reads go too
         remove_unused(scope.graph)
+    read_mapped_body_weights(result.graph)  # compared by value below
     share_duplicate_initializers(graph)  # two branches reading one outer weight: one packed copy
     toposort(graph)
     return result, summary
