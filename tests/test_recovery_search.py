@@ -74,7 +74,7 @@ def test_fewest_in_float_costs_a_few_evaluations_when_the_ranking_is_right():
     order = [f"n{i}" for i in range(200)]
     meets, measured = _culprits({"n0", "n1"})
     assert set(fewest_in_float(meets, order, budget=100)) == {"n0", "n1"}
-    assert len(measured) <= 4  # 1 fails, 2 meets; round two: {n1} fails, {n1, n0} meets
+    assert len(measured) <= 4  # half meets, 1 fails, 2 meets; round two: {n1} fails ({n1, n0} is known)
 
 
 @pytest.mark.parametrize("budget", [0, 1, 3, 8, 12])
@@ -85,7 +85,14 @@ def test_fewest_in_float_out_of_budget_still_returns_a_set_that_meets(budget):
     chosen = fewest_in_float(meets, order, budget=budget)
     assert needed <= set(chosen)
     assert len(measured) <= budget
-    assert chosen == tuple(order) or chosen in measured  # measured to meet, or all of them (known)
+    assert chosen == tuple(order) or set(chosen) in [set(m) for m in measured]  # measured to meet, or all (known)
+
+
+def test_a_target_that_needs_most_nodes_stops_after_one_round_and_two_probes():
+    order = [f"n{i}" for i in range(255)]
+    meets, measured = _culprits(set(order[1:]))  # every node but the best-ranked one is needed
+    assert set(fewest_in_float(meets, order, budget=search_budget(len(order)))) == set(order)
+    assert len(measured) <= 8 + 2  # round one: half + bisection of the upper half; then alone, then half
 
 
 def test_search_budget_grows_with_the_log_of_the_nodes():

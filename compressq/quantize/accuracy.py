@@ -7,7 +7,7 @@ sets), so every candidate costs one pass of the candidate only.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 
@@ -70,13 +70,21 @@ class AccuracyProbe:
     """
 
     def __init__(self, reference: onnx.ModelProto, dataset: Dataset, limit: int | None = None,
-                 task_outputs: Sequence[str] = (), batch_size: int = EVAL_BATCH, provider: str = "cpu"):
+                 task_outputs: Sequence[str] = (), batch_size: int = EVAL_BATCH, provider: str = "cpu",
+                 reference_outputs: Mapping[str, np.ndarray] | None = None):
+        """`reference_outputs` (every output's fp32 values for the first samples, in order, e.g. read in the
+        calibration pass) spares the fp32 run; without it the reference model runs once over the data."""
         self.dataset = dataset
         self.stop_for: AccuracyTarget | None = None  # see stopping_early
         self.provider = provider  # fp32 and candidates run where the user serves them (--provider)
-        session = create_session(reference, provider)
-        self.output_names = [o.name for o in session.get_outputs()]
-        self.feeds_and_outputs = [(feed, self._run(session, feed)) for feed in dataset.batches(batch_size, limit)]
+        if reference_outputs is not None:
+            self.output_names = [o.name for o in reference.graph.output]
+            self.feeds_and_outputs = _cut_into_batches(dataset.batches(batch_size, limit), reference_outputs)
+        else:
+            session = create_session(reference, provider)
+            self.output_names = [o.name for o in session.get_outputs()]
+            self.feeds_and_outputs = [(feed, self._run(session, feed))
+                                      for feed in dataset.batches(batch_size, limit)]
         # Stack layout feeds one complete sample at a time (a scalar input has no samples axis to count).
         self.samples = sum(self._count(feed) for feed, _ in self.feeds_and_outputs)
         first_feed, first_outputs = self.feeds_and_outputs[0]
@@ -319,7 +327,7 @@ class AccuracyFallback:
         self.node_errors = errors
         order = [error.node for error in errors]
         rank = {error.node: (position, error) for position, error in enumerate(errors, 1)}
-        measured: dict[tuple[str, ...], tuple] = {}
+        measured: dict[frozenset[str], tuple] = {}  # by set: rounds list needed nodes first
         budget = search_budget(len(order))
 
         def keep_float(nodes: tuple[str, ...]) -> dict[str, str]:
@@ -333,7 +341,7 @@ class AccuracyFallback:
             attempt = quantizer.attempt(keep_float(nodes))
             figures = self.probe.measure(attempt.model)  # a failing one stops early (stopping_early)
             met = self.target.met(figures)
-            measured[nodes] = (attempt, figures)
+            measured[frozenset(nodes)] = (attempt, figures)
             self.search.append(SearchStep(len(nodes), met, figures.to_dict()))
             if self.progress:
                 self.progress("searching nodes to return to float", len(self.search), budget)
@@ -341,10 +349,10 @@ class AccuracyFallback:
 
         with self.probe.stopping_early(self.target):
             chosen = fewest_in_float(enough, order, budget)
-        if chosen not in measured:  # every node in float: known to meet, measured once for the figures
+        if frozenset(chosen) not in measured:  # every node in float: known to meet, measured for the figures
             enough(chosen)
         self.returned_to_float = list(chosen)
-        attempt, figures = measured[chosen]
+        attempt, figures = measured[frozenset(chosen)]
         fused = quantizer.fused_attempt(attempt.keep_float)
         if fused.plan.compute == attempt.plan.compute:
             return fused, figures
@@ -355,3 +363,13 @@ def search_budget(nodes: int) -> int:
     """Candidate evaluations the group search may spend on `nodes` candidates: O(log n), about three
     bisections' worth (one to find the first needed node, the rest to drop nodes the ranking misplaced)."""
     return max(SEARCH_BUDGET_FLOOR, 3 * math.ceil(math.log2(nodes + 1)))
+
+
+def _cut_into_batches(feeds: Iterable[dict], outputs: Mapping[str, np.ndarray]) -> list[tuple[dict, dict]]:
+    """Each feed with its rows of `outputs` (the samples in the same order, batch layout)."""
+    pairs, start = [], 0
+    for feed in feeds:
+        rows = int(next(iter(feed.values())).shape[0])
+        pairs.append((feed, {name: values[start:start + rows] for name, values in outputs.items()}))
+        start += rows
+    return pairs

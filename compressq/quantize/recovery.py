@@ -273,13 +273,13 @@ def _bisect_between(meets: Callable[[int], bool], low: int, high: int) -> int:
 
 
 def smallest_prefix(meets: Callable[[int], bool], total: int, start: int = 1,
-                    budget: int | None = None) -> tuple[int, bool]:
+                    budget: int | None = None, gallop: bool = True) -> tuple[int, bool]:
     """(k, settled): the smallest k in [start, total] with meets(k), given meets(total) (not called).
 
     Galloping from the small end (start, start + 1, start + 3, start + 7, ...), then bisection inside the last
     step: O(log k) calls, so an answer of a few nodes costs a few evaluations, and the candidates measured
-    first are the fast ones (most nodes still int8). When `budget` calls run out first, k is the smallest
-    value known to meet and settled is False."""
+    first are the fast ones (most nodes still int8); without `gallop`, a plain bisection of [start, total].
+    When `budget` calls run out first, k is the smallest value known to meet and settled is False."""
     calls = 0
     failed, high = start - 1, total  # every k <= failed fails (start - 1: given); high meets
 
@@ -287,7 +287,7 @@ def smallest_prefix(meets: Callable[[int], bool], total: int, start: int = 1,
         return budget is not None and calls >= budget
 
     k, step = start, 1
-    while k < high:
+    while gallop and k < high:
         if exhausted():
             return high, False
         calls += 1
@@ -311,13 +311,16 @@ def smallest_prefix(meets: Callable[[int], bool], total: int, start: int = 1,
 def fewest_in_float(meets: Callable[[tuple[str, ...]], bool], order: Sequence[str], budget: int) -> tuple[str, ...]:
     """Nodes to return to float, as few as `budget` evaluations of `meets` can find; `order`: worst first.
 
-    Given: nothing in float fails, everything in `order` in float meets (neither is called). Round one finds
-    the shortest worst-first prefix that meets (galloping + bisection). Its last node is needed; the nodes
-    before it may only have been in the prefix because the ranking put them there, so the next round keeps
-    the needed nodes in float and searches the shortest prefix of the ones ranked before it, starting from
-    none of them. Rounds go on until the needed nodes alone meet, or the budget is spent. Every round ends
-    on a set measured to meet, no larger than the last: stopping anywhere returns a measured answer (or all
-    of `order`, known to meet)."""
+    Given: nothing in float fails, everything in `order` in float meets (neither is called).
+    Round one: the shortest worst-first prefix that meets. Its first probe is half of the nodes: when that
+    fails, the answer lies in the upper half (a plain bisection there); when it meets, galloping from one
+    node up finds a short answer in O(log k). The prefix's last node is needed; the nodes before it may only
+    be there because the ranking put them there, so each next round keeps the needed nodes in float and
+    tries them alone, then with the better-ranked half of the rest: when that half is not enough either, the
+    target needs most of the graph in float and the search stops (PP-OCRv4 rec: 10 evaluations, where more
+    rounds would re-measure models as slow as fp32); when it is, galloping finds the next needed node.
+    Every round ends on a set measured to meet and no larger than the last one."""
+    order = tuple(order)
     calls = [0]
 
     def prefix_meets(needed: tuple[str, ...], pool: tuple[str, ...]) -> Callable[[int], bool]:
@@ -326,16 +329,32 @@ def fewest_in_float(meets: Callable[[tuple[str, ...]], bool], order: Sequence[st
             return meets(needed + pool[:k])
         return meets_with
 
-    needed: tuple[str, ...] = ()
-    candidates = tuple(order)
-    start = 1  # round one: the empty prefix (every node int8) is known to fail
-    while candidates:
-        pool = candidates
-        count, settled = smallest_prefix(prefix_meets(needed, pool), len(pool), start=start,
-                                         budget=budget - calls[0])
-        if not settled:
-            return needed + pool[:count]
-        if count == 0:
+    count, settled = _first_round(prefix_meets((), order), len(order), budget)
+    if not settled:
+        return order[:count]
+    needed: tuple[str, ...] = (order[count - 1],)
+    candidates = order[:count - 1]
+    while candidates and calls[0] < budget:
+        with_needed = prefix_meets(needed, candidates)
+        if with_needed(0):
             return needed
-        needed, candidates, start = needed + (pool[count - 1],), pool[:count - 1], 0
+        half = len(candidates) // 2
+        if half < 1 or calls[0] >= budget or not with_needed(half):
+            break
+        count, settled = smallest_prefix(with_needed, half, start=1, budget=budget - calls[0])
+        if not settled:
+            return needed + candidates[:count]
+        needed, candidates = needed + (candidates[count - 1],), candidates[:count - 1]
     return needed + candidates
+
+
+def _first_round(meets: Callable[[int], bool], total: int, budget: int) -> tuple[int, bool]:
+    """Round one of fewest_in_float: the shortest prefix that meets, half of the nodes probed first."""
+    half = total // 2
+    if half < 1:
+        return total, True  # one node: in float it meets (given)
+    if budget < 1:
+        return total, False
+    if meets(half):
+        return smallest_prefix(meets, half, start=1, budget=budget - 1)
+    return smallest_prefix(meets, total, start=half + 1, budget=budget - 1, gallop=False)
