@@ -16,6 +16,7 @@ from compressq.stats.collect import Request, collect, collect_range_candidates, 
 from compressq.stats.observers import (
     ChannelAbsMaxObserver,
     ChannelMeanObserver,
+    FirstRowsObserver,
     HistogramObserver,
     MinMaxObserver,
     range_observer,
@@ -310,6 +311,32 @@ def test_quantize_reads_the_data_on_the_chosen_provider_as_few_times_as_needed(m
                                                   for o in quantizer.input_mean_observers.values())
 
 
+def test_first_rows_keep_the_first_samples_in_order_and_refuse_values_without_a_samples_axis():
+    observer = FirstRowsObserver(5)
+    parts = [np.arange(12.0).reshape(3, 4), np.arange(12.0, 24.0).reshape(3, 4), np.ones((3, 4))]
+    for values in parts:
+        observer.update_reduced(values, 3)
+    np.testing.assert_array_equal(observer.result(), np.arange(20.0).reshape(5, 4))
+    batchless = FirstRowsObserver(5)
+    batchless.update_reduced(np.ones((2, 4)), 3)  # a run of 3 samples whose output has 2 rows
+    assert batchless.result() is None
+
+
+def test_collect_keeps_the_graph_outputs_of_the_first_samples_in_the_same_pass(data, monkeypatch):
+    model = conv_model()
+    dataset, path = data(model, samples=16)
+    passes = []
+    original = collect_module._reduced_pass
+    monkeypatch.setattr(collect_module, "_reduced_pass", lambda *a, **k: passes.append(1) or original(*a, **k))
+    rows, middle, ranges = FirstRowsObserver(11), FirstRowsObserver(11), MinMaxObserver()
+    collect(model, dataset, [Request("y", rows), Request("relu", middle), Request("conv", ranges)],
+            batch_size=4, budget=4096)  # runs of one sample: rows arrive one at a time
+    expected = every_tensor(model, path)
+    np.testing.assert_allclose(rows.result(), expected["y"][:11], rtol=1e-6)
+    np.testing.assert_allclose(middle.result(), expected["relu"][:11], rtol=1e-6)
+    assert passes == [1]
+
+
 def test_range_observer_names_each_method():
     assert type(range_observer("minmax")) is MinMaxObserver
     assert range_observer("entropy").method == "entropy"
@@ -342,3 +369,26 @@ def _dataset(model: onnx.ModelProto, arrays: dict[str, np.ndarray], folder: Path
     path = folder / "data.npz"
     np.savez(path, **arrays)
     return load_dataset(path, model)
+
+
+def test_the_self_check_reads_fp32_outputs_from_calibration_with_the_same_figures(monkeypatch):
+    """quantize's self-check compares int8 against fp32 outputs kept from the calibration pass; the figures
+    are those of a separate fp32 run, and a graph whose function calibration changed runs fp32 again."""
+    from compressq.io import load_model
+    from compressq.quantize import static
+    from compressq.quantize.api import quantize_model
+    from compressq.quantize.config import QuantizeConfig
+    from tests.conftest import SAMPLES
+
+    model = load_model(SAMPLES / "digits_cnn.onnx")
+    dataset = load_dataset(SAMPLES / "digits_calib.npz", model)
+    config = QuantizeConfig(speed_check=False)
+    reused = quantize_model(model, dataset, config)
+    fewer = quantize_model(model, dataset, QuantizeConfig(samples=32, speed_check=False))
+    assert "from the calibration pass" not in fewer.summary.accuracy_data  # the self-check checks 128 samples
+    monkeypatch.setattr(static.StaticQuantizer, "_reference_observers", lambda self: {})
+    separate = quantize_model(model, dataset, config)
+    assert "from the calibration pass" in reused.summary.accuracy_data
+    assert "from the calibration pass" not in separate.summary.accuracy_data
+    for key in ("min_cosine", "min_sqnr_db", "agreement"):
+        assert reused.summary.accuracy[key] == pytest.approx(separate.summary.accuracy[key], rel=1e-5)

@@ -181,7 +181,7 @@ INTERVAL_CONFIDENCE = 0.9
 FIGURE_PRECISION = 3 * NOISE_TOLERANCE
 
 
-def median_interval(values: Sequence[float], confidence: float = INTERVAL_CONFIDENCE) -> tuple[float, float]:
+def median_interval(values: Sequence[float] | np.ndarray, confidence: float = INTERVAL_CONFIDENCE) -> tuple[float, float]:
     """A distribution-free interval for the median (order statistics and the binomial law): no assumption
     about the shape of the noise, which on a busy machine has long tails."""
     ordered = np.sort(np.asarray(values, dtype=np.float64))
@@ -204,7 +204,7 @@ def _binomial_half(n: int, j: int) -> float:
     return comb(n, j) / 2.0 ** n
 
 
-def settled(values: Sequence[float], thresholds: Sequence[float]) -> bool:
+def settled(values: Sequence[float] | np.ndarray, thresholds: Sequence[float]) -> bool:
     """The evidence puts the median on one side of every threshold (enough turns to decide)."""
     if len(values) < MIN_TURNS:
         return False

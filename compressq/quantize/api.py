@@ -167,7 +167,8 @@ def _static(model, dataset: Dataset, config: QuantizeConfig, progress, eval_data
         probe = AccuracyProbe(model, eval_dataset, task_outputs=config.task_outputs)
         target.check(probe)  # before calibration: a target that cannot be measured is a usage error
         fallback = AccuracyFallback(target, probe, progress)
-    outcome = quantize_static(model, dataset, config, progress, fallback)
+    self_check = self_check_samples(model, dataset) if config.accuracy_check and fallback is None else 0
+    outcome = quantize_static(model, dataset, config, progress, fallback, reference_samples=self_check)
     summary = _static_summary(outcome, config, dataset)
     summary.returned_to_float = fallback.returned_to_float or [] if fallback else []
     summary.error_correction = {**outcome.error_correction, **({"recovery": fallback.report()} if fallback else {})}
@@ -178,11 +179,13 @@ def _static(model, dataset: Dataset, config: QuantizeConfig, progress, eval_data
         # No target given: still say what int8 cost, measured on calibration samples (never silently worse).
         # Runs as small as calibration's (the same memory budget): onnxruntime's activations would set the peak.
         give_back_freed_memory()  # the speed check's sessions are gone: the fp32 one opened next reuses their room
-        probe = AccuracyProbe(model, dataset, limit=self_check_samples(model, dataset),
-                              task_outputs=config.task_outputs,
-                              batch_size=samples_per_run(model, dataset, config.batch_size))
+        probe = AccuracyProbe(model, dataset, limit=self_check, task_outputs=config.task_outputs,
+                              batch_size=samples_per_run(model, dataset, config.batch_size),
+                              reference_outputs=outcome.reference_outputs)
         summary.accuracy = probe.measure(outcome.model).to_dict()
-        summary.accuracy_data = f"calibration data ({probe.samples} samples; pass --eval-data for held-out)"
+        reused = "; fp32 outputs from the calibration pass" if outcome.reference_outputs is not None else ""
+        summary.accuracy_data = (f"calibration data ({probe.samples} samples{reused}; pass --eval-data for "
+                                 "held-out)")
     elif outcome.plan.compute:
         summary.notes.append("accuracy against fp32 not measured (--no-accuracy-check)")
     return QuantizeResult(outcome.model, summary, outcome.plan_record)

@@ -48,7 +48,7 @@ from compressq.quantize.range_search import RangeChoice, choose_ranges
 from compressq.quantize.range_search import summarize as summarize_choices
 from compressq.quantize.smoothquant import collect_channel_absmax, smooth, smoothable_activations
 from compressq.stats.collect import Request, TensorRange, collect_range_candidates, collect_ranges, passes_for_method
-from compressq.stats.observers import MinMaxObserver
+from compressq.stats.observers import FirstRowsObserver, MinMaxObserver
 from compressq.stats.subgraphs import split_by_scope
 
 __all__ = ["FASTER_ENOUGH", "StaticQuantizer", "quantize_static"]
@@ -96,6 +96,7 @@ class StaticResult:
     speed: SpeedMeasurement | None = None
     plan_record: QuantizationPlan | None = None
     error_correction: dict = field(default_factory=dict)  # what each error-correcting technique changed
+    reference_outputs: dict[str, np.ndarray] | None = None  # fp32 outputs of the first samples (calibration pass)
 
 
 class StaticQuantizer:
@@ -105,9 +106,13 @@ class StaticQuantizer:
     """
 
     def __init__(self, model: onnx.ModelProto, dataset: Dataset | None, config: QuantizeConfig,
-                 progress: Progress | None = None, pinned: QuantizationPlan | None = None):
+                 progress: Progress | None = None, pinned: QuantizationPlan | None = None,
+                 reference_samples: int = 0):
         self.original = model
         self.dataset = dataset
+        # fp32 outputs of the first samples, kept from the calibration pass for the self-check (see _calibrate)
+        self.reference_samples = reference_samples
+        self.reference_outputs: dict[str, np.ndarray] | None = None
         self.config = config
         self.progress = progress
         self.pinned = pinned
@@ -123,6 +128,7 @@ class StaticQuantizer:
         self.smoothing_muls: list[str] = []
         self.prepared = self._apply_float_transforms(self.prepared)
         self.prepared, embeddings = quantize_embeddings(self.prepared)
+        self.embedding_tables = len(embeddings.tables)
         if embeddings.tables:
             self.notes.append(f"{len(embeddings.tables)} embedding tables to uint8 (GatherBlockQuantized): "
                               f"{embeddings.float_bytes / 2**20:.1f} -> {embeddings.quantized_bytes / 2**20:.1f} MiB")
@@ -242,7 +248,8 @@ class StaticQuantizer:
             activation_ranges=dict(self.ranges), smoothquant_absmax=self.smooth_absmax,
             bias_means=self.bias_means if current.plan.compute else {}, decisions=decisions)
         return StaticResult(model, current.plan, current.stats, current.fusion, current.speedup,
-                            current.plan.skipped, self.non_finite, steps, self.notes, current.speed, record)
+                            current.plan.skipped, self.non_finite, steps, self.notes, current.speed, record,
+                            reference_outputs=self.reference_outputs)
 
     def _replay(self) -> StaticResult:
         """Re-apply a reviewed plan: same ranges, same float nodes, no calibration and no timing."""
@@ -311,7 +318,8 @@ class StaticQuantizer:
         # They ride along with the main graph's pass (stats.collect carries them out with stats.subgraphs).
         main_tensors, body_tensors = split_by_scope(self.prepared, plan.quantized_tensors)
         bodies = {tensor: MinMaxObserver() for tensor in body_tensors}
-        extra = [*means, *(Request(tensor, observer) for tensor, observer in bodies.items())]
+        references = self._reference_observers()
+        extra = [*means, *(Request(tensor, observer) for tensor, observer in [*bodies.items(), *references.items()])]
         if self.config.method == "auto":
             ranges = self._ranges_by_error(plan.main_part(), advance, extra)
             outer = set(main_tensors) - set(ranges)  # main-graph tensors that only bodies quantize
@@ -322,6 +330,7 @@ class StaticQuantizer:
                                     percentile=self.config.percentile, batch_size=self.config.batch_size,
                                     samples=self.config.samples, provider=self.config.provider, progress=advance,
                                     extra=extra)
+        self.reference_outputs = _complete_rows(references, min(self.reference_samples, self.data.num_samples))
         inner = {tensor: observer.result() for tensor, observer in sorted(bodies.items())}
         if inner and self.config.method != "minmax":
             self.notes.append(f"{len(inner)} tensors inside If/Loop/Scan bodies: min/max ranges "
@@ -331,6 +340,19 @@ class StaticQuantizer:
             self.notes.append(f"{len(unreached)} tensors inside bodies were never reached by the data (first: "
                               f"'{unreached[0]}'): the nodes that need them stay float")
         return {**ranges, **inner}
+
+    def _reference_observers(self) -> dict[str, FirstRowsObserver]:
+        """The calibrated graph's outputs are the model's fp32 outputs when what was changed before calibration
+        keeps the function (onnxruntime's basic clean-up, equalization and SmoothQuant rescale; quantized
+        embedding tables do not), the interface is the same, and samples are rows of a batch."""
+        if not self.reference_samples or self.embedding_tables or self.data.layout != "batch" \
+                or self.config.method == "auto":
+            return {}
+        ours = {o.name: o.type.tensor_type.elem_type for o in self.prepared.graph.output}
+        theirs = {o.name: o.type.tensor_type.elem_type for o in self.original.graph.output}
+        if ours != theirs:
+            return {}
+        return {name: FirstRowsObserver(self.reference_samples) for name in ours}
 
     def _reconstruct_weights(self, plan: QuantPlan) -> WeightCodes | None:
         """--weight-reconstruction gptq: int8 codes chosen on the layers' fp32 inputs (one more data pass)."""
@@ -431,9 +453,11 @@ class StaticQuantizer:
 
 def quantize_static(model: onnx.ModelProto, dataset: Dataset | None, config: QuantizeConfig,
                     progress: Progress | None = None, accuracy_target=None,
-                    pinned: QuantizationPlan | None = None) -> StaticResult:
-    """`progress(stage, done, total)` reports calibration samples and checking steps."""
-    return StaticQuantizer(model, dataset, config, progress, pinned).run(accuracy_target)
+                    pinned: QuantizationPlan | None = None, reference_samples: int = 0) -> StaticResult:
+    """`progress(stage, done, total)` reports calibration samples and checking steps. With
+    `reference_samples`, the fp32 outputs of that many first samples come back too, read in the calibration
+    pass when the calibrated graph computes the model's function (StaticResult.reference_outputs)."""
+    return StaticQuantizer(model, dataset, config, progress, pinned, reference_samples).run(accuracy_target)
 
 
 def _nodes_needing(model: onnx.ModelProto, plan: QuantPlan, tensors: set[str], reason: str) -> dict[str, str]:
@@ -447,6 +471,16 @@ def _nodes_needing(model: onnx.ModelProto, plan: QuantPlan, tensors: set[str], r
         if node.name in plan.own_scale_nodes and (set(node.input) | set(node.output)) & tensors:
             names[node.name] = reason
     return names
+
+
+def _complete_rows(observers: dict[str, FirstRowsObserver], wanted: int) -> dict[str, np.ndarray] | None:
+    """Every output's rows for the `wanted` first samples, or None when any is missing or unusable."""
+    if not observers:
+        return None
+    rows = {name: observer.result() for name, observer in observers.items()}
+    if any(values is None or len(values) < wanted for values in rows.values()):
+        return None
+    return {name: values[:wanted] for name, values in rows.items() if values is not None}
 
 
 def _speedup_of(attempt: Attempt) -> float:

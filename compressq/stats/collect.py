@@ -151,7 +151,7 @@ def output_bytes_per_sample(model: onnx.ModelProto, dataset: Dataset) -> float |
         kind = types.get(output.name)
         if kind is None or kind.shape is None or not all(isinstance(d, int) and d >= 0 for d in kind.shape):
             return None
-        total += math.prod(kind.shape) * _itemsize(kind)
+        total += math.prod(int(d) for d in kind.shape if isinstance(d, int)) * _itemsize(kind)
     return total / max(_rows_in(first), 1)
 
 
@@ -174,7 +174,7 @@ def _reduced_pass(session, graph: _Augmented, dataset: Dataset, batch_size: int,
     for feed in dataset.batches(batch_size, samples):
         for part in _runs(feed, rows):
             values = dict(zip(outputs, session.run(outputs, part)))
-            graph.deliver(values)
+            graph.deliver(values, _rows_in(part))
             if size_outputs and not per_sample:
                 taken = max(_rows_in(part), 1)
                 per_sample = {t: float(values[o]) / taken for t, o in size_outputs.items()}
@@ -377,13 +377,15 @@ class _Augmented:
     def body_outputs(self) -> list[str]:
         return self.probes.outputs if self.probes is not None else []
 
-    def deliver(self, values: dict[str, np.ndarray]) -> None:
+    def deliver(self, values: dict[str, np.ndarray], rows: int) -> None:
         if self.probes is not None:
             for tensor, (low, high) in self.probes.decode(values).items():
                 for observer in self.body_receivers.get(tensor, []):
                     observer.update_reduced(low, high)
-        for tap in self.taps.values():
-            results = [values[name] for name in tap.outputs]
+        for (_, reduction), tap in self.taps.items():
+            results: list = [values[name] for name in tap.outputs]
+            if reduction.kind == "rows":  # the values themselves, and the run's sample count to check them by
+                results.append(rows)
             for observer in tap.receivers:
                 observer.update_reduced(*results)
 
@@ -415,6 +417,9 @@ class _Augmented:
             _drop_last(graph.output, len(outputs))
 
     def _reduce(self, tensor: str, reduction: Reduction, kind: TensorType | None) -> tuple[str, ...]:
+        if reduction.kind == "rows":  # a graph output is returned anyway; anything else through an Identity
+            outputs = {o.name for o in self.source.graph.output}
+            return (tensor,) if tensor in outputs else (self._node("Identity", [tensor], f"{tensor}/rows"),)
         source = tensor
         if kind is None or kind.elem_type not in REDUCIBLE_TYPES:  # float16/bf16 or unknown: reduce in float32
             source = self._node("Cast", [tensor], f"{tensor}/float", to=TensorProto.FLOAT)

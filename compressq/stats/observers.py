@@ -39,7 +39,7 @@ class TensorRange:
 class Reduction:
     """What collect adds to the graph for one observer: `kind` over every axis but `axis` (None: all axes)."""
 
-    kind: str               # "minmax" (ReduceMin + ReduceMax) | "sum" (ReduceSum + Size)
+    kind: str               # "minmax" (ReduceMin + ReduceMax) | "sum" (ReduceSum + Size) | "rows" (the values)
     axis: int | None = None
 
 
@@ -69,6 +69,35 @@ class MinMaxObserver:
         if not self.finite or self.low > self.high:
             return TensorRange(0.0, 0.0, finite=self.finite and self.low <= self.high)
         return TensorRange(self.low, self.high)
+
+
+class FirstRowsObserver:
+    """The values of the first `limit` samples (rows of the samples axis), in order: a graph output's fp32
+    values kept from the calibration pass, so that no second fp32 pass is needed to compare against them.
+    A run whose values have no samples axis of the run's size makes the rows unusable (`result()` None)."""
+
+    reduction: Reduction | None = Reduction("rows")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.parts: list[np.ndarray] = []
+        self.kept = 0
+        self.usable = True
+
+    def update_reduced(self, values: np.ndarray, rows: int) -> None:
+        if not self.usable or self.kept >= self.limit:
+            return
+        if values.ndim == 0 or values.shape[0] != rows:
+            self.usable = False
+            return
+        part = np.array(values[: self.limit - self.kept])  # a copy: onnxruntime reuses nothing, but be safe
+        self.parts.append(part)
+        self.kept += len(part)
+
+    def result(self) -> np.ndarray | None:
+        if not self.usable or not self.parts:
+            return None
+        return np.concatenate(self.parts)
 
 
 class HistogramObserver(MinMaxObserver):
