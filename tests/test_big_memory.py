@@ -26,6 +26,7 @@ import compressq.cli.prune as prune_command
 import compressq.cli.quantize as quantize_command
 import compressq.io as model_io
 import compressq.quantize.api as quantize_api
+import compressq.quantize.weight_only as weight_only
 from bench.decoder_model import CONFIGS, build_decoder, empty_cache, step_feed, token_ids
 from compressq.data import load_dataset
 from compressq.io import read_mapped_tensor  # bound before any test patches it
@@ -300,3 +301,22 @@ def test_a_mapped_model_with_weights_in_branches(run, tmp_path):
         (expected,) = create_session(tmp_path / "in_memory.onnx").run(None, feed)
         (got,) = create_session(tmp_path / "streamed.onnx").run(None, feed)
         np.testing.assert_array_equal(got, expected)
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_weight_only_quantizes_a_few_columns_at_a_time_to_the_same_codes(transposed, symmetric, monkeypatch):
+    """Blocks run along K within one output column: quantizing 7 columns at a time gives the whole weight's codes."""
+    monkeypatch.setattr(weight_only, "COLUMN_CHUNK_BYTES", 4 * 100 * 7)
+    weight = np.random.default_rng(0).standard_normal((100, 45)).astype(np.float32)
+    stored = numpy_helper.from_array(np.ascontiguousarray(weight.T) if transposed else weight, "w")
+    candidate = weight_only._Candidate(onnx.NodeProto(), "w", 100, 45, stored, transposed, None)
+    chunked, error = weight_only._quantized_by_columns(candidate, 4, 32, symmetric)
+    whole = weight_only.quantize_weight(weight, 4, 32, symmetric)
+    np.testing.assert_array_equal(chunked.codes, whole.codes)
+    np.testing.assert_array_equal(chunked.scales, whole.scales)
+    if symmetric:
+        assert chunked.zero_points is None and whole.zero_points is None
+    else:
+        np.testing.assert_array_equal(chunked.zero_points, whole.zero_points)
+    assert error == pytest.approx(weight_only._relative_error(weight, whole.dequantize()), rel=1e-5)

@@ -216,8 +216,12 @@ class _Candidate:
 
     def weight_kn(self) -> np.ndarray:
         """The weight [K, N] float32, read now (a fresh read each call: nothing keeps it)."""
+        return self.weight_columns(0, self.n)
+
+    def weight_columns(self, start: int, stop: int) -> np.ndarray:
+        """Columns start..stop of the weight [K, N], read now."""
         stored = tensor_array(self.weight) if isinstance(self.weight, onnx.TensorProto) else self.weight
-        return np.ascontiguousarray(stored.T) if self.transposed else stored
+        return np.ascontiguousarray(stored[start:stop].T if self.transposed else stored[:, start:stop])
 
 
 def quantize_weights_only(
@@ -265,16 +269,21 @@ def quantize_weights_only(
         target = home[id(candidate)]
         key = (id(target), candidate.weight_name)
         if key not in packed_weights or candidate.node.input[0] in samples:
-            weight_kn = candidate.weight_kn()
-            quantized = quantize_weight(weight_kn, bits, block_size, symmetric, samples.get(candidate.node.input[0]))
-            if reconstruction == "gptq" and candidate.node.input[0] in samples:
-                quantized, summary.reconstruction[candidate.node.name] = _reconstructed(
-                    weight_kn, quantized, grams.get(candidate.node.input[0]), block_size)
+            if candidate.node.input[0] in samples:
+                weight_kn = candidate.weight_kn()
+                quantized = quantize_weight(weight_kn, bits, block_size, symmetric, samples[candidate.node.input[0]])
+                if reconstruction == "gptq":
+                    quantized, summary.reconstruction[candidate.node.name] = _reconstructed(
+                        weight_kn, quantized, grams.get(candidate.node.input[0]), block_size)
+                weight_error = _relative_error(weight_kn, quantized.dequantize())
+                del weight_kn
+            else:
+                quantized, weight_error = _quantized_by_columns(candidate, bits, block_size, symmetric)
             inputs = _add_quantized_initializers(target, names, sink, candidate.weight_name, quantized)
-            packed_weights[key] = (inputs, _relative_error(weight_kn, quantized.dequantize()))
-            summary.float_weight_bytes += weight_kn.size * 4
+            packed_weights[key] = (inputs, weight_error)
+            summary.float_weight_bytes += candidate.k * candidate.n * 4
             summary.packed_weight_bytes += _packed_bytes(quantized)
-            del weight_kn, quantized  # one layer's float weight and codes at a time
+            del quantized  # one layer's codes at a time
         inputs, weight_error = packed_weights[key]
         summary.layers.append(WeightOnlyLayer(candidate.node.name, candidate.weight_name, candidate.k, candidate.n,
                                               weight_error, candidate.node.input[0] in samples))
@@ -289,6 +298,29 @@ def quantize_weights_only(
     share_duplicate_initializers(graph)  # two branches reading one outer weight: one packed copy
     toposort(graph)
     return result, summary
+
+
+COLUMN_CHUNK_BYTES = 32 * 2**20  # float weight columns quantized at a time
+
+
+def _quantized_by_columns(candidate: _Candidate, bits: int, block_size: int,
+                          symmetric: bool) -> tuple[BlockQuantized, float]:
+    """`quantize_weight` without calibration, a group of output columns at a time (blocks run along K within one
+    column, so the codes are the same), and the weight's relative error: the float temporaries of rounding and
+    of the error never hold a whole big weight (a 2048x32000 lm_head: 32 MB of columns instead of 262 MB)."""
+    columns = max(1, COLUMN_CHUNK_BYTES // max(1, candidate.k * 4))
+    parts, error, norm = [], 0.0, 0.0
+    for start in range(0, candidate.n, columns):
+        chunk = candidate.weight_columns(start, start + columns)
+        part = quantize_weight(chunk, bits, block_size, symmetric)
+        error += float(np.square(chunk - part.dequantize(), dtype=np.float64).sum())
+        norm += float(np.square(chunk, dtype=np.float64).sum())
+        parts.append(part)
+        del chunk
+    quantized = BlockQuantized(np.concatenate([p.codes for p in parts]), np.concatenate([p.scales for p in parts]),
+                               np.concatenate([p.zero_points for p in parts]) if not symmetric else None,
+                               bits, candidate.k)
+    return quantized, (error / norm) ** 0.5 if norm else 0.0
 
 
 def _reconstructed(weight_kn: np.ndarray, quantized: BlockQuantized,
