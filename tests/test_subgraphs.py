@@ -648,3 +648,23 @@ def test_report_on_a_model_synthetic_inputs_cannot_run_says_pass_data(run_cli, t
     assert result.exit_code == 2, result.stderr
     assert "does not run on synthetic inputs" in result.stderr and "--data" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_auto_ranges_for_body_models_take_one_statistics_pass(monkeypatch, tmp_path):
+    """--method auto: the candidates, the bodies' min/max and the main-graph tensors only bodies quantize
+    are all read in one collect() pass (the range search then judges candidates on its own graph)."""
+    from compressq.data import load_dataset
+    from compressq.quantize import static
+    from compressq.quantize.api import quantize_model
+    from compressq.quantize.config import QuantizeConfig
+    from compressq.stats import collect as collect_module
+
+    model, _ = loop_model(nested_if=True)
+    data = tmp_path / "calibration.npz"
+    np.savez(data, **_loop_arrays(1))
+    calls = []
+    real = collect_module.collect
+    monkeypatch.setattr(collect_module, "collect", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(static, "collect_ranges", lambda *a, **k: pytest.fail("a second min/max pass"))
+    result = quantize_model(model, load_dataset(data, model), QuantizeConfig(method="auto", speed_check=False))
+    assert "odd_fc" in result.summary.quantized_nodes and calls == [1]

@@ -321,10 +321,11 @@ class StaticQuantizer:
         references = self._reference_observers()
         extra = [*means, *(Request(tensor, observer) for tensor, observer in [*bodies.items(), *references.items()])]
         if self.config.method == "auto":
-            ranges = self._ranges_by_error(plan.main_part(), advance, extra)
-            outer = set(main_tensors) - set(ranges)  # main-graph tensors that only bodies quantize
-            ranges.update(collect_ranges(self.prepared, self.data, outer, batch_size=self.config.batch_size,
-                                         samples=self.config.samples, provider=self.config.provider))
+            # Main-graph tensors that only bodies quantize get min/max ranges, in the same pass.
+            outer = {t: MinMaxObserver() for t in sorted(set(main_tensors) - set(plan.main_part().quantized_tensors))}
+            ranges = self._ranges_by_error(plan.main_part(), advance,
+                                           [*extra, *(Request(t, o) for t, o in outer.items())])
+            ranges.update({tensor: observer.result() for tensor, observer in outer.items()})
         else:
             ranges = collect_ranges(self.prepared, self.data, main_tensors, method=self.config.method,
                                     percentile=self.config.percentile, batch_size=self.config.batch_size,
