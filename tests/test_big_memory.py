@@ -26,12 +26,14 @@ import compressq.cli.prune as prune_command
 import compressq.cli.quantize as quantize_command
 import compressq.io as model_io
 import compressq.quantize.api as quantize_api
+import compressq.quantize.dynamic as dynamic
 import compressq.quantize.weight_only as weight_only
 from bench.decoder_model import CONFIGS, build_decoder, empty_cache, step_feed, token_ids
 from compressq.data import load_dataset
 from compressq.io import read_mapped_tensor  # bound before any test patches it
 from compressq.prune import PruneConfig, prune_model
 from compressq.prune.masks import cut_mask, global_cut, global_masks, lowest_scores_mask
+from compressq.quantize import scheme
 from compressq.quantize.api import quantize_model
 from compressq.quantize.config import QuantizeConfig
 from compressq.runtime import create_session
@@ -320,3 +322,14 @@ def test_weight_only_quantizes_a_few_columns_at_a_time_to_the_same_codes(transpo
     else:
         np.testing.assert_array_equal(chunked.zero_points, whole.zero_points)
     assert error == pytest.approx(weight_only._relative_error(weight, whole.dequantize()), rel=1e-5)
+
+
+@pytest.mark.parametrize("per_channel", [True, False])
+def test_dynamic_scales_and_codes_from_row_blocks_equal_the_whole_weight(per_channel, monkeypatch):
+    """int8 scales from per-block column maxima and codes a block of rows at a time: the whole weight's."""
+    monkeypatch.setattr(dynamic, "ROW_CHUNK_BYTES", 4 * 30 * 7)  # 7 rows of 30 columns per block
+    weight = np.random.default_rng(2).standard_normal((100, 30)).astype(np.float32)
+    whole = scheme.weight_params(weight, 1 if per_channel else None)
+    blocked = scheme.weight_params(dynamic._column_bounds(weight), 1 if per_channel else None)
+    np.testing.assert_array_equal(blocked.scale, whole.scale)
+    np.testing.assert_array_equal(dynamic._quantized_by_rows(weight, blocked), scheme.quantize(weight, whole))

@@ -107,11 +107,25 @@ def constant_value(index: GraphIndex, name: str) -> np.ndarray | None:
 ROW_CHUNK_BYTES = 16 * 2**20  # float rows quantized at a time: the temporaries stay small for a 0.5 GB lm_head
 
 
+def _column_bounds(weight: np.ndarray) -> np.ndarray:
+    """max |w| of every column [1, N], a block of rows at a time: weight_params of it equals weight_params of the
+    weight (per column, or per tensor), without an |w| temporary as big as the weight."""
+    bounds = np.zeros((1, weight.shape[1]), np.float32)
+    rows = _rows_per_chunk(weight)
+    for start in range(0, weight.shape[0], rows):
+        np.maximum(bounds, np.abs(weight[start:start + rows]).max(axis=0, initial=0), out=bounds)
+    return bounds
+
+
+def _rows_per_chunk(weight: np.ndarray) -> int:
+    return max(1, ROW_CHUNK_BYTES // max(1, weight.shape[1] * 4))
+
+
 def _quantized_by_rows(weight: np.ndarray, params: scheme.QuantParams) -> np.ndarray:
     """`scheme.quantize(weight, params)`, a block of rows at a time (per-column or per-tensor scales: the same
     codes), so the float temporaries of rounding never hold a whole big weight."""
     codes = np.empty(weight.shape, params.dtype)
-    rows = max(1, ROW_CHUNK_BYTES // max(1, weight.shape[1] * 4))
+    rows = _rows_per_chunk(weight)
     for start in range(0, weight.shape[0], rows):
         codes[start:start + rows] = scheme.quantize(weight[start:start + rows], params)
     return codes
@@ -119,7 +133,7 @@ def _quantized_by_rows(weight: np.ndarray, params: scheme.QuantParams) -> np.nda
 
 def _dynamic_matmul(node, weight: np.ndarray, bias, names: NameGenerator, sink: TensorSink, graph,
                     per_channel: bool):
-    params = scheme.weight_params(weight, 1 if per_channel else None)
+    params = scheme.weight_params(_column_bounds(weight), 1 if per_channel else None)
     prefix = node.input[1]
     tensors = {
         names(f"{prefix}_quantized"): _quantized_by_rows(weight, params),
