@@ -108,6 +108,14 @@ class Dataset:
     def has_labels(self) -> bool:
         return self.labels_key is not None
 
+    def samples_in(self, feed: dict[str, np.ndarray]) -> int:
+        """Samples in one of this dataset's feeds: a stack-layout feed is one complete sample (its first axis
+        counts steps, and its first input may be a scalar); a batch feed has them on the first axis of its
+        first input that has one."""
+        if self.layout == "stack":
+            return 1
+        return next((int(np.shape(value)[0]) for value in feed.values() if np.ndim(value)), 1)
+
     def batches(self, batch_size: int, limit: int | None = None) -> Iterator[dict[str, np.ndarray]]:
         """Model-input feeds of `batch_size` samples (the last may be smaller), `limit` samples in all."""
         yield from (feed for feed, _ in self.labelled_batches(batch_size, limit))

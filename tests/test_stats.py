@@ -392,3 +392,20 @@ def test_the_self_check_reads_fp32_outputs_from_calibration_with_the_same_figure
     assert "from the calibration pass" not in separate.summary.accuracy_data
     for key in ("min_cosine", "min_sqnr_db", "agreement"):
         assert reused.summary.accuracy[key] == pytest.approx(separate.summary.accuracy[key], rel=1e-5)
+
+
+def test_a_stack_feed_is_one_sample_and_a_batch_feed_counts_its_first_axis(tmp_path):
+    from compressq.data import synthetic_dataset
+
+    batch = load_dataset(_npz(tmp_path, x=np.zeros((5, 3, 5, 5), np.float32)), conv_model())
+    assert [batch.samples_in(feed) for feed in batch.batches(2)] == [2, 2, 1]
+    stack = synthetic_dataset(conv_model(), samples=3)
+    stack.layout = "stack"
+    assert stack.samples_in({"flag": np.array(True), "x": np.zeros((7, 3, 5, 5), np.float32)}) == 1
+    assert batch.samples_in({"flag": np.array(True), "x": np.zeros((4, 3, 5, 5), np.float32)}) == 4
+
+
+def _npz(folder: Path, **arrays) -> Path:
+    path = folder / "data.npz"
+    np.savez(path, **arrays)
+    return path

@@ -581,7 +581,7 @@ def _evaluate(baseline: _Model, candidates: list[_Model], dataset: Dataset, conf
     for feed, labels in dataset.labelled_batches(batch_size, config.samples):
         outputs = {name: _run_named(session, feed) for name, session in sessions.items()}
         evaluation.update(feed, outputs, labels)
-        stage.advance(_rows(feed))
+        stage.advance(dataset.samples_in(feed))
     return evaluation
 
 
@@ -603,7 +603,7 @@ def _run_named(session, feed: dict) -> dict[str, np.ndarray]:
 def _time_all(models: list[_Model], dataset: Dataset, config: ReportConfig,
               progress: Progress | None) -> dict[str, list[LatencyResult]]:
     feeds = _timing_feeds(dataset, config.batch_size)
-    batch = _rows(feeds[0])
+    batch = dataset.samples_in(feeds[0])
     results: dict[str, list[LatencyResult]] = {model.name: [] for model in models}
     for provider in config.providers:
         sessions = {m.name: create_session(m.path, provider, threads=config.threads or None) for m in models}
@@ -618,14 +618,8 @@ def _time_all(models: list[_Model], dataset: Dataset, config: ReportConfig,
 def _timing_feeds(dataset: Dataset, batch_size: int) -> list[dict]:
     """A few distinct full batches (a short last batch would time a different workload)."""
     feeds = list(islice(dataset.batches(batch_size, batch_size * TIMING_FEEDS), TIMING_FEEDS))
-    full = [feed for feed in feeds if _rows(feed) == _rows(feeds[0])]
+    full = [feed for feed in feeds if dataset.samples_in(feed) == dataset.samples_in(feeds[0])]
     return full or feeds[:1]
-
-
-def _rows(feed: dict) -> int:
-    """Samples in a feed: the first axis of its first input that has one (a scalar input, e.g. an If's
-    flag, has none; an all-scalar feed is one sample)."""
-    return next((len(value) for value in feed.values() if np.ndim(value)), 1)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -181,7 +181,8 @@ INTERVAL_CONFIDENCE = 0.9
 FIGURE_PRECISION = 3 * NOISE_TOLERANCE
 
 
-def median_interval(values: Sequence[float] | np.ndarray, confidence: float = INTERVAL_CONFIDENCE) -> tuple[float, float]:
+def median_interval(values: Sequence[float] | np.ndarray, confidence: float = INTERVAL_CONFIDENCE,
+                    ) -> tuple[float, float]:
     """A distribution-free interval for the median (order statistics and the binomial law): no assumption
     about the shape of the noise, which on a busy machine has long tails."""
     ordered = np.sort(np.asarray(values, dtype=np.float64))

@@ -127,8 +127,7 @@ class AccuracyProbe:
         return self._figures(scorer, candidate_outputs, scored)
 
     def _count(self, feed: dict) -> int:
-        """Samples in one feed: stack layout feeds one complete sample (its first input may be a scalar)."""
-        return 1 if self.dataset.layout == "stack" else next(iter(feed.values())).shape[0]
+        return self.dataset.samples_in(feed)
 
     def _figures(self, scorer: TaskScorer, candidate_outputs: list[dict[str, np.ndarray]], scored: int) -> Figures:
         scores = scorer.results()

@@ -231,7 +231,7 @@ def summed_outputs(model: onnx.ModelProto, names: list[str], dataset: Dataset, b
         for name, value in zip(names, session.run(names, feed)):
             totals[name] += float(value)
         if progress:
-            progress(next((value.shape[0] for value in feed.values() if value.ndim), 1))
+            progress(dataset.samples_in(feed))
     return totals
 
 

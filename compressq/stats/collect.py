@@ -179,7 +179,7 @@ def _reduced_pass(session, graph: _Augmented, dataset: Dataset, batch_size: int,
                 taken = max(_rows_in(part), 1)
                 per_sample = {t: float(values[o]) / taken for t, o in size_outputs.items()}
         if progress:
-            progress(_rows_in(feed))
+            progress(dataset.samples_in(feed))
     return per_sample
 
 
@@ -206,7 +206,7 @@ def _fetching_pass(model: onnx.ModelProto, provider: str, fetched: list[Request]
                         observer.update(values)
                     del values
             if progress:  # this pass's share of the batch, so that the chunks add up to one pass
-                count = _rows_in(feed)
+                count = dataset.samples_in(feed)
                 progress(count * (number + 1) // len(chunks) - count * number // len(chunks))
         del session
 
