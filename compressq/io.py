@@ -420,7 +420,7 @@ class SpillFile:
     the next run that spills into the same folder)."""
 
     def __init__(self, folder: Path):
-        _remove_stale_spills(folder)
+        _remove_leftovers(folder, SPILL_PREFIX)
         handle, name = tempfile.mkstemp(prefix=f"{SPILL_PREFIX}{os.getpid()}-", suffix=".spill", dir=folder)
         self.path = Path(name).resolve()
         self._stream = os.fdopen(handle, "wb")
@@ -454,11 +454,19 @@ def _remove_spills() -> None:
     _spills.clear()
 
 
-def _remove_stale_spills(folder: Path) -> None:
+SESSIONS_PREFIX = f".{STAGING_MARK}sessions-"
+
+
+def _remove_leftovers(folder: Path, prefix: str) -> None:
+    """Spill files and session folders (`PREFIX<pid>-...`) of runs that were killed (their process is gone)."""
     with contextlib.suppress(OSError):
-        for leftover in folder.glob(f"{SPILL_PREFIX}*.spill"):
-            pid_text = leftover.name[len(SPILL_PREFIX):].split("-", 1)[0]
-            if pid_text.isdigit() and not _process_alive(int(pid_text)):
+        for leftover in folder.glob(f"{prefix}*"):
+            pid_text = leftover.name[len(prefix):].split("-", 1)[0]
+            if not pid_text.isdigit() or _process_alive(int(pid_text)) or leftover.is_symlink():
+                continue
+            if leftover.is_dir():
+                shutil.rmtree(leftover, ignore_errors=True)
+            else:
                 with contextlib.suppress(OSError):
                     leftover.unlink()
 
@@ -484,7 +492,8 @@ def on_disk(*models: onnx.ModelProto) -> Iterator[list[Path]]:
     removed afterwards. Next to the weights' own folder when it is writable, like the spill file."""
     mapped = next(_mapped_location(s.tensor)[0] for m in models for s in model_tensors(m) if is_mapped(s.tensor))
     parent = mapped.parent if os.access(mapped.parent, os.W_OK) else Path(tempfile.gettempdir())
-    with tempfile.TemporaryDirectory(prefix=f".{STAGING_MARK}{os.getpid()}-sessions-", dir=parent) as folder:
+    _remove_leftovers(parent, SESSIONS_PREFIX)
+    with tempfile.TemporaryDirectory(prefix=f"{SESSIONS_PREFIX}{os.getpid()}-", dir=parent) as folder:
         paths = []
         for number, model in enumerate(models):
             path = Path(folder) / f"model{number}.onnx"
@@ -516,7 +525,8 @@ def refuse_external_references(model: onnx.ModelProto) -> None:
     pointing = external_tensors(model)
     if pointing:
         raise ModelError(f"{pointing[0].label} still points at external data; refused to run it from memory",
-                         hint="load models with compressq's load_model, which reads and checks external data")
+                         hint="load models with compressq's load_model, which reads and checks external data "
+                              "(one loaded with read_weights=False: run io.with_weights_read(model) or io.on_disk)")
 
 
 def check_model(model: onnx.ModelProto, model_path: Path | None = None, *, from_path: bool = False) -> None:

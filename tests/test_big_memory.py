@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import gc
+import os
 import subprocess
 import sys
 import weakref
@@ -210,8 +211,10 @@ def test_modes_that_run_the_model_read_it_first(decoder, mapped_cli, run_cli, tm
 def test_a_spill_file_lives_until_the_process_ends_and_a_dead_runs_file_is_removed(tmp_path):
     stale = tmp_path / f"{model_io.SPILL_PREFIX}999999999-x.spill"
     stale.write_bytes(b"left by a killed run")
+    ours = tmp_path / f"{model_io.SPILL_PREFIX}{os.getpid()}-y.spill"
+    ours.write_bytes(b"this process's own, still in use")
     spill = model_io.SpillFile(tmp_path)
-    assert not stale.exists()
+    assert not stale.exists() and ours.exists()
     tensor = spill.tensor(np.arange(600, dtype=np.float32).reshape(20, 30), "w")
     np.testing.assert_array_equal(model_io.tensor_array(tensor), np.arange(600, dtype=np.float32).reshape(20, 30))
     assert spill.path.exists()
@@ -333,3 +336,15 @@ def test_dynamic_scales_and_codes_from_row_blocks_equal_the_whole_weight(per_cha
     blocked = scheme.weight_params(dynamic._column_bounds(weight), 1 if per_channel else None)
     np.testing.assert_array_equal(blocked.scale, whole.scale)
     np.testing.assert_array_equal(dynamic._quantized_by_rows(weight, blocked), scheme.quantize(weight, whole))
+
+
+def test_session_copies_go_when_timed_and_a_killed_runs_copies_at_the_next_run(tmp_path):
+    model = build_decoder(CONFIGS["tiny"], tmp_path / "decoder.onnx")
+    stale = tmp_path / f"{model_io.SESSIONS_PREFIX}999999999-x"
+    stale.mkdir()
+    (stale / "model0.onnx.data").write_bytes(b"left by a killed run")
+    mapped = model_io.load_model(model, read_weights=False)
+    with model_io.on_disk(mapped) as (path,):
+        assert not stale.exists() and path.parent.parent == tmp_path.resolve()
+        np.testing.assert_array_equal(logits(path), logits(model))
+    assert not path.parent.exists()
