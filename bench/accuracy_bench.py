@@ -4,6 +4,8 @@ Per real model (bench/real_models.py; skipped where absent): calibration inputs 
 (seed 2) for accuracy targets, and unseen evaluation inputs (seed 1) that every figure is measured on.
 compressq runs as a user would (speed check on); the rows show the default and the documented flags of
 issue 10. Speeds are fp32 work / output work by CPU time (compressq.measure.speed), never wall clock.
+First rows: what a sensitive layer costs in each wider form onnxruntime could run (item 3, measured before
+choosing): only int8 and dynamic int8 (MatMul) beat fp32; 16-bit activations run as DQ + fp32 + Q.
 
     python -m bench.run accuracy            CQ_ACCURACY_MODELS=ocr_rec,ocr_cls to run some models only
 """
@@ -59,6 +61,68 @@ def _outlier_split(model: onnx.ModelProto, calibration) -> tuple[onnx.ModelProto
 TRANSFORMED: dict[str, dict[str, Callable]] = {  # label -> model transform applied before quantize_model
     "minilm": {f"compressq + outlier split {SPLIT_CHANNELS} (library pass, no CLI yet)": _outlier_split},
 }
+
+
+# ---------------------------------------------------------------------------------------------------
+# Which wider type a sensitive node could keep instead of float (issue 10 item 3: measure before choosing).
+# One layer of a bench model's shape, in each form onnxruntime could run it; speed against that layer in fp32.
+
+KERNEL_LAYERS = {  # label -> (op, weight shape, input shape)
+    "MiniLM FFN MatMul [64,384]x[384,1536]": ("MatMul", (384, 1536), (1, 64, 384)),
+    "PP-OCRv4 rec Conv 3x3 64->128 at 24x80": ("Conv", (128, 64, 3, 3), (1, 64, 24, 80)),
+}
+
+
+def _layer_forms(op: str, weight: np.ndarray, input_shape: tuple) -> dict[str, onnx.ModelProto]:
+    from onnx import TensorProto, helper, numpy_helper
+
+    axis = 0 if op == "Conv" else 1
+    reduced = tuple(i for i in range(weight.ndim) if i != axis)
+    scale = (np.abs(weight).max(axis=reduced) / 127).astype(np.float32)
+    codes = np.round(weight / np.expand_dims(scale, reduced)).astype(np.int8)
+    int8 = {"w_q": codes, "w_s": scale, "w_z": np.zeros(scale.size, np.int8)}
+    attributes = {"pads": [1, 1, 1, 1]} if op == "Conv" else {}
+
+    def graph(nodes, initializers) -> onnx.ModelProto:
+        body = helper.make_graph(nodes, "layer", [helper.make_tensor_value_info("x", TensorProto.FLOAT, input_shape)],
+                                 [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                                 [numpy_helper.from_array(v, k) for k, v in initializers.items()])
+        return helper.make_model(body, opset_imports=[helper.make_opsetid("", 21),
+                                                      helper.make_opsetid("com.microsoft", 1)])
+
+    def qdq(code_type, zero) -> onnx.ModelProto:  # activations of code_type, int8 weights, output re-quantized
+        levels = float(np.iinfo(code_type).max - np.iinfo(code_type).min)
+        params = {"x_s": np.float32(8 / levels), "x_z": code_type(zero), "y_s": np.float32(16 / levels),
+                  "y_z": code_type(zero)}
+        return graph([helper.make_node("QuantizeLinear", ["x", "x_s", "x_z"], ["x_q"]),
+                      helper.make_node("DequantizeLinear", ["x_q", "x_s", "x_z"], ["x_d"]),
+                      helper.make_node("DequantizeLinear", ["w_q", "w_s", "w_z"], ["w_d"], axis=axis),
+                      helper.make_node(op, ["x_d", "w_d"], ["y_f"], **attributes),
+                      helper.make_node("QuantizeLinear", ["y_f", "y_s", "y_z"], ["y_q"]),
+                      helper.make_node("DequantizeLinear", ["y_q", "y_s", "y_z"], ["y"])], {**int8, **params})
+
+    forms = {"fp32": graph([helper.make_node(op, ["x", "w"], ["y"], **attributes)], {"w": weight}),
+             "int8 QDQ (today)": qdq(np.uint8, 128), "uint16 activations QDQ": qdq(np.uint16, 32768),
+             "int8 weights dequantized, fp32 activations":
+                 graph([helper.make_node("DequantizeLinear", ["w_q", "w_s", "w_z"], ["w_d"], axis=axis),
+                        helper.make_node(op, ["x", "w_d"], ["y"], **attributes)], int8)}
+    if op == "MatMul":
+        forms["dynamic int8 (DynamicQuantizeMatMul)"] = graph(
+            [helper.make_node("DynamicQuantizeMatMul", ["x", "w_q", "w_s", "w_z"], ["y"], domain="com.microsoft")],
+            int8)
+    return forms
+
+
+def _kernel_rows(table: Table) -> None:
+    rng = np.random.default_rng(0)
+    for label, (op, weight_shape, input_shape) in KERNEL_LAYERS.items():
+        forms = _layer_forms(op, rng.standard_normal(weight_shape).astype(np.float32), input_shape)
+        feeds = [{"x": rng.standard_normal(input_shape).astype(np.float32)}]
+        for form, candidate in forms.items():
+            if form != "fp32":
+                speed = measure_speedup(forms["fp32"], candidate, feeds).ratio
+                table.add(SECTION, f"kernel for a sensitive node, {label}: {form} (speed vs the fp32 layer)",
+                          f"{speed:.2f}x")
 
 
 def _log(message: str) -> None:
@@ -175,6 +239,7 @@ def run(table: Table) -> None:
     from bench import real_models
 
     wanted = [n for n in os.environ.get("CQ_ACCURACY_MODELS", ",".join(COUNTS)).split(",") if n]
+    _kernel_rows(table)
     found = real_models.present()
     with tempfile.TemporaryDirectory(prefix="compressq-accuracy-") as folder:
         for name in wanted:
