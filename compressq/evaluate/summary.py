@@ -101,8 +101,8 @@ def summarize(model: onnx.ModelProto, path: str | os.PathLike) -> ModelSummary:
     folder a chunk at a time (memory stays far below the model's size)."""
     index = GraphIndex(model.graph)
     nodes = list(all_nodes(model.graph))
-    per_graph = [(scope.label, scope.graph, [_initializer_info(t, path) for t in stored_tensors(scope.graph)])
-                 for scope in scopes(model.graph)]
+    stored = [(scope.label, scope.graph, stored_tensors(scope.graph)) for scope in scopes(model.graph)]
+    per_graph = [(label, graph, [_initializer_info(t, path) for t in tensors]) for label, graph, tensors in stored]
     initializers = [info for _, _, infos in per_graph for info in infos]
     parameters = sum(i.parameters for i in initializers)
     zeros = sum(round(i.zero_fraction * i.parameters) for i in initializers)
@@ -122,7 +122,7 @@ def summarize(model: onnx.ModelProto, path: str | os.PathLike) -> ModelSummary:
         by_dtype=_totals_by_dtype(initializers),
         zero_fraction=zeros / parameters if parameters else 0.0,
         initializers=initializers,
-        quantization=_quantization_state(nodes, [t for _, graph, _ in per_graph for t in stored_tensors(graph)]),
+        quantization=_quantization_state(nodes, [t for _, _, tensors in stored for t in tensors]),
         compressq=read_stamp(model),
         graphs=[GraphTotals(label, len(graph.node), sum(i.parameters for i in infos), sum(i.bytes for i in infos))
                 for label, graph, infos in per_graph] if len(per_graph) > 1 else [],
