@@ -79,15 +79,19 @@ class Shard:
     source: str
     num_samples: int  # -1 when the arrays disagree (reported by validation)
     shapes: dict[str, tuple]
-    load: Callable[[], dict[str, np.ndarray]]
+    read: Callable[[Sequence[str]], dict[str, np.ndarray]]  # the named arrays, and only those
     dtypes: dict[str, np.dtype] = field(default_factory=dict)  # from the headers, when known without reading
-    read: Callable[[Sequence[str]], dict[str, np.ndarray]] | None = None  # only the named arrays
 
     def arrays(self, keys: Sequence[str]) -> dict[str, np.ndarray]:
-        return self.read(keys) if self.read is not None else self.load()
+        return self.read(keys)
 
     def dtype(self, key: str) -> np.dtype:
         return self.dtypes[key] if key in self.dtypes else self.arrays([key])[key].dtype
+
+
+def _reader(arrays: dict[str, np.ndarray]) -> Callable[[Sequence[str]], dict[str, np.ndarray]]:
+    """A Shard's reader over arrays already at hand (memory-mapped .npy files, synthetic data)."""
+    return lambda keys: {key: arrays[key] for key in keys if key in arrays}
 
 
 @dataclass
@@ -245,8 +249,8 @@ def _npz_shard(path: Path) -> Shard:
             raise DataError(f"cannot read {path}: {_reason(exc)}",
                             hint="the file changed or is damaged; save the data again with numpy.savez") from exc
 
-    return Shard(str(path), counts.pop() if len(counts) == 1 else -1, shapes, lambda: read(list(shapes)),
-                 dtypes={key: dtype for key, (_, dtype) in headers.items()}, read=read)
+    return Shard(str(path), counts.pop() if len(counts) == 1 else -1, shapes, read,
+                 dtypes={key: dtype for key, (_, dtype) in headers.items()})
 
 
 def _npz_headers(path: Path) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
@@ -321,7 +325,7 @@ def _npy_folder_shard(folder: Path, files: list[Path]) -> Shard:
                         hint="each file must be a numeric array saved with numpy.save") from exc
     counts = {a.shape[0] if a.ndim else 0 for a in arrays.values()}
     shapes = {k: a.shape for k, a in arrays.items()}
-    return Shard(str(folder), counts.pop() if len(counts) == 1 else -1, shapes, lambda: arrays)
+    return Shard(str(folder), counts.pop() if len(counts) == 1 else -1, shapes, _reader(arrays))
 
 
 def _folder_shards(folder: Path, specs: list[InputSpec]) -> list[Shard]:
@@ -473,7 +477,7 @@ def synthetic_dataset(model: onnx.ModelProto, samples: int = 32, seed: int = 0) 
     layout = "stack" if stacked else "batch"
     arrays = {spec.name: _synthetic_array(spec, samples, rng, layout) for spec in specs}
     shapes = {k: a.shape for k, a in arrays.items()}
-    shard = Shard("synthetic", samples, shapes, lambda: arrays)
+    shard = Shard("synthetic", samples, shapes, _reader(arrays))
     return Dataset(specs, [shard], "synthetic inputs", synthetic=True, layout=layout,
                    notes=["inputs are synthetic (random): accuracy figures do not reflect real data"])
 

@@ -374,8 +374,7 @@ def test_row_budget_stops_reading_samples_once_the_layer_has_enough_rows():
     sparse = np.where(rng.random(weight.shape) < 0.5, 0, weight)
     pruned.graph.initializer[0].CopyFrom(numpy_helper.from_array(sparse, "w"))
     arrays = {"x": rng.standard_normal((128, 5, 16, 16)).astype(np.float32)}
-    loads = []
-    shard = Shard("memory", 128, {"x": arrays["x"].shape}, lambda: loads.append(1) or arrays)
+    shard = Shard("memory", 128, {"x": arrays["x"].shape}, lambda keys: arrays)
     dataset = Dataset(model_inputs(model), [shard], "memory")
     settings = RefitSettings(samples=128, batch_size=8, ridge=0.0, rows_per_feature=1, min_rows=512, spread=4)
     (record,) = refit_layers(pruned, model, [RefitTarget("conv")], dataset, settings)
