@@ -95,6 +95,13 @@ def test_a_target_that_needs_most_nodes_stops_after_one_round_and_two_probes():
     assert len(measured) <= 8 + 2  # round one: half + bisection of the upper half; then alone, then half
 
 
+@pytest.mark.parametrize("count", [0, 1])
+def test_fewer_than_two_nodes_need_no_evaluation(count):
+    meets, measured = _culprits(set())
+    assert fewest_in_float(meets, [f"n{i}" for i in range(count)], budget=10) == tuple(f"n{i}" for i in range(count))
+    assert measured == []
+
+
 def test_search_budget_grows_with_the_log_of_the_nodes():
     assert search_budget(1) >= 6
     assert search_budget(255) == 24

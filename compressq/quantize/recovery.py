@@ -321,6 +321,8 @@ def fewest_in_float(meets: Callable[[tuple[str, ...]], bool], order: Sequence[st
     rounds would re-measure models as slow as fp32); when it is, galloping finds the next needed node.
     Every round ends on a set measured to meet and no larger than the last one."""
     order = tuple(order)
+    if len(order) < 2:
+        return order  # all of them: known to meet
     calls = [0]
 
     def prefix_meets(needed: tuple[str, ...], pool: tuple[str, ...]) -> Callable[[int], bool]:
@@ -351,8 +353,6 @@ def fewest_in_float(meets: Callable[[tuple[str, ...]], bool], order: Sequence[st
 def _first_round(meets: Callable[[int], bool], total: int, budget: int) -> tuple[int, bool]:
     """Round one of fewest_in_float: the shortest prefix that meets, half of the nodes probed first."""
     half = total // 2
-    if half < 1:
-        return total, True  # one node: in float it meets (given)
     if budget < 1:
         return total, False
     if meets(half):
