@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NamedTuple
@@ -219,3 +220,25 @@ def write_fragile(folder: Path, samples: int = 256, first_activation: str = "Tan
 @pytest.fixture
 def fragile(tmp_path) -> Fragile:
     return write_fragile(tmp_path)
+
+
+SIZE_LIMITS = ("EXTERNAL_DATA_THRESHOLD", "IN_MEMORY_CHECK_LIMIT")
+BIG_THRESHOLD = 64 * 1024  # the tiny decoder holds ~100 KB of weights
+
+
+@pytest.fixture
+def size_limits(monkeypatch) -> Callable[..., None]:
+    """Lower compressq's size limits wherever they were imported by name: a small model then counts as big."""
+    def lower(threshold: int, names: Sequence[str] = SIZE_LIMITS) -> None:
+        for module_name, module in list(sys.modules.items()):
+            if module_name.startswith("compressq"):
+                for limit in names:
+                    if hasattr(module, limit):
+                        monkeypatch.setattr(module, limit, threshold)
+    return lower
+
+
+@pytest.fixture
+def big_threshold(size_limits) -> None:
+    """Every size limit lowered to BIG_THRESHOLD."""
+    size_limits(BIG_THRESHOLD)

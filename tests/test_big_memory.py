@@ -38,7 +38,6 @@ from compressq.quantize import scheme
 from compressq.quantize.api import quantize_model
 from compressq.quantize.config import QuantizeConfig
 from compressq.runtime import create_session
-from tests.test_big_models import big_threshold  # noqa: F401  (a fixture: every size limit lowered)
 from tests.test_subgraphs import if_model
 
 

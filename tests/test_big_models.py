@@ -9,7 +9,6 @@ outputs keep their weights in external data, and `inspect` reads weights a chunk
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -22,19 +21,7 @@ from bench.decoder_model import CONFIGS, build_decoder, empty_cache, step_feed, 
 from compressq.errors import ModelError
 from compressq.evaluate.summary import summarize
 from compressq.runtime import create_session
-
-THRESHOLD = 64 * 1024  # the tiny decoder holds ~100 KB of weights
-
-
-@pytest.fixture
-def big_threshold(monkeypatch):
-    """Lower every size limit wherever it was imported by name."""
-    for name, module in list(sys.modules.items()):
-        if not name.startswith("compressq"):
-            continue
-        for limit in ("EXTERNAL_DATA_THRESHOLD", "IN_MEMORY_CHECK_LIMIT"):
-            if hasattr(module, limit):
-                monkeypatch.setattr(module, limit, THRESHOLD)
+from tests.conftest import BIG_THRESHOLD
 
 
 @pytest.fixture(scope="module")
@@ -50,10 +37,10 @@ def logits(path_or_model, ids: np.ndarray) -> np.ndarray:
 def test_model_bytes_is_byte_size_below_the_threshold_and_the_tensor_sum_above(decoder, monkeypatch):
     model = model_io.load_model(decoder)
     assert model_io.model_bytes(model) == model.ByteSize()
-    monkeypatch.setattr(model_io, "EXTERNAL_DATA_THRESHOLD", THRESHOLD)
+    monkeypatch.setattr(model_io, "EXTERNAL_DATA_THRESHOLD", BIG_THRESHOLD)
     payload = sum(t.ByteSize() - 16 for t in model.graph.initializer if t.HasField("raw_data"))  # roughly the bytes
     measured = model_io.model_bytes(model)
-    assert measured > THRESHOLD
+    assert measured > BIG_THRESHOLD
     assert measured == sum(len(t.raw_data) for t in model.graph.initializer if t.HasField("raw_data"))
     assert abs(measured - payload) < 0.05 * payload
 
@@ -111,7 +98,7 @@ def test_every_command_on_a_big_decoder(command, decoder, big_threshold, run_cli
     result = run_cli(*[a.format(model=decoder, out=out) for a in COMMANDS[command]])
     assert result.exit_code == 0, result.stderr
     written = onnx.load(str(out), load_external_data=False)
-    if model_io.model_bytes(model_io.load_model(out)) > THRESHOLD:
+    if model_io.model_bytes(model_io.load_model(out)) > BIG_THRESHOLD:
         assert (tmp_path / "out.onnx.data").exists(), "an output above the threshold keeps its weights aside"
         assert any(model_io.is_external(t) for t in written.graph.initializer)
     ids = token_ids(CONFIGS["tiny"], 2, 6, seed=1)

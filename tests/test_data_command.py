@@ -19,6 +19,7 @@ from compressq.data import load_dataset
 from compressq.data_build import ImageGeometry, ImageOptions, image_to_input, read_netpbm, resample_matrix, resize
 from compressq.errors import DataError
 from tests.conftest import make_model
+from tests.helpers import write_pnm
 
 
 def identity_model(shape, elem_type=TensorProto.FLOAT, extra: dict | None = None) -> onnx.ModelProto:
@@ -35,20 +36,6 @@ def identity_model(shape, elem_type=TensorProto.FLOAT, extra: dict | None = None
 
 def save(model: onnx.ModelProto, path: Path) -> Path:
     onnx.save_model(model, str(path))
-    return path
-
-
-def write_pnm(path: Path, pixels: np.ndarray, maxval: int = 255, ascii_body: bool = False) -> Path:
-    """Pixels [H, W] (PGM) or [H, W, 3] (PPM) as a binary or ASCII netpbm file with a header comment."""
-    color = pixels.ndim == 3
-    magic = ("P3" if color else "P2") if ascii_body else ("P6" if color else "P5")
-    header = f"{magic}\n# made by a test\n{pixels.shape[1]} {pixels.shape[0]}\n{maxval}\n".encode()
-    if ascii_body:
-        body = " ".join(str(int(v)) for v in pixels.ravel()).encode()
-    else:
-        body = pixels.astype(">u2" if maxval > 255 else np.uint8).tobytes()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(header + body)
     return path
 
 

@@ -20,6 +20,7 @@ from compressq.quantize.integer_select import select_on_integers
 from compressq.quantize.plan import build_plan
 from compressq.runtime import create_session, optimized_graph
 from tests.conftest import make_model
+from tests.helpers import cosine
 
 CHANNELS, SIZE = 16, 12
 
@@ -85,11 +86,6 @@ def nhwc_data(tmp_path):
 
 def run(model: onnx.ModelProto, feed: dict) -> list[np.ndarray]:
     return create_session(model, "cpu", threads=1).run(None, feed)
-
-
-def cosine(a: np.ndarray, b: np.ndarray) -> float:
-    a, b = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
-    return float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
 
 
 STATIC = QuantizeConfig(mode="static", speed_check=False, accuracy_check=False)

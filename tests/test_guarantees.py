@@ -13,7 +13,6 @@ import shutil
 import stat
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -22,31 +21,10 @@ import pytest
 
 from compressq.cli.views.console import printable
 from tests.conftest import tiny
+from tests.helpers import REPO_ROOT, assert_refused, error_lines, listing, run_python
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 ESC_CLEAR = "\x1b[2J"
 ESC_TITLE = "\x1b]0;owned\x07"
-
-
-def error_lines(text: str) -> list[str]:
-    return [line for line in text.splitlines() if line.strip()]
-
-
-def assert_refused(result, *words: str) -> None:
-    """Exit 2, one `error:` line with a hint, no traceback."""
-    assert result.exit_code == 2, (result.exit_code, result.stderr)
-    lines = error_lines(result.stderr)
-    assert len(lines) == 1 and lines[0].startswith("error:") and "hint:" in lines[0], result.stderr
-    for word in words:
-        assert word in lines[0], lines[0]
-    assert "Traceback" not in result.stderr + result.stdout
-
-
-def run_python(code: str, *args: str, cwd: Path, timeout: int = 180) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k not in ("COMPRESSQ_DEBUG", "FORCE_COLOR")}
-    env["PYTHONPATH"] = str(REPO_ROOT)
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code), *args], cwd=cwd, capture_output=True,
-                          text=True, timeout=timeout, env=env)
 
 
 @pytest.fixture
@@ -56,10 +34,6 @@ def model_dir(tmp_path) -> Path:
     onnx.save_model(tiny(input_shape=("batch", 16), features=16), str(folder / "m.onnx"))
     np.savez(folder / "calib.npz", x=np.random.default_rng(0).standard_normal((8, 16)).astype(np.float32))
     return folder
-
-
-def listing(folder: Path) -> set[str]:
-    return {p.name for p in folder.iterdir()}
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from compressq.io import non_finite_weights
 from tests.conftest import make_model, tiny
-from tests.test_guarantees import assert_refused, error_lines, listing
+from tests.helpers import assert_refused, error_lines, listing, run_python, write_pnm
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PRUNE_ALL = ["-s", "0.5", "--prune-first", "--prune-last", "--min-params", "1"]  # the tiny model has one layer
@@ -346,7 +346,6 @@ def test_data_layout_stack_takes_a_stacked_npy_of_complete_feeds(run_cli, work):
 
 
 def test_data_layout_stack_refuses_images(run_cli, work, tmp_path):
-    from tests.test_data_command import write_pnm
 
     (work / "imgs").mkdir()
     write_pnm(work / "imgs" / "a.pgm", np.zeros((8, 8), dtype=np.uint8))
@@ -429,7 +428,6 @@ main()
 
 
 def test_ctrl_c_while_the_package_itself_imports_is_quiet(work):
-    from tests.test_guarantees import run_python
 
     done = run_python(PACKAGE_IMPORT_INTERRUPTED, cwd=work)
     assert done.returncode == 130, done.stderr
@@ -437,7 +435,6 @@ def test_ctrl_c_while_the_package_itself_imports_is_quiet(work):
 
 
 def test_importing_compressq_keeps_the_importers_handlers(work):
-    from tests.test_guarantees import run_python
 
     done = run_python("import signal, compressq; print(signal.getsignal(signal.SIGINT) is signal.default_int_handler)",
                       cwd=work)
@@ -455,7 +452,6 @@ def test_main_called_in_process_gives_the_callers_handlers_back(monkeypatch, wor
 
 
 def test_the_program_ignores_signals_once_its_command_is_over(work):
-    from tests.test_guarantees import run_python
 
     done = run_python("""
         import atexit, runpy, signal, sys

@@ -21,6 +21,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from compressq.graph.normalize import interface
 from compressq.io import load_model
+from tests.helpers import cosine
 
 SHAPES = ("constant_weights", "initializers_as_inputs", "unnamed_nodes", "all_three")
 SAMPLES = 24
@@ -107,11 +108,6 @@ def _check_written(original: Path, written: Path) -> onnx.ModelProto:
     return model
 
 
-def _cosine(a: np.ndarray, b: np.ndarray) -> float:
-    a, b = a.ravel().astype(np.float64), b.ravel().astype(np.float64)
-    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
-
-
 def _op_types(model: onnx.ModelProto) -> set[str]:
     return {node.op_type for node in model.graph.node}
 
@@ -155,7 +151,7 @@ def test_quantize_static(run_cli, exported, tmp_path):
     assert result.exit_code == 0, result.stderr
     model = _check_written(path, out)
     assert {"QuantizeLinear", "DequantizeLinear"} <= _op_types(model)
-    assert _cosine(_run(out, x), reference) > 0.99
+    assert cosine(_run(out, x), reference) > 0.99
 
 
 @pytest.mark.parametrize("speed_check", ["--speed-check", "--no-speed-check"])
@@ -167,7 +163,7 @@ def test_quantize_dynamic(run_cli, exported, tmp_path, speed_check):
     model = _check_written(path, out)
     if speed_check == "--no-speed-check":
         assert "DynamicQuantizeMatMul" in _op_types(model) or "MatMulInteger" in _op_types(model)
-    assert _cosine(_run(out, x), reference) > 0.99
+    assert cosine(_run(out, x), reference) > 0.99
 
 
 def test_quantize_weight_only(run_cli, exported, tmp_path):
@@ -177,7 +173,7 @@ def test_quantize_weight_only(run_cli, exported, tmp_path):
     assert result.exit_code == 0, result.stderr
     model = _check_written(path, out)
     assert "MatMulNBits" in _op_types(model)
-    assert _cosine(_run(out, x), reference) > 0.98
+    assert cosine(_run(out, x), reference) > 0.98
 
 
 @pytest.mark.parametrize("with_data", [False, True])
@@ -195,7 +191,7 @@ def test_prune(run_cli, exported, tmp_path, with_data):
     layers = json.loads(result.stdout)["layers"]
     assert sorted(layer["weight"] for layer in layers) == ["conv1.weight", "conv2.weight", "fc1.weight", "fc2.weight"]
     pruned_output = _run(out, x)
-    assert np.all(np.isfinite(pruned_output)) and _cosine(pruned_output, reference) > 0.5
+    assert np.all(np.isfinite(pruned_output)) and cosine(pruned_output, reference) > 0.5
 
 
 def test_report_and_sensitivity(run_cli, exported, tmp_path):
@@ -314,7 +310,7 @@ def test_stack_layout_through_quantize_and_prune(run_cli, stateful, tmp_path, co
         want_y, want_state = stateful_reference(weights, arrays["x"][i], arrays["sr"][i], arrays["state"][i])
         assert y.shape == want_y.shape and state_out.shape == want_state.shape
         if command == "static":
-            assert _cosine(y, want_y) > 0.99
+            assert cosine(y, want_y) > 0.99
 
 
 def test_stack_layout_through_report_and_sensitivity(run_cli, stateful, tmp_path):

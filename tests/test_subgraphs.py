@@ -16,6 +16,7 @@ from onnx import TensorProto, helper, numpy_helper
 from compressq.graph.index import implicit_inputs, scopes
 from compressq.graph.normalize import interface, normalize
 from compressq.stats.subgraphs import probe_bodies, split_by_scope
+from tests.helpers import cosine
 
 OPSET = [helper.make_opsetid("", 17)]
 
@@ -176,11 +177,6 @@ def _run(model_or_path, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
     source = str(model_or_path) if isinstance(model_or_path, Path) else model_or_path.SerializeToString()
     session = ort.InferenceSession(source, providers=["CPUExecutionProvider"])
     return session.run(None, feed)
-
-
-def _cosine(a: np.ndarray, b: np.ndarray) -> float:
-    a, b = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
-    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -376,7 +372,7 @@ def _close_to_reference(name: str, written: Path, weights, evaluation, minimum_c
     for index, feed in feeds(name, evaluation):
         for got, want in zip(_run(written, feed), reference(name, weights, evaluation, index)):
             assert got.shape == want.shape
-            assert _cosine(got, want) > minimum_cosine, (name, index)
+            assert cosine(got, want) > minimum_cosine, (name, index)
 
 
 @pytest.mark.parametrize("mode", ["static", "dynamic", "weight-only"])
@@ -597,7 +593,7 @@ def test_branches_sharing_an_outer_weight_share_its_quantized_copy(run_cli, tmp_
     x = rng.standard_normal((3, 256)).astype(np.float32)
     for flag in (True, False):
         (got,) = _run(out, {"flag": np.array(flag), "x": x})
-        assert _cosine(got, np.maximum(x @ weight, 0)) > 0.99
+        assert cosine(got, np.maximum(x @ weight, 0)) > 0.99
 
 
 def test_scalar_first_if_model_through_report_and_an_accuracy_target(run_cli, tmp_path):
