@@ -83,7 +83,7 @@ def test_a_mapped_model_points_at_its_checked_files_and_only_io_reads_them(decod
 
 
 @pytest.mark.parametrize("run", list(RUNS))
-def test_streamed_output_equals_the_output_made_in_memory(run, decoder, big_threshold, tmp_path):  # noqa: F811
+def test_streamed_output_equals_the_output_made_in_memory(run, decoder, big_threshold, tmp_path):
     streamed = RUNS[run](model_io.load_model(decoder, read_weights=False))
     in_memory = RUNS[run](model_io.load_model(decoder))
     spilled = [t for t in streamed.graph.initializer if model_io.is_mapped(t)
