@@ -55,7 +55,7 @@ def prune(
     target = output or default_output_path(model, "pruned")
     read_paths = [p for p in (model, calibration_data) if p is not None]
     check_output_path(target, protect=read_paths)
-    source = load_model(model)
+    source = load_model(model, read_weights=False)  # weights stay in their files until a step needs them
     refuse_non_finite_weights(source, str(model))
     dataset = load_dataset(calibration_data, source, layout=data_layout) if calibration_data else None
     if dataset is not None:

@@ -98,7 +98,7 @@ def quantize(
     check_output_path(target, protect=read_paths)
     if save_plan is not None:
         check_output_path(save_plan, protect=[*read_paths, target])
-    source = load_model(model)
+    source = load_model(model, read_weights=False)  # weights stay in their files until a step needs them
     refuse_non_finite_weights(source, str(model))
     if pinned is not None:
         check_plan_fits(pinned, source, plan)

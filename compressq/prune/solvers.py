@@ -47,7 +47,15 @@ def masked_ridge_solve(gram: np.ndarray, cross: np.ndarray, target_energy: np.nd
                        keep: np.ndarray, ridge: float) -> tuple[np.ndarray, str]:
     """Refit rows of `weights` [outputs, features] on columns `keep` (same shape, bool); zeros elsewhere.
 
-    Returns the fitted weights (float64) and which method ran ("direct" or "cg N iterations")."""
+    Returns the fitted weights (float64) and which method ran ("direct" or "cg N iterations"). Statistics that
+    overflowed (inf/NaN sums) make every fit non-finite, and never_worse then keeps `weights`: silently, the
+    caller says why."""
+    with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+        return _masked_ridge_solve(gram, cross, target_energy, weights, keep, ridge)
+
+
+def _masked_ridge_solve(gram: np.ndarray, cross: np.ndarray, target_energy: np.ndarray, weights: np.ndarray,
+                        keep: np.ndarray, ridge: float) -> tuple[np.ndarray, str]:
     weights = weights.astype(np.float64)
     keep = keep.astype(bool)
     strengths = ridge_strengths(gram, keep, ridge)
