@@ -41,26 +41,10 @@ VARIANTS: dict[str, dict] = {  # label -> QuantizeConfig options beyond the benc
     "compressq --method auto": {"method": "auto"},
 }
 TARGETED = {"ocr_rec": {"compressq --min-agreement 0.9 --method mse": {"method": "mse", "min_agreement": 0.9}},
-            "ocr_cls": {"compressq --min-agreement 0.995": {"min_agreement": 0.995}}}
-SPLIT_CHANNELS = 16
+            "ocr_cls": {"compressq --min-agreement 0.995": {"min_agreement": 0.995}},
+            "minilm": {"compressq --outlier-channels 16": {"outlier_channels": 16}}}
 DETECTION_SCORE = 0.25
 ALSO_SHOWN = {"minilm": "embedding_cosine_mean", "captcha_det": "detections_kept"}  # second figure of a bar
-
-
-def _outlier_split(model: onnx.ModelProto, calibration) -> tuple[onnx.ModelProto, dict]:
-    """compressq.quantize.outliers before quantize_model, its float nodes excluded: what a static.py hook would do
-    (not wired yet). Speed of these rows is measured against the unsplit fp32 model."""
-    from compressq.quantize.outliers import split_outliers
-    from compressq.quantize.smoothquant import collect_channel_absmax, smoothable_activations
-
-    absmax = collect_channel_absmax(model, calibration, smoothable_activations(model), batch_size=8)
-    split, summary = split_outliers(model, absmax, SPLIT_CHANNELS)
-    return split, {"exclude": tuple(summary.float_nodes)}
-
-
-TRANSFORMED: dict[str, dict[str, Callable]] = {  # label -> model transform applied before quantize_model
-    "minilm": {f"compressq + outlier split {SPLIT_CHANNELS} (library pass, no CLI yet)": _outlier_split},
-}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -194,21 +178,16 @@ def _model_rows(table: Table, name: str, path: Path, folder: Path) -> None:
                                           "speedup": measure_speedup(model, ort_model, timing_feeds).ratio}
     except Exception as exc:  # onnxruntime fails on some graphs; the table says so
         _log(f"{name}: onnxruntime quantize_static failed: {type(exc).__name__}: {exc}")
-    variants = {label: (None, options) for label, options in {**VARIANTS, **TARGETED.get(name, {})}.items()}
-    variants.update({label: (transform, {}) for label, transform in TRANSFORMED.get(name, {}).items()})
-    for label, (transform, options) in variants.items():
+    for label, options in {**VARIANTS, **TARGETED.get(name, {})}.items():
         started = time.process_time()
         try:
-            quantized, extra = transform(model, calibration) if transform else (model, {})
-            result = quantize_model(quantized, calibration, QuantizeConfig(batch_size=1, **options, **extra),
+            result = quantize_model(model, calibration, QuantizeConfig(batch_size=1, **options),
                                     eval_dataset=selection)
         except CompressqError as exc:
             rows[label] = {"error": str(exc)}
             continue
         seconds = time.process_time() - started
         speedup = result.summary.speedup if result.summary.speedup is not None else 1.0
-        if transform is not None:  # the speed check timed it against the transformed fp32 graph
-            speedup = measure_speedup(model, result.model, timing_feeds).ratio
         rows[label] = {**_figures(name, reference, _outputs(result.model, eval_feeds), eval_feeds),
                        "speedup": speedup, "cpu_seconds": seconds,
                        "returned_to_float": len(result.summary.returned_to_float)}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import onnx
 import pytest
@@ -116,3 +118,38 @@ def test_bad_inputs_are_one_line_errors():
     untouched, summary = split_outliers(model, {"r": np.ones(K)}, channels=2)
     assert summary.skipped == {"r": "feeds no MatMul/Gemm with a constant weight"}
     assert not summary.activations and len(untouched.graph.node) == len(model.graph.node)
+
+
+def test_the_outlier_channels_option_splits_reports_and_replays(tmp_path, run_cli):
+    """`quantize --outlier-channels N`: the split made inside quantize (its nodes float, what it did in --json),
+    outputs closer to fp32 than plain int8, and a saved plan re-applied to the same bytes without data."""
+    model = _model()
+    x, _ = _data(tmp_path, model)
+    path, split_out, plain_out, again = (tmp_path / n for n in ("m.onnx", "split.onnx", "plain.onnx", "again.onnx"))
+    onnx.save_model(model, str(path))
+    common = ["-d", tmp_path / "data.npz", "--no-speed-check", "--no-accuracy-check", "--json"]
+    made = run_cli("quantize", path, *common, "--outlier-channels", "4", "-o", split_out,
+                   "--save-plan", tmp_path / "plan.json")
+    assert made.exit_code == 0, made.stderr
+    report = json.loads(made.stdout)
+    (entry,) = [e for e in report["error_correction"]["outliers"]["split"] if e["activation"] == "x"]
+    assert sorted(entry["channels"]) == sorted(OUTLIERS) and {"fc1", "fc2"} <= set(entry["consumers"])
+    assert {"fc1", "fc2"} <= set(report["quantized_nodes"])
+    assert run_cli("quantize", path, *common, "-o", plain_out).exit_code == 0
+    reference = x @ numpy_helper.to_array(model.graph.initializer[0])
+    errors = [float(np.sum((create_session(str(p)).run(["y1"], {"x": x})[0] - reference) ** 2))
+              for p in (split_out, plain_out)]
+    assert errors[0] < errors[1] / 20
+    replayed = run_cli("quantize", path, "--plan", tmp_path / "plan.json", "-o", again)
+    assert replayed.exit_code == 0, replayed.stderr
+    assert again.read_bytes() == split_out.read_bytes()
+
+
+@pytest.mark.parametrize("extra", [["--outlier-channels", "0"], ["--outlier-channels", "2", "--mode", "dynamic"]])
+def test_the_outlier_channels_option_refuses_what_it_cannot_do(tmp_path, run_cli, extra):
+    path = tmp_path / "m.onnx"
+    onnx.save_model(_model(), str(path))
+    _data(tmp_path, _model())
+    result = run_cli("quantize", path, "-d", tmp_path / "data.npz", *extra, "-o", tmp_path / "out.onnx")
+    assert result.exit_code == 2 and "Traceback" not in result.stderr
+    assert not (tmp_path / "out.onnx").exists()

@@ -32,6 +32,7 @@ class QuantizeConfig:
     bias_correction: bool = False     # subtract each layer's measured mean output shift from its bias
     equalize: bool = False            # cross-layer equalization before quantizing (CNNs)
     smoothquant: float | None = None  # SmoothQuant migration strength alpha (transformers)
+    outlier_channels: int | None = None  # at most this many outlier channels per activation go around int8
     max_drop: float | None = None     # accuracy target: top-1 drop in points on evaluation data
     min_agreement: float | None = None  # accuracy target: share of samples whose prediction matches fp32
     bits: int = 8                     # weight-only mode: 4 or 8
@@ -56,7 +57,7 @@ class QuantizeConfig:
         _finite_in("--smoothquant", self.smoothquant, 0.0, 1.0)
         for option, value in (("--samples", self.samples), ("--batch-size", self.batch_size),
                               ("--latency-batch", self.latency_batch), ("--threads", self.threads),
-                              ("--block-size", self.block_size)):
+                              ("--block-size", self.block_size), ("--outlier-channels", self.outlier_channels)):
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise UsageError(f"{option} must be a whole number >= 1, got {value!r}")
         if self.mode == "weight-only" and self.bits not in (4, 8):

@@ -35,6 +35,7 @@ class QuantizationPlan:
     float_nodes: dict[str, str]                     # node -> why it stays float
     activation_ranges: dict[str, TensorRange]
     smoothquant_absmax: dict[str, np.ndarray] = field(default_factory=dict)
+    outlier_absmax: dict[str, np.ndarray] = field(default_factory=dict)   # --outlier-channels' statistics
     bias_means: dict[str, np.ndarray] = field(default_factory=dict)
     decisions: list[dict] = field(default_factory=list)   # {"step", "speedup", "kept", "how"}
 
@@ -45,7 +46,8 @@ class QuantizationPlan:
         for name in sorted(self.activation_ranges):
             value = self.activation_ranges[name]
             digest.update(f"{name}:{value.low!r}:{value.high!r}:{value.finite}\n".encode())
-        for label, table in (("smooth", self.smoothquant_absmax), ("bias", self.bias_means)):
+        for label, table in (("smooth", self.smoothquant_absmax), ("bias", self.bias_means),
+                             ("outliers", self.outlier_absmax)):
             for name in sorted(table):
                 digest.update(f"{label}:{name}:{table[name].dtype}:".encode())
                 digest.update(np.ascontiguousarray(table[name]).tobytes())
@@ -78,6 +80,7 @@ class QuantizationPlan:
             "activation_ranges": {name: ([r.low, r.high] if r.finite else "non-finite")
                                   for name, r in self.activation_ranges.items()},
             "smoothquant_absmax": _arrays_out(self.smoothquant_absmax),
+            "outlier_absmax": _arrays_out(self.outlier_absmax),
             "bias_means": _arrays_out(self.bias_means),
         }
         return _one_fact_per_line(document) + "\n"
@@ -127,6 +130,7 @@ def read_plan(path: str | os.PathLike) -> QuantizationPlan:
             float_nodes={str(k): str(v) for k, v in document["float_nodes"].items()},
             activation_ranges={str(k): _range_in(v) for k, v in document["activation_ranges"].items()},
             smoothquant_absmax=_arrays_in(document.get("smoothquant_absmax", {})),
+            outlier_absmax=_arrays_in(document.get("outlier_absmax", {})),
             bias_means=_arrays_in(document.get("bias_means", {})),
             decisions=list(document.get("decisions", [])),
         )

@@ -40,6 +40,7 @@ from compressq.quantize.equalize import equalize, fold_batchnorm
 from compressq.quantize.fusion import FusionReport, inspect_fusion
 from compressq.quantize.gptq import WeightCodes, static_weight_codes
 from compressq.quantize.gptq import summarize as summarize_reconstruction
+from compressq.quantize.outliers import SplitSummary, split_outliers
 from compressq.quantize.plan import QuantPlan, Skipped, build_plan
 from compressq.quantize.plan_file import QuantizationPlan, model_sha256
 from compressq.quantize.prepare import prepare_for_quantization
@@ -126,6 +127,8 @@ class StaticQuantizer:
         self._speed_checks: dict[int, SpeedCheck] = {}  # by batch: fp32 opened once, turns pooled
         self.prepared, self.notes = prepare_for_quantization(ensure_opset(model, QDQ_MIN_OPSET))
         self.smoothing_muls: list[str] = []
+        self.outlier_absmax: dict[str, np.ndarray] = {}
+        self.outlier_split: SplitSummary | None = None
         self.prepared = self._apply_float_transforms(self.prepared)
         self.prepared, embeddings = quantize_embeddings(self.prepared)
         self.embedding_tables = len(embeddings.tables)
@@ -142,6 +145,9 @@ class StaticQuantizer:
         self.base_keep_float = _nodes_needing(self.prepared, widest, set(self.non_finite), NON_FINITE_REASON)
         # Quantizing SmoothQuant's own scaling Mul would put back the outliers it moved into the weights.
         self.base_keep_float.update(dict.fromkeys(self.smoothing_muls, "SmoothQuant scaling stays float"))
+        if self.outlier_split is not None:  # quantizing the mask's input would bring back the outliers' range
+            self.base_keep_float.update(dict.fromkeys(self.outlier_split.float_nodes,
+                                                      "outlier channels stay float (--outlier-channels)"))
         self.weight_codes = self._reconstruct_weights(widest)
 
     # -- building blocks ----------------------------------------------------------------------------
@@ -216,16 +222,19 @@ class StaticQuantizer:
         if self.config.speed_check and current.plan.compute:
             current = self._keep_only_what_is_faster(current, steps)
             self._final_figure(current)
+        speed_kept_some = bool(current.plan.compute)  # before an accuracy target hands nodes back
         if accuracy_target is not None and current.plan.compute:
             current = accuracy_target.enforce(self, current, steps)
             current.speed = self._speeds.get(id(current.model), current.speed)
         if self.config.bias_correction and current.plan.compute:
             current = self._correct_biases(current)
-        if self.config.speed_check and widest.plan.compute and not current.plan.compute:
-            self._say_if_batches_pay(widest)
+        if self.config.speed_check and widest.plan.compute and not speed_kept_some:
+            self._say_if_batches_pay(widest)  # only when speed, not an accuracy target, put it all in float
         self._speed_checks.clear()  # their sessions hold weights: not kept past the decisions
         give_back_freed_memory()
         result = self._result(current, steps, self.decisions)
+        if self.outlier_split is not None:
+            result.error_correction["outliers"] = self.outlier_split.to_dict()
         if self.range_choices:
             result.error_correction["ranges"] = {
                 "how": "per tensor, the candidate range with the least error at its consuming layers",
@@ -246,6 +255,7 @@ class StaticQuantizer:
             model_sha256=model_sha256(self.original), settings=self.config.to_dict(),
             int8_nodes=sorted(current.plan.compute), float_nodes=dict(sorted(current.keep_float.items())),
             activation_ranges=dict(self.ranges), smoothquant_absmax=self.smooth_absmax,
+            outlier_absmax=self.outlier_absmax,
             bias_means=self.bias_means if current.plan.compute else {}, decisions=decisions)
         return StaticResult(model, current.plan, current.stats, current.fusion, current.speedup,
                             current.plan.skipped, self.non_finite, steps, self.notes, current.speed, record,
@@ -296,7 +306,20 @@ class StaticQuantizer:
             prepared, summary = smooth(prepared, absmax, alpha=self.config.smoothquant)
             self.smoothing_muls = list(summary.inserted_muls)
             self.notes.append(f"SmoothQuant (alpha {self.config.smoothquant}) on {len(summary.groups)} activations")
+        if self.config.outlier_channels is not None:
+            prepared = self._split_outliers(prepared, self.config.outlier_channels)
         name_nodes(prepared.graph)
+        return prepared
+
+    def _split_outliers(self, prepared: onnx.ModelProto, channels: int) -> onnx.ModelProto:
+        """--outlier-channels: each activation's largest channels read by a float MatMul beside the int8 layer."""
+        absmax = self.pinned.outlier_absmax if self.pinned else collect_channel_absmax(
+            prepared, self.data, smoothable_activations(prepared), batch_size=self.config.batch_size,
+            limit=self.config.samples, provider=self.config.provider)
+        self.outlier_absmax = dict(absmax)
+        prepared, self.outlier_split = split_outliers(prepared, absmax, channels)
+        self.notes.append(f"outlier channels (at most {channels}) of {len(self.outlier_split.activations)} "
+                          "activations go around the int8 layers in float")
         return prepared
 
     def _calibrate(self, plan: QuantPlan) -> dict[str, TensorRange]:
