@@ -14,6 +14,7 @@ from compressq.errors import UsageError
 from compressq.graph.index import GraphIndex
 from compressq.graph.passes import check_if_enabled, run_pass
 from compressq.io import holds_mapped_weights, is_mapped, on_disk, read_mapped_tensor, with_weights_read
+from compressq.measure.decode import decode_step_feeds
 from compressq.measure.speed import measure_speedup, meets
 from compressq.memory import give_back_freed_memory
 from compressq.progress import Progress
@@ -117,13 +118,14 @@ def _quantize_model(model: onnx.ModelProto, dataset: Dataset | None, config: Qua
         timing_data = dataset if dataset is not None else synthetic_dataset(model, samples=8)
         feeds = list(timing_data.batches(config.latency_batch, config.latency_batch * 4))
         try:
-            measured = _speedup(model, result.model, feeds, config)
+            measured, workload = _speedup(model, result.model, feeds, config)
         except ORT_ERRORS as exc:  # synthetic inputs the model rejects: report, do not guess
             result.summary.notes.append(f"speed not checked: the model rejected synthetic inputs "
                                         f"({str(exc).splitlines()[0][:120]}); pass --calibration-data")
         else:
-            result.summary.speedup, result.summary.speed_measured_with = measured.ratio, measured.describe()
-            result.summary.latency_batch, result.summary.threads = config.latency_batch, config.threads
+            result.summary.speedup = measured.ratio
+            result.summary.speed_measured_with = f"{measured.describe()}{workload}"
+            result.summary.latency_batch, result.summary.threads = measured.batch, config.threads
             if config.mode == "dynamic" and not meets(measured.ratio):
                 result = _undo_slower_dynamic(model, result)
     check_if_enabled(model, result.model, f"quantize --mode {config.mode}")
@@ -132,12 +134,20 @@ def _quantize_model(model: onnx.ModelProto, dataset: Dataset | None, config: Qua
 
 
 def _speedup(model: onnx.ModelProto, quantized: onnx.ModelProto, feeds: list, config: QuantizeConfig):
-    """measure_speedup; mapped models are timed from files written next to their weights, not read into memory
-    (onnxruntime holds its own copy of the weights either way)."""
+    """measure_speedup, and what workload it timed; mapped models are timed from files written next to their
+    weights, not read into memory (onnxruntime holds its own copy of the weights either way)."""
     if not (holds_mapped_weights(model) or holds_mapped_weights(quantized)):
-        return measure_speedup(model, quantized, feeds, config.provider, threads=config.threads)
+        return _timed(model, quantized, feeds, config)
     with on_disk(model, quantized) as (baseline, candidate):
-        return measure_speedup(baseline, candidate, feeds, config.provider, threads=config.threads)
+        return _timed(baseline, candidate, feeds, config)
+
+
+def _timed(baseline, candidate, feeds: list, config: QuantizeConfig):
+    """A decoder with a KV cache is timed on what generation runs: one new token after the cache its first
+    prompt fills (weight-only int4 pays there, on memory-bound matrix-vector products, and not on prefill)."""
+    decode = decode_step_feeds(baseline, feeds[0], config.provider)
+    measured = measure_speedup(baseline, candidate, decode or feeds, config.provider, threads=config.threads)
+    return measured, ", one decode step after the first prompt's KV cache" if decode else ""
 
 
 def _streams(model: onnx.ModelProto, dataset: Dataset | None, config: QuantizeConfig,
