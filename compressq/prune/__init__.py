@@ -31,7 +31,6 @@ from compressq.io import (
     TensorSink,
     check_model,
     is_mapped,
-    read_mapped_tensor,
     tensor_array,
     tensor_chunks,
     with_weights_read,
@@ -47,7 +46,7 @@ from compressq.prune.masks import (
     weight_scores,
     zero_fraction,
 )
-from compressq.prune.plan import WEIGHTED_OPS, DenseLayer, PrunePlan, graph_order, plan_pruning, weight_axes
+from compressq.prune.plan import DenseLayer, PrunePlan, graph_order, plan_pruning
 from compressq.prune.refit import RefitRecord, RefitSettings, RefitTarget, refit_layers
 from compressq.prune.structured import (
     ChannelGroup,
@@ -123,7 +122,6 @@ def prune_model(model: onnx.ModelProto, config: PruneConfig, dataset: Dataset | 
     if config.structured or dataset is not None:  # these read every weight at once (a mapped model is read now)
         model = with_weights_read(model)
     teacher = _named_copy(model)
-    _read_weights_sized_by_value(teacher)
     plan = plan_pruning(teacher, config)
     prune = _prune_channels if config.structured else _prune_weights
     outcome = prune(teacher, plan, config, progress)
@@ -139,23 +137,6 @@ def prune_model(model: onnx.ModelProto, config: PruneConfig, dataset: Dataset | 
     check_model(outcome.model)
     check_if_enabled(model, outcome.model, "prune")
     return PruneResult(outcome.model, _summary(teacher, outcome, config, records, dataset))
-
-
-def _read_weights_sized_by_value(model: onnx.ModelProto) -> None:
-    """plan.py sizes a layer it keeps dense for its weight's kind (shared by several nodes, not float, no 2-D
-    layout) by the weight's value, which onnx refuses to read from a mapped tensor: those few are read into
-    `model` (our own copy). The weights that are pruned stay mapped."""
-    for scope in scopes(model.graph):
-        index = scope.index()
-        for node in scope.graph.node:
-            tensor = index.initializers.get(node.input[1]) if node.op_type in WEIGHTED_OPS and len(node.input) > 1 \
-                else None
-            if tensor is None or not is_mapped(tensor):
-                continue
-            floating = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)).kind == "f"
-            shared = len(index.consumers.get(node.input[1], [])) > 1
-            if shared or not floating or weight_axes(node, len(tensor.dims)) is None:
-                read_mapped_tensor(tensor)
 
 
 def _main_graph_targets(outcome: _Outcome) -> list[RefitTarget]:

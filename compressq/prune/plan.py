@@ -135,5 +135,9 @@ def _dense_reason(layer: WeightedLayer, position: int, count: int, config: Prune
 
 
 def _size(index: GraphIndex, name: str) -> int:
+    """Elements of a constant; an initializer's from its dims (a weight left in its file is not read for it)."""
+    tensor = index.initializers.get(name)
+    if tensor is not None:
+        return int(np.prod(tensor.dims, dtype=np.int64))
     value = index.constant(name)
     return int(value.size) if value is not None else 0
