@@ -197,3 +197,29 @@ def test_refinement_lowers_a_layers_output_error_on_held_out_data(bert: onnx.Mod
 
     for x in (calibration, held_out):
         assert output_error(refined, x) < output_error(plain, x)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("k, n", [(96, 40), (70, 9)])
+def test_refined_shrink_picks_per_block_the_grid_factor_with_the_least_output_error(symmetric, k, n):
+    """Against a plain reference: every factor quantized by quantize_blocks, the error ||X_b (w_b - q_b)||^2 of
+    every block computed from the calibration rows themselves, the smallest kept (first one on ties)."""
+    from compressq.quantize.weight_only import REFINE_GRID, block_gram, quantize_blocks, refined_shrink, weight_blocks
+
+    rng = np.random.default_rng(k + n)
+    weight = (rng.standard_normal((k, n)) * 0.05).astype(np.float32)
+    rows = rng.standard_normal((64, k)).astype(np.float32)
+    blocks = weight_blocks(weight, 32)
+    padded = np.zeros((64, blocks.shape[1] * 32))
+    padded[:, :k] = rows
+    errors = []
+    for factor in REFINE_GRID:
+        codes, scales, zero_points = quantize_blocks(blocks, 4, symmetric, factor)
+        zero = zero_points if zero_points is not None else np.full(scales.shape, 8, np.uint8)
+        restored = (codes.astype(np.float64) - zero[..., None]) * scales[..., None]  # [N, n_blocks, 32]
+        difference = (blocks - restored).reshape(n, -1)  # [N, n_blocks * 32]
+        per_row = (padded[:, None, :] * difference[None]).reshape(64, n, -1, 32).sum(axis=-1)  # X_b (w_b - q_b)
+        errors.append((per_row ** 2).sum(axis=0))  # [N, n_blocks]
+    expected = np.asarray(REFINE_GRID, np.float32)[np.argmin(np.stack(errors), axis=0)]
+    chosen = refined_shrink(blocks, block_gram(rows, 32, blocks.shape[1]), 4, symmetric)
+    assert chosen.shape == expected.shape and np.mean(chosen == expected) > 0.97  # float sums may tie-break apart
