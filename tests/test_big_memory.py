@@ -15,6 +15,7 @@ import gc
 import os
 import subprocess
 import sys
+import tempfile
 import weakref
 from pathlib import Path
 
@@ -55,7 +56,19 @@ def weights(model: onnx.ModelProto) -> dict[str, np.ndarray]:
     return {t.name: np.array(model_io.tensor_array(t)) for t in model.graph.initializer}
 
 
+def _calibrated_weight_only(model: onnx.ModelProto) -> onnx.ModelProto:
+    """int4 weight-only with scales refined on calibration rows, read by a session opened on files."""
+    config = CONFIGS["tiny"]
+    with tempfile.TemporaryDirectory() as folder:
+        data = Path(folder) / "prompts.npz"
+        np.savez(data, **step_feed(token_ids(config, 4, 6, seed=3), empty_cache(config, 4)))
+        dataset = load_dataset(data, model)
+        return quantize_model(model, dataset, QuantizeConfig(mode="weight-only", speed_check=False,
+                                                             block_size=16)).model
+
+
 RUNS = {
+    "weight-only calibrated": _calibrated_weight_only,
     "dynamic": lambda model: quantize_model(model, None, QuantizeConfig(mode="dynamic", speed_check=False)).model,
     "weight-only": lambda model: quantize_model(model, None, QuantizeConfig(mode="weight-only", speed_check=False,
                                                                             block_size=16)).model,
@@ -127,7 +140,7 @@ def reads(monkeypatch) -> list[str]:
     return names
 
 
-@pytest.mark.parametrize("run", ["weight-only", "prune", "prune global", "prune 2:4"])
+@pytest.mark.parametrize("run", ["weight-only", "weight-only calibrated", "prune", "prune global", "prune 2:4"])
 def test_each_weight_is_read_alone_and_never_into_the_proto(run, decoder, reads):
     mapped = model_io.load_model(decoder, read_weights=False)
     RUNS[run](mapped)
@@ -191,8 +204,8 @@ def test_cli_outputs_are_the_same_bytes_every_run(command, decoder, mapped_cli, 
 
 
 def test_modes_that_run_the_model_read_it_first(decoder, mapped_cli, run_cli, tmp_path):
-    """Static int8 (calibration), calibrated weight-only and refit run onnxruntime on the model: a mapped model is
-    read for them; the speed check times it from files. All work as before."""
+    """Static int8 (calibration) and refit run onnxruntime on the model in memory: a mapped model is read for
+    them; calibrated weight-only and the speed check run it from files. All work as before."""
     config = CONFIGS["tiny"]
     data = tmp_path / "calibration.npz"
     np.savez(data, **step_feed(token_ids(config, 4, 6, seed=3), empty_cache(config, 4)))

@@ -89,7 +89,8 @@ def quantize_model(model: onnx.ModelProto, dataset: Dataset | None, config: Quan
     A `pinned` plan (read_plan) is re-applied as it is: no calibration, no timing, the same output bytes.
     An fp16 model is quantized with float32 inside and keeps its fp16 interface (quantize/float16.py).
     A model loaded with its weights mapped (`load_model(read_weights=False)`) is rewritten a weight at a time in
-    dynamic and weight-only modes; the modes that run it (static, calibrated, fp16, the speed check) read it.
+    dynamic and weight-only modes (calibration rows and the speed check come from sessions opened on files);
+    static, fp16 and GPTQ reconstruction read it into memory.
     """
     if holds_mapped_weights(model) and not _streams(model, dataset, config, pinned):
         model = with_weights_read(model)
@@ -153,8 +154,9 @@ def _timed(baseline, candidate, feeds: list, config: QuantizeConfig):
 def _streams(model: onnx.ModelProto, dataset: Dataset | None, config: QuantizeConfig,
              pinned: QuantizationPlan | None) -> bool:
     """Whether this run can keep the weights on disk: dynamic (its data only times it, from files) or weight-only
-    without calibration data, in float32."""
-    streaming_mode = config.mode == "dynamic" or (config.mode == "weight-only" and dataset is None)
+    (its calibration rows come from a session opened on files), in float32, without GPTQ reconstruction."""
+    streaming_mode = config.mode == "dynamic" or (config.mode == "weight-only"
+                                                  and config.weight_reconstruction == "none")
     return pinned is None and streaming_mode and not float16.holds_float16(model)
 
 
@@ -337,7 +339,14 @@ def matmul_input_samples(model: onnx.ModelProto, dataset: Dataset, config: Quant
                     if n.op_type in ("MatMul", "Gemm") and len(n.input) > 1 and index.is_constant(n.input[1])})
     if not names:
         return {}
-    session = create_session(with_outputs(with_weights_read(model), names))
+    exposed = with_outputs(model, names)  # a mapped model's copy holds references, not weights
+    if holds_mapped_weights(exposed):
+        with on_disk(exposed) as (path,):  # onnxruntime maps the weights from files: none read into memory here
+            return _sampled_rows(create_session(path), names, dataset, config)
+    return _sampled_rows(create_session(exposed), names, dataset, config)
+
+
+def _sampled_rows(session, names: list[str], dataset: Dataset, config: QuantizeConfig) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(0)
     kept: dict[str, np.ndarray] = {}
     for feed in dataset.batches(config.batch_size, config.samples):
