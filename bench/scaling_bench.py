@@ -1,0 +1,192 @@
+"""Calibration at scale (issue 12 item 2): memory flat in the number of samples, time per sample no worse than
+onnxruntime's, on a BERT-6 encoder.
+
+    python -m bench.run scaling
+    CQ_SCALING_SAMPLES=16,1024 python -m bench.run scaling      (the issue's counts; about 7 minutes on 2 cores)
+
+The model is generated once into .bench/scaling: sample_models/generated.bert_model at 6 layers with real shapes
+(hidden 768, 12 heads, intermediate 3072, LayerNormalization, Erf-GELU, a 30522-token word table, seq 128) and
+random weights; the calibration .npz holds int64 input_ids and an attention_mask of 1s then 0s (lengths drawn
+between 32 and 128 tokens), so the data itself weighs about 1.5 KB a sample and cannot hide a growth in the tool.
+
+Each run is a fresh process (bench/ort_baseline.run_fresh: the child's own VmHWM, imports included):
+  * compressq as a user types it: `compressq quantize MODEL -d NPZ --no-speed-check` (the accuracy check stays
+    on, as by default);
+  * onnxruntime as its documentation suggests: quant_pre_process, then quantize_static (QDQ, MinMax, per-channel)
+    fed batch-1 feeds (bench/ort_baseline.ort_quantize_files).
+Bars: compressq's peak RSS at the largest count within 1.1x of that at the smallest; calibration CPU seconds per
+sample <= onnxruntime's. Seconds per sample are marginal: (run at the largest count - run at the smallest) /
+(difference in samples), so loading, pre-processing, the rewrite and saving (the same at both counts) drop out;
+CPU seconds (user + system, every thread, from RUSAGE_CHILDREN) carry the bar, wall seconds are shown beside
+them (the machine is shared: neighbours move wall time, not CPU time). The two tools do not calibrate the same
+tensors: compressq measures the inputs of the layers it plans to quantize (24 on BERT-6), onnxruntime every tensor
+its QDQ registry may quantize (about 200 QuantizeLinear in its output); the bar is on what a user waits for.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+SECTION = "scaling"
+WORK = Path(".bench/scaling")
+LAYERS = 6
+VOCAB = 30522
+SEQ_LEN = 128
+DEFAULT_SAMPLES = (16, 256)  # about 4 minutes on 2 cores; the issue's 1024 by CQ_SCALING_SAMPLES
+RSS_GROWTH_BAR = 1.1
+MIN_TOKENS = 32
+
+
+def log(message: str) -> None:
+    print(f"  {message}", file=sys.stderr, flush=True)
+
+
+def _mb(value: float) -> int:
+    return round(value / 2**20)
+
+
+def sample_counts() -> tuple[int, int]:
+    """The two calibration sizes compared: CQ_SCALING_SAMPLES=SMALL,LARGE, else DEFAULT_SAMPLES."""
+    text = os.environ.get("CQ_SCALING_SAMPLES", "")
+    counts = [int(part) for part in text.split(",") if part.strip()] if text else list(DEFAULT_SAMPLES)
+    if len(counts) != 2 or not 0 < counts[0] < counts[1]:
+        raise SystemExit(f"CQ_SCALING_SAMPLES={text!r}: give two counts, smaller first (e.g. 16,1024)")
+    return counts[0], counts[1]
+
+
+# --------------------------------------------------------------------------------------------- inputs
+
+
+def bert6_path() -> Path:
+    """The generated BERT-6 (built once; about 265 MB, weights inside the .onnx)."""
+    import onnx
+
+    from sample_models.generated import bert_model
+
+    path = WORK / f"bert{LAYERS}.onnx"
+    if not path.exists():
+        WORK.mkdir(parents=True, exist_ok=True)
+        log(f"building {path}")
+        model = bert_model(layers=LAYERS, vocab=VOCAB, seq_len=SEQ_LEN, seed=0)
+        onnx.checker.check_model(model)
+        partial = path.with_suffix(".partial")
+        onnx.save(model, str(partial))
+        partial.replace(path)
+    return path
+
+
+def calibration_arrays(count: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """Token ids and a padding mask as a tokenizer writes them: each sample 1s for its tokens, then 0s."""
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(MIN_TOKENS, SEQ_LEN + 1, count)
+    mask = (np.arange(SEQ_LEN)[None, :] < lengths[:, None]).astype(np.float32)
+    ids = rng.integers(1, VOCAB, (count, SEQ_LEN)).astype(np.int64) * mask.astype(np.int64)
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def calibration_npz(count: int) -> Path:
+    path = WORK / f"bert{LAYERS}_calib{count}.npz"
+    if not path.exists():
+        np.savez(path, **calibration_arrays(count))
+    return path
+
+
+# --------------------------------------------------------------------------------------------- runs
+
+
+def _with_cpu_seconds(start):
+    """Run a fresh child; also note its CPU seconds (user + system, threads included) from RUSAGE_CHILDREN."""
+    import resource
+
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    run = start()
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    run.cpu_seconds = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return run
+
+
+def compressq_run(model: Path, count: int):
+    from bench.ort_baseline import run_fresh
+
+    out = WORK / f"bert{LAYERS}.cq{count}.onnx"
+    arguments = ["quantize", str(model), "-d", str(calibration_npz(count)), "-o", str(out), "--no-speed-check"]
+    return _with_cpu_seconds(lambda: run_fresh("bench.llm_bench:compressq_cli", {"arguments": arguments}))
+
+
+def onnxruntime_run(model: Path, count: int):
+    from bench.ort_baseline import run_fresh
+
+    out = WORK / f"bert{LAYERS}.ort{count}.onnx"
+    arguments = {"model_path": str(model), "calibration_npz": str(calibration_npz(count)), "out_path": str(out),
+                 "method": "minmax", "batch_size": 1}
+    return _with_cpu_seconds(lambda: run_fresh("bench.ort_baseline:ort_quantize_files", arguments))
+
+
+def _remove_outputs() -> None:
+    """The quantized models (about 70 MB each) are not kept: the model and the .npz files are."""
+    for path in WORK.glob(f"bert{LAYERS}.*[0-9].onnx"):
+        path.unlink()
+
+
+def _describe(run) -> str:
+    return f"{_mb(run.peak_rss_bytes)} MB, {run.process_seconds:.0f} s wall, {run.cpu_seconds:.0f} s CPU"
+
+
+# --------------------------------------------------------------------------------------------- rows
+
+
+def _rss_row(table, counts: tuple[int, int], cq: dict, ort: dict) -> None:
+    small, large = counts
+    ratio = cq[large].peak_rss_bytes / cq[small].peak_rss_bytes
+    ort_ratio = ort[large].peak_rss_bytes / ort[small].peak_rss_bytes if not (ort[large].error or ort[small].error) \
+        else float("nan")
+    table.add(SECTION, f"BERT-{LAYERS}: peak RSS {large} / {small} samples (compressq quantize --no-speed-check "
+              f"{_mb(cq[large].peak_rss_bytes)} / {_mb(cq[small].peak_rss_bytes)} MB; onnxruntime MinMax "
+              f"{_mb(ort[large].peak_rss_bytes)} / {_mb(ort[small].peak_rss_bytes)} MB)",
+              f"{ratio:.3f}", f"{ort_ratio:.3f}", f"<= {RSS_GROWTH_BAR}x", ratio <= RSS_GROWTH_BAR)
+    for count in counts:
+        table.add(SECTION, f"BERT-{LAYERS}: peak RSS MB at {count} samples, whole process, vs onnxruntime MinMax",
+                  _mb(cq[count].peak_rss_bytes), _mb(ort[count].peak_rss_bytes))
+
+
+def _per_sample(runs: dict, counts: tuple[int, int], attribute: str) -> float:
+    small, large = counts
+    return (getattr(runs[large], attribute) - getattr(runs[small], attribute)) / (large - small)
+
+
+def _time_rows(table, counts: tuple[int, int], cq: dict, ort: dict) -> None:
+    small, large = counts
+    cpu = _per_sample(cq, counts, "cpu_seconds"), _per_sample(ort, counts, "cpu_seconds")
+    wall = _per_sample(cq, counts, "process_seconds"), _per_sample(ort, counts, "process_seconds")
+    table.add(SECTION, f"BERT-{LAYERS}: calibration CPU s per sample ({large} vs {small} samples, marginal; wall s "
+              f"per sample {wall[0]:.3f} vs {wall[1]:.3f}) vs onnxruntime MinMax",
+              f"{cpu[0]:.3f}", f"{cpu[1]:.3f}", "<= ORT", cpu[0] <= cpu[1])
+    table.add(SECTION, f"BERT-{LAYERS}: whole process at {large} samples, CPU s (wall s {cq[large].process_seconds:.0f}"
+              f" vs {ort[large].process_seconds:.0f})", f"{cq[large].cpu_seconds:.0f}", f"{ort[large].cpu_seconds:.0f}")
+
+
+def run(table) -> None:
+    counts = sample_counts()
+    model = bert6_path()
+    cq, ort = {}, {}
+    for count in counts:
+        cq[count] = compressq_run(model, count)
+        log(f"compressq {count} samples: {cq[count].error or _describe(cq[count])}")
+        ort[count] = onnxruntime_run(model, count)
+        log(f"onnxruntime {count} samples: {ort[count].error or _describe(ort[count])}")
+    _remove_outputs()
+    errors = [f"{who} {count}: {runs[count].error}" for who, runs in (("compressq", cq), ("onnxruntime", ort))
+              for count in counts if runs[count].error]
+    if any(cq[count].error for count in counts):
+        table.add(SECTION, f"BERT-{LAYERS}: quantize at {counts[0]} and {counts[1]} samples",
+                  "; ".join(errors)[:200], None, "compressq runs", False)
+        return
+    if errors:  # onnxruntime failed where compressq ran: the memory rows still stand, said as such
+        table.add(SECTION, f"BERT-{LAYERS}: onnxruntime", "; ".join(errors)[:200])
+    _rss_row(table, counts, cq, ort)
+    if not errors:
+        _time_rows(table, counts, cq, ort)
