@@ -223,3 +223,21 @@ def test_refined_shrink_picks_per_block_the_grid_factor_with_the_least_output_er
     expected = np.asarray(REFINE_GRID, np.float32)[np.argmin(np.stack(errors), axis=0)]
     chosen = refined_shrink(blocks, block_gram(rows, 32, blocks.shape[1]), 4, symmetric)
     assert chosen.shape == expected.shape and np.mean(chosen == expected) > 0.97  # float sums may tie-break apart
+
+
+def test_refining_on_block_grams_equals_refining_on_the_rows_they_sum():
+    """The CLI hands weight-only the block Gram matrices of every row (memory independent of the samples);
+    the codes are those the rows themselves give."""
+    from compressq.errors import DataError
+    from compressq.quantize.weight_only import block_gram
+
+    model = single_matmul(96, 40)
+    rows = np.random.default_rng(3).standard_normal((300, 96)).astype(np.float32)
+    by_rows, _ = quantize_weights_only(model, bits=4, block_size=32, calibration={"x": rows})
+    grams = {"x": block_gram(rows[:100], 32, 3) + block_gram(rows[100:], 32, 3)}  # summed run by run
+    by_grams, summary = quantize_weights_only(model, bits=4, block_size=32, calibration_grams=grams)
+    assert summary.layers and all(layer.refined for layer in summary.layers)
+    for mine, theirs in zip(by_grams.graph.initializer, by_rows.graph.initializer):
+        np.testing.assert_array_equal(numpy_helper.to_array(mine), numpy_helper.to_array(theirs))
+    with pytest.raises(DataError, match="need"):
+        quantize_weights_only(model, bits=4, block_size=32, calibration_grams={"x": np.zeros((2, 32, 32))})

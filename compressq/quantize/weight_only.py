@@ -221,12 +221,15 @@ def _dequantize_blocks(codes: np.ndarray, scales: np.ndarray, zero_points: np.nd
 
 
 def quantize_weight(weight: np.ndarray, bits: int, block_size: int, symmetric: bool,
-                    samples: np.ndarray | None = None) -> BlockQuantized:
-    """Block-quantize W [K, N]; with `samples` [n, K] the scales are refined against them."""
+                    samples: np.ndarray | None = None, gram: np.ndarray | None = None) -> BlockQuantized:
+    """Block-quantize W [K, N]; with `samples` [n, K] (or their `gram`, block_gram's [n_blocks, block_size,
+    block_size]) the scales are refined against them."""
     blocks = weight_blocks(weight, block_size)
     shrink: np.ndarray | float = 1.0
-    if samples is not None:
-        shrink = refined_shrink(blocks, block_gram(samples, block_size, blocks.shape[1]), bits, symmetric)
+    if gram is None and samples is not None:
+        gram = block_gram(samples, block_size, blocks.shape[1])
+    if gram is not None:
+        shrink = refined_shrink(blocks, gram, bits, symmetric)
     codes, scales, zero_points = quantize_blocks(blocks, bits, symmetric, shrink)
     return BlockQuantized(codes, scales, zero_points, bits, weight.shape[0])
 
@@ -263,6 +266,7 @@ def quantize_weights_only(
     calibration: Mapping[str, np.ndarray] | None = None,
     exclude: Sequence[str] = (),
     *,
+    calibration_grams: Mapping[str, np.ndarray] | None = None,
     accuracy_level: int | None = None,
     progress: Progress | None = None,
     reconstruction: str = "none",
@@ -270,6 +274,8 @@ def quantize_weights_only(
     """Rewrite MatMul (and plain Gemm) nodes with a constant 2-D float32 weight into MatMulNBits.
 
     `calibration` maps a MatMul's input tensor name to samples [n, K] of it (refines the scales);
+    `calibration_grams` maps it to the block Gram matrices of its samples instead (block_gram: what refinement
+    needs, a few MB whatever the number of samples; GPTQ needs the samples);
     `exclude` holds glob patterns on node names or op types; `progress(stage, done, total)` counts layers
     (compressq.progress); `reconstruction="gptq"` chooses the codes of calibrated layers by GPTQ error feedback
     (compressq.quantize.gptq) on the same scales. The input model is not modified.
@@ -290,6 +296,8 @@ def quantize_weights_only(
             home[id(candidate)] = scope.graph
     samples = _calibration_samples(calibration or {}, candidates,
                                    set().union(*(_matmul_inputs(scope.graph) for scope in found)))
+    block_grams = _checked_grams(calibration_grams or {}, candidates, block_size)
+    calibrated = set(samples) | set(block_grams)
     names = NameGenerator(graph)
     sink = TensorSink(model)
     # Tied weights share one packed copy per graph: its inputs and weight error are kept, not its codes
@@ -299,11 +307,12 @@ def quantize_weights_only(
     for candidate in candidates:
         target = home[id(candidate)]
         key = (id(target), candidate.weight_name)
-        if key not in packed_weights or candidate.node.input[0] in samples:
-            if candidate.node.input[0] in samples:
-                weight_kn = candidate.weight_kn()
-                quantized = quantize_weight(weight_kn, bits, block_size, symmetric, samples[candidate.node.input[0]])
-                if reconstruction == "gptq":
+        if key not in packed_weights or candidate.node.input[0] in calibrated:
+            if candidate.node.input[0] in calibrated:
+                weight_kn, source = candidate.weight_kn(), candidate.node.input[0]
+                quantized = quantize_weight(weight_kn, bits, block_size, symmetric, samples.get(source),
+                                            block_grams.get(source))
+                if reconstruction == "gptq" and candidate.node.input[0] in samples:
                     quantized, summary.reconstruction[candidate.node.name] = _reconstructed(
                         weight_kn, quantized, grams.get(candidate.node.input[0]), block_size)
                 weight_error = _relative_error(weight_kn, quantized.dequantize())
@@ -317,7 +326,7 @@ def quantize_weights_only(
             del quantized  # one layer's codes at a time
         inputs, weight_error = packed_weights[key]
         summary.layers.append(WeightOnlyLayer(candidate.node.name, candidate.weight_name, candidate.k, candidate.n,
-                                              weight_error, candidate.node.input[0] in samples))
+                                              weight_error, candidate.node.input[0] in calibrated))
         _replace_with_matmul_nbits(target, names, sink, candidate, inputs, bits, block_size,
                                    accuracy_level)
         stage.advance()
@@ -440,6 +449,22 @@ def _small_constant(index: GraphIndex, name: str) -> np.ndarray | None:
 
 def _matmul_inputs(graph: onnx.GraphProto) -> set[str]:
     return {node.input[0] for node in graph.node if node.op_type in ("MatMul", "Gemm")}
+
+
+def _checked_grams(grams: Mapping[str, np.ndarray], candidates: list[_Candidate], block_size: int,
+                   ) -> dict[str, np.ndarray]:
+    widths = {c.node.input[0]: c.k for c in candidates}
+    checked = {}
+    for name, gram in grams.items():
+        if name not in widths:
+            raise DataError(f"calibration statistics given for '{name}', which feeds no MatMul or Gemm",
+                            hint="key them by the MatMul input's tensor name")
+        expected = (-(-widths[name] // block_size), block_size, block_size)
+        if tuple(gram.shape) != expected:
+            raise DataError(f"calibration statistics for '{name}' have shape {tuple(gram.shape)}; blocks of "
+                            f"{block_size} over {widths[name]} features need {expected}")
+        checked[name] = gram
+    return checked
 
 
 def _calibration_samples(calibration: Mapping[str, np.ndarray], candidates: list[_Candidate],
