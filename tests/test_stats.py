@@ -409,3 +409,25 @@ def _npz(folder: Path, **arrays) -> Path:
     path = folder / "data.npz"
     np.savez(path, **arrays)
     return path
+
+
+def test_every_data_pass_runs_with_its_idle_threads_asleep(data, monkeypatch):
+    """Spinning pool threads cost calibration CPU time without buying wall time: both passes turn them off,
+    and the ranges are numpy's all the same."""
+    model = conv_model()
+    dataset, path = data(model)
+    created = []
+    real = collect_module.create_session
+
+    def recording(model, *args, **kwargs):
+        created.append(kwargs.get("spinning", True))
+        return real(model, *args, **kwargs)
+
+    monkeypatch.setattr(collect_module, "create_session", recording)
+    ranges = {name: MinMaxObserver() for name in TENSORS}
+    histogram = Request("conv", HistogramObserver("entropy"))  # needs the values: a second, fetching pass
+    collect(model, dataset, [*(Request(n, o) for n, o in ranges.items()), histogram], batch_size=8)
+    assert len(created) == 2 and not any(created)  # the reductions' pass and the histogram's fetching pass
+    reference = every_tensor(model, path)
+    for name in TENSORS:
+        assert (ranges[name].low, ranges[name].high) == (reference[name].min(), reference[name].max())

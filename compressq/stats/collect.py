@@ -217,9 +217,17 @@ def _exposing_session(model: onnx.ModelProto, names: Sequence[str], provider: st
     outputs = [onnx.ValueInfoProto(name=name) for name in names if name not in present]
     model.graph.output.extend(outputs)
     try:
-        return create_session(model, provider)
+        return _calibration_session(model, provider)
     finally:
         _drop_last(model.graph.output, len(outputs))
+
+
+def _calibration_session(model: onnx.ModelProto, provider: str):
+    """A session for the data passes, its idle pool threads asleep instead of spinning: calibration runs one
+    long graph after another, where spinning threads only burn CPU time (and on a busy machine take it from the
+    threads doing the work). BERT-6, `quantize --no-speed-check` on 256 samples, 2 shared cores, interleaved:
+    94.5 / 88.2 CPU s spinning, 73.8 / 81.1 asleep; wall 105 / 76 s against 49 / 77 s."""
+    return create_session(model, provider, spinning=False)
 
 
 def _runs(feed: dict[str, np.ndarray], rows: int | None) -> Iterable[dict[str, np.ndarray]]:
@@ -410,7 +418,7 @@ class _Augmented:
         graph.initializer.extend(self.initializers)
         graph.output.extend(outputs)
         try:
-            return create_session(self.source, provider)
+            return _calibration_session(self.source, provider)
         finally:
             _drop_last(graph.node, len(nodes))
             _drop_last(graph.initializer, len(self.initializers))
