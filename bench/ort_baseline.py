@@ -15,6 +15,7 @@ its wall time and peak RSS can be compared with compressq's, measured the same w
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -118,15 +119,28 @@ def _onnx_opset(path: str) -> int:
     return max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
 
 
+@contextlib.contextmanager
+def _in_scratch_folder():
+    before = os.getcwd()
+    with tempfile.TemporaryDirectory(prefix="ort-pre-process-") as folder:
+        os.chdir(folder)
+        try:
+            yield
+        finally:
+            os.chdir(before)
+
+
 def _pre_process(model_path: str, out_path: str) -> tuple[str, str]:
     """quant_pre_process (symbolic shape inference + ORT basic optimization + ONNX shape inference);
     when it fails, retry without symbolic shape inference, then give up and quantize the original."""
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     errors = []
+    model_path, out_path = os.path.abspath(model_path), os.path.abspath(out_path)
     for skip_symbolic in (False, True):
         try:
-            quant_pre_process(model_path, out_path, skip_symbolic_shape=skip_symbolic)
+            with _in_scratch_folder():  # its symbolic shape inference leaves temp .onnx/.data files in the cwd
+                quant_pre_process(model_path, out_path, skip_symbolic_shape=skip_symbolic)
             return out_path, "ok" if not skip_symbolic else f"ok without symbolic shapes ({errors[0]})"
         except Exception as exc:  # ORT raises bare Exceptions from its shape inference
             errors.append(f"{type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}")

@@ -366,6 +366,9 @@ def tensor_array(tensor: onnx.TensorProto) -> np.ndarray:
     shape = tuple(int(d) for d in tensor.dims)
     if length == 0:
         return np.zeros(shape, _stored_dtype(tensor))
+    if Path(file).stat().st_size < offset + length:  # numpy would say "mmap length is greater than file size"
+        raise ModelError(f"the external data of tensor '{tensor.name}' is shorter than recorded",
+                         hint="the .data file changed or was cut after the model was loaded; retry")
     return np.asarray(np.memmap(file, dtype=_stored_dtype(tensor), mode="r", offset=offset, shape=shape))
 
 

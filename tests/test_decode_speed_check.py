@@ -28,3 +28,14 @@ def test_other_models_are_timed_on_their_data(run_cli, tmp_path, cnn_path, calib
     assert result.exit_code == 0, result.stderr
     how = json.loads(result.stdout)["speed_measured_with"]
     assert how and "decode step" not in how and "interleaved runs" in how
+
+
+def test_calibrated_weight_only_with_a_matmul_excluded(run_cli, tmp_path):
+    """Calibration statistics are read for every MatMul input; those of layers left float are simply unused."""
+    model = build_decoder(CONFIG, tmp_path / "decoder.onnx")
+    np.savez(tmp_path / "prompts.npz", **step_feed(token_ids(CONFIG, 2, 8), empty_cache(CONFIG, 2)))
+    result = run_cli("quantize", model, "--mode", "weight-only", "-d", tmp_path / "prompts.npz", "--exclude",
+                     "*down_proj*", "--no-speed-check", "-o", tmp_path / "int4.onnx", "--json")
+    assert result.exit_code == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["quantized_nodes"] and not any("down_proj" in n for n in summary["quantized_nodes"])

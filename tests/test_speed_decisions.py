@@ -29,7 +29,6 @@ from compressq.measure.speed import (
     decision_clock,
     median_interval,
     meets,
-    race,
     time_pair,
 )
 from compressq.quantize.api import quantize_model
@@ -102,10 +101,11 @@ def test_two_variants_raced_together_are_ranked_the_same_every_time():
     """A 1.10x variant beats a 1.02x one under bursty load, every time: per-turn quotients cancel the bursts."""
     for seed in range(8):
         machine = DriftingMachine(seed, load=0.0)
-        sessions = [FakeSession(machine, 1.0e-3), FakeSession(machine, 1.0e-3 / 1.02),
-                    FakeSession(machine, 1.0e-3 / 1.10)]
-        together = race(sessions, FEEDS, runs=RUNS, threads=1, clock=lambda m=machine: m.cpu, clock_name="cpu")
-        assert clearly_faster(together.candidate_over_current, 1.0)
+        sessions = {"fp32": FakeSession(machine, 1.0e-3), "current": FakeSession(machine, 1.0e-3 / 1.02),
+                    "candidate": FakeSession(machine, 1.0e-3 / 1.10)}
+        check = SpeedCheck("fp32", FEEDS, clock=lambda m=machine: m.cpu, clock_name="cpu",
+                           open_session=sessions.__getitem__)
+        assert clearly_faster(check.race("current", "candidate").candidate_over_current, 1.0)
 
 
 def _check_on(machine: Machine, costs: dict[str, float]) -> SpeedCheck:

@@ -143,19 +143,6 @@ class HeadToHead:
     candidate_over_current: float   # > 1: the candidate does less work (median of the per-turn quotients)
 
 
-def race(sessions: Sequence[RunsFeeds], feeds: Sequence[dict], *, runs: int, threads: int, provider: str = "cpu",
-         clock: Clock | None = None, clock_name: str | None = None) -> HeadToHead:
-    """fp32, current and candidate sessions in the same turns (tests pass fakes and a fake clock).
-
-    The quotient is taken turn by turn before the median: a burst of load that slows one turn slows both
-    variants in it, and cancels."""
-    stats, clock_name, batch = _session_stats(sessions, feeds, runs, threads, provider, clock, clock_name)
-    base, current, candidate = stats
-    quotients = np.asarray(current.samples_ms) / np.maximum(np.asarray(candidate.samples_ms), 1e-9)
-    return HeadToHead(speed_from_stats(base, current, threads, batch, clock_name),
-                      speed_from_stats(base, candidate, threads, batch, clock_name), float(np.median(quotients)))
-
-
 def meets(ratio: float, bar: float = 1.0) -> bool:
     """A ratio meets the bar when it is at or above it, give or take the noise band."""
     return ratio >= bar - NOISE_TOLERANCE
@@ -307,13 +294,15 @@ class SpeedCheck:
 
     def _turns(self, variants: Sequence, count: int) -> list[list[float]]:
         """`count` more turns of fp32 and `variants`; returns each variant's new milliseconds."""
+        opened_before = set(self._variants)
         sessions = {"fp32": self._baseline, **{str(i): self._session(v) for i, v in enumerate(variants)}}
         if self._repeat is None:
             self._repeat = _block_repeat(self._baseline, self.feeds[0], self.clock)
         start = self._turn % len(self.feeds)
         rotated = self.feeds[start:] + self.feeds[:start]
-        # A new session's first runs allocate arenas and pick kernels; one run does it for a slow model.
-        fresh = any(id(v) not in self._pairs for v in variants)
+        # A session just opened allocates arenas and picks kernels in its first runs; one run does it for a slow
+        # model. Decided by the session, not by the turns kept: a variant evicted and reopened is cold again.
+        fresh = any(id(v) not in opened_before for v in variants)
         warmup = (WARMUP if self._repeat > 1 else 1) if fresh else 0
         stats = time_interleaved(sessions, rotated, runs=count, warmup=warmup, clock=self.clock,
                                  repeat=self._repeat)

@@ -434,7 +434,9 @@ class StaticQuantizer:
         check = self._speed_check()
         contender = candidate.model if candidate.plan.compute else self.original
         race = check.race(current.model, contender)
-        check.forget(current.model if clearly_faster(race.candidate_over_current, 1.0) else contender)
+        loser = current.model if clearly_faster(race.candidate_over_current, 1.0) else contender
+        check.forget(loser)
+        self._speeds.pop(id(loser), None)  # its id may be reused by a later attempt once it is freed
         current.speed, current.speedup = race.current, race.current.ratio
         self._speeds[id(current.model)] = race.current
         if candidate.plan.compute:
