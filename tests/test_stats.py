@@ -431,3 +431,16 @@ def test_every_data_pass_runs_with_its_idle_threads_asleep(data, monkeypatch):
     reference = every_tensor(model, path)
     for name in TENSORS:
         assert (ranges[name].low, ranges[name].high) == (reference[name].min(), reference[name].max())
+
+
+def test_outputs_whose_first_axis_is_not_the_batch_are_not_taken_as_samples():
+    from compressq.quantize.static import _outputs_batched_like_inputs
+
+    def model(output_shape):
+        return make_model([helper.make_node("Relu", ["x"], ["y"], name="r")],
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, output_shape)], [])
+
+    assert _outputs_batched_like_inputs(model(["N", 4]))
+    assert not _outputs_batched_like_inputs(model(["T", "N"]))  # time-major: rows are steps
+    assert not _outputs_batched_like_inputs(model(None))  # unknown: the fp32 reference is run instead

@@ -374,7 +374,7 @@ class StaticQuantizer:
             return {}
         ours = {o.name: o.type.tensor_type.elem_type for o in self.prepared.graph.output}
         theirs = {o.name: o.type.tensor_type.elem_type for o in self.original.graph.output}
-        if ours != theirs:
+        if ours != theirs or not _outputs_batched_like_inputs(self.original):
             return {}
         return {name: FirstRowsObserver(self.reference_samples) for name in ours}
 
@@ -497,6 +497,20 @@ def _nodes_needing(model: onnx.ModelProto, plan: QuantPlan, tensors: set[str], r
         if node.name in plan.own_scale_nodes and (set(node.input) | set(node.output)) & tensors:
             names[node.name] = reason
     return names
+
+
+def _outputs_batched_like_inputs(model: onnx.ModelProto) -> bool:
+    """Every output's first axis is declared as the inputs' first axis (the same name or size): its rows are
+    samples (a time-major [T, N, C] output is not, even where T happens to equal the samples of a run)."""
+    def first_dim(value: onnx.ValueInfoProto) -> str | int | None:  # a name, a size (-1: paddle's dynamic), None
+        shape = value.type.tensor_type.shape if value.type.HasField("tensor_type") else None
+        if shape is None or not shape.dim:
+            return None
+        axis = shape.dim[0]
+        return axis.dim_param or (axis.dim_value if axis.HasField("dim_value") else None)
+
+    batch_axes = {first_dim(v) for v in model.graph.input} - {None}
+    return bool(batch_axes) and all(first_dim(o) in batch_axes for o in model.graph.output)
 
 
 def _complete_rows(observers: dict[str, FirstRowsObserver], wanted: int) -> dict[str, np.ndarray] | None:
