@@ -387,14 +387,38 @@ def _summed_block_grams(session, names: list[str], feeds, config: QuantizeConfig
 
 
 def _sampled_rows(session, names: list[str], feeds, config: QuantizeConfig) -> dict[str, np.ndarray]:
-    """Every named input's rows, a reservoir of WEIGHT_ONLY_ROWS each."""
+    """Every named input's rows, a uniform reservoir of WEIGHT_ONLY_ROWS each."""
     rng = np.random.default_rng(0)
-    kept: dict[str, np.ndarray] = {}
+    reservoirs: dict[str, RowReservoir] = {}
     for feed in feeds:
         for name, values in zip(names, session.run(names, feed)):
             rows = values.reshape(-1, values.shape[-1])
-            pool = rows if name not in kept else np.concatenate([kept[name], rows])
-            if len(pool) > WEIGHT_ONLY_ROWS:
-                pool = pool[rng.choice(len(pool), WEIGHT_ONLY_ROWS, replace=False)]
-            kept[name] = pool
-    return kept
+            reservoirs.setdefault(name, RowReservoir(WEIGHT_ONLY_ROWS, rows.shape[1], rows.dtype, rng)).add(rows)
+    return {name: reservoir.rows() for name, reservoir in reservoirs.items()}
+
+
+class RowReservoir:
+    """Algorithm R: after n rows, each of them is among the kept `size` with the same chance size / n (re-drawing
+    from the pool at every batch would keep the last batches' rows)."""
+
+    def __init__(self, size: int, width: int, dtype, rng: np.random.Generator):
+        self.pool = np.empty((size, width), dtype)
+        self.seen = 0
+        self.rng = rng
+
+    def add(self, rows: np.ndarray) -> None:
+        size = len(self.pool)
+        room = max(0, min(size - self.seen, len(rows)))
+        self.pool[self.seen:self.seen + room] = rows[:room]
+        self.seen += room
+        rest = rows[room:]
+        if not len(rest):
+            return
+        positions = self.seen + 1 + np.arange(len(rest))  # 1-based index of each new row among all rows seen
+        slots = np.floor(self.rng.random(len(rest)) * positions).astype(np.int64)
+        for row, slot in zip(rest[slots < size], slots[slots < size]):  # in order: a later row replaces an earlier
+            self.pool[slot] = row
+        self.seen += len(rest)
+
+    def rows(self) -> np.ndarray:
+        return self.pool[: min(self.seen, len(self.pool))]
