@@ -22,7 +22,7 @@ import re
 import shutil
 import stat
 import tempfile
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -490,11 +490,19 @@ def _spill_for_folder(folder: Path) -> SpillFile:
 
 @contextlib.contextmanager
 def on_disk(*models: onnx.ModelProto) -> Iterator[list[Path]]:
-    """Mapped models written to a temporary folder, their weights copied a chunk at a time, for onnxruntime to load
-    from the files (a session made from a proto would need every weight read into memory first, then serialized);
-    removed afterwards. Next to the weights' own folder when it is writable, like the spill file."""
-    mapped = next(_mapped_location(s.tensor)[0] for m in models for s in model_tensors(m) if is_mapped(s.tensor))
-    parent = mapped.parent if os.access(mapped.parent, os.W_OK) else Path(tempfile.gettempdir())
+    """Mapped models as files onnxruntime loads them from (a session made from a proto would need every weight read
+    into memory first, then serialized); removed afterwards.
+
+    When every mapped weight lives in one writable folder (the model's .data and this process's spill file), each
+    model is written there as a hidden skeleton whose weights point at those files by name: nothing is copied.
+    Otherwise the models go to a temporary folder with their weights copied a chunk at a time."""
+    files = {_mapped_location(s.tensor)[0] for m in models for s in model_tensors(m) if is_mapped(s.tensor)}
+    parent = next(iter(files)).parent
+    if len({f.parent for f in files}) == 1 and os.access(parent, os.W_OK):
+        with _skeletons_beside_weights(models, parent) as paths:
+            yield paths
+        return
+    parent = parent if os.access(parent, os.W_OK) else Path(tempfile.gettempdir())
     _remove_leftovers(parent, SESSIONS_PREFIX)
     with tempfile.TemporaryDirectory(prefix=f"{SESSIONS_PREFIX}{os.getpid()}-", dir=parent) as folder:
         paths = []
@@ -503,6 +511,28 @@ def on_disk(*models: onnx.ModelProto) -> Iterator[list[Path]]:
             write_with_external_data(model, path, f"{path.name}.data")
             paths.append(path)
         yield paths
+
+
+@contextlib.contextmanager
+def _skeletons_beside_weights(models: Sequence[onnx.ModelProto], folder: Path) -> Iterator[list[Path]]:
+    _remove_leftovers(folder, SESSIONS_PREFIX)
+    paths = [folder / f"{SESSIONS_PREFIX}{os.getpid()}-{id(model)}-{number}.onnx"
+             for number, model in enumerate(models)]
+    try:
+        for model, path in zip(models, paths):
+            skeleton = onnx.ModelProto()
+            skeleton.CopyFrom(model)  # mapped tensors are references: the copy holds no weight
+            for stored in model_tensors(skeleton):
+                if is_mapped(stored.tensor):
+                    file, offset, length = _mapped_location(stored.tensor)
+                    _point_at(stored.tensor, file.name, offset, length)
+            with open(path, "wb") as stream:
+                stream.write(skeleton.SerializeToString())
+        yield paths
+    finally:
+        for path in paths:
+            with contextlib.suppress(OSError):
+                path.unlink()
 
 
 class TensorSink:

@@ -356,7 +356,24 @@ def test_session_copies_go_when_timed_and_a_killed_runs_copies_at_the_next_run(t
     stale.mkdir()
     (stale / "model0.onnx.data").write_bytes(b"left by a killed run")
     mapped = model_io.load_model(model, read_weights=False)
+    before = {p.name for p in tmp_path.iterdir()} - {stale.name}
     with model_io.on_disk(mapped) as (path,):
-        assert not stale.exists() and path.parent.parent == tmp_path.resolve()
+        # a skeleton beside the weights, pointing at them by name: no weight copied
+        assert not stale.exists() and path.parent == tmp_path.resolve()
+        assert {p.name for p in tmp_path.iterdir()} == before | {path.name}
+        assert path.stat().st_size < 64 * 1024
         np.testing.assert_array_equal(logits(path), logits(model))
-    assert not path.parent.exists()
+    assert {p.name for p in tmp_path.iterdir()} == before
+
+
+def test_weights_in_two_folders_are_copied_for_the_session(tmp_path):
+    """A model whose weights live in several folders cannot point at them by name: they are copied."""
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+    first = model_io.load_model(build_decoder(CONFIGS["tiny"], tmp_path / "a" / "decoder.onnx"), read_weights=False)
+    second = model_io.load_model(build_decoder(CONFIGS["tiny"], tmp_path / "b" / "decoder.onnx"),
+                                 read_weights=False)
+    with model_io.on_disk(first, second) as (one, two):
+        assert one.parent == two.parent and one.parent.name.startswith(model_io.SESSIONS_PREFIX)
+        np.testing.assert_array_equal(logits(one), logits(two))
+    assert not one.parent.exists()
