@@ -444,3 +444,34 @@ def test_outputs_whose_first_axis_is_not_the_batch_are_not_taken_as_samples():
     assert _outputs_batched_like_inputs(model(["N", 4]))
     assert not _outputs_batched_like_inputs(model(["T", "N"]))  # time-major: rows are steps
     assert not _outputs_batched_like_inputs(model(None))  # unknown: the fp32 reference is run instead
+
+
+@pytest.mark.parametrize("options", [
+    dict(method="auto"),                        # the range search's judging pass
+    dict(min_agreement=1.0),                    # the recovery's one-pass errors
+    dict(mode="weight-only", block_size=16),    # weight-only calibration rows
+])
+def test_every_session_of_a_quantize_runs_on_the_chosen_provider(monkeypatch, options):
+    """--provider cuda: no data pass, timing or check opens a CPU session behind the user's back (onnxruntime's
+    provider-independent clean-up before quantizing is the one CPU session, on purpose)."""
+    from compressq import runtime
+    from compressq.data import load_dataset as load
+    from compressq.graph import passes
+    from compressq.io import load_model
+    from compressq.quantize.api import quantize_model
+    from compressq.quantize.config import QuantizeConfig
+    from tests.conftest import SAMPLES
+
+    providers = []
+    real = runtime.provider_chain
+
+    def recording(provider):
+        providers.append(provider)
+        return real("cpu")  # this machine has no GPU: run it on CPU
+
+    monkeypatch.setattr(runtime, "provider_chain", recording)
+    monkeypatch.setitem(passes._checks, "on", False)  # the tests' own contract checks open CPU sessions
+    model = load_model(SAMPLES / "digits_transformer.onnx")
+    dataset = load(SAMPLES / "digits_seq_calib.npz", model)
+    quantize_model(model, dataset, QuantizeConfig(provider="cuda", samples=32, **options))
+    assert providers.count("cuda") > 2 and providers.count("cpu") <= 1, providers

@@ -322,7 +322,8 @@ class AccuracyFallback:
         samples = min(quantizer.config.samples or RECOVERY_SAMPLES, RECOVERY_SAMPLES)
         errors = node_errors(quantizer.prepared, current.plan, quantizer.ranges, quantizer.dataset,
                              signed=quantizer.signed, per_channel=quantizer.config.per_channel,
-                             batch_size=quantizer.config.batch_size, samples=samples)
+                             batch_size=quantizer.config.batch_size, samples=samples,
+                             provider=quantizer.config.provider)
         self.node_errors = errors
         order = [error.node for error in errors]
         rank = {error.node: (position, error) for position, error in enumerate(errors, 1)}

@@ -182,10 +182,11 @@ def _static(model, dataset: Dataset, config: QuantizeConfig, progress, eval_data
     fallback = None
     if config.max_drop is not None or config.min_agreement is not None:
         target = AccuracyTarget(config.max_drop, config.min_agreement)
-        probe = AccuracyProbe(model, eval_dataset, task_outputs=config.task_outputs)
+        probe = AccuracyProbe(model, eval_dataset, task_outputs=config.task_outputs, provider=config.provider)
         target.check(probe)  # before calibration: a target that cannot be measured is a usage error
         fallback = AccuracyFallback(target, probe, progress)
-    self_check = self_check_samples(model, dataset) if config.accuracy_check and fallback is None else 0
+    self_check = self_check_samples(model, dataset, config.provider) \
+        if config.accuracy_check and fallback is None else 0
     outcome = quantize_static(model, dataset, config, progress, fallback, reference_samples=self_check)
     summary = _static_summary(outcome, config, dataset)
     summary.returned_to_float = fallback.returned_to_float or [] if fallback else []
@@ -199,7 +200,7 @@ def _static(model, dataset: Dataset, config: QuantizeConfig, progress, eval_data
         give_back_freed_memory()  # the speed check's sessions are gone: the fp32 one opened next reuses their room
         probe = AccuracyProbe(model, dataset, limit=self_check, task_outputs=config.task_outputs,
                               batch_size=samples_per_run(model, dataset, config.batch_size),
-                              reference_outputs=outcome.reference_outputs)
+                              reference_outputs=outcome.reference_outputs, provider=config.provider)
         summary.accuracy = probe.measure(outcome.model).to_dict()
         reused = "; fp32 outputs from the calibration pass" if outcome.reference_outputs is not None else ""
         summary.accuracy_data = (f"calibration data ({probe.samples} samples{reused}; pass --eval-data for "
@@ -242,7 +243,7 @@ def _speed_how(outcome) -> str | None:
 SELF_CHECK_BUDGET_BYTES = 256 * 2**20  # fp32 outputs and inputs the self-check keeps for its comparison
 
 
-def self_check_samples(model: onnx.ModelProto, dataset: Dataset) -> int:
+def self_check_samples(model: onnx.ModelProto, dataset: Dataset, provider: str = "cpu") -> int:
     """How many samples the post-quantize accuracy check keeps, at most SELF_CHECK_SAMPLES, within a budget.
 
     The fp32 reference outputs are kept for every sample; their size per sample comes from shape inference
@@ -252,7 +253,7 @@ def self_check_samples(model: onnx.ModelProto, dataset: Dataset) -> int:
     feed = next(dataset.batches(1, 1))
     outputs = output_bytes_per_sample(model, dataset)
     if outputs is None:
-        outputs = sum(np.asarray(v).nbytes for v in create_session(model).run(None, feed))
+        outputs = sum(np.asarray(v).nbytes for v in create_session(model, provider).run(None, feed))
     per_sample = sum(v.nbytes for v in feed.values()) + outputs
     return int(max(1, min(SELF_CHECK_SAMPLES, SELF_CHECK_BUDGET_BYTES // max(per_sample, 1))))
 
@@ -336,7 +337,7 @@ def analyze_sensitivity(model: onnx.ModelProto, dataset: Dataset, eval_dataset: 
     if float16.holds_float16(model):  # ranked as quantize would do it: float32 inside, fp16 interface
         model = float16.widen(model)[0]
     quantizer = StaticQuantizer(model, dataset, config, progress)
-    probe = AccuracyProbe(model, eval_dataset, task_outputs=config.task_outputs)
+    probe = AccuracyProbe(model, eval_dataset, task_outputs=config.task_outputs, provider=config.provider)
     return node_sensitivity(quantizer, probe, quantizer.base_keep_float, progress)
 
 
@@ -363,8 +364,8 @@ def _over_matmul_inputs(model: onnx.ModelProto, dataset: Dataset, config: Quanti
     exposed = with_outputs(model, names)  # a mapped model's copy holds references, not weights
     if holds_mapped_weights(exposed):
         with on_disk(exposed) as (path,):  # onnxruntime maps the weights from files: none read into memory here
-            return reduce(create_session(path), names, _runs_of(dataset, config), config)
-    return reduce(create_session(exposed), names, _runs_of(dataset, config), config)
+            return reduce(create_session(path, config.provider), names, _runs_of(dataset, config), config)
+    return reduce(create_session(exposed, config.provider), names, _runs_of(dataset, config), config)
 
 
 def _runs_of(dataset: Dataset, config: QuantizeConfig):

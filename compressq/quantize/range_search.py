@@ -50,7 +50,7 @@ def _consumers(plan: QuantPlan, index: GraphIndex, tensor: str) -> list[onnx.Nod
 
 def choose_ranges(model: onnx.ModelProto, plan: QuantPlan, candidates: dict[str, dict[str, TensorRange]],
                   dataset: Dataset, *, signed: bool = False, batch_size: int = 8, samples: int | None = None,
-                  progress: Callable[[int], None] | None = None
+                  progress: Callable[[int], None] | None = None, provider: str = "cpu"
                   ) -> tuple[dict[str, TensorRange], dict[str, RangeChoice]]:
     """Every tensor's range (the chosen candidate) and, for tensors with a real choice, what was measured."""
     ranges = {t: options.get(PREFERRED, next(iter(options.values()))) for t, options in candidates.items()}
@@ -88,7 +88,7 @@ def choose_ranges(model: onnx.ModelProto, plan: QuantPlan, candidates: dict[str,
     writer.flush()
     toposort(combined.graph)
     names = sorted({n for pairs in noise_outputs.values() for n, _ in pairs} | set(signal_outputs.values()))
-    totals = summed_outputs(combined, names, dataset, batch_size, samples, progress)
+    totals = summed_outputs(combined, names, dataset, batch_size, samples, progress, provider)
     choices: dict[str, RangeChoice] = {}
     for tensor in roots:
         errors = {label: sum(totals[noise] / max(totals[signal_outputs[ref]], 1e-30) for noise, ref in pairs)

@@ -211,21 +211,22 @@ def twin_model(model: onnx.ModelProto, plan: QuantPlan, ranges: dict[str, Tensor
 
 def node_errors(model: onnx.ModelProto, plan: QuantPlan, ranges: dict[str, TensorRange], dataset: Dataset, *,
                 signed: bool = False, per_channel: bool = True, batch_size: int = 8, samples: int | None = None,
-                progress: Callable[[int], None] | None = None) -> list[NodeError]:
+                progress: Callable[[int], None] | None = None, provider: str = "cpu") -> list[NodeError]:
     """Each planned node's own error on `dataset`, measured for all nodes in one pass; worst first."""
     combined, twins = twin_model(model, plan, ranges, signed=signed, per_channel=per_channel)
     if not twins:
         return []
     names = sorted({name for twin in twins for name in (twin.noise, twin.signal)})
-    totals = summed_outputs(combined, names, dataset, batch_size, samples, progress)
+    totals = summed_outputs(combined, names, dataset, batch_size, samples, progress, provider)
     errors = [NodeError(t.node, t.op_type, t.reference, _ratio(totals[t.noise], totals[t.signal])) for t in twins]
     return sorted(errors, key=lambda e: -e.noise_ratio)
 
 
 def summed_outputs(model: onnx.ModelProto, names: list[str], dataset: Dataset, batch_size: int,
-                   samples: int | None, progress: Callable[[int], None] | None = None) -> dict[str, float]:
-    """Run `model` (unoptimized: EXACT) over the data once and add up each named scalar output."""
-    session = create_session(with_outputs(model, names), level=EXACT)
+                   samples: int | None, progress: Callable[[int], None] | None = None,
+                   provider: str = "cpu") -> dict[str, float]:
+    """Run `model` (unoptimized: EXACT) over the data once, on `provider`, and add up each named scalar output."""
+    session = create_session(with_outputs(model, names), provider, level=EXACT)
     totals = dict.fromkeys(names, 0.0)
     for feed in dataset.batches(batch_size, samples):
         for name, value in zip(names, session.run(names, feed)):

@@ -402,7 +402,7 @@ class StaticQuantizer:
         samples = min(self.config.samples or RANGE_SEARCH_SAMPLES, RANGE_SEARCH_SAMPLES)
         ranges, self.range_choices = choose_ranges(self.prepared, plan, candidates, self.data,
                                                    signed=self.signed, batch_size=self.config.batch_size,
-                                                   samples=samples)
+                                                   samples=samples, provider=self.config.provider)
         if self.range_choices:
             self.notes.append(f"ranges chosen by the error they cause at the consuming layers, "
                               f"{len(self.range_choices)} tensors: {summarize_choices(self.range_choices)}")
