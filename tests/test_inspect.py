@@ -195,3 +195,30 @@ def test_int4_initializer(run_cli, tmp_path, build_model, count):
     assert info["dtype"] == "int4"
     assert info["zero_fraction"] == pytest.approx(values.count(0) / count)
     assert summary["parameter_bytes"] == math.ceil(count / 2) + 4
+
+
+def test_file_size_reads_the_references_of_the_model_already_loaded(tmp_path, monkeypatch):
+    """Sizes on disk count the external data a model references; given the model as loaded, the file is not
+    parsed again (a model with inline weights would be read whole once more)."""
+    from compressq import io as model_io
+    from tests.conftest import tiny
+
+    path = tmp_path / "m.onnx"
+    onnx.save_model(tiny(), str(path), save_as_external_data=True, location="m.onnx.data", size_threshold=0)
+    expected = path.stat().st_size + (tmp_path / "m.onnx.data").stat().st_size
+    assert model_io.file_size(path) == expected
+    loaded = model_io.load_model(path, read_weights=False)
+    inline = tmp_path / "inline.onnx"
+    onnx.save_model(tiny(), str(inline))
+    monkeypatch.setattr(model_io.onnx, "load", lambda *a, **k: pytest.fail("parsed the file again"))
+    assert model_io.file_size(path, loaded=loaded) == expected
+    assert model_io.file_size(inline) == inline.stat().st_size  # no "location" in it: nothing to parse for
+
+
+@pytest.mark.parametrize("chunk", [3, 5, 8, 64])
+def test_a_word_is_found_across_chunk_boundaries(tmp_path, chunk):
+    from compressq.io import _mentions
+
+    (tmp_path / "yes").write_bytes(b"abcdefg-location-xyz" * 3)
+    (tmp_path / "no").write_bytes(b"abcdefg-locatio-n-xyz" * 3)
+    assert _mentions(tmp_path / "yes", b"location", chunk) and not _mentions(tmp_path / "no", b"location", chunk)

@@ -69,7 +69,7 @@ def prune(
                                           "then check with compressq report --data DATA"))
     stamp(result.model, "prune", config.settings())
     save_model(result.model, target, protect=read_paths)
-    report = {"input": str(model), "output": str(target), "input_bytes": file_size(model),
+    report = {"input": str(model), "output": str(target), "input_bytes": file_size(model, loaded=source),
               "output_bytes": file_size(target), **result.summary.to_dict()}
     if as_json:
         render.print_json(report)

@@ -125,7 +125,7 @@ def quantize(
         save_model(result.model, target, protect=read_paths)
     if save_plan is not None and result.plan is not None:
         write_text_atomically(save_plan, result.plan.to_json())
-    sizes = {"input_bytes": file_size(model), "output_bytes": file_size(target)}
+    sizes = {"input_bytes": file_size(model, loaded=source), "output_bytes": file_size(target)}
     if as_json:
         render.print_json({"output": str(target), **sizes, **result.summary.to_dict(),
                            "plan_file": str(save_plan) if save_plan else None})

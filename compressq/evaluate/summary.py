@@ -108,7 +108,7 @@ def summarize(model: onnx.ModelProto, path: str | os.PathLike) -> ModelSummary:
     zeros = sum(round(i.zero_fraction * i.parameters) for i in initializers)
     return ModelSummary(
         path=str(path),
-        file_bytes=file_size(Path(path)),
+        file_bytes=file_size(Path(path), loaded=model),
         ir_version=model.ir_version,
         opset=opset_version(model),
         opsets={entry.domain or "ai.onnx": entry.version for entry in model.opset_import},
