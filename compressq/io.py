@@ -667,13 +667,15 @@ def file_size(path: str | os.PathLike, loaded: onnx.ModelProto | None = None) ->
 
 
 def _mentions(path: Path, word: bytes, chunk_bytes: int = 16 * 2**20) -> bool:
-    """Whether `word` occurs in the file, read a chunk at a time (chunks overlap by the word's length)."""
+    """Whether `word` occurs in the file, read a chunk at a time (each chunk is searched with the bytes before
+    it that could start the word)."""
     with open(path, "rb") as stream:
         tail = b""
         while chunk := stream.read(chunk_bytes):
-            if word in tail + chunk:
+            window = tail + chunk
+            if word in window:
                 return True
-            tail = chunk[-len(word):]
+            tail = window[-(len(word) - 1):] if len(word) > 1 else b""
     return False
 
 
