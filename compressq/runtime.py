@@ -38,6 +38,8 @@ ORT_ERRORS: tuple[type[Exception], ...] = tuple(
 # (+261 MB) from serialized bytes; PP-OCR captcha recognizer: +67 (+99) against +141 (+173).
 STAGE_ON_DISK_BYTES = 4 * 2**20
 
+AS_WRITTEN = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # a graph run node by node, nothing fused
+
 ort.set_default_logger_severity(3)  # onnxruntime's own warnings would drown our one-line messages
 
 

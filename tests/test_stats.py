@@ -475,3 +475,20 @@ def test_every_session_of_a_quantize_runs_on_the_chosen_provider(monkeypatch, op
     dataset = load(SAMPLES / "digits_seq_calib.npz", model)
     quantize_model(model, dataset, QuantizeConfig(provider="cuda", samples=32, **options))
     assert providers.count("cuda") > 2 and providers.count("cpu") <= 1, providers
+
+
+def test_sum_outputs_adds_up_a_tensor_over_the_data_in_one_unoptimized_pass(data, monkeypatch):
+    from compressq.runtime import AS_WRITTEN
+    from compressq.stats.collect import sum_outputs
+
+    model = conv_model()
+    dataset, path = data(model, samples=21)
+    levels = []
+    real = collect_module.create_session
+    monkeypatch.setattr(collect_module, "create_session",
+                        lambda *a, **k: levels.append(k.get("level")) or real(*a, **k))
+    totals = sum_outputs(model, ["y", "relu"], dataset, batch_size=4)
+    expected = every_tensor(model, path)
+    assert totals["y"] == pytest.approx(float(expected["y"].astype(np.float64).sum()), rel=1e-5)
+    assert totals["relu"] == pytest.approx(float(expected["relu"].astype(np.float64).sum()), rel=1e-5)
+    assert levels == [AS_WRITTEN]  # one pass, nothing fused

@@ -648,7 +648,8 @@ def test_report_on_a_model_synthetic_inputs_cannot_run_says_pass_data(run_cli, t
 
 def test_auto_ranges_for_body_models_take_one_statistics_pass(monkeypatch, tmp_path):
     """--method auto: the candidates, the bodies' min/max and the main-graph tensors only bodies quantize
-    are all read in one collect() pass (the range search then judges candidates on its own graph)."""
+    are all read in one collect() pass; the range search then judges the candidates in a second one, on its
+    own graph (two passes in all, no min/max pass besides)."""
     from compressq.data import load_dataset
     from compressq.quantize import static
     from compressq.quantize.api import quantize_model
@@ -663,4 +664,4 @@ def test_auto_ranges_for_body_models_take_one_statistics_pass(monkeypatch, tmp_p
     monkeypatch.setattr(collect_module, "collect", lambda *a, **k: calls.append(1) or real(*a, **k))
     monkeypatch.setattr(static, "collect_ranges", lambda *a, **k: pytest.fail("a second min/max pass"))
     result = quantize_model(model, load_dataset(data, model), QuantizeConfig(method="auto", speed_check=False))
-    assert "odd_fc" in result.summary.quantized_nodes and calls == [1]
+    assert "odd_fc" in result.summary.quantized_nodes and calls == [1, 1]

@@ -19,8 +19,8 @@ from compressq.data import Dataset
 from compressq.graph.edit import NameGenerator, toposort
 from compressq.graph.index import GraphIndex
 from compressq.quantize.plan import QuantPlan
-from compressq.quantize.recovery import GraphWriter, summed_outputs
-from compressq.stats.collect import TensorRange
+from compressq.quantize.recovery import GraphWriter
+from compressq.stats.collect import TensorRange, sum_outputs
 
 PREFERRED = "minmax"  # kept on ties: the range that clips nothing
 
@@ -88,7 +88,8 @@ def choose_ranges(model: onnx.ModelProto, plan: QuantPlan, candidates: dict[str,
     writer.flush()
     toposort(combined.graph)
     names = sorted({n for pairs in noise_outputs.values() for n, _ in pairs} | set(signal_outputs.values()))
-    totals = summed_outputs(combined, names, dataset, batch_size, samples, progress, provider)
+    totals = sum_outputs(combined, names, dataset, batch_size=batch_size, samples=samples, provider=provider,
+                         progress=progress)
     choices: dict[str, RangeChoice] = {}
     for tensor in roots:
         errors = {label: sum(totals[noise] / max(totals[signal_outputs[ref]], 1e-30) for noise, ref in pairs)

@@ -29,7 +29,7 @@ from onnx import TensorProto, helper, numpy_helper
 from compressq.data import Dataset
 from compressq.graph.edit import NameGenerator
 from compressq.graph.index import TensorType, infer_shapes, opset_version, value_type
-from compressq.runtime import create_session
+from compressq.runtime import AS_WRITTEN, create_session
 from compressq.stats.observers import (
     CANDIDATE_METHODS,
     HISTOGRAM_BINS,
@@ -38,6 +38,7 @@ from compressq.stats.observers import (
     HistogramObserver,
     MinMaxObserver,
     Reduction,
+    SumObserver,
     TensorRange,
     range_observer,
 )
@@ -74,8 +75,11 @@ class _Tap:
 
 def collect(model: onnx.ModelProto, dataset: Dataset, requests: Iterable[Request], *, provider: str = "cpu",
             budget: int = DEFAULT_BUDGET, batch_size: int = 32, samples: int | None = None,
-            progress: Progress | None = None) -> None:
+            progress: Progress | None = None, as_written: bool = False) -> None:
     """Feed every request's observer from `samples` samples of `dataset` (the observers hold the results).
+
+    `as_written`: the graph runs node by node, nothing fused (a graph with fake-quantized twins must not have
+    its QDQ pairs turned into integer kernels by onnxruntime's optimizer).
 
     `progress(count)` is called after each batch of each pass: 1 pass, 2 when a statistic needs the values
     themselves (histograms)."""
@@ -115,7 +119,7 @@ def collect(model: onnx.ModelProto, dataset: Dataset, requests: Iterable[Request
     splittable = _splittable(dataset)
     # Samples per run: onnxruntime keeps at most every tensor of the samples it runs alive at once.
     rows = _rows_within(budget, one_sample_bytes, batch_size) if splittable else None
-    session = graph.session(provider)
+    session = graph.session(provider, as_written)
     sizes = _reduced_pass(session, graph, dataset, batch_size, samples, rows, progress)
     del session
     if not fetched:
@@ -153,6 +157,17 @@ def output_bytes_per_sample(model: onnx.ModelProto, dataset: Dataset) -> float |
             return None
         total += math.prod(int(d) for d in kind.shape if isinstance(d, int)) * _itemsize(kind)
     return total / max(_rows_in(first), 1)
+
+
+def sum_outputs(model: onnx.ModelProto, names: Sequence[str], dataset: Dataset, *, batch_size: int = 8,
+                samples: int | None = None, provider: str = "cpu", progress: Progress | None = None,
+                as_written: bool = True) -> dict[str, float]:
+    """Each named tensor summed over the data in one pass (the graph's own error sums, for range search and
+    recovery: run as written by default, so that fake-quantized twins stay what they emulate)."""
+    observers = {name: SumObserver() for name in dict.fromkeys(names)}
+    collect(model, dataset, [Request(name, observer) for name, observer in observers.items()], provider=provider,
+            batch_size=batch_size, samples=samples, progress=progress, as_written=as_written)
+    return {name: observer.result() for name, observer in observers.items()}
 
 
 def passes_for_method(method: str) -> int:
@@ -222,11 +237,13 @@ def _exposing_session(model: onnx.ModelProto, names: Sequence[str], provider: st
         _drop_last(model.graph.output, len(outputs))
 
 
-def _calibration_session(model: onnx.ModelProto, provider: str):
+def _calibration_session(model: onnx.ModelProto, provider: str, as_written: bool = False):
     """A session for the data passes, its idle pool threads asleep instead of spinning: calibration runs one
     long graph after another, where spinning threads only burn CPU time (and on a busy machine take it from the
     threads doing the work). BERT-6, `quantize --no-speed-check` on 256 samples, 2 shared cores, interleaved:
     94.5 / 88.2 CPU s spinning, 73.8 / 81.1 asleep; wall 105 / 76 s against 49 / 77 s."""
+    if as_written:
+        return create_session(model, provider, spinning=False, level=AS_WRITTEN)
     return create_session(model, provider, spinning=False)
 
 
@@ -397,7 +414,7 @@ class _Augmented:
             for observer in tap.receivers:
                 observer.update_reduced(*results)
 
-    def session(self, provider: str):
+    def session(self, provider: str, as_written: bool = False):
         """A session of the model with the reductions and outputs added.
 
         The additions are appended to the model's own graph for the time it takes to serialize it, then
@@ -418,7 +435,7 @@ class _Augmented:
         graph.initializer.extend(self.initializers)
         graph.output.extend(outputs)
         try:
-            return _calibration_session(self.source, provider)
+            return _calibration_session(self.source, provider, as_written)
         finally:
             _drop_last(graph.node, len(nodes))
             _drop_last(graph.initializer, len(self.initializers))

@@ -71,6 +71,24 @@ class MinMaxObserver:
         return TensorRange(self.low, self.high)
 
 
+class SumObserver:
+    """The sum of every value of a tensor over the data, in float64 (e.g. a graph's own per-batch error sums)."""
+
+    reduction: Reduction | None = Reduction("sum")
+
+    def __init__(self) -> None:
+        self.total = 0.0
+
+    def update(self, values: np.ndarray) -> None:
+        self.total += float(np.sum(values, dtype=np.float64))
+
+    def update_reduced(self, total, size) -> None:
+        self.total += float(total)
+
+    def result(self) -> float:
+        return self.total
+
+
 class FirstRowsObserver:
     """The values of the first `limit` samples (rows of the samples axis), in order: a graph output's fp32
     values kept from the calibration pass, so that no second fp32 pass is needed to compare against them.
