@@ -39,3 +39,22 @@ def test_calibrated_weight_only_with_a_matmul_excluded(run_cli, tmp_path):
     assert result.exit_code == 0, result.stderr
     summary = json.loads(result.stdout)
     assert summary["quantized_nodes"] and not any("down_proj" in n for n in summary["quantized_nodes"])
+
+
+def test_a_cache_the_decode_feed_cannot_extend_is_timed_on_the_data(run_cli, tmp_path, monkeypatch):
+    """A cache layout measure.decode cannot drive (an exporter's odd axes) costs the decode-step timing, not
+    the quantize: the speed check falls back to the data's own batches."""
+    from compressq.errors import DataError
+    from compressq.quantize import api
+
+    def undrivable(*args, **kwargs):
+        raise DataError("the cache's length axis is not clear")
+
+    monkeypatch.setattr(api, "decode_step_feeds", undrivable)
+    model = build_decoder(CONFIG, tmp_path / "decoder.onnx")
+    np.savez(tmp_path / "prompts.npz", **step_feed(token_ids(CONFIG, 4, 8), empty_cache(CONFIG, 4)))
+    result = run_cli("quantize", model, "--mode", "dynamic", "-d", tmp_path / "prompts.npz", "-o",
+                     tmp_path / "int8.onnx", "--json")
+    assert result.exit_code == 0, result.stderr
+    how = json.loads(result.stdout)["speed_measured_with"]
+    assert how and "decode step" not in how
