@@ -35,7 +35,7 @@ def quantize_embeddings(model: onnx.ModelProto, block_size: int = BLOCK_SIZE,
     tables are never copied: the copy is made without them)."""
     index = GraphIndex(model.graph)
     tables = {position: node.input[0] for position, node in enumerate(model.graph.node)
-              if _table(node, index, block_size, min_elements) is not None}
+              if _table_tensor(node, index, block_size, min_elements) is not None}
     summary = EmbeddingSummary()
     if not tables:
         result = onnx.ModelProto()
@@ -69,14 +69,24 @@ def quantize_embeddings(model: onnx.ModelProto, block_size: int = BLOCK_SIZE,
 
 def _table(node: onnx.NodeProto, index: GraphIndex, block_size: int, min_elements: int) -> np.ndarray | None:
     """The table of a plain row lookup that only this Gather reads (tied weights stay float)."""
+    tensor = _table_tensor(node, index, block_size, min_elements)
+    return numpy_helper.to_array(tensor) if tensor is not None else None
+
+
+def _table_tensor(node: onnx.NodeProto, index: GraphIndex, block_size: int, min_elements: int,
+                  ) -> onnx.TensorProto | None:
+    """The same test on the stored tensor's type and dims: no table is read to find out (BERT's word table is
+    94 MB, and reading it costs twice that)."""
     if node.op_type != "Gather" or node_attributes(node).get("axis", 0) != 0:
         return None
     if node.input[0] not in index.initializers or len(index.consumers.get(node.input[0], [])) != 1:
         return None
-    table = numpy_helper.to_array(index.initializers[node.input[0]])
-    if table.dtype != np.float32 or table.ndim != 2 or table.size < min_elements or table.shape[1] % block_size:
+    tensor = index.initializers[node.input[0]]
+    dims = tuple(tensor.dims)
+    if tensor.data_type != onnx.TensorProto.FLOAT or len(dims) != 2 or dims[0] * dims[1] < min_elements \
+            or dims[1] % block_size:
         return None
-    return table
+    return tensor
 
 
 def quantize_rows(table: np.ndarray, block_size: int, rows_per_chunk: int = 4096,
