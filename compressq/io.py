@@ -16,10 +16,12 @@ from __future__ import annotations
 import atexit
 import contextlib
 import functools
+import hashlib
 import json
 import os
 import re
 import shutil
+import socket
 import stat
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -424,7 +426,7 @@ class SpillFile:
 
     def __init__(self, folder: Path):
         _remove_leftovers(folder, SPILL_PREFIX)
-        handle, name = tempfile.mkstemp(prefix=f"{SPILL_PREFIX}{os.getpid()}-", suffix=".spill", dir=folder)
+        handle, name = tempfile.mkstemp(prefix=f"{SPILL_PREFIX}{_owner_tag()}-", suffix=".spill", dir=folder)
         self.path = Path(name).resolve()
         self._stream = os.fdopen(handle, "wb")
 
@@ -464,8 +466,7 @@ def _remove_leftovers(folder: Path, prefix: str) -> None:
     """Spill files and session folders (`PREFIX<pid>-...`) of runs that were killed (their process is gone)."""
     with contextlib.suppress(OSError):
         for leftover in folder.glob(f"{prefix}*"):
-            pid_text = leftover.name[len(prefix):].split("-", 1)[0]
-            if not pid_text.isdigit() or _process_alive(int(pid_text)) or leftover.is_symlink():
+            if not _left_by_a_dead_run(leftover.name[len(prefix):]) or leftover.is_symlink():
                 continue
             if leftover.is_dir():
                 shutil.rmtree(leftover, ignore_errors=True)
@@ -504,7 +505,7 @@ def on_disk(*models: onnx.ModelProto) -> Iterator[list[Path]]:
         return
     parent = parent if os.access(parent, os.W_OK) else Path(tempfile.gettempdir())
     _remove_leftovers(parent, SESSIONS_PREFIX)
-    with tempfile.TemporaryDirectory(prefix=f"{SESSIONS_PREFIX}{os.getpid()}-", dir=parent) as folder:
+    with tempfile.TemporaryDirectory(prefix=f"{SESSIONS_PREFIX}{_owner_tag()}-", dir=parent) as folder:
         paths = []
         for number, model in enumerate(models):
             path = Path(folder) / f"model{number}.onnx"
@@ -516,7 +517,7 @@ def on_disk(*models: onnx.ModelProto) -> Iterator[list[Path]]:
 @contextlib.contextmanager
 def _skeletons_beside_weights(models: Sequence[onnx.ModelProto], folder: Path) -> Iterator[list[Path]]:
     _remove_leftovers(folder, SESSIONS_PREFIX)
-    paths = [folder / f"{SESSIONS_PREFIX}{os.getpid()}-{id(model)}-{number}.onnx"
+    paths = [folder / f"{SESSIONS_PREFIX}{_owner_tag()}-{id(model)}-{number}.onnx"
              for number, model in enumerate(models)]
     try:
         for model, path in zip(models, paths):
@@ -707,7 +708,7 @@ def save_model(
         check_output_path(folder / data_name, protect)
     refuse_non_finite_weights(model, "the output")
     try:
-        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.{STAGING_MARK}{os.getpid()}-", dir=folder))
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.{STAGING_MARK}{_owner_tag()}-", dir=folder))
     except OSError as exc:
         raise OutputError(f"cannot write {given}: {exc.strerror or exc}",
                           hint="check free disk space and permissions") from exc
@@ -923,7 +924,7 @@ def _probe_writable(folder: Path, target: Path) -> None:
     """Create and remove a staging file where the output will be staged: permissions, read-only file systems
     and full inode tables show up before the work, not after it."""
     try:
-        handle, probe = tempfile.mkstemp(prefix=f".{target.name}.{STAGING_MARK}{os.getpid()}-", dir=folder)
+        handle, probe = tempfile.mkstemp(prefix=f".{target.name}.{STAGING_MARK}{_owner_tag()}-", dir=folder)
     except OSError as exc:
         raise OutputError(f"cannot write in {folder}: {exc.strerror or exc}",
                           hint="pass an output path in a folder you can write") from exc
@@ -995,12 +996,28 @@ def remove_stale_staging(target: Path) -> list[Path]:
     except OSError:
         return removed
     for folder in candidates:
-        pid_text = folder.name[len(prefix):].split("-", 1)[0]
-        if not pid_text.isdigit() or _process_alive(int(pid_text)) or folder.is_symlink() or not folder.is_dir():
+        if not _left_by_a_dead_run(folder.name[len(prefix):]) or folder.is_symlink() or not folder.is_dir():
             continue
         shutil.rmtree(folder, ignore_errors=True)
         removed.append(folder)
     return removed
+
+
+@functools.cache
+def _owner_tag() -> str:
+    """`PID@HOST` in the names of staging and spill files: another machine sharing the folder (two CI containers
+    on one volume) is not judged by this machine's process table."""
+    host = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+    return f"{os.getpid()}@{host}"
+
+
+def _left_by_a_dead_run(rest_of_name: str) -> bool:
+    """Whether a `PID@HOST-...` (or older `PID-...`) name was left by a process of this machine that is gone."""
+    owner = rest_of_name.split("-", 1)[0]
+    pid_text, _, host = owner.partition("@")
+    if not pid_text.isdigit() or (host and host != _owner_tag().partition("@")[2]):
+        return False
+    return not _process_alive(int(pid_text))
 
 
 def _process_alive(pid: int) -> bool:
@@ -1060,7 +1077,7 @@ def write_atomically(path: str | os.PathLike, write: Callable[[BinaryIO], object
     if not folder.is_dir():
         raise OutputError(f"output folder {folder} does not exist", hint="create it first")
     try:
-        handle, staged = tempfile.mkstemp(prefix=f".{path.name}.{STAGING_MARK}{os.getpid()}-",
+        handle, staged = tempfile.mkstemp(prefix=f".{path.name}.{STAGING_MARK}{_owner_tag()}-",
                                           suffix=path.suffix or ".tmp", dir=folder)
     except OSError as exc:
         raise OutputError(f"cannot write {path}: {exc.strerror or exc}", hint="check permissions and free space") \

@@ -377,3 +377,15 @@ def test_weights_in_two_folders_are_copied_for_the_session(tmp_path):
         assert one.parent == two.parent and one.parent.name.startswith(model_io.SESSIONS_PREFIX)
         np.testing.assert_array_equal(logits(one), logits(two))
     assert not one.parent.exists()
+
+
+def test_leftovers_of_another_machine_are_not_judged_by_this_ones_processes(tmp_path):
+    """Two containers sharing one folder: a spill file tagged with another host is kept even when its PID is not
+    alive here; this host's dead runs go, its live ones stay."""
+    other_host = tmp_path / f"{model_io.SPILL_PREFIX}999999999@0123abcd-x.spill"
+    dead_here = tmp_path / f"{model_io.SPILL_PREFIX}999999999@{model_io._owner_tag().split('@')[1]}-y.spill"
+    alive_here = tmp_path / f"{model_io.SPILL_PREFIX}{model_io._owner_tag()}-z.spill"
+    for path in (other_host, dead_here, alive_here):
+        path.write_bytes(b"spill")
+    model_io._remove_leftovers(tmp_path, model_io.SPILL_PREFIX)
+    assert other_host.exists() and not dead_here.exists() and alive_here.exists()
