@@ -222,3 +222,17 @@ def test_a_word_is_found_across_chunk_boundaries(tmp_path, chunk):
     (tmp_path / "yes").write_bytes(b"abcdefg-location-xyz" * 3)
     (tmp_path / "no").write_bytes(b"abcdefg-locatio-n-xyz" * 3)
     assert _mentions(tmp_path / "yes", b"location", chunk) and not _mentions(tmp_path / "no", b"location", chunk)
+
+
+def test_a_model_with_inline_weights_is_checked_from_its_file_not_from_a_copy(tmp_path, monkeypatch):
+    """The checker reads the file before Python parses it: its copy and Python's are never held at once."""
+    from compressq import io as model_io
+    from tests.conftest import tiny
+
+    path = tmp_path / "m.onnx"
+    onnx.save_model(tiny(), str(path))
+    checked = []
+    real = onnx.checker.check_model
+    monkeypatch.setattr(model_io.onnx.checker, "check_model", lambda m, *a, **k: checked.append(type(m)) or real(m))
+    model_io.load_model(path)
+    assert checked == [str]
