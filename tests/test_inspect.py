@@ -236,3 +236,21 @@ def test_a_model_with_inline_weights_is_checked_from_its_file_not_from_a_copy(tm
     monkeypatch.setattr(model_io.onnx.checker, "check_model", lambda m, *a, **k: checked.append(type(m)) or real(m))
     model_io.load_model(path)
     assert checked == [str]
+
+
+def test_a_big_model_made_in_memory_is_checked_as_a_skeleton_and_still_refused_when_broken(monkeypatch):
+    from compressq import io as model_io
+    from compressq.errors import ModelError
+    from tests.conftest import tiny
+
+    monkeypatch.setattr(model_io, "IN_MEMORY_CHECK_LIMIT", 16)
+    model = tiny()
+    serialized = []
+    real = onnx.checker.check_model
+    monkeypatch.setattr(model_io.onnx.checker, "check_model",
+                        lambda m, *a, **k: serialized.append(not isinstance(m, str)) or real(m, *a, **k))
+    model_io.check_model(model)
+    assert serialized == [False]  # the skeleton's file, not the proto
+    model.graph.node[0].input[0] = "nowhere"
+    with pytest.raises(ModelError, match="fails the ONNX checker"):
+        model_io.check_model(model)
