@@ -53,32 +53,21 @@ def _npz(name: str, count: int) -> Path:
     return path
 
 
-def _with_cpu_seconds(start):
-    """Run a fresh child; also note its CPU seconds (user + system, threads included) from RUSAGE_CHILDREN."""
-    import resource
-
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    run = start()
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    run.cpu_seconds = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    return run
-
-
 def _compressq(model: Path, npz: Path, out: Path, speed_check: bool):
     from bench.ort_baseline import run_fresh
     from compressq.quantize.config import QuantizeConfig
 
-    return _with_cpu_seconds(lambda: run_fresh("bench.quantize_bench:compressq_quantize_files",
+    return run_fresh("bench.quantize_bench:compressq_quantize_files",
                      {"model_path": str(model), "calibration_npz": str(npz), "out_path": str(out),
-                      "speed_check": speed_check, "batch_size": QuantizeConfig().batch_size}))
+                      "speed_check": speed_check, "batch_size": QuantizeConfig().batch_size})
 
 
 def _onnxruntime(model: Path, npz: Path, out: Path):
     from bench.ort_baseline import run_fresh
 
-    return _with_cpu_seconds(lambda: run_fresh("bench.ort_baseline:ort_quantize_files",
-                                               {"model_path": str(model), "calibration_npz": str(npz),
-                                                "out_path": str(out), "method": "minmax", "batch_size": 1}))
+    return run_fresh("bench.ort_baseline:ort_quantize_files", {"model_path": str(model), "calibration_npz": str(npz),
+                                                               "out_path": str(out), "method": "minmax",
+                                                               "batch_size": 1})
 
 
 def _model_rows(table, name: str, path: Path) -> None:

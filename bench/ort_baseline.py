@@ -167,6 +167,7 @@ class ProcessRun:
     process_seconds: float  # the child from spawn to exit
     result: object = None
     error: str | None = None
+    cpu_seconds: float = float("nan")  # the child's user + system CPU, its threads included (RUSAGE_CHILDREN)
 
 
 RSS_LIMIT_BYTES = 8 * 2**30  # the machine has 24 GiB shared with others: stop a calibration that hoards
@@ -174,8 +175,22 @@ RSS_LIMIT_BYTES = 8 * 2**30  # the machine has 24 GiB shared with others: stop a
 
 def run_fresh(target: str, arguments: dict, timeout: float = 1800,
               rss_limit: int = RSS_LIMIT_BYTES) -> ProcessRun:
-    """Call MODULE:FUNCTION(**arguments) in a fresh Python process; its own time and peak memory.
+    """Call MODULE:FUNCTION(**arguments) in a fresh Python process; its own time, CPU time and peak memory.
     A child whose resident memory passes `rss_limit` is killed and reported as such."""
+    before = _children_cpu_seconds()
+    run = _run_child(target, arguments, timeout, rss_limit)
+    run.cpu_seconds = _children_cpu_seconds() - before
+    return run
+
+
+def _children_cpu_seconds() -> float:
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _run_child(target: str, arguments: dict, timeout: float, rss_limit: int) -> ProcessRun:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
     command = [sys.executable, "-m", "bench.rss_runner", target, json.dumps(arguments)]
     with tempfile.TemporaryFile() as stdout, tempfile.TemporaryFile() as stderr:

@@ -102,24 +102,13 @@ def calibration_npz(count: int) -> Path:
 # --------------------------------------------------------------------------------------------- runs
 
 
-def _with_cpu_seconds(start):
-    """Run a fresh child; also note its CPU seconds (user + system, threads included) from RUSAGE_CHILDREN."""
-    import resource
-
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    run = start()
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    run.cpu_seconds = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    return run
-
-
 def compressq_run(model: Path, count: int, accuracy_check: bool = True):
     from bench.ort_baseline import run_fresh
 
     out = WORK / f"bert{LAYERS}.cq{count}{'' if accuracy_check else '.nocheck'}.onnx"
     arguments = ["quantize", str(model), "-d", str(calibration_npz(count)), "-o", str(out), "--no-speed-check",
                  *([] if accuracy_check else ["--no-accuracy-check"])]
-    return _with_cpu_seconds(lambda: run_fresh("bench.llm_bench:compressq_cli", {"arguments": arguments}))
+    return run_fresh("bench.llm_bench:compressq_cli", {"arguments": arguments})
 
 
 def onnxruntime_run(model: Path, count: int):
@@ -128,7 +117,7 @@ def onnxruntime_run(model: Path, count: int):
     out = WORK / f"bert{LAYERS}.ort{count}.onnx"
     arguments = {"model_path": str(model), "calibration_npz": str(calibration_npz(count)), "out_path": str(out),
                  "method": "minmax", "batch_size": 1}
-    return _with_cpu_seconds(lambda: run_fresh("bench.ort_baseline:ort_quantize_files", arguments))
+    return run_fresh("bench.ort_baseline:ort_quantize_files", arguments)
 
 
 def _remove_outputs() -> None:

@@ -12,6 +12,14 @@ import numpy as np
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
+# Every command that rewrites a decoder's weights, as a user types it ({model}, {out} filled in by the test)
+BIG_MODEL_COMMANDS = {
+    "dynamic": ["quantize", "{model}", "--mode", "dynamic", "--no-speed-check", "-o", "{out}"],
+    "weight-only": ["quantize", "{model}", "--mode", "weight-only", "--block-size", "16", "--no-speed-check",
+                    "-o", "{out}"],
+    "prune": ["prune", "{model}", "-s", "0.3", "-o", "{out}"],
+}
+
 
 def cosine(a: np.ndarray, b: np.ndarray) -> float:
     """The numpy reference: cosine of the two arrays flattened, in float64."""

@@ -24,8 +24,6 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-import compressq.cli.prune as prune_command
-import compressq.cli.quantize as quantize_command
 import compressq.io as model_io
 import compressq.quantize.api as quantize_api
 import compressq.quantize.dynamic as dynamic
@@ -39,6 +37,7 @@ from compressq.quantize import scheme
 from compressq.quantize.api import quantize_model
 from compressq.quantize.config import QuantizeConfig
 from compressq.runtime import create_session
+from tests.helpers import BIG_MODEL_COMMANDS
 from tests.test_subgraphs import if_model
 
 
@@ -175,35 +174,20 @@ def test_the_speed_check_times_a_mapped_model_from_files(decoder, reads, monkeyp
     assert not any(path.exists() for path in timed[0]), "the staged copies are removed after timing"
 
 
-@pytest.fixture
-def mapped_cli(monkeypatch):
-    """The CLI with its load step reading weights mapped (what cli/quantize.py and cli/prune.py need to call)."""
-    for command in (quantize_command, prune_command):
-        monkeypatch.setattr(command, "load_model", functools.partial(model_io.load_model, read_weights=False))
-
-
-CLI = {
-    "dynamic": ["quantize", "{model}", "--mode", "dynamic", "--no-speed-check", "-o", "{out}"],
-    "weight-only": ["quantize", "{model}", "--mode", "weight-only", "--block-size", "16", "--no-speed-check",
-                    "-o", "{out}"],
-    "prune": ["prune", "{model}", "-s", "0.3", "-o", "{out}"],
-}
-
-
-@pytest.mark.parametrize("command", list(CLI))
-def test_cli_outputs_are_the_same_bytes_every_run(command, decoder, mapped_cli, run_cli, tmp_path):
+@pytest.mark.parametrize("command", list(BIG_MODEL_COMMANDS))
+def test_cli_outputs_are_the_same_bytes_every_run(command, decoder, run_cli, tmp_path):
     written = []
     for attempt in range(2):
         out = tmp_path / f"run{attempt}" / "out.onnx"
         out.parent.mkdir()
-        result = run_cli(*[a.format(model=decoder, out=out) for a in CLI[command]])
+        result = run_cli(*[a.format(model=decoder, out=out) for a in BIG_MODEL_COMMANDS[command]])
         assert result.exit_code == 0, result.stderr
         written.append((out.read_bytes(), out.with_name("out.onnx.data").read_bytes()))
     assert written[0] == written[1]
     np.testing.assert_array_equal(logits(out), logits(tmp_path / "run0" / "out.onnx"))
 
 
-def test_modes_that_run_the_model_read_it_first(decoder, mapped_cli, run_cli, tmp_path):
+def test_modes_that_run_the_model_read_it_first(decoder, run_cli, tmp_path):
     """Static int8 (calibration) and refit run onnxruntime on the model in memory: a mapped model is read for
     them; calibrated weight-only and the speed check run it from files. All work as before."""
     config = CONFIGS["tiny"]

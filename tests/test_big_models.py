@@ -22,6 +22,7 @@ from compressq.errors import ModelError
 from compressq.evaluate.summary import summarize
 from compressq.runtime import create_session
 from tests.conftest import BIG_THRESHOLD
+from tests.helpers import BIG_MODEL_COMMANDS, cosine
 
 
 @pytest.fixture(scope="module")
@@ -84,18 +85,10 @@ def test_inspect_reads_no_weights_whole(decoder, run_cli, monkeypatch):
     assert json.loads(result.stdout) == expected
 
 
-COMMANDS = {
-    "dynamic": ["quantize", "{model}", "--mode", "dynamic", "--no-speed-check", "-o", "{out}"],
-    "weight-only": ["quantize", "{model}", "--mode", "weight-only", "--block-size", "16", "--no-speed-check",
-                    "-o", "{out}"],
-    "prune": ["prune", "{model}", "-s", "0.3", "-o", "{out}"],
-}
-
-
-@pytest.mark.parametrize("command", list(COMMANDS))
+@pytest.mark.parametrize("command", list(BIG_MODEL_COMMANDS))
 def test_every_command_on_a_big_decoder(command, decoder, big_threshold, run_cli, tmp_path):
     out = tmp_path / "out.onnx"
-    result = run_cli(*[a.format(model=decoder, out=out) for a in COMMANDS[command]])
+    result = run_cli(*[a.format(model=decoder, out=out) for a in BIG_MODEL_COMMANDS[command]])
     assert result.exit_code == 0, result.stderr
     written = onnx.load(str(out), load_external_data=False)
     if model_io.model_bytes(model_io.load_model(out)) > BIG_THRESHOLD:
@@ -103,6 +96,5 @@ def test_every_command_on_a_big_decoder(command, decoder, big_threshold, run_cli
         assert any(model_io.is_external(t) for t in written.graph.initializer)
     ids = token_ids(CONFIGS["tiny"], 2, 6, seed=1)
     reference, quantized = logits(decoder, ids), logits(out, ids)
-    cosine = (reference * quantized).sum() / np.linalg.norm(reference) / np.linalg.norm(quantized)
-    assert cosine > 0.9, f"{command}: logits cosine {cosine:.3f}"
+    assert cosine(reference, quantized) > 0.9, f"{command}: logits cosine {cosine(reference, quantized):.3f}"
     np.testing.assert_array_equal(logits(model_io.load_model(out), ids), quantized)
