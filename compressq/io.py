@@ -574,7 +574,7 @@ def check_model(model: onnx.ModelProto, model_path: Path | None = None, *, from_
     from its path, or, without one, as a skeleton whose big tensors point at an empty file (the graph and every
     tensor's type and dims are checked; the bytes of tensors above EXTERNAL_TENSOR_BYTES are not)."""
     with _checker_errors(model_path.name if model_path else "the model"):
-        if model_path is None and _tensor_payload(model) > IN_MEMORY_CHECK_LIMIT:
+        if model_path is None and tensor_payload(model) > IN_MEMORY_CHECK_LIMIT:
             _check_skeleton(model)  # a model we made, checked without serializing its weights twice over
             return
         big = from_path or holds_mapped_weights(model) or model_bytes(model) > EXTERNAL_DATA_THRESHOLD
@@ -586,7 +586,8 @@ def check_model(model: onnx.ModelProto, model_path: Path | None = None, *, from_
             onnx.checker.check_model(model)
 
 
-def _tensor_payload(model: onnx.ModelProto) -> int:
+def tensor_payload(model: onnx.ModelProto) -> int:
+    """The bytes of every tensor of `model`, from dims and types (ByteSize would encode the whole model)."""
     return sum(_payload_bytes(stored.tensor) for stored in model_tensors(model))
 
 

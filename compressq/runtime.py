@@ -7,7 +7,6 @@ over. A caller's ModelProto is never modified.
 
 from __future__ import annotations
 
-import math
 import os
 import tempfile
 from collections.abc import Iterable
@@ -93,7 +92,7 @@ def create_session(model: onnx.ModelProto | str | os.PathLike, provider: str = "
     else:
         model = model_io.check_model_file(model)
     staged = isinstance(model, onnx.ModelProto) and \
-        _weight_bytes(model) > min(STAGE_ON_DISK_BYTES, model_io.EXTERNAL_DATA_THRESHOLD)
+        model_io.tensor_payload(model) > min(STAGE_ON_DISK_BYTES, model_io.EXTERNAL_DATA_THRESHOLD)
     if optimized_path and (staged or not isinstance(model, onnx.ModelProto)):
         # Weights read from a .data file would otherwise stay references to it in the optimized model, and
         # that file may be a temporary one (or in another folder): write them next to the optimized model.
@@ -110,19 +109,6 @@ def create_session(model: onnx.ModelProto | str | os.PathLike, provider: str = "
     except ORT_ERRORS as exc:
         raise ModelError(f"onnxruntime cannot load the model: {str(exc).splitlines()[0][:300]}",
                          hint="the graph may use an op or opset this onnxruntime version lacks") from exc
-
-
-def _weight_bytes(model: onnx.ModelProto) -> int:
-    """The model's tensor payload from shapes and types (io.model_bytes encodes the model below 2 GB: 66 ms
-    per call on a 54 MB model, and sessions are opened a dozen times per quantize)."""
-    total = 0
-    for stored in model_io.model_tensors(model):
-        tensor = stored.tensor
-        if tensor.data_type == onnx.TensorProto.STRING:
-            continue
-        itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
-        total += math.prod(tensor.dims) * itemsize
-    return total
 
 
 def _session_via_disk(model: onnx.ModelProto, options: ort.SessionOptions,

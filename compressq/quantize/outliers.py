@@ -30,7 +30,7 @@ from onnx import helper, numpy_helper
 from compressq.errors import DataError, UsageError
 from compressq.graph.edit import NameGenerator, toposort
 from compressq.graph.index import GraphIndex, node_attributes
-from compressq.quantize.smoothquant import as_consumer
+from compressq.quantize.smoothquant import weight_consumers
 
 OUTLIER_RATIO = 2.0  # a channel is an outlier when its absmax exceeds this multiple of the median channel's
 
@@ -81,9 +81,7 @@ def split_outliers(model: onnx.ModelProto, activation_absmax: Mapping[str, np.nd
     names = NameGenerator(graph)
     summary = SplitSummary(channels)
     for activation, absmax in activation_absmax.items():
-        consumers = [c for node in index.consumers.get(activation, [])
-                     if node.input[0] == activation and (c := as_consumer(node, index)) is not None
-                     and node_attributes(node).get("alpha", 1.0) == 1.0]
+        consumers = [c for c in weight_consumers(index, activation) if node_attributes(c.node).get("alpha", 1.0) == 1.0]
         if not consumers:
             summary.skipped[activation] = "feeds no MatMul/Gemm with a constant weight"
             continue

@@ -111,8 +111,7 @@ def smooth(model: onnx.ModelProto, activation_absmax: Mapping[str, np.ndarray], 
     names = NameGenerator(graph)
     summary = SmoothSummary(alpha)
     for activation, absmax in activation_absmax.items():
-        consumers = [c for node in index.consumers.get(activation, [])
-                     if node.input[0] == activation and (c := as_consumer(node, index)) is not None]
+        consumers = weight_consumers(index, activation)
         if not consumers:
             summary.skipped[activation] = "feeds no MatMul/Gemm with a constant weight"
             continue
@@ -132,6 +131,12 @@ def smoothing_scale(activation_absmax: np.ndarray, weight_absmax: np.ndarray, al
     weight_range = np.maximum(weight_absmax, RANGE_FLOOR).astype(np.float64)
     scale = activation_range**alpha / weight_range ** (1.0 - alpha)
     return np.where(alive, np.clip(scale, *SCALE_LIMITS), 1.0)
+
+
+def weight_consumers(index: GraphIndex, activation: str) -> list[_Consumer]:
+    """The MatMul/Gemm nodes that multiply `activation` (their first input) by a constant 2-D float weight."""
+    return [c for node in index.consumers.get(activation, [])
+            if node.input[0] == activation and (c := as_consumer(node, index)) is not None]
 
 
 def as_consumer(node: onnx.NodeProto, index: GraphIndex) -> _Consumer | None:
