@@ -244,7 +244,7 @@ def test_refining_on_block_grams_equals_refining_on_the_rows_they_sum():
 
 
 def test_the_row_reservoir_keeps_every_row_with_the_same_chance():
-    from compressq.quantize.api import RowReservoir
+    from compressq.stats.observers import RowReservoir
 
     counts = np.zeros(2000)
     for seed in range(200):

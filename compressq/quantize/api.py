@@ -35,6 +35,7 @@ from compressq.quantize.plan_file import QuantizationPlan
 from compressq.quantize.static import StaticQuantizer, quantize_static
 from compressq.runtime import ORT_ERRORS, create_session, with_outputs
 from compressq.stats.collect import output_bytes_per_sample, samples_per_run
+from compressq.stats.observers import RowReservoir
 
 __all__ = ["METHODS", "MODES", "QuantizeResult", "QuantizeSummary", "analyze_sensitivity", "quantize_model"]
 
@@ -396,30 +397,3 @@ def _sampled_rows(session, names: list[str], feeds, config: QuantizeConfig) -> d
             rows = values.reshape(-1, values.shape[-1])
             reservoirs.setdefault(name, RowReservoir(WEIGHT_ONLY_ROWS, rows.shape[1], rows.dtype, rng)).add(rows)
     return {name: reservoir.rows() for name, reservoir in reservoirs.items()}
-
-
-class RowReservoir:
-    """Algorithm R: after n rows, each of them is among the kept `size` with the same chance size / n (re-drawing
-    from the pool at every batch would keep the last batches' rows)."""
-
-    def __init__(self, size: int, width: int, dtype, rng: np.random.Generator):
-        self.pool = np.empty((size, width), dtype)
-        self.seen = 0
-        self.rng = rng
-
-    def add(self, rows: np.ndarray) -> None:
-        size = len(self.pool)
-        room = max(0, min(size - self.seen, len(rows)))
-        self.pool[self.seen:self.seen + room] = rows[:room]
-        self.seen += room
-        rest = rows[room:]
-        if not len(rest):
-            return
-        positions = self.seen + 1 + np.arange(len(rest))  # 1-based index of each new row among all rows seen
-        slots = np.floor(self.rng.random(len(rest)) * positions).astype(np.int64)
-        for row, slot in zip(rest[slots < size], slots[slots < size]):  # in order: a later row replaces an earlier
-            self.pool[slot] = row
-        self.seen += len(rest)
-
-    def rows(self) -> np.ndarray:
-        return self.pool[: min(self.seen, len(self.pool))]

@@ -394,3 +394,30 @@ class PatchGramObserver(GramObserver):
 
 
 PATCH_ROWS_PER_SAMPLE = 1024
+
+
+class RowReservoir:
+    """Algorithm R: after n rows, each of them is among the kept `size` with the same chance size / n (re-drawing
+    from the pool at every batch would keep the last batches' rows)."""
+
+    def __init__(self, size: int, width: int, dtype, rng: np.random.Generator):
+        self.pool = np.empty((size, width), dtype)
+        self.seen = 0
+        self.rng = rng
+
+    def add(self, rows: np.ndarray) -> None:
+        size = len(self.pool)
+        room = max(0, min(size - self.seen, len(rows)))
+        self.pool[self.seen:self.seen + room] = rows[:room]
+        self.seen += room
+        rest = rows[room:]
+        if not len(rest):
+            return
+        positions = self.seen + 1 + np.arange(len(rest))  # 1-based index of each new row among all rows seen
+        slots = np.floor(self.rng.random(len(rest)) * positions).astype(np.int64)
+        for row, slot in zip(rest[slots < size], slots[slots < size]):  # in order: a later row replaces an earlier
+            self.pool[slot] = row
+        self.seen += len(rest)
+
+    def rows(self) -> np.ndarray:
+        return self.pool[: min(self.seen, len(self.pool))]
