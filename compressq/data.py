@@ -103,6 +103,7 @@ class Dataset:
     labels_key: str | None = None
     notes: list[str] = field(default_factory=list)
     layout: str = "batch"
+    _first: dict[str, np.ndarray] | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def num_samples(self) -> int:
@@ -119,6 +120,14 @@ class Dataset:
         if self.layout == "stack":
             return 1
         return next((int(np.shape(value)[0]) for value in feed.values() if np.ndim(value)), 1)
+
+    def first_sample(self) -> dict[str, np.ndarray] | None:
+        """The feed of the first sample alone (None without samples), copied out of its shard and kept: every
+        data pass sizes itself on it first, and reading it from an .npz decompresses the whole shard."""
+        if self._first is None:
+            feed = next(iter(self.batches(1, 1)), None)
+            self._first = None if feed is None else {name: np.array(value) for name, value in feed.items()}
+        return self._first
 
     def batches(self, batch_size: int, limit: int | None = None) -> Iterator[dict[str, np.ndarray]]:
         """Model-input feeds of `batch_size` samples (the last may be smaller), `limit` samples in all."""

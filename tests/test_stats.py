@@ -343,6 +343,87 @@ def test_range_observer_names_each_method():
     assert range_observer("auto").reduction is None
 
 
+class RunsObserver:
+    """Every run's whole tensor, kept in the order collect hands them over (a pairing observer's view)."""
+
+    def __init__(self) -> None:
+        self.runs: list[np.ndarray] = []
+
+    def update(self, values: np.ndarray) -> None:
+        self.runs.append(np.array(values))
+
+    def result(self) -> np.ndarray:
+        return np.concatenate(self.runs)
+
+
+def recorded_sessions(monkeypatch) -> list[list[str]]:
+    """The fetched outputs (tensors of TENSORS) of every session collect opens, in order."""
+    exposed: list[list[str]] = []
+    real = collect_module.create_session
+
+    def recording(model, *args, **kwargs):
+        model = onnx.load(str(model)) if isinstance(model, (str, Path)) else model
+        exposed.append([o.name for o in model.graph.output if o.name in TENSORS and o.name != "y"])
+        return real(model, *args, **kwargs)
+
+    monkeypatch.setattr(collect_module, "create_session", recording)
+    return exposed
+
+
+def test_whole_tensors_of_known_shapes_need_no_range_pass_and_come_in_one_pass_when_asked(data, monkeypatch):
+    """Observers that take whole tensors and no range (Gram matrices, refit rows) cost one pass, not two; with
+    one_pass every tensor comes from one session, runs holding the same samples for every tensor."""
+    model = conv_model()
+    dataset, path = data(model)
+    sessions = recorded_sessions(monkeypatch)
+    observers = {"conv": RunsObserver(), "flat": RunsObserver()}
+    every_tensor_of_one_sample = (75 + 4 * 150 + 4) * 4  # x, conv, relu, scaled, flat, y
+    collect(model, dataset, [Request(t, o) for t, o in observers.items()], batch_size=8,
+            budget=3 * every_tensor_of_one_sample, one_pass=True)
+    assert sessions == [["conv", "flat"]]
+    reference = every_tensor(model, path)
+    for tensor, observer in observers.items():
+        np.testing.assert_allclose(observer.result(), reference[tensor], rtol=1e-5, atol=1e-5)
+    lengths = [len(run) for run in observers["conv"].runs]
+    assert lengths == [len(run) for run in observers["flat"].runs] and max(lengths) == 3
+
+    sessions.clear()
+    chunked = {"conv": RunsObserver(), "flat": RunsObserver()}
+    collect(model, dataset, [Request(t, o) for t, o in chunked.items()], batch_size=8, budget=150 * 4)
+    assert sessions == [["conv"], ["flat"]]  # chunks of the budget, still no range pass before them
+    for tensor, observer in chunked.items():
+        np.testing.assert_array_equal(observer.result(), observers[tensor].result())
+
+
+def test_a_graph_input_is_read_from_the_feed_without_a_session(data, monkeypatch):
+    model = conv_model()
+    dataset, path = data(model)
+    sessions = recorded_sessions(monkeypatch)
+    observer = RunsObserver()
+    collect(model, dataset, [Request("x", observer)], batch_size=8, one_pass=True)
+    assert sessions == []
+    with np.load(path) as archive:
+        np.testing.assert_array_equal(observer.result(), archive["x"])
+
+
+def test_a_model_with_mapped_weights_is_collected_from_its_files(data, tmp_path):
+    """A model loaded with read_weights=False runs from its files, with the figures of the model in memory."""
+    from compressq import io as model_io
+
+    model = conv_model()
+    dataset, _ = data(model)
+    saved = tmp_path / "external.onnx"
+    onnx.save_model(conv_model(), str(saved), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="external.onnx.data", size_threshold=0)
+    mapped = model_io.load_model(saved, read_weights=False)
+    assert model_io.holds_mapped_weights(mapped)
+    in_memory, from_files = RunsObserver(), RunsObserver()
+    ranges = collect_ranges(mapped, dataset, TENSORS, batch_size=8, extra=[Request("flat", from_files)])
+    collect(model, dataset, [Request("flat", in_memory)], batch_size=8)
+    assert ranges == collect_ranges(model, dataset, TENSORS, batch_size=8)
+    np.testing.assert_array_equal(from_files.result(), in_memory.result())
+
+
 # -- helpers ----------------------------------------------------------------------------------------
 
 

@@ -248,14 +248,14 @@ def test_the_row_reservoir_keeps_every_row_with_the_same_chance():
 
     counts = np.zeros(2000)
     for seed in range(200):
-        reservoir = RowReservoir(100, 1, np.float64, np.random.default_rng(seed))
+        reservoir = RowReservoir(100, np.random.default_rng(seed))
         for start in range(0, 2000, 64):  # batches of 64 rows, the last one short
             reservoir.add(np.arange(start, min(start + 64, 2000), dtype=np.float64)[:, None])
-        kept = reservoir.rows()[:, 0].astype(int)
+        kept = reservoir.result()[:, 0].astype(int)
         assert len(kept) == 100 and len(set(kept)) == 100
         counts[kept] += 1
     first, last = counts[:1000].sum(), counts[1000:].sum()
     assert abs(first - last) / (first + last) < 0.05  # each half ~50 % of the kept rows
-    small = RowReservoir(100, 1, np.float64, np.random.default_rng(0))
+    small = RowReservoir(100, np.random.default_rng(0))
     small.add(np.arange(30.0)[:, None])
-    assert small.rows()[:, 0].tolist() == list(range(30))  # fewer rows than the reservoir: all of them
+    assert small.result()[:, 0].tolist() == list(range(30))  # fewer rows than the reservoir: all of them

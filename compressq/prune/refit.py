@@ -29,8 +29,9 @@ Cost, which is what makes refit usable on real models:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
@@ -40,13 +41,15 @@ from compressq.data import Dataset
 from compressq.graph.index import GraphIndex, implicit_inputs, node_attributes
 from compressq.prune.solvers import masked_ridge_solve, squared_errors
 from compressq.prune.structured import replace_constant_input
-from compressq.runtime import create_session
+from compressq.stats.collect import DEFAULT_BUDGET, Request, collect, one_sample_shapes
 
 # One intra-op thread: onnxruntime's pool spin-waits after each run and starves numpy's BLAS, which
 # accumulates the normal equations between runs (3x slower end to end on 2 cores with the default pool).
 SESSION_THREADS = 1
-# The dense teacher runs once over all samples with every refit target as an output, this many samples a run.
-TEACHER_SAMPLES_PER_RUN = 4
+# What the tensors of one run may weigh: the dense teacher runs once over the samples with every refit target as
+# an output (most of the model's activations), a few samples a run.
+REFIT_BUDGET = DEFAULT_BUDGET
+UPDATE_ROWS = 8192  # rows of X multiplied at once into a Gram matrix
 
 
 @dataclass(frozen=True)
@@ -91,22 +94,53 @@ class NormalEquations:
     """Streaming X^T X (one Gram matrix shared by every output), X^T Y and sum(Y^2) for one group of outputs."""
 
     def __init__(self, features: int, outputs: int):
-        self.gram = np.zeros((features, features))
-        self.cross = np.zeros((features, outputs))
-        self.target_energy = np.zeros(outputs)
+        self._gram = np.zeros((features, features))
+        self._cross = np.zeros((features, outputs))
+        self._energy = np.zeros(outputs)
         self.rows = 0
+        self._pending: list[tuple[np.ndarray, np.ndarray]] = []
+        self._pending_rows = 0
 
     def update(self, inputs: np.ndarray, targets: np.ndarray) -> None:
-        # Products of one batch in float32 (twice BLAS's float64 speed), summed across batches in float64.
-        # Extreme data may overflow float32: the statistics then hold inf, and `solve` keeps the pruned weights
-        # (solvers.never_worse); numpy's warnings would only be noise on the user's terminal.
-        inputs = inputs.astype(np.float32, copy=False)
-        targets = targets.astype(np.float32, copy=False)
-        with np.errstate(over="ignore", invalid="ignore"):
-            self.gram += inputs.T @ inputs
-            self.cross += inputs.T @ targets
-            self.target_energy += np.square(targets, dtype=np.float64).sum(axis=0)
+        """Add rows; they are multiplied UPDATE_ROWS at a time (a run of one sample may bring a few dozen rows,
+        and a product that small spends more on BLAS's threads and the float64 sum than on the rows)."""
+        self._pending.append((inputs, targets))
+        self._pending_rows += inputs.shape[0]
         self.rows += inputs.shape[0]
+        if self._pending_rows >= UPDATE_ROWS:
+            self._flush()
+
+    def _flush(self) -> None:
+        # Products of UPDATE_ROWS rows in float32 (twice BLAS's float64 speed), summed in float64. Extreme data
+        # may overflow float32: the statistics then hold inf, and `solve` keeps the pruned weights
+        # (solvers.never_worse); numpy's warnings would only be noise on the user's terminal.
+        if not self._pending:
+            return
+        inputs = np.concatenate([rows for rows, _ in self._pending]).astype(np.float32, copy=False)
+        targets = np.concatenate([rows for _, rows in self._pending]).astype(np.float32, copy=False)
+        self._pending, self._pending_rows = [], 0
+        with np.errstate(over="ignore", invalid="ignore"):
+            self._gram += inputs.T @ inputs
+            self._cross += inputs.T @ targets
+            self._energy += np.square(targets, dtype=np.float64).sum(axis=0)
+
+    @property
+    def gram(self) -> np.ndarray:
+        """X^T X over every row added so far."""
+        self._flush()
+        return self._gram
+
+    @property
+    def cross(self) -> np.ndarray:
+        """X^T Y over every row added so far."""
+        self._flush()
+        return self._cross
+
+    @property
+    def target_energy(self) -> np.ndarray:
+        """sum(Y^2) per output over every row added so far."""
+        self._flush()
+        return self._energy
 
     def squared_error(self, weights: np.ndarray) -> float:
         """sum ||X w_o - y_o||^2 over outputs o, from the accumulated statistics alone (inf or nan when the
@@ -425,31 +459,89 @@ def prefix_model(model: onnx.ModelProto, outputs: Sequence[str]) -> onnx.ModelPr
     return prefix
 
 
-@dataclass
 class _TeacherRows:
-    """One target's rows of the dense teacher's output, drawn once before any wave: per batch the row
-    positions its fit samples, the shape of the output they index and the teacher's values there."""
+    """One target's rows of the dense teacher's output, drawn once before any wave: for every sample the row
+    positions its fit samples (a collect() observer of the target's output).
 
-    target: RefitTarget
-    view: LinearView  # the layer as it was before any refit: only its shapes are used here
-    rng: np.random.Generator
-    budget: int
-    samples: int  # how many samples its row budget needs
-    seen: int = 0
-    batches: list[tuple[np.ndarray, tuple[int, ...], np.ndarray] | None] = field(default_factory=list)
+    Positions are drawn sample by sample from the target's own generator, so they depend neither on how many
+    samples a run holds nor on the batch size; they are kept as indices into all samples' rows, in order."""
+
+    def __init__(self, target: RefitTarget, view: LinearView, budget: int, samples: int, seed: int):
+        self.target, self.view, self.budget, self.samples = target, view, budget, samples
+        self.rng = np.random.default_rng(seed)
+        self.seen = 0
+        self.per_sample = 0  # row positions in one sample's output
+        self.sample_shape: tuple[int, ...] = ()  # one sample's output, axis 0 dropped
+        self.chosen: list[np.ndarray] = []  # per run: positions among every sample's rows, ascending
+        self.pieces: list[np.ndarray | None] = []  # per run: the teacher's values there [rows, kept outputs]
+        self.sizes: list[int] = []  # per run: how many rows it drew
+
+    def update(self, y: np.ndarray) -> None:
+        take = min(y.shape[0], self.samples - self.seen)
+        if take <= 0:
+            return
+        self.sample_shape = tuple(y.shape[1:])
+        self.per_sample = self.view.row_count((1, *self.sample_shape))
+        rows_per_sample = self.budget / self.samples
+        drawn = []
+        for sample in range(self.seen, self.seen + take):
+            limit = max(1, round(rows_per_sample * (sample + 1)) - round(rows_per_sample * sample))
+            drawn.append(_sample(self.per_sample, self.rng, limit) + (sample - self.seen) * self.per_sample)
+        local = np.concatenate(drawn)
+        self.chosen.append(local + self.seen * self.per_sample)
+        self.pieces.append(_kept(self, self.view.target_rows(y, local)))
+        self.sizes.append(len(local))
+        self.seen += take
+
+    def rows_of(self, first: int, count: int) -> tuple[np.ndarray, np.ndarray] | None:
+        """The positions (relative to sample `first`) and target rows of samples [first, first + count);
+        read in order, once: what is read is freed."""
+        chosen = np.concatenate(self.chosen) if len(self.chosen) > 1 else self.chosen[0]
+        self.chosen = [chosen]
+        low, high = np.searchsorted(chosen, [first * self.per_sample, (first + count) * self.per_sample])
+        if high <= low:
+            return None
+        return chosen[low:high] - first * self.per_sample, self._pieces_between(low, high)
+
+    def _pieces_between(self, low: int, high: int) -> np.ndarray:
+        parts, offset = [], 0
+        for number, piece in enumerate(self.pieces):
+            size = self.sizes[number]
+            if piece is not None and offset < high and low < offset + size:
+                parts.append(piece[max(low - offset, 0):min(high, offset + size) - offset])
+            if offset + size <= high:
+                self.pieces[number] = None  # read once: free it
+            offset += size
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
 
 @dataclass
 class _Fit:
-    """One target's state while its wave reads data."""
+    """One target's state while its wave reads data (a collect() observer of the target's input)."""
 
     target: RefitTarget
     view: LinearView
     matrices: list[np.ndarray]
     equations: list[NormalEquations]
     teacher: _TeacherRows
-    batch: int = 0  # the next of `teacher.batches` to read
+    seen: int = 0
     failure: str = ""
+
+    def update(self, x: np.ndarray) -> None:
+        take = min(x.shape[0], self.teacher.samples - self.seen)
+        if take <= 0 or self.failure:
+            return
+        found = self.teacher.rows_of(self.seen, take)
+        if found is not None:
+            chosen, targets = found
+            shape = (take, *self.teacher.sample_shape)
+            try:
+                for equation, inputs, outputs in zip(self.equations, self.view.input_rows(x[:take], chosen, shape),
+                                                     self.view.split_targets(targets)):
+                    equation.update(inputs, outputs)
+            except NotRefittable as reason:
+                self.failure = f"not refit: {reason}"
+        self.seen += take
 
 
 def _teacher_rows(pruned: onnx.ModelProto, teacher: onnx.ModelProto, targets: Sequence[RefitTarget],
@@ -457,8 +549,8 @@ def _teacher_rows(pruned: onnx.ModelProto, teacher: onnx.ModelProto, targets: Se
     """Every target's teacher rows, from ONE pass of the dense model over the samples.
 
     The teacher does not change between waves, so running it once per wave repeated its work; the row
-    positions a fit samples depend only on its own generator, the batch sizes and its budget, so they are
-    drawn here, in the order the fit itself would draw them, and each wave runs only the pruned model."""
+    positions a fit samples depend only on its own generator and its budget, so they are drawn here and
+    each wave runs only the pruned model."""
     views: dict[str, LinearView] = {}
     for target in targets:
         try:
@@ -467,79 +559,27 @@ def _teacher_rows(pruned: onnx.ModelProto, teacher: onnx.ModelProto, targets: Se
             continue  # its wave says why
     if not views:
         return {}
-    names = sorted({view.target_name for view in views.values()})
-    session = create_session(prefix_model(teacher, names), threads=SESSION_THREADS)
+    prefix = prefix_model(teacher, sorted({view.target_name for view in views.values()}))
+    shapes = one_sample_shapes(prefix, dataset, [view.target_name for view in views.values()])
     available = min(settings.samples, dataset.num_samples)
-    probe = dict(zip(names, session.run(names, next(dataset.batches(1, 1)))))
     plans: dict[str, _TeacherRows] = {}
     for target in targets:
         view = views.get(target.node)
         if view is None or target.node in plans:
             continue
         budget = settings.row_budget(view.matrices()[0].shape[1])
-        samples = _samples_needed(probe[view.target_name], view, budget, available, settings)
-        plans[target.node] = _TeacherRows(target, view, np.random.default_rng(settings.seed), budget, samples)
-    del probe
-    for feed in dataset.batches(settings.batch_size, max(plan.samples for plan in plans.values())):
-        reading = [plan for plan in plans.values() if plan.seen < plan.samples]
-        if not reading:
-            break
-        _read_teacher_batch(session, names, feed, reading, split=dataset.layout != "stack")
+        samples = _samples_needed(shapes[view.target_name], view, budget, available, settings)
+        plans[target.node] = _TeacherRows(target, view, budget, samples, settings.seed)
+    collect(prefix, dataset, [Request(plan.view.target_name, plan) for plan in plans.values()],
+            batch_size=settings.batch_size, samples=max(plan.samples for plan in plans.values()),
+            budget=REFIT_BUDGET, one_pass=True, threads=SESSION_THREADS)
     return plans
-
-
-def _read_teacher_batch(session, names: list[str], feed: dict[str, np.ndarray], plans: list[_TeacherRows],
-                        split: bool) -> None:
-    """Draw each plan's row positions for this batch and keep the teacher's values there. The teacher runs
-    on `TEACHER_SAMPLES_PER_RUN` samples at a time: onnxruntime keeps every output of a run alive, and all
-    refit targets together are most of the model's activations."""
-    drawn: list[tuple[_TeacherRows, np.ndarray, tuple[int, ...], list[np.ndarray]]] = []
-    for start, outputs, batch in _teacher_runs(session, names, feed, split):
-        if not drawn:
-            for plan in plans:
-                y = outputs[plan.view.target_name]
-                take = min(y.shape[0] if batch is None else batch, plan.samples - plan.seen)
-                shape = (take, *y.shape[1:])  # the output's channels do not count rows
-                rows_per_sample = plan.budget / plan.samples
-                limit = max(1, round(rows_per_sample * (plan.seen + take)) - round(rows_per_sample * plan.seen))
-                drawn.append((plan, _sample(plan.view.row_count(shape), plan.rng, limit), shape, []))
-                plan.seen += take
-        for plan, chosen, shape, pieces in drawn:
-            per_sample = plan.view.row_count(shape) // max(1, shape[0])
-            y = outputs[plan.view.target_name]
-            low, high = np.searchsorted(chosen, [start * per_sample, (start + y.shape[0]) * per_sample])
-            if high > low or not pieces:
-                pieces.append(_kept(plan, plan.view.target_rows(y, chosen[low:high] - start * per_sample)))
-        del outputs
-    for plan, chosen, shape, pieces in drawn:
-        plan.batches.append((chosen, shape, np.concatenate(pieces)))  # one C-ordered copy, as BLAS saw before
 
 
 def _kept(plan: _TeacherRows, rows: np.ndarray) -> np.ndarray:
     """The target rows [rows, outputs] of the outputs that survive channel pruning."""
     kept = plan.target.kept_outputs
     return rows if kept is None else rows[:, list(kept)]
-
-
-def _teacher_runs(session, names: list[str], feed: dict[str, np.ndarray], split: bool):
-    """(first sample, outputs by name, samples in the batch) for each run over `feed`, a few samples a run;
-    one run of the whole feed (samples: None, each output says) where its arrays or the outputs do not all
-    hold the samples along axis 0."""
-    lengths = {value.shape[0] if value.ndim else -1 for value in feed.values()}
-    batch = lengths.pop() if split and len(lengths) == 1 else -1
-    if batch > TEACHER_SAMPLES_PER_RUN:
-        for start in range(0, batch, TEACHER_SAMPLES_PER_RUN):
-            part = {name: value[start:start + TEACHER_SAMPLES_PER_RUN] for name, value in feed.items()}
-            outputs = dict(zip(names, session.run(names, part)))
-            if any(value.shape[:1] != (min(batch - start, TEACHER_SAMPLES_PER_RUN),) for value in outputs.values()):
-                if start:  # cannot happen on a later run when the first one matched
-                    raise NotRefittable("the teacher's outputs do not hold the samples along axis 0")
-                break
-            yield start, outputs, batch
-            del outputs  # before the next run: one run's outputs alive at a time
-        else:
-            return
-    yield 0, dict(zip(names, session.run(names, feed))), None
 
 
 def _refit_wave(pruned: onnx.ModelProto, wave: Sequence[RefitTarget], teacher_rows: dict[str, _TeacherRows],
@@ -562,37 +602,14 @@ def _refit_wave(pruned: onnx.ModelProto, wave: Sequence[RefitTarget], teacher_ro
 
 
 def _read_data(pruned: onnx.ModelProto, fits: list[_Fit], dataset: Dataset, settings: RefitSettings) -> None:
-    """Accumulate every fit's normal equations: one run of the pruned model's prefix (the fits' inputs) per
-    batch, each fit reading only the batches its teacher rows cover."""
+    """Accumulate every fit's normal equations from one pass of the pruned model's prefix (the fits' inputs;
+    graph inputs come from the data itself)."""
     graph_inputs = {i.name for i in pruned.graph.input}
     student_outputs = sorted({fit.view.input_name for fit in fits} - graph_inputs)
-    student = create_session(prefix_model(pruned, student_outputs), threads=SESSION_THREADS) \
-        if student_outputs else None
-    for feed in dataset.batches(settings.batch_size, max(fit.teacher.samples for fit in fits)):
-        reading = [fit for fit in fits if fit.batch < len(fit.teacher.batches) and not fit.failure]
-        if not reading:
-            break
-        activations = dict(feed)
-        if student is not None:
-            activations.update(zip(student_outputs, student.run(student_outputs, feed)))
-        for fit in reading:
-            _add_rows(fit, activations)
-
-
-def _add_rows(fit: _Fit, activations: dict[str, np.ndarray]) -> None:
-    view = fit.view
-    batch = fit.teacher.batches[fit.batch]
-    assert batch is not None, "each batch of teacher rows is read once, in order"
-    chosen, shape, targets = batch
-    fit.teacher.batches[fit.batch] = None  # read once: free it
-    fit.batch += 1
-    x = activations[view.input_name][:shape[0]]
-    try:
-        for equation, inputs, outputs in zip(fit.equations, view.input_rows(x, chosen, shape),
-                                             view.split_targets(targets)):
-            equation.update(inputs, outputs)
-    except NotRefittable as reason:
-        fit.failure = f"not refit: {reason}"
+    student = prefix_model(pruned, student_outputs) if student_outputs else pruned
+    collect(student, dataset, [Request(fit.view.input_name, fit) for fit in fits], batch_size=settings.batch_size,
+            samples=max(fit.teacher.samples for fit in fits), budget=REFIT_BUDGET, one_pass=True,
+            threads=SESSION_THREADS)
 
 
 def _solve(fit: _Fit, settings: RefitSettings) -> RefitRecord:
@@ -610,11 +627,12 @@ def _solve(fit: _Fit, settings: RefitSettings) -> RefitRecord:
     return RefitRecord(fit.target.node, equations[0].rows, _relative(before, energy), _relative(after, energy))
 
 
-def _samples_needed(y: np.ndarray, view: LinearView, budget: int, available: int, settings: RefitSettings) -> int:
+def _samples_needed(shape: tuple[int, ...], view: LinearView, budget: int, available: int,
+                    settings: RefitSettings) -> int:
     """How many samples the row budget needs, spread over `settings.spread` x as many as strictly needed;
-    `y` is the layer's output on one sample. A layer with many positions per sample (an early,
+    `shape` is the layer's output's for one sample. A layer with many positions per sample (an early,
     high-resolution convolution) so runs the model on a few samples instead of a whole batch."""
-    positions = max(1, y[0].size // max(1, y.shape[view.output_axis]))
+    positions = max(1, math.prod(shape[1:]) // max(1, shape[view.output_axis]))
     return max(1, min(available, -(-settings.spread * budget // positions)))
 
 

@@ -33,8 +33,8 @@ from compressq.quantize.gptq import summarize as summarize_reconstruction
 from compressq.quantize.plan import Skipped
 from compressq.quantize.plan_file import QuantizationPlan
 from compressq.quantize.static import StaticQuantizer, quantize_static
-from compressq.runtime import ORT_ERRORS, create_session, with_outputs
-from compressq.stats.collect import output_bytes_per_sample, samples_per_run
+from compressq.runtime import ORT_ERRORS, create_session
+from compressq.stats.collect import Request, collect, output_bytes_per_sample, samples_per_run
 from compressq.stats.observers import RowReservoir
 
 __all__ = ["METHODS", "MODES", "QuantizeResult", "QuantizeSummary", "analyze_sensitivity", "quantize_model"]
@@ -251,7 +251,9 @@ def self_check_samples(model: onnx.ModelProto, dataset: Dataset, provider: str =
     (no fp32 session opened for it: one would hold the weights again), or from one run where shapes depend
     on values.
     """
-    feed = next(dataset.batches(1, 1))
+    feed = dataset.first_sample()
+    if feed is None:
+        return 0
     outputs = output_bytes_per_sample(model, dataset)
     if outputs is None:
         outputs = sum(np.asarray(v).nbytes for v in create_session(model, provider).run(None, feed))
@@ -347,53 +349,25 @@ WEIGHT_ONLY_ROWS = 4096  # rows of X per MatMul input: enough for a stable Gram 
 
 def matmul_input_samples(model: onnx.ModelProto, dataset: Dataset, config: QuantizeConfig) -> dict[str, np.ndarray]:
     """Rows [n, K] of every constant-weight MatMul/Gemm input, at most WEIGHT_ONLY_ROWS each (reservoir)."""
-    return _over_matmul_inputs(model, dataset, config, _sampled_rows)
+    return _over_matmul_inputs(model, dataset, config, lambda: RowReservoir(WEIGHT_ONLY_ROWS, np.random.default_rng(0)))
 
 
 def matmul_input_grams(model: onnx.ModelProto, dataset: Dataset, config: QuantizeConfig) -> dict[str, np.ndarray]:
     """Per-block Gram matrices (weight_only.block_gram, blocks of config.block_size) of every constant-weight
     MatMul/Gemm input, summed over every row of the data."""
-    return _over_matmul_inputs(model, dataset, config, _summed_block_grams)
+    from compressq.quantize.weight_only import BlockGramObserver
+
+    return _over_matmul_inputs(model, dataset, config, lambda: BlockGramObserver(config.block_size))
 
 
-def _over_matmul_inputs(model: onnx.ModelProto, dataset: Dataset, config: QuantizeConfig, reduce):
+def _over_matmul_inputs(model: onnx.ModelProto, dataset: Dataset, config: QuantizeConfig, observer):
+    """One collect() pass over the data with an `observer()` on every constant-weight MatMul/Gemm input: all of
+    them fetched from one session (a mapped model runs from its files), a run of as many samples as fit the
+    budget together (a decoder's 71 inputs at 8 x 64 tokens weigh 0.2 GB)."""
     index = GraphIndex(model.graph)
     names = sorted({n.input[0] for n in model.graph.node
                     if n.op_type in ("MatMul", "Gemm") and len(n.input) > 1 and index.is_constant(n.input[1])})
-    if not names:
-        return {}
-    exposed = with_outputs(model, names)  # a mapped model's copy holds references, not weights
-    if holds_mapped_weights(exposed):
-        with on_disk(exposed) as (path,):  # onnxruntime maps the weights from files: none read into memory here
-            return reduce(create_session(path, config.provider), names, _runs_of(dataset, config), config)
-    return reduce(create_session(exposed, config.provider), names, _runs_of(dataset, config), config)
-
-
-def _runs_of(dataset: Dataset, config: QuantizeConfig):
-    """The data one sample per run where batches can be cut: every MatMul input of a run is one of its outputs
-    at once (a decoder's 71 at 8 x 64 tokens weigh 0.2 GB)."""
-    one_at_a_time = dataset.layout == "batch" and not any(spec.fixed_batch for spec in dataset.inputs)
-    return dataset.batches(1 if one_at_a_time else config.batch_size, config.samples)
-
-
-def _summed_block_grams(session, names: list[str], feeds, config: QuantizeConfig) -> dict[str, np.ndarray]:
-    from compressq.quantize.weight_only import block_gram
-
-    sums: dict[str, np.ndarray] = {}
-    for feed in feeds:
-        for name, values in zip(names, session.run(names, feed)):
-            rows = values.reshape(-1, values.shape[-1])
-            gram = block_gram(rows, config.block_size, -(-rows.shape[1] // config.block_size))
-            sums[name] = gram if name not in sums else sums[name] + gram
-    return sums
-
-
-def _sampled_rows(session, names: list[str], feeds, config: QuantizeConfig) -> dict[str, np.ndarray]:
-    """Every named input's rows, a uniform reservoir of WEIGHT_ONLY_ROWS each."""
-    rng = np.random.default_rng(0)
-    reservoirs: dict[str, RowReservoir] = {}
-    for feed in feeds:
-        for name, values in zip(names, session.run(names, feed)):
-            rows = values.reshape(-1, values.shape[-1])
-            reservoirs.setdefault(name, RowReservoir(WEIGHT_ONLY_ROWS, rows.shape[1], rows.dtype, rng)).add(rows)
-    return {name: reservoir.rows() for name, reservoir in reservoirs.items()}
+    observers = {name: observer() for name in names}
+    collect(model, dataset, [Request(name, o) for name, o in observers.items()], provider=config.provider,
+            batch_size=config.batch_size, samples=config.samples, one_pass=True)
+    return {name: found for name, o in observers.items() if (found := o.result()) is not None}

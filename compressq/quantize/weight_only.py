@@ -163,6 +163,23 @@ def block_gram(samples: np.ndarray, block_size: int, n_blocks: int) -> np.ndarra
     return np.einsum("sbk,sbl->bkl", per_block, per_block)
 
 
+class BlockGramObserver:
+    """The per-block Gram matrices (block_gram) of a MatMul input's rows, summed over the data: a collect()
+    observer whose memory does not depend on the number of samples."""
+
+    def __init__(self, block_size: int):
+        self.block_size = block_size
+        self.total: np.ndarray | None = None
+
+    def update(self, values: np.ndarray) -> None:
+        rows = values.reshape(-1, values.shape[-1])
+        gram = block_gram(rows, self.block_size, -(-rows.shape[1] // self.block_size))
+        self.total = gram if self.total is None else self.total + gram
+
+    def result(self) -> np.ndarray | None:
+        return self.total
+
+
 def refined_shrink(blocks: np.ndarray, gram: np.ndarray, bits: int, symmetric: bool) -> np.ndarray:
     """Per-block range factor from REFINE_GRID with the lowest output error on the calibration data.
 

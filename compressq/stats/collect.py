@@ -29,6 +29,7 @@ from onnx import TensorProto, helper, numpy_helper
 from compressq.data import Dataset
 from compressq.graph.edit import NameGenerator
 from compressq.graph.index import TensorType, infer_shapes, opset_version, value_type
+from compressq.io import holds_mapped_weights, on_disk
 from compressq.runtime import AS_WRITTEN, create_session
 from compressq.stats.observers import (
     CANDIDATE_METHODS,
@@ -75,14 +76,21 @@ class _Tap:
 
 def collect(model: onnx.ModelProto, dataset: Dataset, requests: Iterable[Request], *, provider: str = "cpu",
             budget: int = DEFAULT_BUDGET, batch_size: int = 32, samples: int | None = None,
-            progress: Progress | None = None, as_written: bool = False) -> None:
+            progress: Progress | None = None, as_written: bool = False, one_pass: bool = False,
+            threads: int | None = None) -> None:
     """Feed every request's observer from `samples` samples of `dataset` (the observers hold the results).
 
     `as_written`: the graph runs node by node, nothing fused (a graph with fake-quantized twins must not have
     its QDQ pairs turned into integer kernels by onnxruntime's optimizer).
 
+    `one_pass`: every fetched tensor comes from one session in one pass over the data, in runs of as many
+    samples as fit `budget` together (at least one), each observer fed the runs in data order: for
+    observers that pair tensors sample by sample across calls (refit's teacher rows and student inputs), and
+    where running the model costs more than the memory a chunked fetch saves. `threads`: the sessions'
+    intra-op threads (None: onnxruntime's default).
+
     `progress(count)` is called after each batch of each pass: 1 pass, 2 when a statistic needs the values
-    themselves (histograms)."""
+    themselves and either their range (histograms) or, for lack of a shape, their size first."""
     requests = list(requests)
     if not requests:
         return
@@ -94,7 +102,7 @@ def collect(model: onnx.ModelProto, dataset: Dataset, requests: Iterable[Request
     probes = probe_bodies(model, {r.tensor for r in in_bodies}) if in_bodies else None
     if probes is not None and probes.probes:
         model = probes.model  # a copy with the bodies' reductions carried out
-    first = next(iter(dataset.batches(1, 1)), None)
+    first = dataset.first_sample()
     if first is None:
         return
     types, one_sample_bytes = _one_sample_types(model, first)
@@ -103,6 +111,11 @@ def collect(model: onnx.ModelProto, dataset: Dataset, requests: Iterable[Request
     position = _production_order(model)
     requests.sort(key=lambda r: position.get(r.tensor, -1))
     fetched = [r for r in requests if _reduction_for(r.observer, types.get(r.tensor)) is None]
+    ranged = {r.tensor for r in fetched if _needs_range(r.observer)}
+    # Elements per sample of each fetched tensor: from shape inference where it knows them, else from a Size
+    # output of pass 1.
+    sizes = {t: n for r in fetched if (t := r.tensor) not in ranged
+             and (n := _elements(types.get(t), _rows_in(first))) is not None}
     ranges_first: dict[str, MinMaxObserver] = {}  # exact range of each fetched tensor, found in pass 1
     graph = _Augmented(model, opset_version(model))
     if probes is not None and probes.probes:
@@ -112,41 +125,92 @@ def collect(model: onnx.ModelProto, dataset: Dataset, requests: Iterable[Request
         reduction = _reduction_for(request.observer, kind)
         if reduction is not None:
             graph.tap(request.tensor, reduction, kind, request.observer)
-        elif request.tensor not in ranges_first:
+        elif request.tensor in ranged and request.tensor not in ranges_first:
             ranges_first[request.tensor] = MinMaxObserver()
             graph.tap(request.tensor, Reduction("minmax"), kind, ranges_first[request.tensor])
+            graph.size_of(request.tensor)
+        elif request.tensor not in ranged and request.tensor not in sizes:
             graph.size_of(request.tensor)
     splittable = _splittable(dataset)
     # Samples per run: onnxruntime keeps at most every tensor of the samples it runs alive at once.
     rows = _rows_within(budget, one_sample_bytes, batch_size) if splittable else None
-    session = graph.session(provider, as_written)
-    sizes = _reduced_pass(session, graph, dataset, batch_size, samples, rows, progress)
-    del session
+    if graph.has_outputs():  # fetched tensors of known sizes that need no range skip this pass
+        session = graph.session(provider, as_written, threads)
+        sizes.update(_reduced_pass(session, graph, dataset, batch_size, samples, rows, progress))
+        del session
     if not fetched:
         return
     for request in fetched:
         if isinstance(request.observer, HistogramObserver):
             request.observer.fix_range(ranges_first[request.tensor])
-    wanted = [tensor for tensor, observer in ranges_first.items() if observer.finite]
+    wanted = [tensor for tensor in dict.fromkeys(r.tensor for r in fetched)
+              if tensor not in ranges_first or ranges_first[tensor].finite]
     per_sample = {t: sizes.get(t, 0.0) * _itemsize(types.get(t)) for t in wanted}
-    _fetching_pass(model, provider, fetched, wanted, per_sample, rows, dataset, batch_size, samples, budget,
-                   progress)
+    _fetching_pass(model, _Fetch(provider, threads, one_pass), fetched, wanted, per_sample, rows, dataset,
+                   batch_size, samples, budget, progress)
+
+
+def _needs_range(observer) -> bool:
+    """The observer bins values into a range it must know before the values arrive (histograms)."""
+    return isinstance(observer, HistogramObserver)
+
+
+def _elements(kind: TensorType | None, rows: int) -> float | None:
+    """Elements per sample of a tensor of type `kind` inferred for `rows` samples; None when not all known."""
+    shape = _static_shape(kind)
+    return None if shape is None else math.prod(shape) / max(rows, 1)
+
+
+def _static_shape(kind: TensorType | None) -> tuple[int, ...] | None:
+    """The shape of type `kind` when every dimension is a known number."""
+    if kind is None or kind.shape is None:
+        return None
+    dims = [d for d in kind.shape if isinstance(d, int) and d >= 0]
+    return tuple(dims) if len(dims) == len(kind.shape) else None
 
 
 def samples_per_run(model: onnx.ModelProto, dataset: Dataset, batch_size: int, budget: int = DEFAULT_BUDGET) -> int:
     """Samples one session run may take so that all its tensors fit `budget` (at least 1; `batch_size` when
     the data's batches cannot be cut): the batch any loop over this data should run the model at."""
-    first = next(iter(dataset.batches(1, 1)), None)
+    first = dataset.first_sample()
     if first is None or not _splittable(dataset):
         return batch_size
     _, one_sample_bytes = _one_sample_types(model, first)
     return _rows_within(budget, one_sample_bytes, batch_size)
 
 
+def one_sample_shapes(model: onnx.ModelProto, dataset: Dataset, names: Iterable[str]) -> dict[str, tuple[int, ...]]:
+    """Each named tensor's shape for the first sample of `dataset`: from shape inference on a weightless
+    skeleton, or, for tensors whose shape it leaves open, from running the model on that sample."""
+    first = dataset.first_sample()
+    if first is None:
+        return {}
+    types, _ = _one_sample_types(model, first)
+    shapes: dict[str, tuple[int, ...]] = {}
+    for name in dict.fromkeys(names):
+        shape = _static_shape(types.get(name))
+        if shape is not None:
+            shapes[name] = shape
+    observers = {name: _ShapeObserver() for name in dict.fromkeys(names) if name not in shapes}
+    if observers:
+        collect(model, dataset, [Request(n, o) for n, o in observers.items()], batch_size=1, samples=1,
+                one_pass=True)
+        shapes.update((name, observer.shape) for name, observer in observers.items())
+    return shapes
+
+
+class _ShapeObserver:
+    def __init__(self) -> None:
+        self.shape: tuple[int, ...] = ()
+
+    def update(self, values: np.ndarray) -> None:
+        self.shape = self.shape or tuple(values.shape)
+
+
 def output_bytes_per_sample(model: onnx.ModelProto, dataset: Dataset) -> float | None:
     """What the model's outputs weigh per sample, from shape inference on one sample (no session, no weights
     read); None when an output's shape is only known by running the model."""
-    first = next(iter(dataset.batches(1, 1)), None)
+    first = dataset.first_sample()
     if first is None:
         return None
     types, _ = _one_sample_types(model, first)
@@ -201,50 +265,71 @@ def _reduced_pass(session, graph: _Augmented, dataset: Dataset, batch_size: int,
 # -- pass 2: tensors fetched in chunks ---------------------------------------------------------------
 
 
-def _fetching_pass(model: onnx.ModelProto, provider: str, fetched: list[Request], wanted: list[str],
+@dataclass(frozen=True)
+class _Fetch:
+    """How the fetching pass opens its sessions and splits its work."""
+
+    provider: str
+    threads: int | None
+    one_pass: bool
+
+
+def _fetching_pass(model: onnx.ModelProto, how: _Fetch, fetched: list[Request], wanted: list[str],
                    per_sample: dict[str, float], rows: int | None, dataset: Dataset, batch_size: int,
                    samples: int | None, budget: int, progress: Progress | None) -> None:
     """One session per chunk of tensors, each chunk's tensors its only extra outputs: onnxruntime keeps
-    every graph output of a run alive to the end of the run, fetched or not, so a chunk is a session."""
+    every graph output of a run alive to the end of the run, fetched or not, so a chunk is a session (one
+    chunk of everything when `how.one_pass`). Graph inputs come from the feed itself."""
     if rows is not None:
-        rows = min(rows, _rows_within(budget, max(per_sample.values(), default=0.0), batch_size))
-    chunks = _chunks(wanted, {t: per_sample[t] * (rows or batch_size) for t in wanted}, budget)
+        heaviest = sum(per_sample.values()) if how.one_pass else max(per_sample.values(), default=0.0)
+        rows = min(rows, _rows_within(budget, heaviest, batch_size))
+    chunks = [list(wanted)] if how.one_pass else \
+        _chunks(wanted, {t: per_sample[t] * (rows or batch_size) for t in wanted}, budget)
     receivers: dict[str, list] = {}
     for request in fetched:
         receivers.setdefault(request.tensor, []).append(request.observer)
+    fed = {value.name for value in model.graph.input}
     for number, chunk in enumerate(chunks):
-        session = _exposing_session(model, chunk, provider)
+        outputs = [tensor for tensor in chunk if tensor not in fed]
+        session = _exposing_session(model, outputs, how) if outputs else None
         for feed in dataset.batches(batch_size, samples):
             for part in _runs(feed, rows):
-                for tensor, values in zip(chunk, session.run(chunk, part)):
+                values = dict(zip(outputs, session.run(outputs, part))) if session is not None else {}
+                for tensor in chunk:
                     for observer in receivers[tensor]:
-                        observer.update(values)
-                    del values
+                        observer.update(values[tensor] if tensor in values else part[tensor])
+                del values
             if progress:  # this pass's share of the batch, so that the chunks add up to one pass
                 count = dataset.samples_in(feed)
                 progress(count * (number + 1) // len(chunks) - count * number // len(chunks))
         del session
 
 
-def _exposing_session(model: onnx.ModelProto, names: Sequence[str], provider: str):
+def _exposing_session(model: onnx.ModelProto, names: Sequence[str], how: _Fetch):
     """A session of `model` that also returns `names` (appended only while the model is serialized)."""
     present = {o.name for o in model.graph.output}
     outputs = [onnx.ValueInfoProto(name=name) for name in names if name not in present]
     model.graph.output.extend(outputs)
     try:
-        return _calibration_session(model, provider)
+        return _calibration_session(model, how.provider, threads=how.threads)
     finally:
         _drop_last(model.graph.output, len(outputs))
 
 
-def _calibration_session(model: onnx.ModelProto, provider: str, as_written: bool = False):
+def _calibration_session(model: onnx.ModelProto, provider: str, as_written: bool = False,
+                         threads: int | None = None):
     """A session for the data passes, its idle pool threads asleep instead of spinning: calibration runs one
     long graph after another, where spinning threads only burn CPU time (and on a busy machine take it from the
     threads doing the work). BERT-6, `quantize --no-speed-check` on 256 samples, 2 shared cores, interleaved:
-    94.5 / 88.2 CPU s spinning, 73.8 / 81.1 asleep; wall 105 / 76 s against 49 / 77 s."""
-    if as_written:
-        return create_session(model, provider, spinning=False, level=AS_WRITTEN)
-    return create_session(model, provider, spinning=False)
+    94.5 / 88.2 CPU s spinning, 73.8 / 81.1 asleep; wall 105 / 76 s against 49 / 77 s.
+
+    A model whose weights are still mapped from files is handed to onnxruntime as a file beside them (none read
+    into memory here); the session holds what it needs once made, so the file goes right after."""
+    options: dict = {"spinning": False, **({"level": AS_WRITTEN} if as_written else {})}
+    if holds_mapped_weights(model):
+        with on_disk(model) as (path,):
+            return create_session(path, provider, threads, **options)
+    return create_session(model, provider, threads, **options)
 
 
 def _runs(feed: dict[str, np.ndarray], rows: int | None) -> Iterable[dict[str, np.ndarray]]:
@@ -414,7 +499,10 @@ class _Augmented:
             for observer in tap.receivers:
                 observer.update_reduced(*results)
 
-    def session(self, provider: str, as_written: bool = False):
+    def has_outputs(self) -> bool:
+        return bool(self.taps or self.sizes or self.body_outputs())
+
+    def session(self, provider: str, as_written: bool = False, threads: int | None = None):
         """A session of the model with the reductions and outputs added.
 
         The additions are appended to the model's own graph for the time it takes to serialize it, then
@@ -435,7 +523,7 @@ class _Augmented:
         graph.initializer.extend(self.initializers)
         graph.output.extend(outputs)
         try:
-            return _calibration_session(self.source, provider, as_written)
+            return _calibration_session(self.source, provider, as_written, threads)
         finally:
             _drop_last(graph.node, len(nodes))
             _drop_last(graph.initializer, len(self.initializers))

@@ -397,16 +397,23 @@ PATCH_ROWS_PER_SAMPLE = 1024
 
 
 class RowReservoir:
-    """Algorithm R: after n rows, each of them is among the kept `size` with the same chance size / n (re-drawing
-    from the pool at every batch would keep the last batches' rows)."""
+    """A uniform sample of `size` rows (the last axis is a row's width) of a tensor over the data, by Algorithm
+    R: after n rows, each of them is among the kept with the same chance size / n (re-drawing from the pool at
+    every batch would keep the last batches' rows)."""
 
-    def __init__(self, size: int, width: int, dtype, rng: np.random.Generator):
-        self.pool = np.empty((size, width), dtype)
+    def __init__(self, size: int, rng: np.random.Generator):
+        self.size = size
+        self.pool: np.ndarray | None = None
         self.seen = 0
         self.rng = rng
 
+    def update(self, values: np.ndarray) -> None:
+        self.add(values.reshape(-1, values.shape[-1]))
+
     def add(self, rows: np.ndarray) -> None:
-        size = len(self.pool)
+        if self.pool is None:
+            self.pool = np.empty((self.size, rows.shape[1]), rows.dtype)
+        size = self.size
         room = max(0, min(size - self.seen, len(rows)))
         self.pool[self.seen:self.seen + room] = rows[:room]
         self.seen += room
@@ -419,5 +426,6 @@ class RowReservoir:
             self.pool[slot] = row
         self.seen += len(rest)
 
-    def rows(self) -> np.ndarray:
-        return self.pool[: min(self.seen, len(self.pool))]
+    def result(self) -> np.ndarray | None:
+        """The kept rows [min(seen, size), width]; None before any row."""
+        return None if self.pool is None else self.pool[: min(self.seen, self.size)]
