@@ -270,7 +270,7 @@ class Subject:
 
 
 def _generic_agreement(reference: list, test: list) -> dict:
-    from compressq.evaluate.metrics import cosine_similarity, top1_agreement
+    from compressq.measure.metrics import cosine_similarity, top1_agreement
 
     ref, got = np.concatenate(reference), np.concatenate(test)
     result = {"cosine": cosine_similarity(ref, got)}
@@ -351,7 +351,7 @@ def time_models(paths: dict[str, Path], feeds: list[dict], runs: int, warmup: in
     """Median ms per run, sessions taking turns (1 intra-op thread, ORT_ENABLE_ALL)."""
     sessions = {name: create_session(str(path), "cpu", threads=1) for name, path in paths.items()}
     try:
-        from compressq.evaluate.latency import time_interleaved
+        from compressq.measure.latency import time_interleaved
     except ImportError:  # the local equivalent: A B A B ..., median
         def time_interleaved(sessions, feeds, runs, warmup):
             for turn in range(warmup):
@@ -509,7 +509,7 @@ class SubjectResult:
 
 
 def measure(subject: Subject, methods: Sequence[str], runs: int, profile_runs: int) -> SubjectResult:
-    from compressq.evaluate.metrics import top1_accuracy
+    from compressq.measure.metrics import top1_accuracy
 
     folder = WORK / subject.name
     folder.mkdir(parents=True, exist_ok=True)

@@ -6,7 +6,7 @@
     samples, digits_calib.npz), top-1 on the held-out digits_eval.npz; a random-criterion baseline.
   * digits transformer, 2:4 with refit: top-1 agreement with the dense model (digits_seq_eval.npz).
   * generated ResNet-18-style model at 224x224 (random weights), channel 30 %: latency dense/pruned on
-    onnxruntime CPU, 1 intra-op thread, batch 1, interleaved (compressq.evaluate.latency), default
+    onnxruntime CPU, 1 intra-op thread, batch 1, interleaved (compressq.measure.latency), default
     --channel-multiple 8 and exact counts (--channel-multiple 1) for comparison.
   * digits CNN, channel 30 % with refit: top-1 drop.
   * YOLOv8n-size detector (sample_models.generated.yolov8n_model: 3.15 M parameters, folded BN, SiLU, C2f)
@@ -35,8 +35,8 @@ import numpy as np
 import onnx
 
 from compressq.data import load_dataset
-from compressq.evaluate.latency import speedup, time_interleaved
-from compressq.evaluate.metrics import top1_accuracy, top1_agreement
+from compressq.measure.latency import speedup, time_interleaved
+from compressq.measure.metrics import top1_accuracy, top1_agreement
 from compressq.prune import PruneConfig, prune_model
 from compressq.runtime import create_session
 

@@ -21,7 +21,7 @@ What is measured, in this order (rows are prefixed with the model they are about
   * real pretrained models from PyPI wheels (bench/real_models.py; fetch() is tried, what is present is
     used): size, latency and agreement with fp32 for compressq's default output and ORT MinMax.
 
-Latency: onnxruntime CPU, 1 intra-op thread, sessions interleaved (compressq.evaluate.latency), median of the
+Latency: onnxruntime CPU, 1 intra-op thread, sessions interleaved (compressq.measure.latency), median of the
 calling thread's CPU time (the work itself: other jobs on the machine cannot change it; see bench/loaded_bench.py).
 Noise margin for "no slower" bars: NOISE_MARGIN (5 %). On this machine the paired per-turn ratio of two
 sessions of the *same* file spreads by a few percent (its interquartile range is printed next to each
@@ -148,7 +148,7 @@ def _outputs(path: Path, feeds: list[dict]) -> np.ndarray:
 
 def _latency(paths: dict[str, Path], feeds: list[dict], runs: int, warmup: int = 3) -> dict:
     """Per name (the first is the baseline): median ms, and baseline/name speedup with its paired IQR."""
-    from compressq.evaluate.latency import speedup, time_interleaved
+    from compressq.measure.latency import speedup, time_interleaved
     from compressq.runtime import create_session
 
     sessions = {name: create_session(str(path), "cpu", threads=1) for name, path in paths.items()}
@@ -179,8 +179,8 @@ def _not_slower(ratio: float) -> bool:
 
 def _sample_models(table) -> None:
     from compressq.data import load_dataset
-    from compressq.evaluate.metrics import top1_accuracy, top1_agreement
     from compressq.io import load_model
+    from compressq.measure.metrics import top1_accuracy, top1_agreement
     from compressq.quantize.api import quantize_model
     from compressq.quantize.config import QuantizeConfig
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from compressq.evaluate.latency import LatencyStats, speedup, time_interleaved
 from compressq.measure import speed
+from compressq.measure.latency import LatencyStats, speedup, time_interleaved
 
 
 class RecordingSession:

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from compressq.evaluate import metrics
+from compressq.measure import metrics
 
 seeds = st.integers(min_value=0, max_value=2**31 - 1)
 

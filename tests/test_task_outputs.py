@@ -7,8 +7,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from compressq.errors import UsageError
-from compressq.evaluate import metrics
-from compressq.measure import task
+from compressq.measure import metrics, task
 from compressq.measure.task import TensorFacts, output_roles
 from tests.conftest import make_model
 

@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 from compressq.cli.app import app
 from compressq.cli.views.quantize import _accuracy_text
 from compressq.data import load_dataset
-from compressq.evaluate import metrics
+from compressq.measure import metrics
 from compressq.quantize.accuracy import AccuracyProbe, AccuracyTarget
 from tests.conftest import make_model
 

@@ -106,12 +106,45 @@ def test_consoles_are_made_in_one_place():
     assert makers == ["cli/views/console.py"]
 
 
-@pytest.mark.skipif(shutil.which("ruff", path=str(Path(sys.executable).parent)) is None, reason="ruff not installed")
+RUFF = Path(sys.executable).parent / "ruff"
+needs_ruff = pytest.mark.skipif(shutil.which("ruff", path=str(RUFF.parent)) is None, reason="ruff not installed")
+
+
+@needs_ruff
 def test_layering_rules_hold():
-    """Only runtime.py imports onnxruntime, only cli/ imports typer/click/rich, nothing imports cli/."""
-    ruff = Path(sys.executable).parent / "ruff"
-    done = subprocess.run([str(ruff), "check", "--select", "TID251", str(PACKAGE)], capture_output=True, text=True)
+    """Only runtime.py imports onnxruntime, only cli/ imports typer/click/rich, nothing imports cli/; the
+    foundation imports no sibling (quantize/, prune/, evaluate/) and no sibling imports another."""
+    done = subprocess.run([str(RUFF), "check", "--select", "TID251", str(PACKAGE)], capture_output=True, text=True)
     assert done.returncode == 0, done.stdout
+
+
+@needs_ruff
+@pytest.mark.parametrize(("where", "statement", "banned"), [
+    ("stats/probe.py", "from compressq.quantize.api import quantize_model", True),
+    ("measure/probe.py", "from compressq.evaluate.report import build_report", True),
+    ("probe.py", "import compressq.prune", True),
+    ("quantize/probe.py", "from compressq.prune.refit import RefitTarget", True),
+    ("prune/probe.py", "from compressq.quantize.qdq import rewrite_qdq", True),
+    ("evaluate/probe.py", "from compressq.quantize.api import quantize_model", True),
+    ("quantize/probe.py", "from compressq.cli.app import app", True),
+    ("quantize/probe.py", "from compressq.stats.collect import collect", False),
+    ("evaluate/probe.py", "from compressq.measure.metrics import cosine_similarity", False),
+    ("cli/probe.py", "from compressq.quantize.api import quantize_model", False),
+])
+def test_the_layering_rules_catch_an_import_across_rooms(tmp_path, where, statement, banned):
+    """The rules bite: the package's ruff configuration, on a file that makes the import."""
+    root = PACKAGE.parent
+    (tmp_path / "pyproject.toml").write_text((root / "pyproject.toml").read_text())
+    for config in PACKAGE.rglob("ruff.toml"):
+        target = tmp_path / "compressq" / config.relative_to(PACKAGE)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(config.read_text())
+    probe = tmp_path / "compressq" / where
+    probe.parent.mkdir(parents=True, exist_ok=True)
+    probe.write_text(f"{statement}\n\nprint({statement.split()[-1]})\n")
+    done = subprocess.run([str(RUFF), "check", "--no-cache", "--select", "TID251", str(probe)], cwd=tmp_path,
+                          capture_output=True, text=True)
+    assert (done.returncode != 0 and "TID251" in done.stdout) == banned, done.stdout
 
 
 def test_no_blank_lines_on_stderr_when_it_is_not_a_terminal(run_cli, tmp_path, tiny_model):

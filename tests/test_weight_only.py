@@ -10,8 +10,8 @@ from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
 from compressq.errors import DataError, UsageError
-from compressq.evaluate.metrics import cosine_similarity
 from compressq.graph.index import GraphIndex
+from compressq.measure.metrics import cosine_similarity
 from compressq.quantize.weight_only import (
     pack_codes,
     quantize_weight,

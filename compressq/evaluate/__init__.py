@@ -1,1 +1,2 @@
-"""Run models and measure them: accuracy, agreement, latency, size; the report and its gates."""
+"""Evaluate models for the user: the report and its gates, per-layer errors, and the model summary of `inspect`
+(the measuring itself lives in compressq.measure)."""

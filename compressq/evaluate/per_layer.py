@@ -17,8 +17,8 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from compressq.evaluate.metrics import OutputAgreement
 from compressq.graph.index import tensor_types
+from compressq.measure.metrics import OutputAgreement
 
 FLOAT_TYPES = frozenset({onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE,
                          onnx.TensorProto.BFLOAT16})

@@ -20,11 +20,11 @@ from onnx.external_data_helper import ExternalDataInfo
 from compressq import __version__
 from compressq.data import DATA_LAYOUTS, Dataset, load_dataset, model_inputs, synthetic_dataset
 from compressq.errors import DataError, ModelError, UsageError
-from compressq.evaluate.latency import LatencyStats, speedup, time_interleaved
-from compressq.evaluate.metrics import TopKCounter
 from compressq.evaluate.per_layer import LayerComparison, LayerErrors, matched_tensors, produced_tensors
 from compressq.evaluate.summary import all_nodes, summarize
 from compressq.io import first_line, iter_tensors, load_model
+from compressq.measure.latency import LatencyStats, speedup, time_interleaved
+from compressq.measure.metrics import TopKCounter
 from compressq.measure.speed import SpeedMeasurement, measure_speedup
 from compressq.measure.task import (
     CLASS_SCORES,

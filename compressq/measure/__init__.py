@@ -1,1 +1,3 @@
-"""Measuring: which output carries the task (task.py) and speed decisions by CPU time (speed.py)."""
+"""Measuring, shared by quantize, prune and evaluate: output agreement metrics (metrics.py), latency by thread CPU
+time (latency.py), which output carries the task and how it is scored (task.py), speed decisions (speed.py) and
+decode-step feeds for KV-cache decoders (decode.py)."""

@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import onnx
 
-from compressq.evaluate.latency import Clock, LatencyStats, RunsFeeds, time_interleaved
+from compressq.measure.latency import Clock, LatencyStats, RunsFeeds, time_interleaved
 from compressq.memory import give_back_freed_memory
 from compressq.runtime import create_session
 

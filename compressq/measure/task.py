@@ -28,7 +28,7 @@ import numpy as np
 import onnx
 
 from compressq.errors import UsageError
-from compressq.evaluate.metrics import ARGMAX, EXACT, OutputAgreement
+from compressq.measure.metrics import ARGMAX, EXACT, OutputAgreement
 
 CLASS_SCORES = "class scores"
 LABELS = "labels"
