@@ -135,6 +135,84 @@ def test_prune_keeps_the_interface_of_a_tricky_graph(pattern, data, tmp_path):
     assert interface(result.model) == interface(model)
 
 
+def test_as_pass_reads_what_changed_off_the_graphs_and_the_reasons_off_the_report(tiny_model):
+    """A `model -> (model, report)` algorithm as a pass: rewritten and added nodes are `modified`; reasons by
+    node or by tensor name become Skip entries naming the node; the report is the pass's details."""
+    model = tiny_model()
+
+    def rewrite(m):
+        changed = _copy(m)
+        changed.graph.node[0].name = changed.graph.node[0].name  # untouched
+        changed.graph.node[-1].op_type = "Sigmoid"
+        changed.graph.node.append(helper.make_node("Identity", [changed.graph.output[0].name], ["extra"],
+                                                   name="added"))
+        return changed, {"first": model.graph.node[0].name, "tensor": model.graph.node[0].output[0]}
+
+    result = passes.as_pass(rewrite, lambda report: {report["first"]: "too small",
+                                                     report["tensor"]: "not finite"})(model)
+    assert result.modified == [model.graph.node[-1].name, "added"]
+    first = model.graph.node[0]
+    assert result.skipped == [passes.Skip(first.name, first.op_type, "too small"),
+                              passes.Skip(first.name, first.op_type, f"{first.output[0]}: not finite")]
+    assert result.details == {"first": first.name, "tensor": first.output[0]}
+
+
+def _recorded_passes(monkeypatch) -> list[str]:
+    names: list[str] = []
+    real = passes.run_pass
+
+    def recording(what, transform, model):
+        names.append(what)
+        return real(what, transform, model)
+
+    import compressq.prune as prune_module
+    import compressq.quantize.api as api_module
+    import compressq.quantize.static as static_module
+    for module in (static_module, api_module, prune_module):
+        monkeypatch.setattr(module, "run_pass", recording)
+    return names
+
+
+@pytest.mark.parametrize(("settings", "expected"), [
+    (dict(mode="static", speed_check=False, equalize=True, smoothquant=0.5, outlier_channels=2),
+     ["opset conversion", "clean-up", "cross-layer equalization", "SmoothQuant", "outlier channels",
+      "embedding tables to uint8", "QDQ rewrite"]),
+    (dict(mode="dynamic", speed_check=False), ["dynamic int8", "embedding tables to uint8"]),
+    (dict(mode="weight-only", bits=4, block_size=16, speed_check=False), ["int4 weight-only"]),
+])
+def test_every_transformation_of_a_quantize_runs_as_a_checked_pass(settings, expected, monkeypatch, tmp_path):
+    model = _tricky_model()
+    ran = _recorded_passes(monkeypatch)
+    quantize_model(model, _data(model, tmp_path), QuantizeConfig(**settings))
+    assert list(dict.fromkeys(ran)) == expected
+
+
+def test_a_transformation_that_breaks_the_interface_is_named_by_its_own_pass(monkeypatch, tmp_path):
+    """The check runs after each pass, not only at the end: the pass that broke the model is the one named."""
+    import compressq.quantize.static as static_module
+
+    real = static_module.smooth
+
+    def renaming(model, *args, **kwargs):
+        result, report = real(model, *args, **kwargs)
+        result.graph.output[0].name = "renamed"
+        return result, report
+
+    monkeypatch.setattr(static_module, "smooth", renaming)
+    model = _tricky_model()
+    with pytest.raises(InterfaceChanged, match="SmoothQuant changed model output 0"):
+        quantize_model(model, _data(model, tmp_path), QuantizeConfig(speed_check=False, smoothquant=0.5))
+
+
+def test_prune_runs_as_a_checked_pass(monkeypatch, tmp_path):
+    model = _tricky_model()
+    ran = _recorded_passes(monkeypatch)
+    config = PruneConfig.from_options(0.5, "channel", keep_first=False, keep_last=False, min_parameters=1,
+                                      channel_multiple=1)
+    prune_model(model, config)
+    assert ran == ["pruning"]
+
+
 def test_a_dim_of_minus_one_is_unknown_not_a_size(tiny_model):
     """Paddle exports write -1 for an unknown batch; shape inference turns it into an unnamed dim."""
     model = tiny_model()

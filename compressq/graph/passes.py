@@ -1,7 +1,9 @@
 """The contract every graph transformation keeps, and the way passes are run under it.
 
 A pass takes a model and returns `PassResult(model, modified, skipped)`: the new model (the input is never
-modified), the nodes it changed, and the nodes it looked at and left alone, each with its reason. Its
+modified), the nodes it changed, and the nodes it looked at and left alone, each with its reason (`details`
+carries the pass's own report). An algorithm written as `model -> (model, report)` becomes a pass through
+`as_pass`, which reads what changed off the two graphs and the reasons off the report. Its
 postcondition: onnx.checker passes and the model's interface is unchanged (inputs and outputs: names,
 element types, order, shapes up to symbolic dims). The check costs a checker run, so it runs in the tests
 (COMPRESSQ_CHECK_PASSES=1, set by tests/conftest.py) and under `--debug`; a failure is a bug of ours (exit 3).
@@ -10,7 +12,7 @@ element types, order, shapes up to symbolic dims). The check costs a checker run
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -134,6 +136,47 @@ class PassResult:
     model: onnx.ModelProto
     modified: list[str] = field(default_factory=list)   # node names changed or added
     skipped: list[Any] = field(default_factory=list)    # entries with .node, .op_type and .reason
+    details: Any = None                                 # the pass's own report (what it did, in its terms)
+
+
+@dataclass(frozen=True)
+class Skip:
+    node: str
+    op_type: str
+    reason: str
+
+
+def as_pass(transform: Callable[[onnx.ModelProto], tuple[onnx.ModelProto, Any]],
+            reasons: Callable[[Any], Mapping[str, str]] | None = None) -> Callable[[onnx.ModelProto], PassResult]:
+    """`transform(model) -> (new model, report)` as a pass: `modified` is every main-graph node the new model
+    adds or rewrites, `skipped` the report's `reasons(report)` (node or tensor name -> why it was left alone)."""
+    def run(model: onnx.ModelProto) -> PassResult:
+        result, report = transform(model)
+        skipped = skips(model, reasons(report)) if reasons is not None else []
+        return PassResult(result, changed_nodes(model, result), skipped, report)
+    return run
+
+
+def changed_nodes(before: onnx.ModelProto, after: onnx.ModelProto) -> list[str]:
+    """Names of the main-graph nodes of `after` that `before` does not have as they are (added or rewritten)."""
+    old = {node.name: node for node in before.graph.node}
+    return [node.name for node in after.graph.node if node.name not in old or old[node.name] != node]
+
+
+def skips(model: onnx.ModelProto, reasons: Mapping[str, str]) -> list[Skip]:
+    """Reasons by node name, or by tensor name (the node that produces it), as Skip entries."""
+    nodes = {node.name: node for node in model.graph.node}
+    producers = {output: node for node in model.graph.node for output in node.output}
+    found = []
+    for name, reason in reasons.items():
+        node = nodes.get(name)
+        if node is not None:
+            found.append(Skip(node.name, node.op_type, reason))
+        elif name in producers:
+            found.append(Skip(producers[name].name, producers[name].op_type, f"{name}: {reason}"))
+        else:  # a graph input or a weight
+            found.append(Skip(name, "", reason))
+    return found
 
 
 def run_pass(what: str, transform: Callable[[onnx.ModelProto], PassResult], model: onnx.ModelProto) -> PassResult:

@@ -26,7 +26,7 @@ from compressq.data import Dataset
 from compressq.errors import UsageError
 from compressq.graph.edit import NameGenerator
 from compressq.graph.index import GraphIndex, implicit_inputs, scopes
-from compressq.graph.passes import check_if_enabled
+from compressq.graph.passes import as_pass, check_if_enabled, run_pass
 from compressq.io import (
     TensorSink,
     check_model,
@@ -124,7 +124,13 @@ def prune_model(model: onnx.ModelProto, config: PruneConfig, dataset: Dataset | 
     teacher = _named_copy(model)
     plan = plan_pruning(teacher, config)
     prune = _prune_channels if config.structured else _prune_weights
-    outcome = prune(teacher, plan, config, progress)
+
+    def pruned(dense: onnx.ModelProto) -> tuple[onnx.ModelProto, _Outcome]:
+        found = prune(dense, plan, config, progress)
+        return found.model, found
+
+    outcome: _Outcome = run_pass("pruning", as_pass(pruned, lambda found: {d.node: d.reason for d in found.dense}),
+                                 teacher).details
     if not outcome.layers:
         _refuse_nothing_to_prune(outcome.dense)
     records = []

@@ -12,7 +12,7 @@ import onnx
 from compressq.data import Dataset, synthetic_dataset
 from compressq.errors import DataError, UsageError
 from compressq.graph.index import GraphIndex
-from compressq.graph.passes import check_if_enabled, run_pass
+from compressq.graph.passes import as_pass, check_if_enabled, run_pass
 from compressq.io import holds_mapped_weights, is_mapped, on_disk, read_mapped_tensor, with_weights_read
 from compressq.measure.decode import decode_step_feeds
 from compressq.measure.speed import measure_speedup, meets
@@ -264,7 +264,8 @@ def self_check_samples(model: onnx.ModelProto, dataset: Dataset, provider: str =
 def _dynamic(model, config: QuantizeConfig, progress: Progress | None = None) -> QuantizeResult:
     outcome = run_pass("dynamic int8", lambda m: quantize_dynamic(m, tuple(config.exclude), config.per_channel,
                                                                   progress), model)
-    quantized, embeddings = quantize_embeddings(_gather_tables_read(outcome.model))
+    tables = run_pass("embedding tables to uint8", as_pass(quantize_embeddings), _gather_tables_read(outcome.model))
+    quantized, embeddings = tables.model, tables.details
     summary = QuantizeSummary(mode="dynamic", method=None, quantized_nodes=outcome.modified,
                               float_nodes=_skipped(outcome.skipped))
     if embeddings.tables:
@@ -313,10 +314,13 @@ def _weight_only(model, dataset: Dataset | None, config: QuantizeConfig,
     gptq = config.weight_reconstruction != "none"
     calibration = matmul_input_samples(model, dataset, config) if dataset is not None and gptq else None
     grams = matmul_input_grams(model, dataset, config) if dataset is not None and not gptq else None
-    quantized, outcome = quantize_weights_only(model, bits=config.bits, block_size=config.block_size,
-                                               exclude=tuple(config.exclude), calibration=calibration,
-                                               calibration_grams=grams, reconstruction=config.weight_reconstruction,
-                                               progress=progress)
+    rewrite = as_pass(lambda m: quantize_weights_only(m, bits=config.bits, block_size=config.block_size,
+                                                      exclude=tuple(config.exclude), calibration=calibration,
+                                                      calibration_grams=grams,
+                                                      reconstruction=config.weight_reconstruction, progress=progress),
+                      lambda report: report.skipped)
+    done = run_pass(f"int{config.bits} weight-only", rewrite, model)
+    quantized, outcome = done.model, done.details
     refined = sum(layer.refined for layer in outcome.layers)
     summary = QuantizeSummary(mode="weight-only", method=None, weight_bits=config.bits,
                               quantized_nodes=[layer.node for layer in outcome.layers],

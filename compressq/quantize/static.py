@@ -23,6 +23,7 @@ from compressq.data import Dataset
 from compressq.errors import UsageError
 from compressq.graph.edit import ensure_opset, name_nodes
 from compressq.graph.index import all_nodes
+from compressq.graph.passes import as_pass, run_pass
 from compressq.io import check_model
 from compressq.measure.speed import (
     FASTER_ENOUGH,
@@ -125,12 +126,17 @@ class StaticQuantizer:
         self.range_choices: dict[str, RangeChoice] = {}
         self._speeds: dict[int, SpeedMeasurement] = {}
         self._speed_checks: dict[int, SpeedCheck] = {}  # by batch: fp32 opened once, turns pooled
-        self.prepared, self.notes = prepare_for_quantization(ensure_opset(model, QDQ_MIN_OPSET))
+        opset = run_pass("opset conversion", as_pass(lambda m: (ensure_opset(m, QDQ_MIN_OPSET), None)), model)
+        cleaned = run_pass("clean-up", as_pass(prepare_for_quantization), opset.model)
+        self.prepared, self.notes = cleaned.model, cleaned.details
+        del opset, cleaned
         self.smoothing_muls: list[str] = []
         self.outlier_absmax: dict[str, np.ndarray] = {}
         self.outlier_split: SplitSummary | None = None
         self.prepared = self._apply_float_transforms(self.prepared)
-        self.prepared, embeddings = quantize_embeddings(self.prepared)
+        tables = run_pass("embedding tables to uint8", as_pass(quantize_embeddings), self.prepared)
+        self.prepared, embeddings = tables.model, tables.details
+        del tables
         self.embedding_tables = len(embeddings.tables)
         if embeddings.tables:
             self.notes.append(f"{len(embeddings.tables)} embedding tables to uint8 (GatherBlockQuantized): "
@@ -169,9 +175,13 @@ class StaticQuantizer:
 
     def attempt(self, keep_float: dict[str, str], input_means=None) -> Attempt:
         plan = build_plan(self.prepared, keep_float=keep_float, **self.plan_options)
-        model, stats = rewrite_qdq(self.prepared, plan, self.ranges, signed_activations=self.signed,
-                                   per_channel=self.config.per_channel, input_means=input_means,
-                                   weight_codes=self.weight_codes.codes if self.weight_codes else None)
+        rewrite = as_pass(lambda m: rewrite_qdq(m, plan, self.ranges, signed_activations=self.signed,
+                                                per_channel=self.config.per_channel, input_means=input_means,
+                                                weight_codes=self.weight_codes.codes if self.weight_codes else None),
+                          lambda _: {entry.node: entry.reason for entry in plan.skipped})
+        done = run_pass("QDQ rewrite", rewrite, self.prepared)
+        model, stats = done.model, done.details
+        del done
         give_back_freed_memory()  # the rewrite's float copies and temporaries
         return Attempt(keep_float, model, plan, stats)
 
@@ -296,14 +306,19 @@ class StaticQuantizer:
     def _apply_float_transforms(self, prepared: onnx.ModelProto) -> onnx.ModelProto:
         """Equalization and SmoothQuant: rescalings that leave fp32 outputs unchanged but quantize better."""
         if self.config.equalize:
-            prepared, equalized = equalize(fold_batchnorm(prepared))
+            done = run_pass("cross-layer equalization", as_pass(lambda m: equalize(fold_batchnorm(m)),
+                                                                lambda report: report.skipped), prepared)
+            prepared, equalized = done.model, done.details
             self.notes.append(f"cross-layer equalization on {len(equalized.pairs)} layer pairs")
         if self.config.smoothquant is not None:
             absmax = self.pinned.smoothquant_absmax if self.pinned else collect_channel_absmax(
                 prepared, self.data, smoothable_activations(prepared), batch_size=self.config.batch_size,
                 limit=self.config.samples, provider=self.config.provider)
             self.smooth_absmax = dict(absmax)
-            prepared, summary = smooth(prepared, absmax, alpha=self.config.smoothquant)
+            alpha = self.config.smoothquant
+            done = run_pass("SmoothQuant", as_pass(lambda m: smooth(m, absmax, alpha=alpha),
+                                                   lambda report: report.skipped), prepared)
+            prepared, summary = done.model, done.details
             self.smoothing_muls = list(summary.inserted_muls)
             self.notes.append(f"SmoothQuant (alpha {self.config.smoothquant}) on {len(summary.groups)} activations")
         if self.config.outlier_channels is not None:
@@ -317,7 +332,9 @@ class StaticQuantizer:
             prepared, self.data, smoothable_activations(prepared), batch_size=self.config.batch_size,
             limit=self.config.samples, provider=self.config.provider)
         self.outlier_absmax = dict(absmax)
-        prepared, self.outlier_split = split_outliers(prepared, absmax, channels)
+        done = run_pass("outlier channels", as_pass(lambda m: split_outliers(m, absmax, channels),
+                                                    lambda report: report.skipped), prepared)
+        prepared, self.outlier_split = done.model, done.details
         self.notes.append(f"outlier channels (at most {channels}) of {len(self.outlier_split.activations)} "
                           "activations go around the int8 layers in float")
         return prepared
