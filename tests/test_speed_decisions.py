@@ -270,6 +270,28 @@ def test_printed_speedup_is_the_measurement_of_the_returned_model(monkeypatch):
         assert result.summary.speedup == 1.0 and result.model is model
 
 
+def test_int8_whose_pooled_figure_turns_out_slower_is_not_kept(monkeypatch):
+    """The decision settled above the bar in a few turns, the pooled figure (more turns) lands below it: the
+    float input comes back, and the steps say why, instead of an int8 model printed as slower than fp32."""
+    def deciding(baseline, candidate, feeds, provider="cpu", threads=1, runs=None):
+        return SpeedMeasurement(1.02, 1.0, 1.04, 1.0, 0.98, 10, threads, 1, "synthetic")
+
+    def pooled(baseline, candidate, feeds, provider="cpu", threads=1, runs=None):
+        return SpeedMeasurement(0.9, 0.88, 0.93, 1.0, 1.11, 60, threads, 1, "synthetic")
+
+    _fake_speed(monkeypatch, deciding)
+    monkeypatch.setattr(static.SpeedCheck, "figure",
+                        lambda self, candidate: pooled(self.baseline, candidate, self.feeds), raising=False)
+    model = onnx.load(SAMPLES / "digits_cnn.onnx")
+    data = load_dataset(SAMPLES / "digits_calib.npz", model)
+    result = quantize_model(model, data, QuantizeConfig(samples=32, accuracy_check=False))
+    assert result.model is model and not result.summary.quantized_nodes
+    assert result.summary.speedup == 1.0
+    assert any("everything kept float: int8 measured 0.90x over 60 turns" in step
+               for step in result.summary.speed_steps)
+    assert result.plan.decisions[-1]["step"] == "everything kept float" and result.plan.decisions[-1]["kept"]
+
+
 def test_int8_that_only_pays_at_larger_batches_says_which_flag(monkeypatch):
     def batch_dependent(baseline, candidate, feeds, provider="cpu", threads=1, runs=None):
         batch = next(iter(feeds[0].values())).shape[0]

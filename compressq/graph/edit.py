@@ -123,21 +123,26 @@ def _node_dependencies(node: onnx.NodeProto) -> list[str]:
 def remove_unused(graph: onnx.GraphProto) -> None:
     """Drop nodes, initializers and value_info that no graph output depends on (in place)."""
     needed = {o.name for o in graph.output}
-    kept_nodes = []
-    for node in reversed(list(graph.node)):
-        if any(o in needed for o in node.output):
-            kept_nodes.append(node)
-            needed.update(_node_dependencies(node))
-    kept_nodes.reverse()
-    del graph.node[:]
-    graph.node.extend(kept_nodes)
-    kept_inits = [t for t in graph.initializer if t.name in needed]
-    del graph.initializer[:]
-    graph.initializer.extend(kept_inits)
+    nodes = list(graph.node)
+    unused = set()
+    for position in reversed(range(len(nodes))):
+        if any(o in needed for o in nodes[position].output):
+            needed.update(_node_dependencies(nodes[position]))
+        else:
+            unused.add(position)
+    for position in sorted(unused, reverse=True):
+        del graph.node[position]
+    _delete_where(graph.initializer, lambda tensor: tensor.name not in needed)
     produced = {n for node in graph.node for n in node.output}
-    kept_info = [v for v in graph.value_info if v.name in produced]
-    del graph.value_info[:]
-    graph.value_info.extend(kept_info)
+    _delete_where(graph.value_info, lambda value: value.name not in produced)
+
+
+def _delete_where(field, unwanted) -> None:
+    """Delete the entries of a repeated field that are `unwanted`, in place: clearing the field and adding back
+    the kept ones would copy every kept entry (every weight, for initializers: BERT-6's 180 MB a call)."""
+    for position in reversed(range(len(field))):
+        if unwanted(field[position]):
+            del field[position]
 
 
 def share_duplicate_initializers(graph: onnx.GraphProto, min_elements: int = 1024) -> int:

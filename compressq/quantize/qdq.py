@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from compressq.graph.edit import NameGenerator, remove_unused, share_duplicate_initializers, toposort
+from compressq.graph.edit import NameGenerator, copy_model, remove_unused, share_duplicate_initializers, toposort
 from compressq.graph.index import Scope, implicit_inputs, node_attributes, opset_version, scopes
 from compressq.quantize import scheme
 from compressq.quantize.bias_correction import weight_error_shift
@@ -38,7 +38,8 @@ class _Rewriter:
 
     def __init__(self, scope: Scope, plan: QuantPlan, ranges: dict[str, TensorRange], signed: bool,
                  per_channel: bool, input_means: dict[str, np.ndarray], names: NameGenerator,
-                 weight_codes: dict[str, np.ndarray] | None = None):
+                 weight_codes: dict[str, np.ndarray] | None = None,
+                 borrowed: dict[str, onnx.TensorProto] | None = None):
         self.scope = scope
         self.graph = scope.graph
         self.plan = plan
@@ -48,6 +49,7 @@ class _Rewriter:
         self.input_means = input_means
         self.weight_codes = weight_codes or {}
         self.index = scope.index()
+        self.index.initializers.update(borrowed or {})  # weights read from the source model (rewrite_qdq)
         self.names = names
         self.nodes_by_name = {n.name: n for n in self.graph.node}
         self.new_nodes: list[onnx.NodeProto] = []
@@ -237,8 +239,10 @@ def rewrite_qdq(model: onnx.ModelProto, plan: QuantPlan, ranges: dict[str, Tenso
     `input_means` (node name -> mean of its float input per channel) turns on bias correction;
     `weight_codes` (weight name -> int8 codes on scheme.weight_params' grid) replaces round-to-nearest.
     """
-    result = onnx.ModelProto()
-    result.CopyFrom(model)
+    # The float weights the rewrite replaces are read from `model`, not copied: the copy holds the rest (a copy of
+    # everything made BERT-6's every attempt hold its 170 MB of float weights twice, with the int8 ones on top).
+    replaced = replaced_weights(model.graph, plan.main_part())
+    result = copy_model(model, drop_initializers=set(replaced))
     names = NameGenerator(result.graph)
     stats = RewriteStats()
     # Innermost bodies first: a weight of an outer graph that a body quantized into its own int8 copy is
@@ -248,12 +252,27 @@ def rewrite_qdq(model: onnx.ModelProto, plan: QuantPlan, ranges: dict[str, Tenso
         if plan.parts and scope.label not in plan.parts:
             continue
         done = _Rewriter(scope, part, ranges, signed_activations, per_channel, input_means or {}, names,
-                         weight_codes).rewrite()
+                         weight_codes, borrowed=replaced if scope.is_main else {}).rewrite()
         select_on_integers(scope.graph, opset_version(result))  # onnxruntime keeps a QDQ Max/Min float
         for key, value in vars(done).items():
             setattr(stats, key, getattr(stats, key) + value)
     share_duplicate_initializers(result.graph)  # two branches reading one outer weight: one int8 copy
     return compacted(result), stats
+
+
+def replaced_weights(graph: onnx.GraphProto, plan: QuantPlan) -> dict[str, onnx.TensorProto]:
+    """The initializers of `graph` that the rewrite replaces whole: weights read only as the weight of the plan's
+    compute nodes (a weight anything else reads, a bias, or one listed as a graph input stays)."""
+    readers: dict[str, list[tuple[str, int]]] = {}
+    for node in graph.node:
+        for position, name in enumerate([*node.input, *implicit_inputs(node)]):
+            readers.setdefault(name, []).append((node.name, position))
+    listed = {value.name for value in graph.input} | {value.name for value in graph.output}
+    weights = {compute.weight for compute in plan.compute.values()}
+    computes = set(plan.compute)
+    return {tensor.name: tensor for tensor in graph.initializer
+            if tensor.name in weights and tensor.name not in listed
+            and all(node in computes and position == 1 for node, position in readers.get(tensor.name, []))}
 
 
 def compacted(model: onnx.ModelProto) -> onnx.ModelProto:
