@@ -64,14 +64,14 @@ __all__ = [
 if TYPE_CHECKING:
     from compressq.data import load_dataset
     from compressq.errors import CompressqError
-    from compressq.evaluate.report import Report, ReportConfig, build_report
-    from compressq.evaluate.summary import summarize as inspect_model
+    from compressq.evaluate.report import Report, ReportConfig, build_report  # noqa: TID251 (the public API re-exports the siblings)
+    from compressq.evaluate.summary import summarize as inspect_model  # noqa: TID251 (the public API re-exports the siblings)
     from compressq.io import load_model, save_model
-    from compressq.prune import PruneResult, prune_model
-    from compressq.prune.config import PruneConfig
-    from compressq.quantize.api import QuantizeResult, quantize_model
-    from compressq.quantize.config import QuantizeConfig
-    from compressq.quantize.plan_file import QuantizationPlan, read_plan
+    from compressq.prune import PruneResult, prune_model  # noqa: TID251 (the public API re-exports the siblings)
+    from compressq.prune.config import PruneConfig  # noqa: TID251 (the public API re-exports the siblings)
+    from compressq.quantize.api import QuantizeResult, quantize_model  # noqa: TID251 (the public API re-exports the siblings)
+    from compressq.quantize.config import QuantizeConfig  # noqa: TID251 (the public API re-exports the siblings)
+    from compressq.quantize.plan_file import QuantizationPlan, read_plan  # noqa: TID251 (the public API re-exports the siblings)
 
 
 def __getattr__(name: str) -> Any:

@@ -127,7 +127,7 @@ class Dataset:
         if self._first is None:
             feed = next(iter(self.batches(1, 1)), None)
             self._first = None if feed is None else {name: np.array(value) for name, value in feed.items()}
-        return self._first
+        return None if self._first is None else dict(self._first)
 
     def batches(self, batch_size: int, limit: int | None = None) -> Iterator[dict[str, np.ndarray]]:
         """Model-input feeds of `batch_size` samples (the last may be smaller), `limit` samples in all."""

@@ -118,6 +118,19 @@ def test_layering_rules_hold():
     assert done.returncode == 0, done.stdout
 
 
+def test_each_siblings_ruff_config_bans_what_the_package_bans_but_itself():
+    """ruff's `extend` replaces a banned-api table: each sibling's copy must stay the package's list less its own
+    ban (compressq/cli/ruff.toml lifts the terminal and sibling bans on purpose)."""
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+
+    root = tomllib.loads((PACKAGE.parent / "pyproject.toml").read_text())
+    package = root["tool"]["ruff"]["lint"]["flake8-tidy-imports"]["banned-api"]
+    for sibling in ("quantize", "prune", "evaluate"):
+        config = tomllib.loads((PACKAGE / sibling / "ruff.toml").read_text())
+        banned = config["lint"]["flake8-tidy-imports"]["banned-api"]
+        assert set(banned) == set(package) - {f"compressq.{sibling}"}, sibling
+
+
 @needs_ruff
 @pytest.mark.parametrize(("where", "statement", "banned"), [
     ("stats/probe.py", "from compressq.quantize.api import quantize_model", True),

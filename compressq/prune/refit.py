@@ -11,16 +11,19 @@ never grows.
 
 Cost, which is what makes refit usable on real models:
   * one Gram matrix X^T X per layer (per group of a grouped Conv), shared by all output channels, streamed
-    batch by batch, so memory depends on the layer's size, never on the number of samples;
+    run by run (products taken a few thousand rows at a time), so memory depends on the layer's size, never on
+    the number of samples;
   * rows (samples x output positions) are subsampled to a budget per layer (`rows_per_feature` x the number
     of weights per output channel, within [`min_rows`, `max_rows`]), spread over at least `spread` times as
     many samples as the budget strictly needs (read off one sample's output); a layer reads only those
     samples, so an early high-resolution convolution runs the model on a few samples, not on every one;
-  * the dense teacher runs ONCE, before any refit, over the samples the layers need (a few samples a run):
-    every layer's row positions are drawn up front from its own generator, exactly as its fit would draw
-    them, and only the teacher's values at those rows are kept (rows x outputs per layer);
-  * each wave then runs only the pruned model's prefix up to its layers' inputs, and layers whose inputs
-    do not depend on each other's refit (the branches of a detector head) share one wave: one run per batch;
+  * the dense teacher runs ONCE, before any refit, over the samples the layers need, in one stats.collect()
+    pass cut into runs of as many samples as fit REFIT_BUDGET: every layer's row positions are drawn up front,
+    run by run, from its own generator, and only the teacher's values at those rows are kept (rows x outputs
+    per layer);
+  * each wave then runs only the pruned model's prefix up to its layers' inputs, cut into the same runs (run k
+    of the student pairs with run k of the teacher), and layers whose inputs do not depend on each other's
+    refit (the branches of a detector head) share one wave: one pass for all of them;
   * all output channels of a layer are solved together (solvers.py): channels sharing one sparsity pattern
     (channel refit, N:M with few patterns) by one factorisation; with unstructured sparsity, where every
     channel has its own pattern and a k^3 solve of its own made refit slow, by conjugate gradients on all
@@ -41,7 +44,7 @@ from compressq.data import Dataset
 from compressq.graph.index import GraphIndex, implicit_inputs, node_attributes
 from compressq.prune.solvers import masked_ridge_solve, squared_errors
 from compressq.prune.structured import replace_constant_input
-from compressq.stats.collect import DEFAULT_BUDGET, Request, collect, one_sample_shapes
+from compressq.stats.collect import DEFAULT_BUDGET, Request, collect, one_sample_shapes, samples_per_run
 
 # One intra-op thread: onnxruntime's pool spin-waits after each run and starves numpy's BLAS, which
 # accumulates the normal equations between runs (3x slower end to end on 2 cores with the default pool).
@@ -49,7 +52,10 @@ SESSION_THREADS = 1
 # What the tensors of one run may weigh: the dense teacher runs once over the samples with every refit target as
 # an output (most of the model's activations), a few samples a run.
 REFIT_BUDGET = DEFAULT_BUDGET
-UPDATE_ROWS = 8192  # rows of X multiplied at once into a Gram matrix
+# Rows of X multiplied at once into a Gram matrix: as many as fit UPDATE_BYTES (a 3x3x512 convolution's rows
+# weigh 18 KB each), between MIN_UPDATE_ROWS and MAX_UPDATE_ROWS.
+UPDATE_BYTES = 32 * 2**20
+MIN_UPDATE_ROWS, MAX_UPDATE_ROWS = 512, 8192
 
 
 @dataclass(frozen=True)
@@ -100,18 +106,19 @@ class NormalEquations:
         self.rows = 0
         self._pending: list[tuple[np.ndarray, np.ndarray]] = []
         self._pending_rows = 0
+        self._rows_per_product = min(MAX_UPDATE_ROWS, max(MIN_UPDATE_ROWS, UPDATE_BYTES // (4 * features)))
 
     def update(self, inputs: np.ndarray, targets: np.ndarray) -> None:
-        """Add rows; they are multiplied UPDATE_ROWS at a time (a run of one sample may bring a few dozen rows,
+        """Add rows; they are multiplied a few thousand at a time (a run of one sample may bring a few dozen rows,
         and a product that small spends more on BLAS's threads and the float64 sum than on the rows)."""
         self._pending.append((inputs, targets))
         self._pending_rows += inputs.shape[0]
         self.rows += inputs.shape[0]
-        if self._pending_rows >= UPDATE_ROWS:
+        if self._pending_rows >= self._rows_per_product:
             self._flush()
 
     def _flush(self) -> None:
-        # Products of UPDATE_ROWS rows in float32 (twice BLAS's float64 speed), summed in float64. Extreme data
+        # Products of many rows in float32 (twice BLAS's float64 speed), summed in float64. Extreme data
         # may overflow float32: the statistics then hold inf, and `solve` keeps the pruned weights
         # (solvers.never_worse); numpy's warnings would only be noise on the user's terminal.
         if not self._pending:
@@ -394,7 +401,7 @@ def refit_layers(pruned: onnx.ModelProto, teacher: onnx.ModelProto, targets: Seq
 
     The dense teacher runs once for all targets. Targets whose inputs do not depend on each other's refit
     (the branches of a detector head, the convolutions that read one tensor) form one wave and share one
-    run of the pruned model per batch; the result is the same as fitting them one by one. `progress(1)` is
+    pass of the pruned model; the result is the same as fitting them one by one. `progress(1)` is
     called after each target, so a caller knows the total (len(targets)) up front."""
     records: dict[str, RefitRecord] = {}
     teacher_rows = _teacher_rows(pruned, teacher, targets, dataset, settings)
@@ -460,59 +467,33 @@ def prefix_model(model: onnx.ModelProto, outputs: Sequence[str]) -> onnx.ModelPr
 
 
 class _TeacherRows:
-    """One target's rows of the dense teacher's output, drawn once before any wave: for every sample the row
-    positions its fit samples (a collect() observer of the target's output).
+    """One target's rows of the dense teacher's output, drawn once before any wave (a collect() observer of the
+    target's output): for each run it reads, the row positions its fit samples, the run's output shape and the
+    teacher's values there.
 
-    Positions are drawn sample by sample from the target's own generator, so they depend neither on how many
-    samples a run holds nor on the batch size; they are kept as indices into all samples' rows, in order."""
+    Runs are kept by number: the waves cut the data into the same runs (collect's samples_per_run), so run k of
+    a student's input pairs with run k here whatever the layer's axes mean (a sequence-first layer, a stack of
+    feeds of different lengths). A target reads whole runs until it holds `samples` samples."""
+
+    counts_samples = True
 
     def __init__(self, target: RefitTarget, view: LinearView, budget: int, samples: int, seed: int):
         self.target, self.view, self.budget, self.samples = target, view, budget, samples
         self.rng = np.random.default_rng(seed)
-        self.seen = 0
-        self.per_sample = 0  # row positions in one sample's output
-        self.sample_shape: tuple[int, ...] = ()  # one sample's output, axis 0 dropped
-        self.chosen: list[np.ndarray] = []  # per run: positions among every sample's rows, ascending
-        self.pieces: list[np.ndarray | None] = []  # per run: the teacher's values there [rows, kept outputs]
-        self.sizes: list[int] = []  # per run: how many rows it drew
+        self.covered = 0  # samples of the runs read so far
+        self.runs = 0
+        self.records: dict[int, tuple[np.ndarray, tuple[int, ...], np.ndarray]] = {}
+        self.run_size = 1  # samples per run of the teacher's pass, which every wave repeats
 
-    def update(self, y: np.ndarray) -> None:
-        take = min(y.shape[0], self.samples - self.seen)
-        if take <= 0:
+    def update(self, y: np.ndarray, samples: int) -> None:
+        run, self.runs = self.runs, self.runs + 1
+        if self.covered >= self.samples:
             return
-        self.sample_shape = tuple(y.shape[1:])
-        self.per_sample = self.view.row_count((1, *self.sample_shape))
         rows_per_sample = self.budget / self.samples
-        drawn = []
-        for sample in range(self.seen, self.seen + take):
-            limit = max(1, round(rows_per_sample * (sample + 1)) - round(rows_per_sample * sample))
-            drawn.append(_sample(self.per_sample, self.rng, limit) + (sample - self.seen) * self.per_sample)
-        local = np.concatenate(drawn)
-        self.chosen.append(local + self.seen * self.per_sample)
-        self.pieces.append(_kept(self, self.view.target_rows(y, local)))
-        self.sizes.append(len(local))
-        self.seen += take
-
-    def rows_of(self, first: int, count: int) -> tuple[np.ndarray, np.ndarray] | None:
-        """The positions (relative to sample `first`) and target rows of samples [first, first + count);
-        read in order, once: what is read is freed."""
-        chosen = np.concatenate(self.chosen) if len(self.chosen) > 1 else self.chosen[0]
-        self.chosen = [chosen]
-        low, high = np.searchsorted(chosen, [first * self.per_sample, (first + count) * self.per_sample])
-        if high <= low:
-            return None
-        return chosen[low:high] - first * self.per_sample, self._pieces_between(low, high)
-
-    def _pieces_between(self, low: int, high: int) -> np.ndarray:
-        parts, offset = [], 0
-        for number, piece in enumerate(self.pieces):
-            size = self.sizes[number]
-            if piece is not None and offset < high and low < offset + size:
-                parts.append(piece[max(low - offset, 0):min(high, offset + size) - offset])
-            if offset + size <= high:
-                self.pieces[number] = None  # read once: free it
-            offset += size
-        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+        limit = max(1, round(rows_per_sample * (self.covered + samples)) - round(rows_per_sample * self.covered))
+        chosen = _sample(self.view.row_count(y.shape), self.rng, limit)
+        self.records[run] = (chosen, tuple(y.shape), _kept(self, self.view.target_rows(y, chosen)))
+        self.covered += samples
 
 
 @dataclass
@@ -524,24 +505,21 @@ class _Fit:
     matrices: list[np.ndarray]
     equations: list[NormalEquations]
     teacher: _TeacherRows
-    seen: int = 0
+    runs: int = 0
     failure: str = ""
 
     def update(self, x: np.ndarray) -> None:
-        take = min(x.shape[0], self.teacher.samples - self.seen)
-        if take <= 0 or self.failure:
+        run, self.runs = self.runs, self.runs + 1
+        record = self.teacher.records.pop(run, None)  # read once: freed as it is used
+        if record is None or self.failure:
             return
-        found = self.teacher.rows_of(self.seen, take)
-        if found is not None:
-            chosen, targets = found
-            shape = (take, *self.teacher.sample_shape)
-            try:
-                for equation, inputs, outputs in zip(self.equations, self.view.input_rows(x[:take], chosen, shape),
-                                                     self.view.split_targets(targets)):
-                    equation.update(inputs, outputs)
-            except NotRefittable as reason:
-                self.failure = f"not refit: {reason}"
-        self.seen += take
+        chosen, shape, targets = record
+        try:
+            for equation, inputs, outputs in zip(self.equations, self.view.input_rows(x, chosen, shape),
+                                                 self.view.split_targets(targets)):
+                equation.update(inputs, outputs)
+        except NotRefittable as reason:
+            self.failure = f"not refit: {reason}"
 
 
 def _teacher_rows(pruned: onnx.ModelProto, teacher: onnx.ModelProto, targets: Sequence[RefitTarget],
@@ -570,9 +548,12 @@ def _teacher_rows(pruned: onnx.ModelProto, teacher: onnx.ModelProto, targets: Se
         budget = settings.row_budget(view.matrices()[0].shape[1])
         samples = _samples_needed(shapes[view.target_name], view, budget, available, settings)
         plans[target.node] = _TeacherRows(target, view, budget, samples, settings.seed)
+    run = samples_per_run(prefix, dataset, settings.batch_size, REFIT_BUDGET)
     collect(prefix, dataset, [Request(plan.view.target_name, plan) for plan in plans.values()],
             batch_size=settings.batch_size, samples=max(plan.samples for plan in plans.values()),
-            budget=REFIT_BUDGET, one_pass=True, threads=SESSION_THREADS)
+            one_pass=True, threads=SESSION_THREADS, samples_per_run=run)
+    for plan in plans.values():
+        plan.run_size = run
     return plans
 
 
@@ -607,9 +588,10 @@ def _read_data(pruned: onnx.ModelProto, fits: list[_Fit], dataset: Dataset, sett
     graph_inputs = {i.name for i in pruned.graph.input}
     student_outputs = sorted({fit.view.input_name for fit in fits} - graph_inputs)
     student = prefix_model(pruned, student_outputs) if student_outputs else pruned
+    # The teacher's runs, in the same cut, up to the last one a fit still needs.
     collect(student, dataset, [Request(fit.view.input_name, fit) for fit in fits], batch_size=settings.batch_size,
-            samples=max(fit.teacher.samples for fit in fits), budget=REFIT_BUDGET, one_pass=True,
-            threads=SESSION_THREADS)
+            samples=max(fit.teacher.covered for fit in fits), one_pass=True, threads=SESSION_THREADS,
+            samples_per_run=fits[0].teacher.run_size)
 
 
 def _solve(fit: _Fit, settings: RefitSettings) -> RefitRecord:

@@ -12,7 +12,7 @@ import onnx
 from compressq.data import Dataset, synthetic_dataset
 from compressq.errors import DataError, UsageError
 from compressq.graph.index import GraphIndex
-from compressq.graph.passes import as_pass, check_if_enabled, run_pass
+from compressq.graph.passes import Skip, as_pass, check_if_enabled, run_pass
 from compressq.io import holds_mapped_weights, is_mapped, on_disk, read_mapped_tensor, with_weights_read
 from compressq.measure.decode import decode_step_feeds
 from compressq.measure.speed import measure_speedup, meets
@@ -30,7 +30,6 @@ from compressq.quantize.config import METHODS, MODES, QuantizeConfig
 from compressq.quantize.dynamic import quantize_dynamic
 from compressq.quantize.embedding import quantize_embeddings
 from compressq.quantize.gptq import summarize as summarize_reconstruction
-from compressq.quantize.plan import Skipped
 from compressq.quantize.plan_file import QuantizationPlan
 from compressq.quantize.static import StaticQuantizer, quantize_static
 from compressq.runtime import ORT_ERRORS, create_session
@@ -175,7 +174,7 @@ def _check_task_outputs(model: onnx.ModelProto, names: tuple[str, ...]) -> None:
                          hint=f"outputs: {', '.join(outputs)}")
 
 
-def _skipped(entries: list[Skipped]) -> list[dict]:
+def _skipped(entries: list[Skip]) -> list[dict]:
     return [{"node": s.node, "op_type": s.op_type, "reason": s.reason} for s in entries]
 
 

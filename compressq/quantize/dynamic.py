@@ -17,11 +17,11 @@ from onnx import helper
 
 from compressq.graph.edit import NameGenerator, remove_unused, share_duplicate_initializers, toposort
 from compressq.graph.index import GraphIndex, check_exclude, node_attributes, scopes
-from compressq.graph.passes import PassResult
+from compressq.graph.passes import PassResult, Skip
 from compressq.io import TensorSink, read_mapped_body_weights, tensor_array
 from compressq.progress import Progress, Stage
 from compressq.quantize import scheme
-from compressq.quantize.plan import Skipped, matches
+from compressq.quantize.plan import matches
 
 MICROSOFT_DOMAIN = "com.microsoft"
 
@@ -58,13 +58,13 @@ def _quantize_graph(graph: onnx.GraphProto, index: GraphIndex, names: NameGenera
     replacements: dict[int, onnx.NodeProto] = {}
     for position, node in enumerate(graph.node):
         if node.op_type in ("Conv", "ConvTranspose"):
-            outcome.skipped.append(Skipped(node.name, node.op_type, "dynamic mode keeps convolutions float "
+            outcome.skipped.append(Skip(node.name, node.op_type, "dynamic mode keeps convolutions float "
                                            "(pass --calibration-data for static int8)"))
         if node.op_type not in ("MatMul", "Gemm"):
             continue
         weight, reason = _weight_matrix(node, index, exclude)
         if weight is None:
-            outcome.skipped.append(Skipped(node.name, node.op_type, reason or "no constant weight"))
+            outcome.skipped.append(Skip(node.name, node.op_type, reason or "no constant weight"))
         else:
             replacements[position] = _dynamic_matmul(node, weight, _bias(node, index), names, sink, graph,
                                                      per_channel)

@@ -18,6 +18,7 @@ import numpy as np
 import onnx
 
 from compressq.graph.index import MAIN_GRAPH, GraphIndex, check_exclude, excluded_by, node_attributes, scopes
+from compressq.graph.passes import Skip
 from compressq.ops import INTEGER_WEIGHTED_OPS
 
 COMPUTE_OPS = ("Conv", "Gemm", "MatMul")
@@ -67,13 +68,6 @@ class Absorbed:
     output: str
 
 
-@dataclass(frozen=True)
-class Skipped:
-    node: str
-    op_type: str
-    reason: str
-
-
 @dataclass
 class QuantPlan:
     compute: dict[str, ComputeNode] = field(default_factory=dict)
@@ -86,7 +80,7 @@ class QuantPlan:
     shared_scale_nodes: set[str] = field(default_factory=set)
     # tensors whose producer becomes an integer kernel: consumers read the dequantized value by its name
     produced_quantized: set[str] = field(default_factory=set)
-    skipped: list[Skipped] = field(default_factory=list)
+    skipped: list[Skip] = field(default_factory=list)
     # With If/Loop/Scan bodies: one plan per graph (label -> plan), each rewritten in its own graph; the
     # fields above are then their union (node names are unique model-wide; see graph.normalize).
     parts: dict[str, QuantPlan] = field(default_factory=dict)
@@ -144,14 +138,14 @@ def _graph_plan(graph: onnx.GraphProto, index: GraphIndex, exclude, keep_float, 
     for node in graph.node:
         if node.op_type in INTEGER_WEIGHTED_OPS:  # quantized already: reported as such, left as it is
             bits = "4-bit weights, " if node.op_type == "MatMulNBits" and node_attributes(node).get("bits") == 4 else ""
-            plan.skipped.append(Skipped(node.name, node.op_type, f"{ALREADY_INT8} ({bits}{node.op_type} kept as is)"))
+            plan.skipped.append(Skip(node.name, node.op_type, f"{ALREADY_INT8} ({bits}{node.op_type} kept as is)"))
         if node.op_type in FLOAT_ONLY_WEIGHTED_OPS:
-            plan.skipped.append(Skipped(node.name, node.op_type, FLOAT_ONLY_WEIGHTED_OPS[node.op_type]))
+            plan.skipped.append(Skip(node.name, node.op_type, FLOAT_ONLY_WEIGHTED_OPS[node.op_type]))
         if node.op_type not in COMPUTE_OPS:
             continue
         reason = _why_float(node, index, exclude, keep_float, already_quantized, quantize_depthwise)
         if reason:
-            plan.skipped.append(Skipped(node.name, node.op_type, reason))
+            plan.skipped.append(Skip(node.name, node.op_type, reason))
         else:
             plan.compute[node.name] = _compute_node(node, index)
     _plan_tensors(plan, graph, index, exclude, keep_float, already_quantized, absorb_activations)

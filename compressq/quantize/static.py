@@ -23,7 +23,7 @@ from compressq.data import Dataset
 from compressq.errors import UsageError
 from compressq.graph.edit import ensure_opset, name_nodes
 from compressq.graph.index import all_nodes
-from compressq.graph.passes import as_pass, run_pass
+from compressq.graph.passes import Skip, as_pass, run_pass
 from compressq.io import check_model
 from compressq.measure.speed import (
     FASTER_ENOUGH,
@@ -42,7 +42,7 @@ from compressq.quantize.fusion import FusionReport, inspect_fusion
 from compressq.quantize.gptq import WeightCodes, static_weight_codes
 from compressq.quantize.gptq import summarize as summarize_reconstruction
 from compressq.quantize.outliers import SplitSummary, split_outliers
-from compressq.quantize.plan import QuantPlan, Skipped, build_plan
+from compressq.quantize.plan import QuantPlan, build_plan
 from compressq.quantize.plan_file import QuantizationPlan, model_sha256
 from compressq.quantize.prepare import prepare_for_quantization
 from compressq.quantize.qdq import RewriteStats, rewrite_qdq
@@ -91,7 +91,7 @@ class StaticResult:
     stats: RewriteStats
     fusion: FusionReport | None
     speedup: float | None
-    float_reasons: list[Skipped]
+    float_reasons: list[Skip]
     non_finite_tensors: dict[str, str]
     fallback_steps: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
@@ -480,9 +480,10 @@ class StaticQuantizer:
             return current
         steps.append(f"everything kept float: int8 measured {current.speedup:.2f}x over "
                      f"{current.speed.runs if current.speed else 0} turns")
-        float_input = self.attempt({**current.keep_float, **dict(_fallback_stages(current.plan))[EVERYTHING_FLOAT]})
-        float_input.speed, float_input.speedup = None, 1.0
-        self._decide(EVERYTHING_FLOAT, float_input, kept=True)
+        keep_float = {**current.keep_float, **dict(_fallback_stages(current.plan))[EVERYTHING_FLOAT]}
+        plan = build_plan(self.prepared, keep_float=keep_float, **self.plan_options)
+        float_input = Attempt(keep_float, self.original, plan, RewriteStats(), speedup=1.0)  # no rewrite needed
+        self._decide(f"{EVERYTHING_FLOAT} (pooled figure below the bar)", float_input, kept=True)
         return float_input
 
     def _time(self, attempt: Attempt) -> Attempt:

@@ -45,6 +45,7 @@ from compressq.io import TensorSink, read_mapped_body_weights, tensor_array
 from compressq.progress import Progress, Stage
 from compressq.quantize.gptq import Factor, LayerReport, SampleGrams, block_grid, reconstruct
 from compressq.quantize.plan import matches
+from compressq.stats.observers import finite_rows
 
 MS_DOMAIN = "com.microsoft"
 SUPPORTED_BITS = (4, 8)
@@ -172,7 +173,7 @@ class BlockGramObserver:
         self.total: np.ndarray | None = None
 
     def update(self, values: np.ndarray) -> None:
-        rows = values.reshape(-1, values.shape[-1])
+        rows = finite_rows(values)
         gram = block_gram(rows, self.block_size, -(-rows.shape[1] // self.block_size))
         self.total = gram if self.total is None else self.total + gram
 

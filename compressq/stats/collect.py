@@ -5,15 +5,18 @@
 Pass 1 runs a copy of the graph with reduction nodes added on the wanted tensors (ReduceMin/ReduceMax for
 ranges and per-channel abs-max, ReduceSum and Size for channel means): only those small
 results leave onnxruntime, as in onnxruntime's own MinMax calibration. Tensors whose values must reach
-Python (histograms, or a reduction the graph cannot express for lack of a known rank) are fetched after
-that, only when asked for, in chunks of outputs sized to `budget`, one session and one pass per chunk
-(onnxruntime keeps every graph output of a run alive until the run ends, fetched or not), so peak memory
-depends neither on the number of samples nor on the model's width. Those passes know each tensor's exact
-range from the first, so histograms are binned once into their final bins.
+Python (histograms, Gram matrices, sampled rows, or a reduction the graph cannot express for lack of a known
+rank) are fetched after that, only when asked for, in chunks of outputs sized to `budget`, one session and one
+pass per chunk (onnxruntime keeps every graph output of a run alive until the run ends, fetched or not), so peak
+memory depends neither on the number of samples nor on the model's width; with `one_pass`, all of them from one
+session. Histograms need each tensor's exact range first (pass 1 finds it, so they are binned once into their
+final bins); other fetched statistics skip pass 1 when shape inference knows their tensors' sizes (else one run
+on the first sample measures them). Graph inputs are read from the data itself.
 
 Batches are split into runs of fewer samples when one sample's tensors already weigh much (their shapes
 inferred for one sample on a weightless skeleton of the model): an activation map of a 640x480 detector at
-batch 32 would otherwise hold gigabytes inside onnxruntime alone.
+batch 32 would otherwise hold gigabytes inside onnxruntime alone. A model whose weights are still mapped from
+files runs from them (io.on_disk).
 """
 
 from __future__ import annotations
@@ -77,17 +80,19 @@ class _Tap:
 def collect(model: onnx.ModelProto, dataset: Dataset, requests: Iterable[Request], *, provider: str = "cpu",
             budget: int = DEFAULT_BUDGET, batch_size: int = 32, samples: int | None = None,
             progress: Progress | None = None, as_written: bool = False, one_pass: bool = False,
-            threads: int | None = None) -> None:
+            threads: int | None = None, samples_per_run: int | None = None) -> None:
     """Feed every request's observer from `samples` samples of `dataset` (the observers hold the results).
 
     `as_written`: the graph runs node by node, nothing fused (a graph with fake-quantized twins must not have
     its QDQ pairs turned into integer kernels by onnxruntime's optimizer).
 
-    `one_pass`: every fetched tensor comes from one session in one pass over the data, in runs of as many
-    samples as fit `budget` together (at least one), each observer fed the runs in data order: for
-    observers that pair tensors sample by sample across calls (refit's teacher rows and student inputs), and
-    where running the model costs more than the memory a chunked fetch saves. `threads`: the sessions'
-    intra-op threads (None: onnxruntime's default).
+    `one_pass`: every fetched tensor comes from one session in one pass over the data, each observer fed the
+    runs in data order (where running the model costs more than the memory a chunked fetch saves).
+    `samples_per_run`: runs of exactly that many samples (the last of a batch may hold fewer) instead of as many
+    as fit `budget`, so that two collect() calls over the same data cut it into the same runs (refit pairs its
+    teacher's runs with its student's by their number); data whose batches cannot be cut runs batch by batch
+    either way. An observer with `counts_samples = True` is called `update(values, samples)`, with the samples
+    of the run. `threads`: the sessions' intra-op threads (None: onnxruntime's default).
 
     `progress(count)` is called after each batch of each pass: 1 pass, 2 when a statistic needs the values
     themselves and either their range (histograms) or, for lack of a shape, their size first."""
@@ -134,9 +139,14 @@ def collect(model: onnx.ModelProto, dataset: Dataset, requests: Iterable[Request
     splittable = _splittable(dataset)
     # Samples per run: onnxruntime keeps at most every tensor of the samples it runs alive at once.
     rows = _rows_within(budget, one_sample_bytes, batch_size) if splittable else None
+    if splittable and samples_per_run is not None:
+        rows = max(1, samples_per_run)
     if graph.has_outputs():  # fetched tensors of known sizes that need no range skip this pass
         session = graph.session(provider, as_written, threads)
-        sizes.update(_reduced_pass(session, graph, dataset, batch_size, samples, rows, progress))
+        if graph.only_sizes():  # sizes alone: one sample tells them
+            sizes.update(_sizes_of_one_sample(session, graph, first))
+        else:
+            sizes.update(_reduced_pass(session, graph, dataset, batch_size, samples, rows, progress))
         del session
     if not fetched:
         return
@@ -146,8 +156,10 @@ def collect(model: onnx.ModelProto, dataset: Dataset, requests: Iterable[Request
     wanted = [tensor for tensor in dict.fromkeys(r.tensor for r in fetched)
               if tensor not in ranges_first or ranges_first[tensor].finite]
     per_sample = {t: sizes.get(t, 0.0) * _itemsize(types.get(t)) for t in wanted}
-    _fetching_pass(model, _Fetch(provider, threads, one_pass), fetched, wanted, per_sample, rows, dataset,
-                   batch_size, samples, budget, progress)
+    if wanted:
+        fixed = samples_per_run is not None
+        _fetching_pass(model, _Fetch(provider, threads, one_pass, fixed), fetched, wanted, per_sample, rows,
+                       dataset, batch_size, samples, budget, progress)
 
 
 def _needs_range(observer) -> bool:
@@ -272,6 +284,7 @@ class _Fetch:
     provider: str
     threads: int | None
     one_pass: bool
+    fixed_runs: bool  # the caller chose the samples per run
 
 
 def _fetching_pass(model: onnx.ModelProto, how: _Fetch, fetched: list[Request], wanted: list[str],
@@ -280,7 +293,7 @@ def _fetching_pass(model: onnx.ModelProto, how: _Fetch, fetched: list[Request], 
     """One session per chunk of tensors, each chunk's tensors its only extra outputs: onnxruntime keeps
     every graph output of a run alive to the end of the run, fetched or not, so a chunk is a session (one
     chunk of everything when `how.one_pass`). Graph inputs come from the feed itself."""
-    if rows is not None:
+    if rows is not None and not how.fixed_runs:
         heaviest = sum(per_sample.values()) if how.one_pass else max(per_sample.values(), default=0.0)
         rows = min(rows, _rows_within(budget, heaviest, batch_size))
     chunks = [list(wanted)] if how.one_pass else \
@@ -297,12 +310,28 @@ def _fetching_pass(model: onnx.ModelProto, how: _Fetch, fetched: list[Request], 
                 values = dict(zip(outputs, session.run(outputs, part))) if session is not None else {}
                 for tensor in chunk:
                     for observer in receivers[tensor]:
-                        observer.update(values[tensor] if tensor in values else part[tensor])
+                        _hand_over(observer, values[tensor] if tensor in values else part[tensor],
+                                   dataset.samples_in(part))
                 del values
             if progress:  # this pass's share of the batch, so that the chunks add up to one pass
                 count = dataset.samples_in(feed)
                 progress(count * (number + 1) // len(chunks) - count * number // len(chunks))
         del session
+
+
+def _hand_over(observer, values: np.ndarray, samples: int) -> None:
+    if getattr(observer, "counts_samples", False):
+        observer.update(values, samples)
+    else:
+        observer.update(values)
+
+
+def _sizes_of_one_sample(session, graph: _Augmented, first: dict[str, np.ndarray]) -> dict[str, float]:
+    """Elements per sample of each tensor with a Size output, from one run on the first sample."""
+    names = graph.size_outputs()
+    found = dict(zip(names.values(), session.run(list(names.values()), first)))
+    taken = max(_rows_in(first), 1)
+    return {tensor: float(found[output]) / taken for tensor, output in names.items()}
 
 
 def _exposing_session(model: onnx.ModelProto, names: Sequence[str], how: _Fetch):
@@ -501,6 +530,9 @@ class _Augmented:
 
     def has_outputs(self) -> bool:
         return bool(self.taps or self.sizes or self.body_outputs())
+
+    def only_sizes(self) -> bool:
+        return bool(self.sizes) and not (self.taps or self.body_outputs())
 
     def session(self, provider: str, as_written: bool = False, threads: int | None = None):
         """A session of the model with the reductions and outputs added.

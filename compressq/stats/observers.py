@@ -408,7 +408,7 @@ class RowReservoir:
         self.rng = rng
 
     def update(self, values: np.ndarray) -> None:
-        self.add(values.reshape(-1, values.shape[-1]))
+        self.add(finite_rows(values))
 
     def add(self, rows: np.ndarray) -> None:
         if self.pool is None:
@@ -429,3 +429,11 @@ class RowReservoir:
     def result(self) -> np.ndarray | None:
         """The kept rows [min(seen, size), width]; None before any row."""
         return None if self.pool is None else self.pool[: min(self.seen, self.size)]
+
+
+def finite_rows(values: np.ndarray) -> np.ndarray:
+    """The rows [n, width] of a tensor (its last axis is a row) whose values are all finite: a row that
+    overflowed (inf from an fp16 model, a -inf mask) says nothing a least-squares fit could use."""
+    rows = values.reshape(-1, values.shape[-1])
+    finite = np.isfinite(rows).all(axis=1)
+    return rows if finite.all() else rows[finite]
