@@ -55,19 +55,21 @@ def weights(model: onnx.ModelProto) -> dict[str, np.ndarray]:
     return {t.name: np.array(model_io.tensor_array(t)) for t in model.graph.initializer}
 
 
-def _calibrated_weight_only(model: onnx.ModelProto) -> onnx.ModelProto:
-    """int4 weight-only with scales refined on calibration rows, read by a session opened on files."""
+def _calibrated_weight_only(model: onnx.ModelProto, reconstruction: str = "none") -> onnx.ModelProto:
+    """int4 weight-only with scales refined on calibration rows (and GPTQ codes), rows read by a session opened
+    on files."""
     config = CONFIGS["tiny"]
     with tempfile.TemporaryDirectory() as folder:
         data = Path(folder) / "prompts.npz"
         np.savez(data, **step_feed(token_ids(config, 4, 6, seed=3), empty_cache(config, 4)))
         dataset = load_dataset(data, model)
-        return quantize_model(model, dataset, QuantizeConfig(mode="weight-only", speed_check=False,
-                                                             block_size=16)).model
+        return quantize_model(model, dataset, QuantizeConfig(mode="weight-only", speed_check=False, block_size=16,
+                                                             weight_reconstruction=reconstruction)).model
 
 
 RUNS = {
     "weight-only calibrated": _calibrated_weight_only,
+    "weight-only gptq": lambda model: _calibrated_weight_only(model, "gptq"),
     "dynamic": lambda model: quantize_model(model, None, QuantizeConfig(mode="dynamic", speed_check=False)).model,
     "weight-only": lambda model: quantize_model(model, None, QuantizeConfig(mode="weight-only", speed_check=False,
                                                                             block_size=16)).model,
@@ -139,7 +141,8 @@ def reads(monkeypatch) -> list[str]:
     return names
 
 
-@pytest.mark.parametrize("run", ["weight-only", "weight-only calibrated", "prune", "prune global", "prune 2:4"])
+@pytest.mark.parametrize("run", ["weight-only", "weight-only calibrated", "weight-only gptq", "prune", "prune global",
+                                 "prune 2:4"])
 def test_each_weight_is_read_alone_and_never_into_the_proto(run, decoder, reads):
     mapped = model_io.load_model(decoder, read_weights=False)
     RUNS[run](mapped)

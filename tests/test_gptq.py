@@ -13,6 +13,7 @@ from compressq.graph.index import GraphIndex
 from compressq.quantize.api import quantize_model
 from compressq.quantize.config import QuantizeConfig
 from compressq.quantize.gptq import (
+    SampleGrams,
     block_grid,
     conv_geometry,
     factorize,
@@ -137,6 +138,29 @@ def test_a_reconstruction_that_does_not_help_is_dropped():
     assert report.error_before == report.error_after == 0.0
     codes, report = reconstruct(on_grid + 0.3, None, grid)  # no calibration rows reached the layer
     assert np.array_equal(codes, round_to_nearest(on_grid + 0.3, grid)) and not report.reconstructed
+
+
+def test_gptq_is_judged_on_held_out_rows_when_given():
+    """Fitted to rows that span few directions, GPTQ lowers the error on those rows; on rows that weigh every
+    direction alike (an identity Gram) nearest rounding is already the best code, so GPTQ is dropped there."""
+    rows = correlated_rows(60, 8, 4).astype(np.float64)
+    weight = np.random.default_rng(5).standard_normal((8, 3))
+    grid = per_column_grid(np.abs(weight).max(axis=0) / 7, 8, 3, -8, 7)
+    _, fitted = reconstruct(weight, rows.T @ rows, grid)
+    assert fitted.reconstructed
+    codes, judged = reconstruct(weight, rows.T @ rows, grid, check=np.eye(8))
+    assert not judged.reconstructed and "held-out" in judged.reason
+    assert np.array_equal(codes, round_to_nearest(weight, grid))
+
+
+def test_sample_grams_hold_out_every_nth_row():
+    rows = correlated_rows(40, 5, 6).astype(np.float64)
+    grams = SampleGrams({"x": rows}, hold_out=4)
+    gram, _ = grams.get("x")
+    held = np.arange(40) % 4 == 3
+    np.testing.assert_allclose(gram, rows[~held].T @ rows[~held], rtol=1e-6)
+    np.testing.assert_allclose(grams.check("x"), rows[held].T @ rows[held], rtol=1e-6)
+    assert SampleGrams({"x": rows}).check("x") is None  # no hold-out: judged on the fitted rows
 
 
 def test_dead_inputs_keep_their_rounded_weights():

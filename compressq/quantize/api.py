@@ -89,8 +89,8 @@ def quantize_model(model: onnx.ModelProto, dataset: Dataset | None, config: Quan
     A `pinned` plan (read_plan) is re-applied as it is: no calibration, no timing, the same output bytes.
     An fp16 model is quantized with float32 inside and keeps its fp16 interface (quantize/float16.py).
     A model loaded with its weights mapped (`load_model(read_weights=False)`) is rewritten a weight at a time in
-    dynamic and weight-only modes (calibration rows and the speed check come from sessions opened on files);
-    static, fp16 and GPTQ reconstruction read it into memory.
+    dynamic and weight-only modes, GPTQ codes included (calibration rows and the speed check come from sessions
+    opened on files); static mode and fp16 models read it into memory.
     """
     if holds_mapped_weights(model) and not _streams(model, dataset, config, pinned):
         model = with_weights_read(model)
@@ -160,9 +160,9 @@ def _timed(baseline, candidate, feeds: list, config: QuantizeConfig):
 def _streams(model: onnx.ModelProto, dataset: Dataset | None, config: QuantizeConfig,
              pinned: QuantizationPlan | None) -> bool:
     """Whether this run can keep the weights on disk: dynamic (its data only times it, from files) or weight-only
-    (its calibration rows come from a session opened on files), in float32, without GPTQ reconstruction."""
-    streaming_mode = config.mode == "dynamic" or (config.mode == "weight-only"
-                                                  and config.weight_reconstruction == "none")
+    (its calibration rows come from a session opened on files, GPTQ included: it reads one weight at a time), in
+    float32."""
+    streaming_mode = config.mode in ("dynamic", "weight-only")
     return pinned is None and streaming_mode and not float16.holds_float16(model)
 
 
@@ -332,8 +332,8 @@ def _weight_only(model, dataset: Dataset | None, config: QuantizeConfig,
         report = summarize_reconstruction(outcome.reconstruction)
         summary.error_correction["weights"] = report
         summary.notes.append(f"GPTQ weight codes on {report['layers_reconstructed']} of {len(outcome.layers)} "
-                             f"layers (mean relative output error on calibration rows {report['mean_error_before']:.3g}"
-                             f" -> {report['mean_error_after']:.3g})")
+                             "layers (mean relative output error on held-out calibration rows "
+                             f"{report['mean_error_before']:.3g} -> {report['mean_error_after']:.3g})")
     return QuantizeResult(quantized if outcome.layers else model, summary)  # nothing quantized: the input itself
 
 

@@ -89,7 +89,8 @@ def per_column_grid(scale: np.ndarray, k: int, n: int, low: int, high: int,
 
 @dataclass(frozen=True)
 class LayerReport:
-    """Relative output error ||X W - X W_q||^2 / ||X W||^2 on the calibration rows, before and after."""
+    """Relative output error ||X W - X W_q||^2 / ||X W||^2 on the calibration rows (the held-out ones when
+    there are: SampleGrams), before and after."""
 
     error_before: float  # round-to-nearest
     error_after: float   # the codes kept (round-to-nearest again when reconstruction did not help)
@@ -181,23 +182,28 @@ def _inverse_cholesky_upper(hessian: np.ndarray, damping: float) -> np.ndarray |
 
 
 def reconstruct(weight_kn: np.ndarray, gram: np.ndarray | None, grid: GridQuantizer,
-                factor: Factor | None = None, **options) -> tuple[np.ndarray, LayerReport]:
+                factor: Factor | None = None, check: np.ndarray | None = None,
+                **options) -> tuple[np.ndarray, LayerReport]:
     """Integer codes [K, N] for `weight_kn` on `grid`: GPTQ's when they lower the output error measured on
     `gram` (X^T X of the layer's fp32 inputs, [K, K]), else round-to-nearest; with the report saying which.
+    `check` (the Gram matrix of rows held out of `gram`) judges and reports the errors instead, when given.
     `factor` (factorize(gram)) may be given when several weights read the same input; `options` go to
     factorize (damping, act_order) otherwise."""
     nearest = round_to_nearest(weight_kn, grid)
     if gram is None or not usable_gram(gram):
         return nearest, LayerReport(0.0, 0.0, False, "no calibration inputs reached this layer")
-    reference = output_energy(weight_kn, gram)
-    before = relative_output_error(weight_kn, grid.dequantize(nearest), gram, reference)
+    judge = check if check is not None and usable_gram(check) else gram
+    reference = output_energy(weight_kn, judge)
+    before = relative_output_error(weight_kn, grid.dequantize(nearest), judge, reference)
     factor = factor or factorize(gram, **options)
     if factor is None:
         return nearest, LayerReport(before, before, False, "Gram matrix not positive definite")
     codes = gptq_codes(weight_kn, factor, grid)
-    after = relative_output_error(weight_kn, grid.dequantize(codes), gram, reference)
+    after = relative_output_error(weight_kn, grid.dequantize(codes), judge, reference)
     if not after < before:
-        return nearest, LayerReport(before, before, False, "reconstruction did not lower the output error")
+        where = "on held-out calibration rows" if judge is check else ""
+        return nearest, LayerReport(before, before, False, f"reconstruction did not lower the output error {where}"
+                                    .strip())
     return codes, LayerReport(before, after, True)
 
 
@@ -384,15 +390,43 @@ def sample_gram(samples: np.ndarray | None) -> np.ndarray | None:
 
 class SampleGrams:
     """Per layer input name: the Gram matrix of its calibration rows and its factor, computed once however
-    many weights read that input (Q, K and V projections)."""
+    many weights read that input (Q, K and V projections).
 
-    def __init__(self, samples: Mapping[str, np.ndarray]) -> None:
+    With `hold_out` = h > 0, every h-th row is held out of the fit: `check(name)` is their Gram matrix, on which
+    GPTQ is judged against round-to-nearest. Judged on the rows it was fitted to, GPTQ always looks better: on the
+    half-gb decoder (512 calibration rows, 1024 inputs) it cut the calibration error 10x and still lowered the
+    logits' cosine on unseen tokens (0.9676 -> 0.9666)."""
+
+    def __init__(self, samples: Mapping[str, np.ndarray], hold_out: int = 0) -> None:
         self.samples = samples
+        self.hold_out = hold_out
         self.factors = FactorCache()
         self.grams: dict[str, np.ndarray | None] = {}
+        self.checks: dict[str, np.ndarray | None] = {}
 
     def get(self, name: str) -> tuple[np.ndarray | None, Factor | None]:
         if name not in self.grams:
-            self.grams[name] = sample_gram(self.samples.get(name))
+            rows = self.samples.get(name)
+            held = self._held_out(rows)
+            if rows is None or held is None:
+                self.grams[name], self.checks[name] = sample_gram(rows), None
+            else:
+                self.grams[name], self.checks[name] = sample_gram(rows[~held]), sample_gram(rows[held])
         gram = self.grams[name]
         return gram, self.factors.get(name, gram)
+
+    def check(self, name: str) -> np.ndarray | None:
+        """The Gram matrix of the held-out rows of `name` (None without hold-out)."""
+        self.get(name)
+        return self.checks[name]
+
+    def release(self, name: str) -> None:
+        """Forget what was computed for `name` (its last reader is done: a [K, K] matrix each, three of them)."""
+        self.grams.pop(name, None)
+        self.checks.pop(name, None)
+        self.factors.found.pop(name, None)
+
+    def _held_out(self, rows: np.ndarray | None) -> np.ndarray | None:
+        if rows is None or self.hold_out <= 0 or len(rows) < 2 * self.hold_out:
+            return None
+        return np.arange(len(rows)) % self.hold_out == self.hold_out - 1

@@ -30,6 +30,7 @@ loaded with its weights mapped gets each packed weight written to a spill file a
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -43,7 +44,7 @@ from compressq.graph.edit import NameGenerator, remove_unused, share_duplicate_i
 from compressq.graph.index import GraphIndex, check_exclude, node_attributes, scopes
 from compressq.io import TensorSink, read_mapped_body_weights, tensor_array
 from compressq.progress import Progress, Stage
-from compressq.quantize.gptq import Factor, LayerReport, SampleGrams, block_grid, reconstruct
+from compressq.quantize.gptq import LayerReport, SampleGrams, block_grid, reconstruct
 from compressq.quantize.plan import matches
 from compressq.stats.observers import finite_rows
 
@@ -51,6 +52,9 @@ MS_DOMAIN = "com.microsoft"
 SUPPORTED_BITS = (4, 8)
 MIN_BLOCK_SIZE = 16
 REFINE_GRID = np.linspace(0.80, 1.0, 21)
+# GPTQ is fitted on 3 of every 4 calibration rows and kept for a layer only where it beats round-to-nearest on
+# the 4th (compressq.quantize.gptq.SampleGrams).
+GPTQ_HOLD_OUT = 4
 MATMUL_NBITS_BIAS_INPUT = 5
 
 
@@ -308,7 +312,8 @@ def quantize_weights_only(
     sink = TensorSink(model)
     # Tied weights share one packed copy per graph: its inputs and weight error are kept, not its codes
     packed_weights: dict[tuple[int, str], tuple[list[str], float]] = {}
-    grams = SampleGrams(samples)  # computed on first use, once per MatMul input
+    grams = SampleGrams(samples, hold_out=GPTQ_HOLD_OUT)  # computed on first use, once per MatMul input
+    readers_left = Counter(candidate.node.input[0] for candidate in candidates)
     stage = Stage(progress, f"quantizing weights to int{bits}", len(candidates))
     for candidate in candidates:
         target = home[id(candidate)]
@@ -320,7 +325,10 @@ def quantize_weights_only(
                                             block_grams.get(source))
                 if reconstruction == "gptq" and candidate.node.input[0] in samples:
                     quantized, summary.reconstruction[candidate.node.name] = _reconstructed(
-                        weight_kn, quantized, grams.get(candidate.node.input[0]), block_size)
+                        weight_kn, quantized, grams, candidate.node.input[0], block_size)
+                readers_left[source] -= 1
+                if not readers_left[source]:
+                    grams.release(source)
                 weight_error = _relative_error(weight_kn, quantized.dequantize())
                 del weight_kn
             else:
@@ -369,13 +377,13 @@ def _quantized_by_columns(candidate: _Candidate, bits: int, block_size: int,
     return quantized, (error / norm) ** 0.5 if norm else 0.0
 
 
-def _reconstructed(weight_kn: np.ndarray, quantized: BlockQuantized,
-                   gram_and_factor: tuple[np.ndarray | None, Factor | None],
+def _reconstructed(weight_kn: np.ndarray, quantized: BlockQuantized, grams: SampleGrams, source: str,
                    block_size: int) -> tuple[BlockQuantized, LayerReport]:
-    """The same scales and zero points, codes chosen by GPTQ on the layer's calibration rows."""
+    """The same scales and zero points, codes chosen by GPTQ on the layer's calibration rows (kept only where
+    they beat round-to-nearest on the rows held out of the fit)."""
     grid = block_grid(quantized.scales, quantized.zero_points, quantized.bits, quantized.k, block_size)
-    gram, factor = gram_and_factor
-    codes_kn, report = reconstruct(weight_kn, gram, grid, factor)
+    gram, factor = grams.get(source)
+    codes_kn, report = reconstruct(weight_kn, gram, grid, factor, check=grams.check(source))
     if not report.reconstructed:
         return quantized, report
     codes = quantized.codes.copy()  # rows past K (padding) keep their codes
