@@ -1,10 +1,12 @@
 """Decoder LLM, token by token (issue 12): int4 weight-only and int8 dynamic against onnxruntime's MatMulNBits.
 
-    python -m bench.run llm
+    python -m bench.run llm                          the half-gb decoder
+    CQ_LLM_LARGE=1 python -m bench.run llm           also the over-2gb one (2.33 GB of weights; 5.4 min more)
 
 The model is bench/decoder_model.py's "half-gb" LLaMA-style decoder (0.48 GiB of fp32 weights in external
-data, random weights, real shapes and ops). Each quantizer runs as a user runs it, in a fresh process whose
-peak RSS (VmHWM) is measured there (bench/rss_runner.py):
+data, random weights, real shapes and ops), and with CQ_LLM_LARGE=1 its "over-2gb" one (without the GPTQ run:
+a [5632, 5632] Gram matrix to factorize per MLP input). Each quantizer runs as a user runs it, in a fresh
+process whose peak RSS (VmHWM) is measured there (bench/rss_runner.py):
 
   - compressq: `compressq quantize MODEL --mode weight-only -d CALIB` (4 bits, blocks of 32, symmetric, scales
     refined against the calibration data), the same with `--weight-reconstruction gptq` (codes chosen by GPTQ's
@@ -22,6 +24,7 @@ Then, side by side in this process:
 
 from __future__ import annotations
 
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -157,77 +160,85 @@ def _gb(value: float) -> str:
 
 
 def run(table) -> None:
+    measure_size(table, MODEL_SIZE, gptq=True)
+    if os.environ.get("CQ_LLM_LARGE") == "1":
+        measure_size(table, "over-2gb", gptq=False)
+
+
+def measure_size(table, size: str, gptq: bool) -> None:
     from bench.decoder_model import CONFIGS, build_decoder
     from bench.ort_baseline import run_fresh
 
-    config = CONFIGS[MODEL_SIZE]
+    config = CONFIGS[size]
     WORK.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="llm-", dir=WORK) as folder:
         work = Path(folder)
         fp32 = build_decoder(config, work / "decoder.onnx")
         fp32_bytes = _files_size(fp32)
-        log(f"decoder: {config.parameter_count() / 1e6:.0f} M parameters, {_gb(fp32_bytes)} on disk")
+        log(f"decoder {size}: {config.parameter_count() / 1e6:.0f} M parameters, {_gb(fp32_bytes)} on disk")
         npz = _calibration_npz(config, work / "calibration.npz")
         outputs = {"cq int4": work / "cq-int4.onnx", "cq int4 gptq": work / "cq-int4-gptq.onnx",
                    "cq int8 dynamic": work / "cq-dynamic.onnx", "ort int4": work / "ort-int4.onnx"}
+        if not gptq:
+            del outputs["cq int4 gptq"]
         # --no-speed-check: the check times the calibration prompts (prefill, 64 tokens), not a decode step, and
         # never changes a weight-only output; py-spy found the int4 run still timing prefill after 18 min on a
         # loaded machine. The decode step is timed below instead.
         int4 = ["quantize", str(fp32), "--mode", "weight-only", "-d", str(npz), "--bits", "4",
                 "--block-size", str(BLOCK_SIZE), "--no-speed-check"]
-        runs = {
-            "cq int4": run_fresh(f"bench.{SECTION}_bench:compressq_cli", {"arguments": [
-                *int4, "-o", str(outputs["cq int4"])]}),
-            "cq int4 gptq": run_fresh(f"bench.{SECTION}_bench:compressq_cli", {"arguments": [
-                *int4, "--weight-reconstruction", "gptq", "-o", str(outputs["cq int4 gptq"])]}),
-            "cq int8 dynamic": run_fresh(f"bench.{SECTION}_bench:compressq_cli", {"arguments": [
+        commands = {
+            "cq int4": (f"bench.{SECTION}_bench:compressq_cli", {"arguments": [*int4, "-o", str(outputs["cq int4"])]}),
+            "cq int4 gptq": (f"bench.{SECTION}_bench:compressq_cli", {"arguments": [
+                *int4, "--weight-reconstruction", "gptq", "-o", str(work / "cq-int4-gptq.onnx")]}),
+            "cq int8 dynamic": (f"bench.{SECTION}_bench:compressq_cli", {"arguments": [
                 "quantize", str(fp32), "--mode", "dynamic", "-o", str(outputs["cq int8 dynamic"])]}),
-            "ort int4": run_fresh(f"bench.{SECTION}_bench:ort_matmul_nbits", {
+            "ort int4": (f"bench.{SECTION}_bench:ort_matmul_nbits", {
                 "model_path": str(fp32), "out_path": str(outputs["ort int4"])}),
         }
+        runs = {name: run_fresh(*commands[name]) for name in outputs}
         for name, process in runs.items():
-            log(f"{name}: {process.seconds:.0f} s, peak RSS {_gb(process.peak_rss_bytes)}"
+            log(f"{size} {name}: {process.seconds:.0f} s, peak RSS {_gb(process.peak_rss_bytes)}"
                 + (f", FAILED: {process.error}" if process.error else ""))
         done = {name: path for name, path in outputs.items() if not runs[name].error}
         paths = {"fp32": fp32, **done}
         speed = _decode_speed(paths, _decode_feed(config, fp32))
         accuracy = _accuracy(config, paths)
-        _rows(table, config, fp32_bytes, runs, done, speed, accuracy)
+        _rows(table, size, config, fp32_bytes, runs, done, speed, accuracy)
 
 
-def _rows(table, config, fp32_bytes, runs, done, speed, accuracy) -> None:
+def _rows(table, size: str, config, fp32_bytes, runs, done, speed, accuracy) -> None:
     ort = runs["ort int4"]
-    table.add(SECTION, f"decoder {MODEL_SIZE}: {config.parameter_count() / 1e6:.0f} M params, fp32 on disk",
+    table.add(SECTION, f"decoder {size}: {config.parameter_count() / 1e6:.0f} M params, fp32 on disk",
               _gb(fp32_bytes), None)
-    table.add(SECTION, f"fp32 decode step ms (batch 1, 1 token, cache {CACHE}; thread CPU, 1 thread)",
+    table.add(SECTION, f"{size}: fp32 decode step ms (batch 1, 1 token, cache {CACHE}; thread CPU, 1 thread)",
               speed["fp32"][1], None)
-    table.add(SECTION, "fp32 logits cosine vs the same network with every layer skipped (low: the layers matter)",
-              f"{accuracy[LAYERS_SKIPPED][0]:.3f}", None)
+    table.add(SECTION, f"{size}: fp32 logits cosine vs the same network with every layer skipped (low: the layers "
+              "matter)", f"{accuracy[LAYERS_SKIPPED][0]:.3f}", None)
     for name, process in runs.items():
         if process.error:
-            table.add(SECTION, f"{name}: quantize", f"failed: {process.error[:80]}", None, "runs", False)
+            table.add(SECTION, f"{size} {name}: quantize", f"failed: {process.error[:80]}", None, "runs", False)
     for name in (n for n in ("cq int4", "cq int4 gptq", "cq int8 dynamic") if n in done):
         int4 = name.startswith("cq int4")
         ratio, ms = speed[name]
         reference = speed.get("ort int4") if int4 else None
-        table.add(SECTION, f"{name}: decode speed vs fp32 ({ms:.1f} ms)", f"{ratio:.2f}x",
+        table.add(SECTION, f"{size} {name}: decode speed vs fp32 ({ms:.1f} ms)", f"{ratio:.2f}x",
                   f"ort int4 {reference[0]:.2f}x" if reference else None,
                   f">= {BARS['int4 decode speed']}x" if int4 else ">= 1.0x",
                   ratio >= (BARS["int4 decode speed"] if int4 else 1.0))
         cosine, kl = accuracy[name]
         ort_cosine, ort_kl = accuracy.get("ort int4", (None, None)) if int4 else (None, None)
-        table.add(SECTION, f"{name}: logits cosine vs fp32 ({EVAL_SEQUENCES}x{EVAL_LENGTH} Zipf tokens)",
+        table.add(SECTION, f"{size} {name}: logits cosine vs fp32 ({EVAL_SEQUENCES}x{EVAL_LENGTH} Zipf tokens)",
                   f"{cosine:.4f}", f"ort int4 {ort_cosine:.4f}" if ort_cosine is not None else None,
                   f">= {BARS['cosine']}", cosine >= BARS["cosine"])
-        table.add(SECTION, f"{name}: mean KL(fp32 || q) of next-token distributions", f"{kl:.4f}",
+        table.add(SECTION, f"{size} {name}: mean KL(fp32 || q) of next-token distributions", f"{kl:.4f}",
                   f"ort int4 {ort_kl:.4f}" if ort_kl is not None else None)
-        size = _files_size(done[name]) / fp32_bytes
-        ort_size = _files_size(done["ort int4"]) / fp32_bytes if int4 and "ort int4" in done else None
-        table.add(SECTION, f"{name}: file size vs fp32", f"{size:.3f}x",
-                  f"ort int4 {ort_size:.3f}x" if ort_size is not None else None,
-                  f"<= {BARS['int4 size']}x" if int4 else "<= 0.3x", size <= BARS["int4 size"])
+        share = _files_size(done[name]) / fp32_bytes
+        ort_share = _files_size(done["ort int4"]) / fp32_bytes if int4 and "ort int4" in done else None
+        table.add(SECTION, f"{size} {name}: file size vs fp32", f"{share:.3f}x",
+                  f"ort int4 {ort_share:.3f}x" if ort_share is not None else None,
+                  f"<= {BARS['int4 size']}x" if int4 else "<= 0.3x", share <= BARS["int4 size"])
         rss = runs[name].peak_rss_bytes
-        table.add(SECTION, f"{name}: quantize peak RSS (x model) / seconds",
+        table.add(SECTION, f"{size} {name}: quantize peak RSS (x model) / seconds",
                   f"{_gb(rss)} ({rss / fp32_bytes:.2f}x) / {runs[name].seconds:.0f} s",
                   f"ort int4 {_gb(ort.peak_rss_bytes)} ({ort.peak_rss_bytes / fp32_bytes:.2f}x) / {ort.seconds:.0f} s"
                   if not ort.error else None,
