@@ -26,17 +26,14 @@ mapped, and with the CLI as it is today.
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
+
+from bench.table import log
 
 SECTION = "big_models"
 WORK = Path(".bench/big")
 BARS = {"inspect": 0.5, "quantize dynamic": 1.5, "quantize weight-only int4": 1.5, "prune 50%": 1.5}
 BLOCK_SIZE = 32
-
-
-def log(message: str) -> None:
-    print(f"  {message}", file=sys.stderr, flush=True)
 
 
 # --------------------------------------------------------------------------------------------- entry points

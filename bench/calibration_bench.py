@@ -20,11 +20,12 @@ Wall times share the machine with whatever else runs: both tools run one after t
 from __future__ import annotations
 
 import os
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
+
+from bench.table import log, mb
 
 WORK = Path(".bench/calibration")
 SECTION = "calibration"
@@ -34,14 +35,6 @@ STREAMING_MODELS = ("magika", "minilm")  # light inputs: 512 samples stay a few 
 STREAMING_COUNTS = (32, 512)
 TOTAL_TIME_BAR = 1.5
 RSS_GROWTH_BAR = 1.1
-
-
-def log(message: str) -> None:
-    print(f"  {message}", file=sys.stderr, flush=True)
-
-
-def _mb(value: float) -> int:
-    return round(value / 2**20)
 
 
 def _npz(name: str, count: int) -> Path:
@@ -83,14 +76,14 @@ def _model_rows(table, name: str, path: Path) -> None:
         # onnxruntime failing where compressq ran is a row compressq wins, said as such; a compressq error fails.
         ours_ran = "onnxruntime" in errors and len(errors) == 1
         table.add(SECTION, f"{label}: quantize (compressq {whole.process_seconds:.1f} s, "
-                  f"{_mb(whole.peak_rss_bytes)} MB)" if ours_ran else f"{label}: quantize",
+                  f"{mb(whole.peak_rss_bytes)} MB)" if ours_ran else f"{label}: quantize",
                   "ran" if ours_ran else "; ".join(f"{k}: {v}" for k, v in errors.items())[:200],
                   f"onnxruntime failed: {errors['onnxruntime']}"[:120] if ours_ran else None,
                   "compressq runs", ours_ran)
         return
     table.add(SECTION, f"{label}: peak RSS MB, whole quantize process (compressq default; --no-speed-check "
-              f"{_mb(calibrated.peak_rss_bytes)}) vs onnxruntime MinMax", _mb(whole.peak_rss_bytes),
-              _mb(ort.peak_rss_bytes), "<= ORT",
+              f"{mb(calibrated.peak_rss_bytes)}) vs onnxruntime MinMax", mb(whole.peak_rss_bytes),
+              mb(ort.peak_rss_bytes), "<= ORT",
               max(whole.peak_rss_bytes, calibrated.peak_rss_bytes) <= ort.peak_rss_bytes)
     table.add(SECTION, f"{label}: calibration + rewrite s (compressq --no-speed-check, load and save included; "
               f"whole-process CPU s {calibrated.cpu_seconds:.1f} vs {ort.cpu_seconds:.1f}) vs onnxruntime "
@@ -112,8 +105,8 @@ def _streaming_rows(table, name: str, path: Path) -> None:
         table.add(SECTION, label, f"error: {small.error or big.error}"[:200], None, f"<= {RSS_GROWTH_BAR}x", False)
         return
     ratio = big.peak_rss_bytes / small.peak_rss_bytes
-    table.add(SECTION, f"{label} (compressq --no-speed-check, {_mb(big.peak_rss_bytes)} / "
-              f"{_mb(small.peak_rss_bytes)} MB)", f"{ratio:.3f}", None, f"<= {RSS_GROWTH_BAR}x",
+    table.add(SECTION, f"{label} (compressq --no-speed-check, {mb(big.peak_rss_bytes)} / "
+              f"{mb(small.peak_rss_bytes)} MB)", f"{ratio:.3f}", None, f"<= {RSS_GROWTH_BAR}x",
               ratio <= RSS_GROWTH_BAR)
 
 

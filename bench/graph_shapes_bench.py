@@ -33,6 +33,8 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
+from bench.table import log
+
 SECTION = "graph_shapes"
 FRAME, HIDDEN, STEPS, SEQUENCES = 256, 512, 64, 8
 RATES = (16000, 8000)
@@ -42,10 +44,6 @@ SILERO_WHEEL = ("silero-vad", "6.2.3", "silero_vad/data/silero_vad.onnx",
                 "1a153a22f4509e292a94e67d6f9b85e8deb25b4988682b7e174c65279d8788e3")
 SILERO_FRAME = {16000: 512, 8000: 256}
 SILERO_STEPS = 48
-
-
-def log(message: str) -> None:
-    print(f"  {message}", file=sys.stderr, flush=True)
 
 
 def _branch(prefix: str, rng: np.random.Generator) -> onnx.GraphProto:

@@ -25,11 +25,12 @@ Then, side by side in this process:
 from __future__ import annotations
 
 import os
-import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from bench.table import log
 
 SECTION = "llm"
 WORK = Path(".bench/llm")
@@ -41,10 +42,6 @@ RUNS = 15
 BLOCK_SIZE = 32
 BARS = {"int4 decode speed": 1.5, "cosine": 0.99, "int4 size": 0.3}
 LAYERS_SKIPPED = "fp32, every layer skipped"
-
-
-def log(message: str) -> None:
-    print(f"  {message}", file=sys.stderr, flush=True)
 
 
 # --------------------------------------------------------------------------------------------- entry points

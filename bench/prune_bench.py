@@ -27,13 +27,13 @@
 from __future__ import annotations
 
 import gzip
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import onnx
 
+from bench.table import log
 from compressq.data import load_dataset
 from compressq.measure.latency import speedup, time_interleaved
 from compressq.measure.metrics import top1_accuracy, top1_agreement
@@ -45,10 +45,6 @@ SAMPLES = REPO / "sample_models"
 SECTION = "prune"
 LATENCY_RUNS = 20
 REFIT_IMAGES, REFIT_IMAGE_SIZE, REFIT_BAR_S = 32, 640, 120.0
-
-
-def log(message: str) -> None:
-    print(f"  {message}", file=sys.stderr, flush=True)
 
 
 class Subject:

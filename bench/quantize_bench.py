@@ -34,12 +34,13 @@ import contextlib
 import inspect
 import io
 import logging
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import onnx
+
+from bench.table import log
 
 REPO = Path(__file__).resolve().parent.parent
 WORK = Path(".bench/quantize")
@@ -54,10 +55,6 @@ SAMPLE_MODELS = (  # name, calibration npz, evaluation npz, bar kind, bar value
     ("digits_mobilenet", "digits_calib", "digits_eval", "drop", 1.0),
     ("digits_transformer", "digits_seq_calib", "digits_seq_eval", "agreement", 99.0),
 )
-
-
-def log(message: str) -> None:
-    print(f"  {message}", file=sys.stderr, flush=True)
 
 
 # --------------------------------------------------------------------------------------------- entry points

@@ -32,10 +32,11 @@ its QDQ registry may quantize (about 200 QuantizeLinear in its output); the bar 
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
+
+from bench.table import log, mb
 
 SECTION = "scaling"
 WORK = Path(".bench/scaling")
@@ -45,14 +46,6 @@ SEQ_LEN = 128
 DEFAULT_SAMPLES = (16, 256)  # about 4 minutes on 2 cores (234 s measured); the issue's 1024 by CQ_SCALING_SAMPLES
 RSS_GROWTH_BAR = 1.1
 MIN_TOKENS = 32
-
-
-def log(message: str) -> None:
-    print(f"  {message}", file=sys.stderr, flush=True)
-
-
-def _mb(value: float) -> int:
-    return round(value / 2**20)
 
 
 def sample_counts() -> tuple[int, int]:
@@ -150,7 +143,7 @@ def _remove_outputs() -> None:
 
 def _logged(label: str, run):
     """`run`, after saying how it went on stderr."""
-    done = f"{_mb(run.peak_rss_bytes)} MB, {run.process_seconds:.0f} s wall, {run.cpu_seconds:.0f} s CPU"
+    done = f"{mb(run.peak_rss_bytes)} MB, {run.process_seconds:.0f} s wall, {run.cpu_seconds:.0f} s CPU"
     log(f"{label}: {run.error or done}")
     return run
 
@@ -164,21 +157,21 @@ def _rss_row(table, counts: tuple[int, int], cq: dict, ort: dict) -> None:
     ort_ratio = ort[large].peak_rss_bytes / ort[small].peak_rss_bytes if not (ort[large].error or ort[small].error) \
         else float("nan")
     table.add(SECTION, f"BERT-{LAYERS}: peak RSS {large} / {small} samples (compressq quantize --no-speed-check "
-              f"{_mb(cq[large].peak_rss_bytes)} / {_mb(cq[small].peak_rss_bytes)} MB; onnxruntime MinMax "
-              f"{_mb(ort[large].peak_rss_bytes)} / {_mb(ort[small].peak_rss_bytes)} MB)",
+              f"{mb(cq[large].peak_rss_bytes)} / {mb(cq[small].peak_rss_bytes)} MB; onnxruntime MinMax "
+              f"{mb(ort[large].peak_rss_bytes)} / {mb(ort[small].peak_rss_bytes)} MB)",
               f"{ratio:.3f}", f"{ort_ratio:.3f}", f"<= {RSS_GROWTH_BAR}x", ratio <= RSS_GROWTH_BAR)
     for count in counts:
         table.add(SECTION, f"BERT-{LAYERS}: peak RSS MB at {count} samples, whole process, vs onnxruntime MinMax",
-                  _mb(cq[count].peak_rss_bytes), _mb(ort[count].peak_rss_bytes))
+                  mb(cq[count].peak_rss_bytes), mb(ort[count].peak_rss_bytes))
 
 
 def _static_memory_row(table, model: Path, count: int, default, no_speed_check, once) -> None:
     """Issue 12's bar for static quantize: peak RSS <= 2x the model + what onnxruntime needs to run it once."""
     bar = 2 * model.stat().st_size + once.peak_rss_bytes
     table.add(SECTION, f"BERT-{LAYERS}: static quantize peak RSS MB at {count} samples, whole process, compressq "
-              f"default (--no-speed-check {_mb(no_speed_check.peak_rss_bytes)}) vs 2x the model file "
-              f"({_mb(model.stat().st_size)} MB) + onnxruntime running it once ({_mb(once.peak_rss_bytes)} MB)",
-              _mb(default.peak_rss_bytes), _mb(bar), "<= 2x model + ORT once",
+              f"default (--no-speed-check {mb(no_speed_check.peak_rss_bytes)}) vs 2x the model file "
+              f"({mb(model.stat().st_size)} MB) + onnxruntime running it once ({mb(once.peak_rss_bytes)} MB)",
+              mb(default.peak_rss_bytes), mb(bar), "<= 2x model + ORT once",
               max(default.peak_rss_bytes, no_speed_check.peak_rss_bytes) <= bar)
 
 

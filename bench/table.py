@@ -2,10 +2,20 @@
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 
 from rich.console import Console
 from rich.table import Table as RichTable
+
+
+def log(message: str) -> None:
+    """A progress line of a section, on stderr (the table goes to stdout at the end)."""
+    print(f"  {message}", file=sys.stderr, flush=True)
+
+
+def mb(value: float) -> int:
+    return round(value / 2**20)
 
 
 @dataclass

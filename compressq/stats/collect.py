@@ -151,7 +151,7 @@ def collect(model: onnx.ModelProto, dataset: Dataset, requests: Iterable[Request
     if not fetched:
         return
     for request in fetched:
-        if isinstance(request.observer, HistogramObserver):
+        if isinstance(request.observer, HistogramObserver):  # _needs_range, narrowed for the type checker
             request.observer.fix_range(ranges_first[request.tensor])
     wanted = [tensor for tensor in dict.fromkeys(r.tensor for r in fetched)
               if tensor not in ranges_first or ranges_first[tensor].finite]
@@ -228,11 +228,11 @@ def output_bytes_per_sample(model: onnx.ModelProto, dataset: Dataset) -> float |
     types, _ = _one_sample_types(model, first)
     total = 0.0
     for output in model.graph.output:
-        kind = types.get(output.name)
-        if kind is None or kind.shape is None or not all(isinstance(d, int) and d >= 0 for d in kind.shape):
+        elements = _elements(types.get(output.name), _rows_in(first))
+        if elements is None:
             return None
-        total += math.prod(int(d) for d in kind.shape if isinstance(d, int)) * _itemsize(kind)
-    return total / max(_rows_in(first), 1)
+        total += elements * _itemsize(types.get(output.name))
+    return total
 
 
 def sum_outputs(model: onnx.ModelProto, names: Sequence[str], dataset: Dataset, *, batch_size: int = 8,
@@ -419,13 +419,10 @@ def _one_sample_types(model: onnx.ModelProto, feed: dict[str, np.ndarray]) -> tu
     for tensor in model.graph.initializer:
         types[tensor.name] = TensorType(tensor.data_type, tuple(tensor.dims))
     produced = {o for node in model.graph.node for o in node.output} | set(feed)
-    total = 0.0
-    for name in produced:
-        kind = types.get(name)
-        dims = [d for d in kind.shape if isinstance(d, int) and d >= 0] if kind and kind.shape is not None else []
-        if kind is not None and kind.shape is not None and len(dims) == len(kind.shape):
-            total += math.prod(dims) * _itemsize(kind)
-    return types, total / max(_rows_in(feed), 1)
+    rows = _rows_in(feed)
+    total = sum(elements * _itemsize(types.get(name)) for name in produced
+                if (elements := _elements(types.get(name), rows)) is not None)
+    return types, total
 
 
 def _skeleton(model: onnx.ModelProto, feed: dict[str, np.ndarray]) -> onnx.ModelProto:
