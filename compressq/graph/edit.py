@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Collection
 
 import numpy as np
 import onnx
@@ -80,6 +81,37 @@ def copy_model(model: onnx.ModelProto, *, drop_initializers: set[str] | frozense
             result.graph.initializer.extend(t for t in value if t.name not in drop_initializers)
         else:
             _copy_field(result.graph, field, value)
+    return result
+
+
+def transplant_nodes(model: onnx.ModelProto, donor: onnx.ModelProto, outputs: Collection[str]) -> onnx.ModelProto:
+    """A copy of `model` in which each main-graph node whose first output is in `outputs` is replaced by the
+    `donor`'s node producing that tensor, with the donor initializers it reads (renamed where `model` already
+    uses the name); what the replaced nodes alone read is dropped. Two variants of one rewrite are mixed this way
+    (e.g. 4-bit and 8-bit weights), no weight copied but those that move."""
+    wanted = set(outputs)
+    donors = {node.output[0]: node for node in donor.graph.node if node.output and node.output[0] in wanted}
+    missing = sorted(wanted - set(donors))
+    if missing:
+        raise ModelError(f"no node of the donor model produces '{missing[0]}'")
+    donor_weights = {tensor.name: tensor for tensor in donor.graph.initializer}
+    result = copy_model(model)
+    names = NameGenerator(result.graph)
+    renamed: dict[str, str] = {}
+    for node in result.graph.node:
+        if not node.output or node.output[0] not in wanted:
+            continue
+        node.CopyFrom(donors[node.output[0]])
+        for position, name in enumerate(node.input):
+            if name not in donor_weights:
+                continue
+            if name not in renamed:
+                renamed[name] = names(name)
+                tensor = result.graph.initializer.add()
+                tensor.CopyFrom(donor_weights[name])
+                tensor.name = renamed[name]
+            node.input[position] = renamed[name]
+    remove_unused(result.graph)
     return result
 
 
