@@ -71,6 +71,9 @@ def quantize(
                                    "(needs labels); the most sensitive nodes go back to float until it is met."),
     min_agreement: float = typer.Option(None, "--min-agreement", min=0.0, max=1.0,
                                         help="Accuracy target: share of samples whose prediction matches fp32."),
+    min_cosine: float = typer.Option(None, "--min-cosine", min=-1.0, max=1.0,
+                                     help="Accuracy target: the worst task output's cosine to fp32. Static: "
+                                     "sensitive nodes back to float; weight-only: sensitive layers to 8 bits."),
     eval_data: Path = typer.Option(None, "--eval-data", help="Evaluation data for the accuracy target "
                                    "[default: the calibration data]."),
     weight_reconstruction: str = typer.Option("none", "--weight-reconstruction",
@@ -89,15 +92,10 @@ def quantize(
                          batch_size, provider, speed_check, latency_batch, bits, block_size)
         config = replace(config, equalize=equalize, bias_correction=bias_correction, smoothquant=smoothquant,
                          outlier_channels=outlier_channels,
-                         max_drop=max_drop, min_agreement=min_agreement, threads=threads,
+                         max_drop=max_drop, min_agreement=min_agreement, min_cosine=min_cosine, threads=threads,
                          task_outputs=tuple(task_outputs), accuracy_check=accuracy_check,
                          weight_reconstruction=weight_reconstruction)
-    static_only = equalize or bias_correction or smoothquant is not None or outlier_channels is not None \
-        or max_drop is not None or min_agreement is not None or eval_data is not None or save_plan is not None
-    if static_only and config.mode != "static":
-        raise UsageError("--equalize, --bias-correction, --smoothquant, --outlier-channels, accuracy targets and "
-                         "--save-plan apply to static quantization",
-                         hint="pass --calibration-data (and drop --mode dynamic/weight-only)")
+    _refuse_options_of_other_modes(config, eval_data, save_plan)
     target = output or default_output_path(model, "int8" if config.mode != "weight-only" else f"int{bits}")
     read_paths = [p for p in (model, calibration_data, eval_data, plan) if p is not None]
     check_output_path(target, protect=read_paths)
@@ -147,6 +145,19 @@ def _config_from_plan(pinned: QuantizationPlan, path: Path) -> QuantizeConfig:
     except (TypeError, ValueError) as exc:
         raise UsageError(f"plan {path} has settings this compressq cannot use: {exc}",
                          hint="make a new plan with --save-plan") from None
+
+
+def _refuse_options_of_other_modes(config: QuantizeConfig, eval_data, save_plan) -> None:
+    targets = config.max_drop is not None or config.min_agreement is not None or config.min_cosine is not None
+    static_only = config.equalize or config.bias_correction or config.smoothquant is not None \
+        or config.outlier_channels is not None or save_plan is not None
+    # 4-bit weight-only meets a target by giving its most sensitive layers 8-bit codes (quantize/precision.py)
+    if not (config.mode == "weight-only" and config.bits == 4):
+        static_only = static_only or targets or eval_data is not None
+    if static_only and config.mode != "static":
+        raise UsageError("--equalize, --bias-correction, --smoothquant, --outlier-channels, accuracy targets and "
+                         "--save-plan apply to static quantization (accuracy targets also to --bits 4 weight-only)",
+                         hint="pass --calibration-data (and drop --mode dynamic/weight-only)")
 
 
 def _config(mode, calibration_data, method, percentile, per_channel, activations, exclude, samples, batch_size,

@@ -16,8 +16,10 @@ import onnx
 
 from compressq.data import Dataset
 from compressq.errors import DataError, TargetNotMet
+from compressq.io import holds_mapped_weights, on_disk
 from compressq.measure.speed import meets
 from compressq.measure.task import (
+    LABELS,
     OutputRole,
     TaskScorer,
     correct_samples,
@@ -81,10 +83,10 @@ class AccuracyProbe:
             self.output_names = [o.name for o in reference.graph.output]
             self.feeds_and_outputs = _cut_into_batches(dataset.batches(batch_size, limit), reference_outputs)
         else:
-            session = create_session(reference, provider)
-            self.output_names = [o.name for o in session.get_outputs()]
-            self.feeds_and_outputs = [(feed, self._run(session, feed))
-                                      for feed in dataset.batches(batch_size, limit)]
+            with _session(reference, provider) as session:
+                self.output_names = [o.name for o in session.get_outputs()]
+                self.feeds_and_outputs = [(feed, self._run(session, feed))
+                                          for feed in dataset.batches(batch_size, limit)]
         # Stack layout feeds one complete sample at a time (a scalar input has no samples axis to count).
         self.samples = sum(self._count(feed) for feed, _ in self.feeds_and_outputs)
         first_feed, first_outputs = self.feeds_and_outputs[0]
@@ -110,8 +112,11 @@ class AccuracyProbe:
             self.stop_for = None
 
     def measure(self, candidate: onnx.ModelProto) -> Figures:
+        with _session(candidate, self.provider) as session:
+            return self._measure(session)
+
+    def _measure(self, session) -> Figures:
         target = self.stop_for
-        session = create_session(candidate, self.provider)
         scorer = TaskScorer(self.roles)
         candidate_outputs: list[dict[str, np.ndarray]] = []
         scored = 0
@@ -163,10 +168,15 @@ class AccuracyProbe:
 
 @dataclass(frozen=True)
 class AccuracyTarget:
-    """`--max-drop POINTS` (needs labels) or `--min-agreement FRACTION` against fp32."""
+    """`--max-drop POINTS` (needs labels), `--min-agreement FRACTION` or `--min-cosine C` against fp32."""
 
     max_drop: float | None = None
     min_agreement: float | None = None
+    min_cosine: float | None = None  # the worst task output's cosine (a detector head: its worst slice)
+
+    @property
+    def given(self) -> bool:
+        return any(value is not None for value in (self.max_drop, self.min_agreement, self.min_cosine))
 
     def check(self, probe: AccuracyProbe) -> None:
         if self.max_drop is not None:
@@ -176,6 +186,10 @@ class AccuracyTarget:
             raise DataError(f"--min-agreement needs class scores or integer labels among the outputs that "
                             f"carry the task; scored: {scored}",
                             hint="name the class-score output with --task-output, or use --max-drop with labels")
+
+        if self.min_cosine is not None and all(role.role == LABELS for role in probe.roles if role.task):
+            raise DataError("--min-cosine needs a float output among the outputs that carry the task "
+                            "(integer labels have no cosine)", hint="name the output with --task-output")
 
     @staticmethod
     def _check_labels(probe: AccuracyProbe) -> None:
@@ -192,6 +206,8 @@ class AccuracyTarget:
 
     def met(self, figures: Figures) -> bool:
         if figures.non_finite:
+            return False
+        if self.min_cosine is not None and (figures.min_cosine is None or not figures.min_cosine >= self.min_cosine):
             return False
         if self.max_drop is not None and (figures.drop_points is None or figures.drop_points > self.max_drop):
             return False
@@ -221,6 +237,10 @@ class AccuracyTarget:
             agreement = "n/a" if figures.agreement is None else f"{figures.agreement:.4f}"
             where = f" on {figures.agreement_output}" if figures.agreement_output else ""
             parts.append(f"agreement {agreement}{where} (target >= {self.min_agreement})")
+        if self.min_cosine is not None:
+            cosine = "n/a" if figures.min_cosine is None else f"{figures.min_cosine:.4f}"
+            where = f" on {figures.cosine_output}" if figures.cosine_output else ""
+            parts.append(f"cosine {cosine}{where} (target >= {self.min_cosine})")
         if figures.non_finite:
             parts.append(f"{figures.non_finite} non-finite output values")
         return ", ".join(parts)
@@ -357,6 +377,17 @@ class AccuracyFallback:
         if fused.plan.compute == attempt.plan.compute:
             return fused, figures
         return fused, self.probe.measure(fused.model)
+
+
+@contextmanager
+def _session(model: onnx.ModelProto, provider: str):
+    """A session for `model`; one holding mapped weights (io.load_model(read_weights=False), a weight-only
+    rewrite of it) is opened from files beside its weights, not read into memory."""
+    if not holds_mapped_weights(model):
+        yield create_session(model, provider)
+        return
+    with on_disk(model) as (path,):
+        yield create_session(path, provider)
 
 
 def search_budget(nodes: int) -> int:

@@ -114,7 +114,7 @@ def _quantize_model(model: onnx.ModelProto, dataset: Dataset | None, config: Qua
     elif config.mode == "dynamic":
         result = _dynamic(model, config, progress)
     else:
-        result = _weight_only(model, dataset, config, progress)
+        result = _weight_only(model, dataset, config, progress, eval_dataset or dataset)
     if config.mode != "static" and config.speed_check and result.summary.quantized_nodes:
         timing_data = dataset if dataset is not None else synthetic_dataset(model, samples=8)
         feeds = list(timing_data.batches(config.latency_batch, config.latency_batch * 4))
@@ -180,8 +180,8 @@ def _skipped(entries: list[Skip]) -> list[dict]:
 
 def _static(model, dataset: Dataset, config: QuantizeConfig, progress, eval_dataset: Dataset) -> QuantizeResult:
     fallback = None
-    if config.max_drop is not None or config.min_agreement is not None:
-        target = AccuracyTarget(config.max_drop, config.min_agreement)
+    target = accuracy_target(config)
+    if target.given:
         probe = AccuracyProbe(model, eval_dataset, task_outputs=config.task_outputs, provider=config.provider)
         target.check(probe)  # before calibration: a target that cannot be measured is a usage error
         fallback = AccuracyFallback(target, probe, progress)
@@ -301,8 +301,17 @@ def _undo_slower_dynamic(model: onnx.ModelProto, result: QuantizeResult) -> Quan
     return QuantizeResult(model, summary)
 
 
+# 8-bit layers of a mixed-precision run: one scale per 128 weights (8.25 bits a weight, not 9 at blocks of 32), their
+# error still far below the 4-bit layers' (int8's step is 16x finer)
+WIDE_BLOCK_SIZE = 128
+
+
+def accuracy_target(config: QuantizeConfig) -> AccuracyTarget:
+    return AccuracyTarget(config.max_drop, config.min_agreement, config.min_cosine)
+
+
 def _weight_only(model, dataset: Dataset | None, config: QuantizeConfig,
-                 progress: Progress | None = None) -> QuantizeResult:
+                 progress: Progress | None = None, eval_dataset: Dataset | None = None) -> QuantizeResult:
     from compressq.quantize.weight_only import quantize_weights_only
 
     if config.weight_reconstruction != "none" and dataset is None:
@@ -334,7 +343,33 @@ def _weight_only(model, dataset: Dataset | None, config: QuantizeConfig,
         summary.notes.append(f"GPTQ weight codes on {report['layers_reconstructed']} of {len(outcome.layers)} "
                              "layers (mean relative output error on held-out calibration rows "
                              f"{report['mean_error_before']:.3g} -> {report['mean_error_after']:.3g})")
+    if accuracy_target(config).given and outcome.layers:
+        quantized = _widened_until_met(model, quantized, outcome, eval_dataset, config, summary, progress)
     return QuantizeResult(quantized if outcome.layers else model, summary)  # nothing quantized: the input itself
+
+
+def _widened_until_met(model: onnx.ModelProto, quantized: onnx.ModelProto, outcome, dataset: Dataset | None,
+                       config: QuantizeConfig, summary: QuantizeSummary, progress) -> onnx.ModelProto:
+    """The 4-bit rewrite with its most sensitive layers at 8 bits until the accuracy target is met, measured."""
+    from compressq.quantize.precision import Layer, widen_until_met
+    from compressq.quantize.weight_only import quantize_weights_only
+
+    if dataset is None:
+        raise UsageError("an accuracy target needs data to measure it on", hint="pass --calibration-data DATA")
+    target = accuracy_target(config)
+    probe = AccuracyProbe(model, dataset, task_outputs=config.task_outputs, provider=config.provider)
+    target.check(probe)
+    wide, _ = quantize_weights_only(model, bits=8, block_size=max(config.block_size, WIDE_BLOCK_SIZE),
+                                    exclude=tuple(config.exclude), progress=progress)
+    produced = {node.name: node.output[0] for node in model.graph.node if node.output}
+    layers = [Layer(layer.node, produced[layer.node], layer.k * layer.n, layer.output_error_energy or 0.0)
+              for layer in outcome.layers if layer.node in produced]  # main graph only: bodies stay 4-bit
+    mixed, report = widen_until_met(quantized, wide, layers, probe, target, progress)
+    summary.error_correction["precision"] = report.to_dict()
+    summary.accuracy, summary.accuracy_data = report.after, f"evaluation data ({probe.samples} samples)"
+    summary.notes.append(f"{len(report.wide_layers)} of {len(outcome.layers)} layers at 8 bits to meet the "
+                         f"target: {report.target} ({report.candidates_measured} candidates measured)")
+    return mixed
 
 
 def analyze_sensitivity(model: onnx.ModelProto, dataset: Dataset, eval_dataset: Dataset, config: QuantizeConfig,

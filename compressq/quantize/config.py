@@ -35,6 +35,7 @@ class QuantizeConfig:
     outlier_channels: int | None = None  # at most this many outlier channels per activation go around int8
     max_drop: float | None = None     # accuracy target: top-1 drop in points on evaluation data
     min_agreement: float | None = None  # accuracy target: share of samples whose prediction matches fp32
+    min_cosine: float | None = None   # accuracy target: the worst task output's cosine to fp32
     bits: int = 8                     # weight-only mode: 4 or 8
     block_size: int = 32              # weight-only mode
     task_outputs: tuple[str, ...] = ()  # outputs that carry the task (empty: chosen by measure.task's rule)
@@ -54,6 +55,7 @@ class QuantizeConfig:
         _finite_in("--percentile", self.percentile, 0.0, 100.0, low_open=True)
         _finite_in("--max-drop", self.max_drop, 0.0, 100.0)
         _finite_in("--min-agreement", self.min_agreement, 0.0, 1.0)
+        _finite_in("--min-cosine", self.min_cosine, -1.0, 1.0)
         _finite_in("--smoothquant", self.smoothquant, 0.0, 1.0)
         for option, value in (("--samples", self.samples), ("--batch-size", self.batch_size),
                               ("--latency-batch", self.latency_batch), ("--threads", self.threads),

@@ -337,7 +337,7 @@ def quantize_weights_only(
     names = NameGenerator(graph)
     sink = TensorSink(model)
     # Tied weights share one packed copy per graph: its inputs and weight error are kept, not its codes
-    packed_weights: dict[tuple[int, str], tuple[list[str], float]] = {}
+    packed_weights: dict[tuple[int, str, int], tuple[list[str], float]] = {}
     grams = SampleGrams(samples, hold_out=GPTQ_HOLD_OUT)  # computed on first use, once per MatMul input
     readers_left = Counter(candidate.node.input[0] for candidate in candidates)
     stage = Stage(progress, f"quantizing weights to int{bits}", len(candidates))
