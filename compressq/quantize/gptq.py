@@ -108,17 +108,27 @@ def round_to_nearest(weight_kn: np.ndarray, grid: GridQuantizer) -> np.ndarray:
     return np.clip(np.rint(weight_kn / grid.scale) + grid.zero_point, grid.low, grid.high)
 
 
-def output_energy(weight_kn: np.ndarray, gram: np.ndarray) -> float:
-    """||X W||^2 through H = X^T X."""
-    weight = np.asarray(weight_kn, np.float64)
-    return float(np.sum((gram @ weight) * weight))
+ENERGY_CHUNK_BYTES = 16 * 2**20  # float64 columns of a weight multiplied by H at a time
+
+
+def output_energy(weight_kn: np.ndarray, gram: np.ndarray, minus: np.ndarray | None = None) -> float:
+    """||X W||^2 through H = X^T X; with `minus`, ||X (W - minus)||^2. A group of columns at a time: a whole
+    1024 x 8192 lm_head in float64 and H times it were 67 MB each, several at once at GPTQ's peak."""
+    columns = max(1, ENERGY_CHUNK_BYTES // 8 // max(1, weight_kn.shape[0]))
+    total = 0.0
+    for start in range(0, weight_kn.shape[1], columns):
+        weight = np.asarray(weight_kn[:, start:start + columns], np.float64)
+        if minus is not None:
+            weight = weight - minus[:, start:start + columns]
+        total += float(np.einsum("kn,kn->", gram @ weight, weight))
+    return total
 
 
 def relative_output_error(weight_kn: np.ndarray, dequantized: np.ndarray, gram: np.ndarray,
                           reference: float | None = None) -> float:
     """||X (W - W_q)||^2 / ||X W||^2 through H = X^T X (0 when the layer's output is 0)."""
     reference = output_energy(weight_kn, gram) if reference is None else reference
-    lost = output_energy(weight_kn.astype(np.float64) - dequantized, gram)
+    lost = output_energy(weight_kn, gram, minus=dequantized)
     return lost / reference if reference > 0 else 0.0
 
 
@@ -133,13 +143,17 @@ class Factor:
 
 def factorize(gram: np.ndarray, *, damping: float = DAMPING, act_order: bool = True) -> Factor | None:
     """The factor of `gram` [K, K]; None when even MAX_DAMPING does not make it positive definite."""
-    hessian = np.array(gram, np.float64)
-    dead = np.diag(hessian) <= 0  # inputs that were always zero: their weights cannot matter on this data
+    diagonal = np.diag(gram).astype(np.float64)
+    order = np.argsort(-diagonal, kind="stable") if act_order else np.arange(len(diagonal))
+    # One copy, permuted into quantization order and reversed for _inverse_cholesky_upper: a [5632, 5632] float64
+    # Gram matrix is 254 MB, and each further copy (the permutation, the reversal, an identity) was another.
+    backwards = order[::-1]
+    hessian = np.array(gram[np.ix_(backwards, backwards)], np.float64)
+    dead = diagonal[backwards] <= 0  # inputs that were always zero: their weights cannot matter on this data
     hessian[dead, :] = 0.0
     hessian[:, dead] = 0.0
     hessian[dead, dead] = 1.0
-    order = np.argsort(-np.diag(hessian), kind="stable") if act_order else np.arange(len(hessian))
-    upper = _inverse_cholesky_upper(hessian[np.ix_(order, order)], damping)
+    upper = _inverse_cholesky_upper(hessian, damping)
     return None if upper is None else Factor(order, upper)
 
 
@@ -163,22 +177,45 @@ def gptq_codes(weight_kn: np.ndarray, factor: Factor, grid: GridQuantizer, *,
     return codes
 
 
-def _inverse_cholesky_upper(hessian: np.ndarray, damping: float) -> np.ndarray | None:
-    """U upper triangular with (H + damping * mean(diag H) * I)^-1 = U^T U; the damping grows tenfold
-    (up to MAX_DAMPING) while the matrix is not positive definite.
+def _inverse_cholesky_upper(reversed_hessian: np.ndarray, damping: float) -> np.ndarray | None:
+    """U upper triangular with (H + damping * mean(diag H) * I)^-1 = U^T U, given R H R (R: the reversal of the
+    index order), which it damps in place and lets go of; the damping grows tenfold (up to MAX_DAMPING) while the
+    matrix is not positive definite.
 
-    One factorization: with R the reversal of the index order, R H R = L L^T gives H^-1 = U^T U for
-    U = R L^-1 R (upper triangular), the factor GPTQ needs, without forming H^-1."""
-    mean_diagonal = float(np.mean(np.diag(hessian))) if hessian.size else 0.0
-    reversed_hessian = hessian[::-1, ::-1] + damping * mean_diagonal * np.eye(hessian.shape[0])
+    One factorization: R H R = L L^T gives H^-1 = U^T U for U = R L^-1 R (upper triangular), the factor GPTQ
+    needs, without forming H^-1; L is inverted in place (_invert_lower)."""
+    diagonal = reversed_hessian.reshape(-1)[:: reversed_hessian.shape[0] + 1]  # a view: damped in place
+    mean_diagonal = float(np.mean(diagonal)) if reversed_hessian.size else 0.0
+    diagonal += damping * mean_diagonal
     while damping <= MAX_DAMPING:
         try:
             lower = np.linalg.cholesky(reversed_hessian)
-            return np.linalg.inv(lower)[::-1, ::-1]
         except np.linalg.LinAlgError:
-            reversed_hessian += 9 * damping * mean_diagonal * np.eye(hessian.shape[0])
+            diagonal += 9 * damping * mean_diagonal
             damping *= 10
+            continue
+        del reversed_hessian, diagonal
+        return _invert_lower(lower)[::-1, ::-1]
     return None
+
+
+INVERT_DIRECTLY = 256  # below this size np.linalg.inv's copies are small
+
+
+def _invert_lower(lower: np.ndarray) -> np.ndarray:
+    """L^-1 of a lower-triangular L, computed in its place by blocks: [[A, 0], [B, C]]^-1 is
+    [[A^-1, 0], [-C^-1 B A^-1, C^-1]]. Temporaries are a quarter of L at most (np.linalg.inv held three
+    copies of it)."""
+    size = lower.shape[0]
+    if size <= INVERT_DIRECTLY:
+        lower[...] = np.linalg.inv(lower)
+        return lower
+    half = size // 2
+    top, bottom, corner = lower[:half, :half], lower[half:, half:], lower[half:, :half]
+    _invert_lower(top)
+    _invert_lower(bottom)
+    corner[...] = -(bottom @ (corner @ top))
+    return lower
 
 
 def reconstruct(weight_kn: np.ndarray, gram: np.ndarray | None, grid: GridQuantizer,
